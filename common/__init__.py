@@ -1,0 +1,1 @@
+"""slimrank shared code: the numbered scripts are thin wrappers around these modules."""
