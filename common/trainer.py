@@ -1,0 +1,316 @@
+"""The one training loop: ``02`` and every ``03*`` run it; pruning is a callback.
+
+Units are pairs everywhere: a triple (query, positive, negative) gives two pairs, and
+``--batch_size``, ``--num_training_samples``, ``--num_checkpoint_samples`` and ``seen_pairs``
+count pairs. Checkpoints (``output_dir/seen_{pairs:09d}[_heads_H_ffn_F]/``) hold the model
+(safetensors, base config, tokenizer, pruning.json), ``optimizer.pt``, ``scheduler.pt``,
+``rng.pt`` and ``trainer_state.json``; they are written to a temporary directory and renamed.
+Resuming from one continues with the next unseen triple, the same LR and the same RNG
+stream, so N pairs + resume + N pairs equals 2N pairs straight.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from common.data import DataError, TriplesStream, read_candidates, read_qrels
+from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
+                             relevance_logit, save_model, score_pairs)
+from common.surgery import Masks, zero_dead_weights
+
+log = logging.getLogger("slimrank")
+
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainArgs:
+    """Arguments shared by 02_train_initial.py and the 03* pruning scripts."""
+
+    train_triples_file: str = field(metadata={"help": "query<TAB>positive<TAB>negative TSV"})
+    output_dir: str = field(metadata={"help": "checkpoints go to output_dir/seen_.../"})
+    num_training_samples: int = field(metadata={"help": "pairs to train in this stage"})
+    num_checkpoint_samples: int = field(default=0, metadata={
+        "help": "checkpoint every N pairs (0: only at the end); a multiple of batch_size"})
+    model_tag: Optional[str] = field(default=None, metadata={
+        "help": "start model: local dir, hub name or packaged tag (all-MiniLM-L6-v2)"})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint of this stage to resume, or (03*) of an earlier stage to start from"})
+    eval_candidates_file: Optional[str] = field(default=None, metadata={
+        "help": "candidates parquet re-ranked at every checkpoint (NDCG@10 to metrics.jsonl)"})
+    eval_qrels_file: Optional[str] = field(default=None, metadata={"help": "qrels of the eval topics"})
+    learning_rate: float = field(default=7e-6, metadata={"help": "peak LR"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per optimizer step (even)"})
+    warmup_fraction: float = field(default=0.1, metadata={"help": "linear warmup share (02)"})
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_length: int = field(default=256, metadata={"help": "tokens per pair; the passage is truncated"})
+    seed: int = 42
+    seen_pairs: Optional[int] = field(default=None, metadata={
+        "help": "pairs of the triples stream already used (default: from the checkpoint)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 (autocast) or fp16 (CUDA)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads"})
+    eval_batch_size: int = 64
+    log_every: int = field(default=1, metadata={"help": "log to metrics.jsonl every N steps"})
+    distill_from: Optional[str] = field(default=None, metadata={
+        "help": "teacher checkpoint: adds margin-MSE on (pos - neg) score margins"})
+    distill_weight: float = 1.0
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+
+    def validate(self) -> None:
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError(f"--batch_size must be an even number of pairs, got {self.batch_size}")
+        if self.num_training_samples % self.batch_size:
+            raise ValueError(f"--num_training_samples ({self.num_training_samples}) must be a "
+                             f"multiple of --batch_size ({self.batch_size})")
+        if self.num_checkpoint_samples % self.batch_size:
+            raise ValueError(f"--num_checkpoint_samples ({self.num_checkpoint_samples}) must be "
+                             f"a multiple of --batch_size ({self.batch_size})")
+        if self.model_tag is None and self.checkpoint_dir is None:
+            raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
+            raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
+
+
+def library_versions() -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def read_trainer_state(directory: str | Path) -> dict | None:
+    path = Path(directory, STATE_FILE)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class Callback:
+    """Hooks the loop calls; pruning implements them (``common.pruning.PruneCallback``)."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", batch: dict) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, data: dict) -> None: ...
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, stage: str, schedule: Callable[["Trainer"], Callable[[int], float]],
+                 callback: Callback | None = None):
+        """``schedule(trainer)`` returns the LR factor function for LambdaLR; it is called once
+        the model is loaded (and, on resume, the callback's state restored)."""
+        args.validate()
+        self.args, self.stage, self.callback = args, stage, callback or Callback()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = pick_device(args.device)
+        source_state = read_trainer_state(args.checkpoint_dir) if args.checkpoint_dir else None
+        self.resuming = bool(source_state and source_state["stage"] == stage)
+        self.output_dir = Path(args.output_dir)
+        self._prepare_output_dir()
+
+        torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
+        loaded = load_model(args.checkpoint_dir or args.model_tag, self.device)
+        self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
+        self.base_model = (source_state or {}).get("base_model", args.model_tag)
+        self.masks = Masks(self.model, self.state)
+        self.teacher = load_model(args.distill_from, self.device).model.eval() if args.distill_from else None
+
+        self.total_steps = args.num_training_samples // args.batch_size
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
+        if self.resuming:
+            self.callback.load_state_dict(source_state.get("callback", {}))
+        self.scheduler = LambdaLR(self.optimizer, schedule(self))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+        self.step = 0  # optimizer steps in this stage
+        self.metrics: list[dict] = []
+        if self.resuming:
+            self._load_training_state(Path(args.checkpoint_dir), source_state)
+        else:
+            previous = (source_state or {}).get("seen_pairs", 0)
+            self.seen_pairs = args.seen_pairs if args.seen_pairs is not None else previous
+            zero_dead_weights(self.model, self.state, self.optimizer)
+        self.callback.on_start(self)
+        self._eval_data = None
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _prepare_output_dir(self) -> None:
+        out = self.output_dir
+        inside = self.resuming and Path(self.args.checkpoint_dir).resolve().parent == out.resolve()
+        if out.exists() and any(out.iterdir()) and not inside:
+            if not self.args.overwrite:
+                raise FileExistsError(f"output_dir {out} is not empty (use --overwrite to replace it)")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _param_groups(self) -> list[dict]:
+        """AdamW weight decay on matrices only: none on LayerNorm weights and biases."""
+        decay = [p for p in self.model.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
+        return [{"params": decay, "weight_decay": self.args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def _load_training_state(self, ckpt: Path, state: dict) -> None:
+        load = lambda name: torch.load(ckpt / name, map_location=self.device, weights_only=True)  # noqa: E731
+        self.optimizer.load_state_dict(load("optimizer.pt"))
+        self.scheduler.load_state_dict(load("scheduler.pt"))
+        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "scaler" in rng:
+            self.scaler.load_state_dict(rng["scaler"])
+        self.seen_pairs, self.step = state["seen_pairs"], state["step"]
+        self.metrics = state.get("metrics", [])
+        # drop log lines past this checkpoint (from a run that went on before it stopped)
+        metrics_path = self.output_dir / METRICS_FILE
+        if metrics_path.exists():
+            keep = [line for line in metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    # -- the loop --------------------------------------------------------------------------
+    @property
+    def stage_pairs(self) -> int:
+        return self.step * self.args.batch_size
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self) -> Path | None:
+        args = self.args
+        triples_per_step = args.batch_size // 2
+        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // 2))
+        bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
+                   desc=self.stage, dynamic_ncols=True)
+        last_checkpoint = None
+        self.model.train()
+        while self.step < self.total_steps:
+            triples = list(islice(stream, triples_per_step))
+            if len(triples) < triples_per_step:
+                raise DataError(f"{args.train_triples_file}: the triples stream ended after "
+                                f"{self.seen_pairs // 2 + len(triples)} triples; this stage needs "
+                                f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // 2}")
+            loss, parts = self._train_step(triples)
+            self.step += 1
+            self.seen_pairs += args.batch_size
+            self.callback.on_step_end(self, self._last_batch)
+            if self.step % args.log_every == 0 or self.step == self.total_steps:
+                self.log_event("train", loss=loss, lr=self.scheduler.get_last_lr()[0], **parts)
+            bar.update(args.batch_size)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                            heads=self.state.total_heads, ffn=self.state.total_ffn)
+            every = args.num_checkpoint_samples
+            if (every and self.stage_pairs % every == 0) or self.step == self.total_steps:
+                last_checkpoint = self.save_checkpoint()
+        bar.close()
+        return last_checkpoint
+
+    def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
+        queries = [q for q, _p, _n in triples for _ in (0, 1)]
+        passages = [x for _q, p, n in triples for x in (p, n)]
+        batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length).to(self.device)
+        labels = torch.tensor([1, 0] * len(triples), device=self.device)
+        with autocast_context(self.device, self.args.precision):
+            logits = self.model(**batch).logits.float()
+        ce = F.cross_entropy(logits, labels)
+        loss, parts = ce, {}
+        if self.teacher is not None:
+            with torch.no_grad(), autocast_context(self.device, self.args.precision):
+                teacher = relevance_logit(self.teacher(**batch).logits.float())
+            student = relevance_logit(logits)
+            margin_mse = F.mse_loss(student[0::2] - student[1::2], teacher[0::2] - teacher[1::2])
+            loss = ce + self.args.distill_weight * margin_mse
+            parts = {"ce": float(ce), "margin_mse": float(margin_mse)}
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last_batch = batch
+        return loss.item(), parts
+
+    # -- logging, evaluation, checkpoints ------------------------------------------------------
+    def log_event(self, event: str, **values) -> dict:
+        record = {"event": event, "stage": self.stage, "seen_pairs": self.seen_pairs,
+                  "stage_pairs": self.stage_pairs, "heads": self.state.total_heads,
+                  "ffn": self.state.total_ffn, **values}
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def evaluate(self) -> dict:
+        """Re-rank the eval candidates; TREC DL measures (see common.evaluation)."""
+        from common.evaluation import evaluate_run
+
+        if not self.args.eval_candidates_file:
+            return {}
+        if self._eval_data is None:
+            self._eval_data = (read_candidates(self.args.eval_candidates_file),
+                               read_qrels(self.args.eval_qrels_file))
+        candidates, qrels = self._eval_data
+        scores = score_pairs(self.model, self.tokenizer, candidates["query"].tolist(),
+                             candidates["passage"].tolist(), batch_size=self.args.eval_batch_size,
+                             max_length=self.args.max_length, precision=self.args.precision)
+        run: dict[str, dict[str, float]] = {}
+        for qid, docid, score in zip(candidates["qid"], candidates["docid"], scores):
+            run.setdefault(qid, {})[docid] = float(score)
+        means, _per_query = evaluate_run(run, qrels)
+        return means
+
+    def checkpoint_name(self) -> str:
+        name = f"seen_{self.seen_pairs:09d}"
+        return name if self.stage == "initial" else f"{name}_{self.state.tag()}"
+
+    def save_checkpoint(self) -> Path:
+        started = time.time()
+        measures = self.evaluate()
+        final = self.output_dir / self.checkpoint_name()
+        tmp = self.output_dir / f".tmp-{final.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(self.model, self.tokenizer, self.state, tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.scaler.is_enabled():
+            rng["scaler"] = self.scaler.state_dict()
+        torch.save(rng, tmp / "rng.pt")
+        entry = {"seen_pairs": self.seen_pairs, "stage_pairs": self.stage_pairs,
+                 "heads": self.state.total_heads, "ffn": self.state.total_ffn, **measures}
+        self.metrics.append(entry)
+        state = {"stage": self.stage, "seen_pairs": self.seen_pairs, "step": self.step,
+                 "base_model": self.base_model, "args": asdict(self.args),
+                 "versions": library_versions(), "metrics": self.metrics,
+                 "callback": self.callback.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
+        tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
+        return final

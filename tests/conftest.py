@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-init models of every supported family, small triples files."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                          DistilBertConfig, ElectraConfig, RobertaConfig)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "trec-dl"
+
+from common.modeling import resolve_model_path  # noqa: E402
+
+FAMILIES = ("bert", "distilbert", "roberta", "electra")
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=30522, num_labels=2)
+    if family == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                          intermediate_size=37, max_position_embeddings=128, **common)
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=37,
+                                max_position_embeddings=128, **common)
+    if family == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             intermediate_size=37, max_position_embeddings=130, type_vocab_size=2,
+                             pad_token_id=0, **common)
+    if family == "electra":
+        return ElectraConfig(hidden_size=32, embedding_size=24, num_hidden_layers=3,
+                             num_attention_heads=4, intermediate_size=37,
+                             max_position_embeddings=128, **common)
+    raise ValueError(family)
+
+
+def make_tiny_model(family: str, directory: Path) -> Path:
+    """A random-init model dir with the MiniLM (BERT uncased) tokenizer."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family))
+    model.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    if family == "distilbert":
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, root / f) for f in FAMILIES}
+
+
+def write_toy_triples(path: Path, n: int = 64) -> Path:
+    lines = []
+    for i in range(n):
+        q = f"what is topic {i % 7} about"
+        lines.append(f"{q}\tpassage about topic {i % 7} and its details number {i}\t"
+                     f"unrelated text on subject {i * 3 % 11} with words {i}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def toy_triples(tmp_path) -> Path:
+    return write_toy_triples(tmp_path / "triples.tsv")
