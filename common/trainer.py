@@ -68,6 +68,9 @@ class TrainArgs:
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 (autocast) or fp16 (CUDA)"})
     threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads"})
     eval_batch_size: int = 64
+    eval_max_queries: Optional[int] = field(default=None, metadata={
+        "help": "evaluate checkpoints on the first N eval queries only (cheaper monitoring; "
+                "05_eval_trec.py reports the full set)"})
     log_every: int = field(default=1, metadata={"help": "log to metrics.jsonl every N steps"})
     distill_from: Optional[str] = field(default=None, metadata={
         "help": "teacher checkpoint: adds margin-MSE on (pos - neg) score margins"})
@@ -291,8 +294,14 @@ class Trainer:
         if not self.args.eval_candidates_file:
             return {}
         if self._eval_data is None:
-            self._eval_data = (read_candidates(self.args.eval_candidates_file),
-                               read_qrels(self.args.eval_qrels_file))
+            candidates = read_candidates(self.args.eval_candidates_file)
+            qrels = read_qrels(self.args.eval_qrels_file)
+            if self.args.eval_max_queries:
+                judged = [q for q in candidates["qid"].unique() if q in qrels]
+                keep = set(judged[:self.args.eval_max_queries])
+                candidates = candidates[candidates["qid"].isin(keep)]
+                qrels = {q: r for q, r in qrels.items() if q in keep}
+            self._eval_data = (candidates, qrels)
         candidates, qrels = self._eval_data
         scores = score_pairs(self.model, self.tokenizer, candidates["query"].tolist(),
                              candidates["passage"].tolist(), batch_size=self.args.eval_batch_size,

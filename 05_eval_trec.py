@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Step 5: evaluate checkpoints on TREC DL topics: quality, latency, FLOPs, parameters.
+
+Re-ranks a candidates parquet (batched, length-sorted, no grad), writes a TREC run and
+per-query measures (CHECKPOINT/eval/), and appends one row per (checkpoint, topics) to the
+results parquet; then regenerates the markdown table from it. Measures: NDCG@10 over all
+grades; MAP@100, RR@10, R@100 with grade >= 2 relevant; judged queries absent from a run
+score 0 (trec_eval -c).
+
+  python 05_eval_trec.py --checkpoint runs/initial/seen_000006000 \
+      --candidates data/dl20.bm25.candidates.parquet --qrels ../shared/data/trec-dl/dl20/qrels.txt \
+      --topics dl20 --results runs/results.parquet --table runs/results.md
+  python 05_eval_trec.py --first_stage bm25 ...          # the candidates' own ranking
+  python 05_eval_trec.py --all_checkpoints runs/mixed ... # every checkpoint not yet evaluated
+"""
+from __future__ import annotations
+
+import argparse
+
+from common.cli import fail
+from common.data import DataError
+from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
+from common.results import append_results, has_result, load_results, write_table
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", nargs="+", help="checkpoint dir(s), packaged tag or hub name")
+    what.add_argument("--all_checkpoints", metavar="RUN_DIR", nargs="+",
+                      help="every checkpoint of these run dirs, skipping ones already evaluated")
+    what.add_argument("--first_stage", metavar="NAME", help="evaluate the candidates' first-stage ranking")
+    p.add_argument("--candidates", required=True)
+    p.add_argument("--qrels", required=True)
+    p.add_argument("--topics", required=True, help="topic-set name in the results, e.g. dl20")
+    p.add_argument("--results", default="runs/results.parquet")
+    p.add_argument("--table", default="runs/results.md", help="markdown table regenerated from the results")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no_costs", action="store_true", help="quality only")
+    p.add_argument("--no_latency", action="store_true", help="FLOPs and parameters, no timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--latency_queries", type=int, default=10)
+    p.add_argument("--bf16_latency", action="store_true", help="also time bf16 autocast")
+    p.add_argument("--threads", type=int, help="torch threads for latency (default: torch's)")
+    args = p.parse_args(argv)
+
+    try:
+        if args.first_stage:
+            rows = [evaluate_first_stage(args.candidates, args.qrels, args.topics, args.first_stage)]
+        else:
+            targets = args.checkpoint or [
+                str(c) for run in args.all_checkpoints for c in checkpoints_of(run)
+                if not has_result(args.results, str(c), args.topics)]
+            costs = None if args.no_costs else CostOptions(
+                latency=not args.no_latency, repeats=args.repeats, warmup=args.warmup,
+                latency_queries=args.latency_queries, bf16=args.bf16_latency, threads=args.threads)
+            rows = []
+            for target in targets:
+                row = evaluate_model(target, args.candidates, args.qrels, args.topics,
+                                     max_length=args.max_length, batch_size=args.batch_size,
+                                     device=args.device, precision=args.precision, costs=costs)
+                append_results(args.results, [row])  # one at a time: a long sweep keeps its rows
+                rows.append(row)
+        append_results(args.results, rows)
+    except (DataError, ValueError, OSError) as err:
+        fail(err)
+    for row in rows:
+        print(f"{row['checkpoint']} [{args.topics}] " + "  ".join(
+            f"{m}={row[m]:.4f}" for m in ("ndcg@10", "map@100", "rr@10", "recall@100")))
+    write_table(load_results(args.results), args.table)
+    print(f"results: {args.results}; table: {args.table}")
+
+
+if __name__ == "__main__":
+    main()

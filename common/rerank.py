@@ -1,0 +1,138 @@
+"""Evaluate one model on one topic set: re-rank, TREC measures, and (optionally) its costs.
+
+Returns one row for ``runs/results.parquet`` (see ``common.results`` for the columns) and
+writes the run file and per-query measures beside the checkpoint (``<checkpoint>/eval/``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from common import cost
+from common.data import candidates_to_run, read_candidates, read_qrels
+from common.evaluation import evaluate_run, write_trec_run
+from common.modeling import LoadedModel, load_model, pick_device, score_pairs
+
+
+@dataclass
+class CostOptions:
+    latency: bool = True
+    repeats: int = 3
+    warmup: int = 1
+    latency_queries: int = 10  # real-lengths regime: the first N queries, 100 candidates each
+    n_pairs: int = 100  # candidates re-ranked per query
+    bf16: bool = False  # also time bf16 autocast (own row columns)
+    threads: int | None = None
+
+
+def _describe(loaded: LoadedModel) -> dict:
+    state = loaded.state
+    trainer_state = {}
+    path = Path(loaded.path, "trainer_state.json")
+    if path.exists():
+        trainer_state = json.loads(path.read_text())
+    stage = trainer_state.get("stage", "base")
+    return {"method": stage + ("+reshape" if state.is_reshaped and state.history else ""),
+            "model_kind": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
+            "heads": state.total_heads, "ffn": state.total_ffn,
+            "heads_per_layer": ",".join(map(str, state.heads_per_layer)),
+            "ffn_per_layer": ",".join(map(str, state.ffn_per_layer))}
+
+
+def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, name: str = "bm25") -> dict:
+    candidates = read_candidates(candidates_path)
+    means, _ = evaluate_run(candidates_to_run(candidates), read_qrels(qrels_path))
+    return {"checkpoint": f"{name}:{candidates_path}", "run": name, "method": name,
+            "topics": topics, **means}
+
+
+def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
+                   max_length: int = 256, batch_size: int = 64, device: str = "auto",
+                   precision: str = "fp32", costs: CostOptions | None = None,
+                   output_dir: str | None = None) -> dict:
+    if costs and costs.threads:
+        torch.set_num_threads(costs.threads)
+    dev = pick_device(device)
+    loaded = load_model(checkpoint, dev)
+    candidates = read_candidates(candidates_path)
+    qrels = read_qrels(qrels_path)
+    scores = score_pairs(loaded.model, loaded.tokenizer, candidates["query"].tolist(),
+                         candidates["passage"].tolist(), batch_size=batch_size,
+                         max_length=max_length, precision=precision, progress=True)
+    reranked = candidates.assign(score=scores)
+    run = candidates_to_run(reranked, "score")
+    means, per_query = evaluate_run(run, qrels)
+    ours = Path(loaded.path, "pruning.json").exists()  # never write into a package or hub cache
+    out = Path(output_dir) if output_dir else Path(loaded.path, "eval")
+    if output_dir or ours:
+        write_trec_run(run, out / f"{topics}.run", tag="slimrank")
+        per_query.to_csv(out / f"{topics}.per_query.tsv", sep="\t", index=False)
+    row = {"checkpoint": str(checkpoint), "run": Path(checkpoint).parent.name or str(checkpoint),
+           "topics": topics, **_describe(loaded), **means}
+    if costs:
+        row.update(measure_costs(loaded, candidates, max_length, costs, dev))
+    return row
+
+
+def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
+                  opts: CostOptions, device: torch.device) -> dict:
+    """Latency per query of ``opts.n_pairs`` candidates (worst case and real lengths), MACs,
+    parameters, size. Latency includes tokenisation in the real regime (what a re-ranker pays)."""
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    one = cost.worst_case_inputs(tokenizer, n_pairs=1, max_length=max_length)
+    macs = cost.fvcore_macs(model, **one) * opts.n_pairs
+    params = cost.count_parameters(model)
+    row = {"flops_macs": macs, "params": params["total"], "encoder_params": params["encoder"],
+           "machine": cost.machine_description(device), "torch_version": torch.__version__,
+           "max_length": max_length}
+    if Path(loaded.path).is_dir():
+        row["size_mb"] = cost.dir_size_mb(loaded.path)
+    if not opts.latency:
+        return row
+    prefix = "gpu" if device.type == "cuda" else "cpu"
+    worst = {k: v.to(device) for k, v in
+             cost.worst_case_inputs(tokenizer, n_pairs=opts.n_pairs, max_length=max_length).items()}
+    groups = [g.head(opts.n_pairs) for _, g in candidates.groupby("qid", sort=False)]
+    groups = groups[:opts.latency_queries]
+
+    def time_regimes(precision: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        from common.modeling import autocast_context
+
+        def worst_case():
+            with torch.no_grad(), autocast_context(device, precision):
+                model(**worst)
+        w = cost.time_callable(worst_case, opts.repeats, opts.warmup, device)
+        timings = []
+        for group in groups:
+            q, p = group["query"].tolist(), group["passage"].tolist()
+            fn = lambda: score_pairs(model, tokenizer, q, p, batch_size=opts.n_pairs,  # noqa: E731
+                                     max_length=max_length, precision=precision)
+            mean, _std = cost.time_callable(fn, opts.repeats, opts.warmup, device)
+            timings.append(mean)
+        real = torch.tensor(timings)
+        return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
+
+    (w_mean, w_std), (r_mean, r_std) = time_regimes("fp32")
+    row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,
+                f"{prefix}_ms_real": r_mean, f"{prefix}_ms_real_std": r_std,
+                "latency_threads": torch.get_num_threads()})
+    if opts.bf16:
+        (bw, bws), (br, brs) = time_regimes("bf16")
+        row.update({f"{prefix}_bf16_ms_worst": bw, f"{prefix}_bf16_ms_worst_std": bws,
+                    f"{prefix}_bf16_ms_real": br, f"{prefix}_bf16_ms_real_std": brs})
+    return row
+
+
+def checkpoints_of(run_dir: str) -> list[Path]:
+    """Every checkpoint below a run directory (``seen_*`` and their ``reshaped`` children)."""
+    found = []
+    for path in sorted(Path(run_dir).glob("seen_*")):
+        if (path / "pruning.json").exists():
+            found.append(path)
+        if (path / "reshaped" / "pruning.json").exists():
+            found.append(path / "reshaped")
+    return found
