@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import time
 import warnings
@@ -33,9 +34,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts its focal loss at import; torch deprecates that
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from common.arch import adapter_for, dims, get_module, layer_stack
 
@@ -53,9 +57,10 @@ NON_MAC_OPS: frozenset[str] = frozenset({
     "aten::sqrt", "aten::sub", "aten::sum", "aten::tanh", "aten::where", "aten::__or__",
 })
 
-# Substrings of operator names that denote a matrix product. An unhandled operator matching
-# one of them would make the count silently too low, so it is an error.
-_MATMUL_LIKE = ("mm", "matmul", "linear", "einsum", "conv", "attention", "addmv", "dot")
+# Operator names (after "aten::") that denote a matrix product: mm, addmm, bmm, baddbmm, addbmm
+# (and in-place forms), matmul, linear, einsum, convolutions, attention kernels, mv, dot. An
+# unhandled operator matching it would make the count silently too low, so it is an error.
+_MATMUL_LIKE = re.compile(r"mm_?$|matmul|linear|einsum|conv|attention|mv_?$|dot$")
 
 # Operators fvcore counts by default that are element-wise, not matrix products: layer norm
 # (fvcore charges 5 "flops" per element) and the other normalisations. They get a handle that
@@ -117,13 +122,16 @@ def flop_analysis(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """A configured fvcore analysis of one forward pass of ``model`` (not yet run).
 
     SDPA and baddbmm handles are registered, normalisations (:data:`ZERO_MAC_OPS`) count zero,
-    the operators in :data:`NON_MAC_OPS` are ignored and fvcore's own warnings are silenced; :func:`check_unsupported` replaces them. The
-    analysis traces the model when first queried, so put the model in eval mode and query it
-    under ``torch.no_grad()`` (as :func:`fvcore_macs` does). Inputs are moved to the model's
-    device. ``analysis.total()`` is the MAC count; ``by_module()``/``by_operator()`` break it down.
+    the operators in :data:`NON_MAC_OPS` are ignored and fvcore's own warnings are silenced
+    (:func:`check_unsupported` replaces them). The analysis traces the model when first
+    queried, so put the model in eval mode and query it under ``torch.no_grad()`` (as
+    :func:`fvcore_macs` does). Inputs are moved to the model's device. ``analysis.total()`` is
+    the MAC count; ``by_module()`` and ``by_operator()`` break it down.
     """
     device = next(model.parameters()).device
-    names = ("input_ids", "attention_mask") + (() if token_type_ids is None else ("token_type_ids",))
+    names = ("input_ids", "attention_mask")
+    if token_type_ids is not None:
+        names += ("token_type_ids",)
     tensors = tuple(t.to(device) for t in (input_ids, attention_mask, token_type_ids)
                     if t is not None)
     analysis = FlopCountAnalysis(_LogitsOnly(model, names), tensors)
@@ -141,8 +149,7 @@ def check_unsupported(analysis: FlopCountAnalysis) -> Counter:
     Returns the (possibly empty) counter of unsupported operators of the whole model.
     """
     unsupported = Counter(analysis.unsupported_ops())
-    matmul_like = sorted(op for op in unsupported
-                         if any(key in op.split("::")[-1] for key in _MATMUL_LIKE))
+    matmul_like = sorted(op for op in unsupported if _MATMUL_LIKE.search(op.split("::")[-1]))
     if matmul_like:
         raise RuntimeError(f"fvcore has no handler for matrix-product operator(s) {matmul_like}; "
                            "their multiply-adds would be missing from the count")

@@ -181,3 +181,27 @@ def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tm
     # the LR restarts at its peak right after every prune event
     for pairs in prune_steps:
         assert train[pairs + 8] > train[pairs]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_fvcore_counts_the_reshaped_model_analytically(family, tiny_models, tmp_path):
+    """fvcore (with the SDPA handler) on a model reshaped by our surgery == the analytic count
+    from pruning.json's per-layer heads and FFN widths."""
+    from common import cost
+
+    loaded = load_model(str(tiny_models[family]))
+    prune_some(loaded.state)
+    zero_dead_weights(loaded.model, loaded.state)
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m")
+    out, _, _ = reshape_checkpoint(str(tmp_path / "m"))
+    again = load_model(str(out))
+    inputs = cost.worst_case_inputs(again.tokenizer, n_pairs=3, max_length=24)
+    measured = cost.fvcore_macs(again.model, **inputs)
+    state = again.state
+    expected = cost.analytic_macs(hidden=state.head_size * state.num_heads, head_size=state.head_size,
+                                  heads_per_layer=state.heads_per_layer,
+                                  ffn_per_layer=state.ffn_per_layer, seq_len=24, batch=3,
+                                  head=family)
+    assert measured == expected
+    unpruned = cost.fvcore_macs(load_model(str(tiny_models[family])).model, **inputs)
+    assert measured < unpruned

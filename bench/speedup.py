@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Speed-up of a pruned model over its unpruned parent, measured in one process.
+
+Both models score the same inputs, alternating A, B, A, B ... so that machine load hits both
+alike; prints each model's mean ± std per query and the ratio of means with the spread of the
+per-round ratios. This is how speed claims in this project are made (no timed tests).
+
+  python bench/speedup.py --baseline runs/main/initial/seen_000002560 \
+      --candidate runs/main/mixed/seen_000004160_heads_048_ffn_04608/reshaped \
+      --candidates data/dl20.bm25.candidates.parquet --rounds 10
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cost import machine_description, worst_case_inputs  # noqa: E402
+from common.data import read_candidates  # noqa: E402
+from common.modeling import load_model, score_pairs  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--candidate", required=True)
+    p.add_argument("--candidates", help="candidates parquet: real lengths (100 per query); "
+                                        "without it, worst-case synthetic pairs")
+    p.add_argument("--queries", type=int, default=5, help="queries per round (real lengths)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {name: load_model(path) for name, path in (("baseline", args.baseline),
+                                                        ("candidate", args.candidate))}
+    for loaded in models.values():
+        loaded.model.eval()
+    if args.candidates:
+        cands = read_candidates(args.candidates)
+        groups = [g.head(100) for _, g in cands.groupby("qid", sort=False)][:args.queries]
+
+        def work(loaded):
+            for g in groups:
+                score_pairs(loaded.model, loaded.tokenizer, g["query"].tolist(), g["passage"].tolist(),
+                            batch_size=100, max_length=args.max_length)
+        per = len(groups)
+    else:
+        batch = worst_case_inputs(models["baseline"].tokenizer, n_pairs=100, max_length=args.max_length)
+
+        def work(loaded):
+            with torch.no_grad():
+                loaded.model(**batch)
+        per = 1
+    times = {name: [] for name in models}
+    for name, loaded in models.items():  # warm-up
+        work(loaded)
+    for _ in range(args.rounds):
+        for name, loaded in models.items():
+            start = time.perf_counter()
+            work(loaded)
+            times[name].append((time.perf_counter() - start) * 1000 / per)
+    ratios = [b / c for b, c in zip(times["baseline"], times["candidate"])]
+    print(machine_description())
+    print(f"regime: {'real lengths, ' + str(per) + ' queries x 100 candidates' if args.candidates else 'worst case, 100 pairs x ' + str(args.max_length) + ' tokens'}; {args.rounds} alternating rounds")
+    for name in models:
+        print(f"{name:9s} {statistics.mean(times[name]):9.1f} ± {statistics.stdev(times[name]):6.1f} ms/query  ({models[name].path})")
+    print(f"speed-up  {statistics.mean(times['baseline']) / statistics.mean(times['candidate']):.2f}x "
+          f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
