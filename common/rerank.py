@@ -16,6 +16,7 @@ from common import cost
 from common.data import candidates_to_run, read_candidates, read_qrels
 from common.evaluation import evaluate_run, write_trec_run
 from common.modeling import LoadedModel, load_model, pick_device, score_pairs
+from common.surgery import reshape
 
 
 @dataclass
@@ -71,11 +72,24 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     if output_dir or ours:
         write_trec_run(run, out / f"{topics}.run", tag="slimrank")
         per_query.to_csv(out / f"{topics}.per_query.tsv", sep="\t", index=False)
-    row = {"checkpoint": str(checkpoint), "run": Path(checkpoint).parent.name or str(checkpoint),
-           "topics": topics, **_describe(loaded), **means}
+    row = {"checkpoint": str(checkpoint), "run": run_name(checkpoint), "topics": topics,
+           **_describe(loaded), **means}
     if costs:
+        if not loaded.state.is_reshaped:
+            # a masked model computes what its reshaped form computes: measure that form
+            loaded.masks.remove()
+            loaded.state = reshape(loaded.model, loaded.state)
         row.update(measure_costs(loaded, candidates, max_length, costs, dev))
     return row
+
+
+def run_name(checkpoint: str) -> str:
+    """The run directory's name (``runs/<run>/seen_.../[reshaped]``), else the argument."""
+    path = Path(checkpoint)
+    for part in (path, *path.parents):
+        if part.name.startswith("seen_"):
+            return part.parent.name
+    return str(checkpoint)
 
 
 def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
