@@ -16,7 +16,7 @@ from typing import Optional
 from common.importance import HeadConfidence, ffn_l1_scores, select_ffn, select_heads
 from common.schedules import CosineRestarts
 from common.surgery import PruningState, zero_dead_weights
-from common.trainer import Callback, Trainer
+from common.trainer import Callback, Trainer, all_reduce_sum
 
 
 @dataclass
@@ -141,6 +141,12 @@ class PruneCallback(Callback):
         state, excluded = trainer.state, self.prune.excluded()
         event = {"seen_pairs": trainer.seen_pairs, "step": trainer.step}
         if heads:
+            if trainer.world_size > 1:  # every rank scored its own shard: sum, then all agree
+                flat = [x for row in self.confidence.sums for x in row] + [self.confidence.pairs]
+                flat = all_reduce_sum(flat, trainer.device)
+                n = state.num_heads
+                self.confidence.sums = [flat[i * n:(i + 1) * n] for i in range(state.num_layers)]
+                self.confidence.pairs = int(flat[-1])
             scores = self.confidence.scores()
             chosen = select_heads(scores, state, heads, excluded, self.prune.allow_empty_layers)
             for layer, head in chosen:

@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import transformers
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -98,6 +100,41 @@ class TrainArgs:
             raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
 
 
+# -- torch.distributed: one process per device under `torchrun`; nothing changes without it -----
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun: NCCL on CUDA, gloo on CPU."""
+    rank, world, local = distributed_env()
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of floats over ranks (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def library_versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -130,17 +167,26 @@ class Trainer:
         self.args, self.stage, self.callback = args, stage, callback or Callback()
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.device = pick_device(args.device)
+        self.rank, self.world_size, self.device = init_distributed(args.device)
+        if args.batch_size % (2 * self.world_size):
+            raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
+                             f"into whole triples over {self.world_size} processes")
         source_state = read_trainer_state(args.checkpoint_dir) if args.checkpoint_dir else None
         self.resuming = bool(source_state and source_state["stage"] == stage)
         self.output_dir = Path(args.output_dir)
-        self._prepare_output_dir()
+        if self.is_main:
+            self._prepare_output_dir()
+        barrier()
 
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
+        # the module that runs forward/backward: DDP averages gradients over ranks
+        self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
+                                                      self.device.type == "cuda" else None)
+                              if self.world_size > 1 else self.model)
         self.teacher = load_model(args.distill_from, self.device).model.eval() if args.distill_from else None
         self.teacher_margins = None
         if args.distill_scores:
@@ -186,7 +232,7 @@ class Trainer:
         load = lambda name: torch.load(ckpt / name, map_location=self.device, weights_only=True)  # noqa: E731
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        rng = torch.load(ckpt / self._rng_file(), weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -196,12 +242,16 @@ class Trainer:
         self.metrics = state.get("metrics", [])
         # drop log lines past this checkpoint (from a run that went on before it stopped)
         metrics_path = self.output_dir / METRICS_FILE
-        if metrics_path.exists():
+        if self.is_main and metrics_path.exists():
             keep = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
             metrics_path.write_text("".join(line + "\n" for line in keep))
 
     # -- the loop --------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
     def stage_pairs(self) -> int:
         return self.step * self.args.batch_size
@@ -211,10 +261,11 @@ class Trainer:
 
     def train(self) -> Path | None:
         args = self.args
-        triples_per_step = args.batch_size // 2
-        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // 2))
+        triples_per_step = args.batch_size // 2 // self.world_size  # this rank's share
+        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // 2,
+                                    rank=self.rank, world_size=self.world_size))
         bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
-                   desc=self.stage, dynamic_ncols=True)
+                   desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
         last_checkpoint = None
         self.model.train()
         while self.step < self.total_steps:
@@ -229,6 +280,8 @@ class Trainer:
             self.seen_pairs += args.batch_size
             self.callback.on_step_end(self, self._last_batch)
             if self.step % args.log_every == 0 or self.step == self.total_steps:
+                if self.world_size > 1:
+                    loss = all_reduce_sum([loss], self.device)[0] / self.world_size
                 self.log_event("train", loss=loss, lr=lr, **parts)
             bar.update(args.batch_size)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
@@ -246,13 +299,15 @@ class Trainer:
         self._last_batch = batch
         labels = torch.tensor([1, 0] * len(triples), device=self.device)
         with autocast_context(self.device, self.args.precision):
-            logits = self.model(**batch).logits.float()
+            logits = self.forward_model(**batch).logits.float()
         if self.teacher_margins is not None:
-            first = self.seen_pairs // 2
-            if first + len(triples) > len(self.teacher_margins):
+            # this rank's triples are global rows first + rank + k * world_size
+            first = self.seen_pairs // 2 + self.rank
+            rows = torch.arange(first, first + len(triples) * self.world_size, self.world_size)
+            if int(rows[-1]) >= len(self.teacher_margins):
                 raise DataError(f"{self.args.distill_scores}: {len(self.teacher_margins)} rows, "
-                                f"fewer than the triples used ({first + len(triples)})")
-            target = self.teacher_margins[first:first + len(triples)].to(self.device)
+                                f"fewer than the triples used ({int(rows[-1]) + 1})")
+            target = self.teacher_margins[rows].to(self.device)
             student = relevance_logit(logits)
             loss = F.mse_loss(student[0::2] - student[1::2], target)
             self._update(loss)
@@ -283,6 +338,8 @@ class Trainer:
         record = {"event": event, "stage": self.stage, "seen_pairs": self.seen_pairs,
                   "stage_pairs": self.stage_pairs, "heads": self.state.total_heads,
                   "ffn": self.state.total_ffn, **values}
+        if not self.is_main:
+            return record
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
@@ -316,22 +373,34 @@ class Trainer:
         name = f"seen_{self.seen_pairs:09d}"
         return name if self.stage == "initial" else f"{name}_{self.state.tag()}"
 
+    def _rng_file(self) -> str:
+        return "rng.pt" if self.rank == 0 else f"rng_rank{self.rank}.pt"
+
     def save_checkpoint(self) -> Path:
+        """Rank 0 evaluates and writes; every rank adds its own RNG state; then the rename."""
         started = time.time()
-        measures = self.evaluate()
         final = self.output_dir / self.checkpoint_name()
         tmp = self.output_dir / f".tmp-{final.name}"
-        if tmp.exists():
+        if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
-        save_model(self.model, self.tokenizer, self.state, tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.scaler.is_enabled():
             rng["scaler"] = self.scaler.state_dict()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng, tmp / self._rng_file())
+        if self.is_main:
+            self._write_checkpoint(tmp, final, started)
+        barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path, started: float) -> None:
+        measures = self.evaluate()
+        save_model(self.model, self.tokenizer, self.state, tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         entry = {"seen_pairs": self.seen_pairs, "stage_pairs": self.stage_pairs,
                  "heads": self.state.total_heads, "ffn": self.state.total_ffn, **measures}
         self.metrics.append(entry)
@@ -346,4 +415,3 @@ class Trainer:
         self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
         tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
-        return final

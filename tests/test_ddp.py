@@ -1,0 +1,87 @@
+"""DistributedDataParallel on CPU with gloo and 2 processes, against one process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from common.modeling import resolve_model_path
+from common.pruning import PruneArgs, PruneCallback
+from common.schedules import WarmupLinear
+from common.trainer import TrainArgs, Trainer
+
+
+def no_dropout_model(directory: Path) -> Path:
+    """Dropout off, so that 2 ranks x B and 1 process x 2B see the same function."""
+    from conftest import tiny_config
+
+    cfg = tiny_config("bert")
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(directory)
+    return directory
+
+
+def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> Trainer:
+    args = TrainArgs(train_triples_file=triples, output_dir=out, num_training_samples=pairs,
+                     model_tag=model, batch_size=16, max_length=32, learning_rate=1e-3, seed=1,
+                     threads=1)
+    if kind == "initial":
+        return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    callback = PruneCallback("heads", PruneArgs(target_sparsity=0.25, score_fraction=1.0))
+    return Trainer(args, "heads", callback.schedule, callback)
+
+
+def _worker(rank: int, world: int, port: int, kind: str, model: str, triples: str, out: str,
+            pairs: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        make_trainer(kind, model, triples, out, pairs).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(no_dropout_model(tmp_path_factory.mktemp("nodrop") / "m"))
+
+
+@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48)])
+def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
+    from conftest import write_toy_triples
+
+    triples = str(write_toy_triples(tmp_path / "t.tsv"))
+    single = make_trainer(kind, model_dir, triples, str(tmp_path / "single"), pairs)
+    single_end = single.train()
+    mp.spawn(_worker, args=(2, free_port(), kind, model_dir, triples, str(tmp_path / "ddp"), pairs),
+             nprocs=2, join=True)
+    ddp_end = tmp_path / "ddp" / single_end.name
+    assert ddp_end.is_dir(), sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert (ddp_end / "rng.pt").exists() and (ddp_end / "rng_rank1.pt").exists()
+    a, b = load_file(str(single_end / "model.safetensors")), load_file(str(ddp_end / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    if kind == "heads":
+        ha = json.loads((single_end / "pruning.json").read_text())["history"]
+        hb = json.loads((ddp_end / "pruning.json").read_text())["history"]
+        assert len(ha) == 2
+        assert [[(h["layer"], h["head"]) for h in e["heads"]] for e in ha] == \
+               [[(h["layer"], h["head"]) for h in e["heads"]] for e in hb]
+        assert [e["scored_pairs"] for e in ha] == [e["scored_pairs"] for e in hb]
