@@ -5,6 +5,11 @@ Subcommands:
   json     TREC DL candidate lists with passage text (the shared JSON form) -> parquet + run
   trec     official form: top-100 run file + queries TSV + MS MARCO v2 corpus (or v1 collection.tsv)
   triples  judged pools -> MS MARCO triples TSV (query<TAB>positive<TAB>negative)
+  bm25     BM25 with pyserini: index a JSONL/TSV collection, search a queries TSV -> parquet + run
+  mine     hard negatives from a first-stage run (ranks a-b, judged passages excluded) -> triples
+  teacher  score triples with any checkpoint -> teacher scores parquet beside them (distillation)
+  distill  the embedded default distillation set: dev-subset + DL21/DL22 queries, BM25 over the
+           DL21/DL22 passages, bi-encoder teacher scores (never a DL20 query)
 
 Examples:
   python 01_prefetch_passages.py json --input ../shared/data/trec-dl/dl20/bm25.json \
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +76,64 @@ def cmd_triples(args) -> None:
     print(f"wrote {args.output}: {n} triples ({2 * n} pairs) from {queries} queries")
 
 
+def cmd_bm25(args) -> None:
+    from common.first_stage import bm25_search, build_bm25_index
+
+    refuse_existing([args.output, args.run_file], args.overwrite)
+    if args.collection:
+        stats = build_bm25_index(args.collection, args.index, threads=args.threads,
+                                 overwrite=args.overwrite)
+        print(f"indexed {stats}")
+    queries = data.read_queries_tsv(args.queries)
+    started = time.time()
+    df = bm25_search(args.index, queries, k=args.k, k1=args.k1, b=args.b, threads=args.threads)
+    print(f"searched {len(queries)} queries in {time.time() - started:.1f}s "
+          f"(k={args.k}, k1={args.k1}, b={args.b})")
+    write_outputs(df, args)
+
+
+def cmd_mine(args) -> None:
+    from common.first_stage import mine_hard_negatives
+
+    refuse_existing([args.output], args.overwrite)
+    candidates = data.read_candidates(args.candidates)
+    for path in args.eval_candidates:
+        data.check_disjoint(set(candidates["qid"]), set(data.read_candidates(path)["qid"]),
+                            f"training topics of {args.candidates} vs evaluation topics of {path}")
+    a, b = (int(x) for x in args.range_for_sampling.split("-"))
+    triples, stats = mine_hard_negatives(candidates, data.read_qrels(args.qrels), args.negative_number,
+                                         (a, b), args.seed, args.min_positive_grade)
+    n = data.write_triples_tsv(triples, args.output)
+    print(f"wrote {args.output}: {n} triples; {stats}")
+
+
+def cmd_teacher(args) -> None:
+    from common.modeling import load_model, score_pairs
+
+    refuse_existing([args.output], args.overwrite)
+    triples = list(data.TriplesStream(args.triples))
+    loaded = load_model(args.checkpoint)
+    queries = [q for q, _p, _n in triples]
+    kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
+    pos = score_pairs(loaded.model, loaded.tokenizer, queries, [p for _q, p, _n in triples], **kw)
+    neg = score_pairs(loaded.model, loaded.tokenizer, queries, [n for _q, _p, n in triples], **kw)
+    with data.atomic_output(args.output) as tmp:
+        pd.DataFrame({"teacher_pos": pos, "teacher_neg": neg}).to_parquet(tmp, compression="zstd")
+    print(f"wrote {args.output}: {len(triples)} rows (row i = triple i of {args.triples})")
+
+
+def cmd_distill(args) -> None:
+    from common.distill import build_distillation_set, embedded_default_sources
+
+    if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()) and not args.overwrite:
+        sys.exit(f"error: {args.output_dir} is not empty (use --overwrite)")
+    queries, collection, forbidden = embedded_default_sources(args.shared)
+    stats = build_distillation_set(queries, collection, args.output_dir, k=args.k,
+                                   pairs_per_query=args.pairs_per_query, seed=args.seed,
+                                   teacher=args.teacher, forbidden_qids=forbidden)
+    print(f"wrote {args.output_dir}: {stats}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +172,46 @@ def main(argv=None) -> None:
                    help="unjudged first-stage candidates count as negatives too")
     outputs(p, run=False)
     p.set_defaults(func=cmd_triples)
+
+    p = sub.add_parser("bm25", help="BM25 (pyserini) over a collection -> parquet + run")
+    p.add_argument("--collection", help="JSONL {id, contents} or TSV id<TAB>text to index first")
+    p.add_argument("--index", required=True, help="Lucene index dir (built here with --collection)")
+    p.add_argument("--queries", required=True, help="qid<TAB>query")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--k1", type=float, default=0.9)
+    p.add_argument("--b", type=float, default=0.4)
+    p.add_argument("--threads", type=int, default=2)
+    outputs(p)
+    p.set_defaults(func=cmd_bm25)
+
+    p = sub.add_parser("mine", help="hard negatives from a first-stage candidates parquet -> triples")
+    p.add_argument("--candidates", required=True)
+    p.add_argument("--qrels", required=True)
+    p.add_argument("--eval_candidates", nargs="*", default=[])
+    p.add_argument("--negative_number", type=int, default=7)
+    p.add_argument("--range_for_sampling", default="10-100", help="ranks a-b (1-based, inclusive)")
+    p.add_argument("--min_positive_grade", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    outputs(p, run=False)
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("teacher", help="teacher scores for a triples file (margin-MSE distillation)")
+    p.add_argument("--triples", required=True)
+    p.add_argument("--checkpoint", required=True, help="any checkpoint, tag or model dir")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=64)
+    outputs(p, run=False)
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("distill", help="the embedded default distillation set")
+    p.add_argument("--output_dir", default="data/distill")
+    p.add_argument("--shared", default="../shared/data/trec-dl")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--pairs_per_query", type=int, default=16)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--teacher", default="all-MiniLM-L6-v2")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_distill)
 
     args = parser.parse_args(argv)
     try:

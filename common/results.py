@@ -44,7 +44,6 @@ import datetime as _dt
 import fcntl
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import atomic_output
 from .evaluation import CONVENTIONS, atomic_write_text
 
 KEY = ("checkpoint", "topics")
@@ -153,15 +153,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     """``df.to_parquet`` to a temporary file in the same directory, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_results(path: str | os.PathLike) -> pd.DataFrame:
