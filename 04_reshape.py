@@ -8,6 +8,8 @@ common.load_model rebuilds without pickled modules.
 
   python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
+  python 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 \
+      --output_dir runs/baselines/minilm-bi-3layers      # layer dropping (L3Prune-style)
 """
 from __future__ import annotations
 
@@ -22,9 +24,14 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--keep_layers", type=int,
+                        help="layer-dropping baseline: keep only the first N layers")
+    parser.add_argument("--model_kind", choices=["cross", "bi"],
+                        help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
     args = parser.parse_args(argv)
     try:
-        out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite)
+        out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
+                                                args.keep_layers, args.model_kind)
     except (FileExistsError, ValueError) as err:
         fail(err)
     print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")

@@ -114,7 +114,8 @@ class _LogitsOnly(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         output = self.model(**dict(zip(self.names, tensors)), return_dict=True)
-        return output.logits
+        logits = getattr(output, "logits", None)  # a bare encoder (bi-encoder) has none
+        return logits if logits is not None else output.last_hidden_state
 
 
 def flop_analysis(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -232,8 +233,7 @@ def architecture(model: nn.Module) -> dict:
     ``*ForSequenceClassification`` model of a supported family.
     """
     adapter = adapter_for(model.config)
-    if model is model.base_model:
-        raise ValueError("expected a sequence-classification model, got a bare encoder")
+    bare = model is model.base_model  # a bi-encoder: no classification head
     _, _, head_size, _ = dims(model.config, adapter)
     heads, ffn = [], []
     for layer in layer_stack(model, adapter):
@@ -244,8 +244,9 @@ def architecture(model: nn.Module) -> dict:
         heads.append(0 if query is None else query.out_features // head_size)
         ffn.append(get_module(layer, adapter.ffn_in).out_features)
     return dict(hidden=getattr(model.config, adapter.cfg_hidden), head_size=head_size,
-                heads_per_layer=heads, ffn_per_layer=ffn, num_labels=model.config.num_labels,
-                head=adapter.family, embedding_size=getattr(model.config, "embedding_size", None))
+                heads_per_layer=heads, ffn_per_layer=ffn,
+                num_labels=None if bare else model.config.num_labels,
+                head="none" if bare else adapter.family, embedding_size=getattr(model.config, "embedding_size", None))
 
 
 # -- parameters and size -------------------------------------------------------------------------

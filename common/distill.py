@@ -42,8 +42,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.data import (DataError, _atomic_output, _examples, read_candidates_json,
-                         read_queries_tsv, write_candidates, write_triples_tsv)
+from common import data as _data
+from common.data import (DataError, read_candidates_json, read_queries_tsv, write_candidates,
+                         write_triples_tsv)
+
+# the temp-file-and-rename writer of common.data (public since it was renamed)
+_atomic_output = getattr(_data, "atomic_output", None) or getattr(_data, "_atomic_output")
+
+
+
+def _examples(items, limit: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(repr(x) for x in items[:limit])
+    return f"{shown} (and {len(items) - limit} more)" if len(items) > limit else shown
+
 
 TOP_TEACHER = 10
 """The first passage of a "head" pair comes from the teacher's top TOP_TEACHER."""

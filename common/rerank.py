@@ -38,7 +38,7 @@ def _describe(loaded: LoadedModel) -> dict:
         trainer_state = json.loads(path.read_text())
     stage = trainer_state.get("stage", "base")
     return {"method": stage + ("+reshape" if state.is_reshaped and state.history else ""),
-            "model_kind": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
+            "model_kind": loaded.kind, "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
             "heads": state.total_heads, "ffn": state.total_ffn,
             "heads_per_layer": ",".join(map(str, state.heads_per_layer)),
             "ffn_per_layer": ",".join(map(str, state.ffn_per_layer))}
@@ -98,9 +98,12 @@ def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int
     parameters, size. Latency includes tokenisation in the real regime (what a re-ranker pays)."""
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     one = cost.worst_case_inputs(tokenizer, n_pairs=1, max_length=max_length)
-    macs = cost.fvcore_macs(model, **one) * opts.n_pairs
+    per_sequence = cost.fvcore_macs(model, **one)
+    # cross: 100 (query, passage) sequences; bi: 100 passages + the query, each encoded alone
+    macs = per_sequence * (opts.n_pairs + (1 if loaded.kind == "bi" else 0))
     params = cost.count_parameters(model)
-    row = {"flops_macs": macs, "params": params["total"], "encoder_params": params["encoder"],
+    row = {"flops_macs": macs, "macs_per_sequence": per_sequence, "kind": loaded.kind,
+           "params": params["total"], "encoder_params": params["encoder"],
            "machine": cost.machine_description(device), "torch_version": torch.__version__,
            "max_length": max_length}
     if Path(loaded.path).is_dir():
@@ -130,6 +133,8 @@ def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int
         real = torch.tensor(timings)
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
 
+    if loaded.kind == "bi":
+        row.update(encoding_throughput(loaded, candidates, max_length, opts, device))
     (w_mean, w_std), (r_mean, r_std) = time_regimes("fp32")
     row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,
                 f"{prefix}_ms_real": r_mean, f"{prefix}_ms_real_std": r_std,
@@ -139,6 +144,22 @@ def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int
         row.update({f"{prefix}_bf16_ms_worst": bw, f"{prefix}_bf16_ms_worst_std": bws,
                     f"{prefix}_bf16_ms_real": br, f"{prefix}_bf16_ms_real_std": brs})
     return row
+
+
+def encoding_throughput(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
+                        opts: CostOptions, device: torch.device, passages: int = 1000) -> dict:
+    """Corpus-encoding throughput of a bi-encoder (what indexing costs): passages/s over the
+    first ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
+    from common.biencoder import encode
+    from common.modeling import pooling_of
+
+    texts = list(dict.fromkeys(candidates["passage"]))[:passages]
+    fn = lambda: encode(loaded.model, loaded.tokenizer, texts, pooling=pooling_of(loaded.model),  # noqa: E731
+                        batch_size=64, max_length=max_length)
+    mean_ms, std_ms = cost.time_callable(fn, max(1, opts.repeats - 1), min(opts.warmup, 1), device)
+    return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
+            "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
+            "encode_passages": len(texts)}
 
 
 def checkpoints_of(run_dir: str) -> list[Path]:

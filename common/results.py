@@ -12,7 +12,8 @@ Expected columns (all optional except the key):
 ``run``                run name (``runs/<run>/``)
 ``method``             ``"bm25"``, ``"initial"``, ``"heads"``, ``"ffn"``, ``"mixed"``,
                        ``"reshaped"``, ...
-``model_kind``         model family / adapter name (``"bert"``, ``"electra"``, ...)
+``model_kind``         ``"cross"`` (cross-encoder) or ``"bi"`` (bi-encoder)
+``family``             architecture family / adapter name (``"bert"``, ``"electra"``, ...)
 ``seen_pairs``         training pairs seen when the checkpoint was written (int)
 ``heads``, ``ffn``     total kept attention heads / FFN neurons (int)
 ``heads_per_layer``,   kept per layer, comma-separated (``"12,11,12,..."``)

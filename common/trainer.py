@@ -81,6 +81,14 @@ class TrainArgs:
         "help": "teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
                 "margin-MSE to the teacher's margins instead of cross-entropy on labels"})
     distill_scale: float = field(default=1.0, metadata={"help": "teacher margins are multiplied by this"})
+    model_kind: Optional[str] = field(default=None, metadata={
+        "help": "cross (default) or bi, for a fresh start; checkpoints know their kind"})
+    pooling: Optional[str] = field(default=None, metadata={
+        "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
+    temperature: float = field(default=0.02, metadata={
+        "help": "bi-encoder contrastive loss temperature (in-batch negatives)"})
+    distill_target: str = field(default="scores", metadata={
+        "help": "with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
 
     def validate(self) -> None:
@@ -96,6 +104,10 @@ class TrainArgs:
             raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.model_kind not in (None, "cross", "bi"):
+            raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
+        if self.distill_target not in ("scores", "embeddings"):
+            raise ValueError(f"--distill_target must be scores or embeddings, got {self.distill_target!r}")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
             raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
 
@@ -179,15 +191,20 @@ class Trainer:
         barrier()
 
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
-        loaded = load_model(args.checkpoint_dir or args.model_tag, self.device)
+        loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
+                            kind=args.model_kind, pooling=args.pooling)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
+        self.kind = loaded.kind
+        if self.kind == "cross" and args.distill_target == "embeddings":
+            raise ValueError("--distill_target embeddings needs a bi-encoder")
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
         # the module that runs forward/backward: DDP averages gradients over ranks
         self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
                                                       self.device.type == "cuda" else None)
                               if self.world_size > 1 else self.model)
-        self.teacher = load_model(args.distill_from, self.device).model.eval() if args.distill_from else None
+        self.teacher = (load_model(args.distill_from, self.device, kind=self.kind).model.eval()
+                        if args.distill_from else None)
         self.teacher_margins = None
         if args.distill_scores:
             table = pd.read_parquet(args.distill_scores, columns=["teacher_pos", "teacher_neg"])
@@ -292,7 +309,59 @@ class Trainer:
         bar.close()
         return last_checkpoint
 
+    def _teacher_margin_rows(self, n: int) -> torch.Tensor:
+        """Teacher margins of this rank's triples: global rows first + rank + k * world_size."""
+        first = self.seen_pairs // 2 + self.rank
+        rows = torch.arange(first, first + n * self.world_size, self.world_size)
+        if int(rows[-1]) >= len(self.teacher_margins):
+            raise DataError(f"{self.args.distill_scores}: {len(self.teacher_margins)} rows, "
+                            f"fewer than the triples used ({int(rows[-1]) + 1})")
+        return self.teacher_margins[rows].to(self.device)
+
+    def _embed(self, model, texts: list[str]) -> tuple[torch.Tensor, dict]:
+        from common.biencoder import pool
+        from common.modeling import pooling_of
+
+        batch = self.tokenizer(texts, truncation=True, max_length=self.args.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        with autocast_context(self.device, self.args.precision):
+            hidden = model(**batch).last_hidden_state
+        return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
+
+    def _bi_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
+        """Contrastive loss with in-batch negatives (each query against every passage of the
+        batch, its own positive the target), or margin-MSE on teacher score margins."""
+        queries = [q for q, _p, _n in triples]
+        passages = [x for _q, p, n in triples for x in (p, n)]
+        q, _ = self._embed(self.forward_model, queries)
+        p, self._last_batch = self._embed(self.forward_model, passages)
+        if self.teacher_margins is not None:
+            sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
+            loss = F.mse_loss(sims[:, 0] - sims[:, 1], self._teacher_margin_rows(len(triples)))
+            self._update(loss)
+            return loss.item(), {}
+        logits = q @ p.T / self.args.temperature
+        target = torch.arange(len(triples), device=self.device) * 2
+        loss = contrastive = F.cross_entropy(logits, target)
+        parts = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                tq, _ = self._embed(self.teacher, queries)
+                tp, _ = self._embed(self.teacher, passages)
+            if self.args.distill_target == "embeddings":
+                distill = F.mse_loss(q, tq) + F.mse_loss(p, tp)
+            else:
+                s_sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
+                t_sims = (tq[:, None, :] * tp.view(len(triples), 2, -1)).sum(-1)
+                distill = F.mse_loss(s_sims[:, 0] - s_sims[:, 1], t_sims[:, 0] - t_sims[:, 1])
+            loss = contrastive + self.args.distill_weight * distill
+            parts = {"contrastive": contrastive.item(), "distill": distill.item()}
+        self._update(loss)
+        return loss.item(), parts
+
     def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
+        if self.kind == "bi":
+            return self._bi_step(triples)
         queries = [q for q, _p, _n in triples for _ in (0, 1)]
         passages = [x for _q, p, n in triples for x in (p, n)]
         batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length).to(self.device)
@@ -301,13 +370,7 @@ class Trainer:
         with autocast_context(self.device, self.args.precision):
             logits = self.forward_model(**batch).logits.float()
         if self.teacher_margins is not None:
-            # this rank's triples are global rows first + rank + k * world_size
-            first = self.seen_pairs // 2 + self.rank
-            rows = torch.arange(first, first + len(triples) * self.world_size, self.world_size)
-            if int(rows[-1]) >= len(self.teacher_margins):
-                raise DataError(f"{self.args.distill_scores}: {len(self.teacher_margins)} rows, "
-                                f"fewer than the triples used ({int(rows[-1]) + 1})")
-            target = self.teacher_margins[rows].to(self.device)
+            target = self._teacher_margin_rows(len(triples))
             student = relevance_logit(logits)
             loss = F.mse_loss(student[0::2] - student[1::2], target)
             self._update(loss)

@@ -205,3 +205,60 @@ def test_fvcore_counts_the_reshaped_model_analytically(family, tiny_models, tmp_
     assert measured == expected
     unpruned = cost.fvcore_macs(load_model(str(tiny_models[family])).model, **inputs)
     assert measured < unpruned
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_bi_encoder_prunes_reshapes_and_drops_layers(family, tiny_models, tmp_path):
+    """The bi-encoder kind goes through the same adapter: masked == reshaped; layer dropping."""
+    from common import cost
+    from common.biencoder import encode
+
+    loaded = load_model(str(tiny_models[family]), kind="bi", pooling="mean")
+    assert loaded.kind == "bi" and loaded.model is loaded.model.base_model
+    prune_some(loaded.state)
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, loaded.state)
+    masked = score_pairs(loaded.model, loaded.tokenizer, QUERIES, PASSAGES)
+    q = encode(loaded.model, loaded.tokenizer, QUERIES[:1])
+    p = encode(loaded.model, loaded.tokenizer, PASSAGES[:1])
+    assert abs(float((q * p).sum()) - masked[0]) < 1e-5  # cosine of mean-pooled embeddings
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m")
+    out, before, after = reshape_checkpoint(str(tmp_path / "m"))
+    again = load_model(str(out))
+    assert again.kind == "bi"
+    reshaped = score_pairs(again.model, again.tokenizer, QUERIES, PASSAGES)
+    torch.testing.assert_close(torch.tensor(reshaped), torch.tensor(masked), atol=1e-5, rtol=0)
+    # layer dropping keeps the first n layers and nothing else
+    out2, _, after2 = reshape_checkpoint(str(tiny_models[family]), str(tmp_path / "two"),
+                                         keep_layers=2, kind="bi")
+    two = load_model(str(out2))
+    assert len(two.state.kept_heads) == 2 and two.state.history == [{"keep_layers": 2}]
+    inputs = cost.worst_case_inputs(two.tokenizer, n_pairs=1, max_length=16)
+    arch = cost.architecture(two.model)
+    assert arch["head"] == "none" and len(arch["heads_per_layer"]) == 2
+    assert cost.fvcore_macs(two.model, **inputs) == cost.analytic_macs(seq_len=16, **arch)
+
+
+def test_bi_encoder_training_resumes_exactly(tiny_models, toy_triples, tmp_path):
+    from common.schedules import WarmupLinear
+
+    def run(out, every=0, checkpoint_dir=None, stop=None):
+        args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=32,
+                         num_checkpoint_samples=every, model_tag=str(tiny_models["bert"]),
+                         checkpoint_dir=checkpoint_dir, model_kind="bi", batch_size=8, max_length=32,
+                         learning_rate=1e-3, seed=2)
+        trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+        if stop:
+            trainer.total_steps = stop
+        return trainer.train()
+
+    straight = run(tmp_path / "a")
+    half = run(tmp_path / "b", every=16, stop=2)
+    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    assert not any(k.startswith("classifier") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    losses = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in x]
+    assert all(math.isfinite(x["loss"]) for x in losses)
