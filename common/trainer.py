@@ -348,8 +348,8 @@ class Trainer:
             with torch.no_grad():
                 tq, _ = self._embed(self.teacher, queries)
                 tp, _ = self._embed(self.teacher, passages)
-            if self.args.distill_target == "embeddings":
-                distill = F.mse_loss(q, tq) + F.mse_loss(p, tp)
+            if self.args.distill_target == "embeddings":  # squared L2 = 2 (1 - cos) per text
+                distill = ((q - tq) ** 2).sum(-1).mean() + ((p - tp) ** 2).sum(-1).mean()
             else:
                 s_sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
                 t_sims = (tq[:, None, :] * tp.view(len(triples), 2, -1)).sum(-1)
