@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The longer study recipe (about 2 h of training on 2 cores): distil the packaged
+# all-MiniLM-L6-v2 bi-encoder (the teacher, no labels) into the all-MiniLM-L6-v2 cross-encoder
+# over the MS MARCO dev-subset + DL21/DL22 queries (BM25 top-100 over the DL21/DL22 passages),
+# then evaluate on DL20 (never used for training: 01 distill refuses it).
+#   STUDY_PAIRS   pairs of distillation training (default 40960)
+#   JUDGED_PAIRS  pairs of a follow-up on the DL21 judged triples (default 0: off)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash recipes/setup.sh
+PY=.venv/bin/python
+export PYTHONPATH=.
+SHARED=${SHARED:-../shared/data/trec-dl}
+RUN=${RUN:-runs/study}
+STUDY_PAIRS=${STUDY_PAIRS:-40960}
+JUDGED_PAIRS=${JUDGED_PAIRS:-0}
+MAX_LENGTH=${MAX_LENGTH:-128}
+if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$RUN"; fi
+if [ -e "$RUN" ]; then echo "error: $RUN exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
+
+[ -f data/distill/teacher_scores.parquet ] || \
+  $PY 01_prefetch_passages.py distill --output_dir data/distill --shared "$SHARED" --overwrite
+$PY 01_prefetch_passages.py json --input "$SHARED/dl20/bm25.json" --output data/dl20.bm25.candidates.parquet \
+  --run_file data/dl20.bm25.run --tag bm25 --overwrite
+EVAL=(--eval_candidates_file data/dl20.bm25.candidates.parquet --eval_qrels_file "$SHARED/dl20/qrels.txt"
+      --eval_max_queries 20 --max_length "$MAX_LENGTH" --batch_size 32 --seed 42 --precision bf16)
+
+$PY 02_train_initial.py --model_tag all-MiniLM-L6-v2 --train_triples_file data/distill/triples.tsv \
+  --distill_scores data/distill/teacher_scores.parquet --distill_scale 10 \
+  --output_dir "$RUN/distill" --num_training_samples "$STUDY_PAIRS" \
+  --num_checkpoint_samples $(( STUDY_PAIRS / 4 )) --learning_rate 3e-5 "${EVAL[@]}"
+FINAL=$(ls -d "$RUN"/distill/seen_* | tail -n 1)
+if [ "$JUDGED_PAIRS" -gt 0 ]; then
+  $PY 01_prefetch_passages.py json --input "$SHARED/dl21/bm25.json" --output data/dl21.bm25.candidates.parquet --overwrite
+  $PY 01_prefetch_passages.py triples --candidates data/dl21.bm25.candidates.parquet \
+    --qrels "$SHARED/dl21/qrels.txt" --eval_candidates data/dl20.bm25.candidates.parquet \
+    --output data/dl21.judged.triples.tsv --overwrite
+  $PY 02_train_initial.py --model_tag "$FINAL" --train_triples_file data/dl21.judged.triples.tsv \
+    --seen_pairs 0 --output_dir "$RUN/judged" --num_training_samples "$JUDGED_PAIRS" \
+    --num_checkpoint_samples "$JUDGED_PAIRS" --learning_rate 1e-5 "${EVAL[@]}"
+  FINAL=$(ls -d "$RUN"/judged/seen_* | tail -n 1)
+fi
+RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.txt" --topics dl20
+     --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH")
+$PY 05_eval_trec.py --first_stage bm25 "${RES[@]}"
+$PY 05_eval_trec.py --checkpoint "$FINAL" "${RES[@]}" --no_latency
+cat "$RUN/results.md"
