@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--latency_queries", type=int, default=10)
     p.add_argument("--bf16_latency", action="store_true", help="also time bf16 autocast")
     p.add_argument("--threads", type=int, help="torch threads for latency (default: torch's)")
+    p.add_argument("--model_kind", choices=["cross", "bi"],
+                   help="for a plain model dir or tag (our checkpoints know their kind)")
     args = p.parse_args(argv)
 
     try:
@@ -62,7 +64,8 @@ def main(argv=None) -> None:
             for target in targets:
                 row = evaluate_model(target, args.candidates, args.qrels, args.topics,
                                      max_length=args.max_length, batch_size=args.batch_size,
-                                     device=args.device, precision=args.precision, costs=costs)
+                                     device=args.device, precision=args.precision, costs=costs,
+                                     kind=args.model_kind)
                 append_results(args.results, [row])  # one at a time: a long sweep keeps its rows
                 rows.append(row)
         append_results(args.results, rows)

@@ -36,14 +36,27 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--threads", type=int)
+    p.add_argument("--encode", action="store_true",
+                   help="bi-encoders: time encoding the candidate passages (what indexing pays)")
+    p.add_argument("--model_kind", choices=["cross", "bi"], help="for plain model dirs or tags")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {name: load_model(path) for name, path in (("baseline", args.baseline),
-                                                        ("candidate", args.candidate))}
+    models = {name: load_model(path, kind=args.model_kind) for name, path in
+              (("baseline", args.baseline), ("candidate", args.candidate))}
     for loaded in models.values():
         loaded.model.eval()
-    if args.candidates:
+    if args.encode:
+        from common.biencoder import encode
+        from common.modeling import pooling_of
+
+        texts = list(dict.fromkeys(read_candidates(args.candidates)["passage"]))[:100 * args.queries]
+
+        def work(loaded):
+            encode(loaded.model, loaded.tokenizer, texts, pooling=pooling_of(loaded.model),
+                   batch_size=64, max_length=args.max_length)
+        per = len(texts) / 1000  # -> ms per 1000 passages
+    elif args.candidates:
         cands = read_candidates(args.candidates)
         groups = [g.head(100) for _, g in cands.groupby("qid", sort=False)][:args.queries]
 
@@ -69,9 +82,16 @@ def main(argv=None) -> None:
             times[name].append((time.perf_counter() - start) * 1000 / per)
     ratios = [b / c for b, c in zip(times["baseline"], times["candidate"])]
     print(machine_description())
-    print(f"regime: {'real lengths, ' + str(per) + ' queries x 100 candidates' if args.candidates else 'worst case, 100 pairs x ' + str(args.max_length) + ' tokens'}; {args.rounds} alternating rounds")
+    if args.encode:
+        regime, unit = f"encoding {len(texts)} distinct candidate passages", "ms/1000 passages"
+    elif args.candidates:
+        regime, unit = f"real lengths, {per} queries x 100 candidates", "ms/query"
+    else:
+        regime, unit = f"worst case, 100 pairs x {args.max_length} tokens", "ms/query"
+    print(f"regime: {regime}; {args.rounds} alternating rounds")
     for name in models:
-        print(f"{name:9s} {statistics.mean(times[name]):9.1f} ± {statistics.stdev(times[name]):6.1f} ms/query  ({models[name].path})")
+        print(f"{name:9s} {statistics.mean(times[name]):9.1f} ± {statistics.stdev(times[name]):6.1f} "
+              f"{unit}  ({models[name].path})")
     print(f"speed-up  {statistics.mean(times['baseline']) / statistics.mean(times['candidate']):.2f}x "
           f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f})")
 

@@ -54,11 +54,11 @@ def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, nam
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
                    precision: str = "fp32", costs: CostOptions | None = None,
-                   output_dir: str | None = None) -> dict:
+                   output_dir: str | None = None, kind: str | None = None) -> dict:
     if costs and costs.threads:
         torch.set_num_threads(costs.threads)
     dev = pick_device(device)
-    loaded = load_model(checkpoint, dev)
+    loaded = load_model(checkpoint, dev, kind=kind)
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
     scores = score_pairs(loaded.model, loaded.tokenizer, candidates["query"].tolist(),
