@@ -85,3 +85,36 @@ def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
         assert [[(h["layer"], h["head"]) for h in e["heads"]] for e in ha] == \
                [[(h["layer"], h["head"]) for h in e["heads"]] for e in hb]
         assert [e["scored_pairs"] for e in ha] == [e["scored_pairs"] for e in hb]
+
+
+def _resume_worker(rank: int, world: int, port: int, model: str, triples: str, out: str,
+                   checkpoint_dir: str | None, stop: int | None) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        args = TrainArgs(train_triples_file=triples, output_dir=out, num_training_samples=48,
+                         num_checkpoint_samples=16, model_tag=model, checkpoint_dir=checkpoint_dir,
+                         batch_size=16, max_length=32, learning_rate=1e-3, seed=1, threads=1)
+        trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+        if stop:
+            trainer.total_steps = stop
+        trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_resume_under_ddp_equals_straight_run(tiny_models, tmp_path):
+    """Dropout on: every rank restores its own RNG stream, so resume is exact under DDP too."""
+    from conftest import write_toy_triples
+
+    triples, model = str(write_toy_triples(tmp_path / "t.tsv")), str(tiny_models["bert"])
+    spawn = lambda out, ckpt, stop: mp.spawn(  # noqa: E731
+        _resume_worker, args=(2, free_port(), model, triples, str(out), ckpt, stop), nprocs=2, join=True)
+    spawn(tmp_path / "a", None, None)
+    spawn(tmp_path / "b", None, 1)
+    spawn(tmp_path / "b", str(tmp_path / "b" / "seen_000000016"), None)
+    a = load_file(str(tmp_path / "a" / "seen_000000048" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "seen_000000048" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
