@@ -483,8 +483,8 @@ def plot_performance_vs_removed_flops(results: pd.DataFrame, out_dir: str | os.P
         ax.set_title(_topic_title(topics), fontsize=11)
         _grid(ax)
         ax.legend(fontsize=9, loc="best", framealpha=0.9, title="method", title_fontsize=9)
-    fig.suptitle(f"{METRIC_LABEL} vs. compute removed by pruning "
-                 "(hollow markers: reshaped models)", fontsize=13)
+    fig.suptitle(f"{METRIC_LABEL} vs. compute removed by pruning\n"
+                 "(hollow markers: reshaped models)", fontsize=12)
     try:
         return save_figure(fig, out_dir, name, formats)
     finally:
@@ -559,7 +559,7 @@ def plot_ndcg_vs_latency(results: pd.DataFrame, out_dir: str | os.PathLike,
         ax.set_ylabel(METRIC_LABEL)
         ax.set_title(_topic_title(topics), fontsize=11)
         _grid(ax)
-        ax.legend(fontsize=9, loc="lower right", framealpha=0.9)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     fig.suptitle(f"Quality/latency trade-off: {METRIC_LABEL} vs. CPU time per query",
                  fontsize=13)
     try:
