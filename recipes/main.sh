@@ -6,18 +6,12 @@
 # Train on the DL21 topics, evaluate on the DL20 topics: 01 refuses overlapping qids.
 # Outputs: data/*.parquet|run|tsv, $RUN/ (checkpoints, results.parquet, results.md), figures/.
 # Re-run over an existing $RUN with OVERWRITE=1. Sizes: TRAIN_PAIRS, PRUNE_PAIRS, MAX_LENGTH.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash recipes/setup.sh
-PY=.venv/bin/python
-export PYTHONPATH=.
-SHARED=${SHARED:-../shared/data/trec-dl}
+source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/main}
 TRAIN_PAIRS=${TRAIN_PAIRS:-2560}
 PRUNE_PAIRS=${PRUNE_PAIRS:-1600}
 MAX_LENGTH=${MAX_LENGTH:-192}
-if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$RUN"; fi
-if [ -e "$RUN" ]; then echo "error: $RUN exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
+guard_run "$RUN"
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
