@@ -87,6 +87,8 @@ class TrainArgs:
         "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
     temperature: float = field(default=0.02, metadata={
         "help": "bi-encoder contrastive loss temperature (in-batch negatives)"})
+    contrastive_weight: float = field(default=1.0, metadata={
+        "help": "bi-encoder: weight of the in-batch contrastive loss (0: distillation only)"})
     distill_target: str = field(default="scores", metadata={
         "help": "with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
@@ -354,7 +356,7 @@ class Trainer:
                 s_sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
                 t_sims = (tq[:, None, :] * tp.view(len(triples), 2, -1)).sum(-1)
                 distill = F.mse_loss(s_sims[:, 0] - s_sims[:, 1], t_sims[:, 0] - t_sims[:, 1])
-            loss = contrastive + self.args.distill_weight * distill
+            loss = self.args.contrastive_weight * contrastive + self.args.distill_weight * distill
             parts = {"contrastive": contrastive.item(), "distill": distill.item()}
         self._update(loss)
         return loss.item(), parts

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Bi-encoder kind: prune the packaged all-MiniLM-L6-v2 bi-encoder (heads + FFN, 03c) while
+# distilling the unpruned encoder's embeddings (no labels), reshape it (04), and compare it on
+# DL20 with the unpruned encoder and the layer-dropping baseline (first 3 of 6 layers, about the
+# same FLOPs) in one results table (05: quality, re-ranking latency, corpus-encoding throughput,
+# FLOPs) and in one alternating benchmark of passage encoding (bench/speedup.py --encode).
+# Needs the distillation set (data/distill, built by `01_prefetch_passages.py distill`).
+source "$(dirname "$0")/lib.sh"
+RUN=${RUN:-runs/bi}
+PAIRS=${PAIRS:-6144}
+MAX_LENGTH=${MAX_LENGTH:-128}
+guard_run "$RUN"
+[ -f data/distill/triples.tsv ] || $PY 01_prefetch_passages.py distill --output_dir data/distill --overwrite
+RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.txt" --topics dl20
+     --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH"
+     --repeats 3 --latency_queries 5)
+
+$PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \
+  --train_triples_file data/distill/triples.tsv --output_dir "$RUN/mixed" \
+  --distill_from all-MiniLM-L6-v2 --distill_target embeddings --distill_weight 1 --contrastive_weight 0 \
+  --num_training_samples "$PAIRS" --num_prune_cycles 6 --target_heads 36 --target_ffn 512 \
+  --learning_rate 5e-5 --batch_size 32 --max_length "$MAX_LENGTH" --seed 42
+PRUNED=$(ls -d "$RUN"/mixed/seen_* | tail -n 1)
+$PY 04_reshape.py --checkpoint_dir "$PRUNED"
+$PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 --output_dir "$RUN/keep3"
+
+$PY 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi "${RES[@]}"
+$PY 05_eval_trec.py --checkpoint "$PRUNED/reshaped" "$RUN/keep3" "${RES[@]}"
+for model in "$PRUNED/reshaped" "$RUN/keep3"; do
+  $PY bench/speedup.py --model_kind bi --baseline all-MiniLM-L6-v2 --candidate "$model" --encode \
+    --candidates data/dl20.bm25.candidates.parquet --queries 5 --rounds 5 --max_length "$MAX_LENGTH"
+done | tee "$RUN/speedup.txt"
+cat "$RUN/results.md"
