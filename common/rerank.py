@@ -102,7 +102,7 @@ def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int
     # cross: 100 (query, passage) sequences; bi: 100 passages + the query, each encoded alone
     macs = per_sequence * (opts.n_pairs + (1 if loaded.kind == "bi" else 0))
     params = cost.count_parameters(model)
-    row = {"flops_macs": macs, "macs_per_sequence": per_sequence, "kind": loaded.kind,
+    row = {"flops_macs": macs, "macs_per_sequence": per_sequence,
            "params": params["total"], "encoder_params": params["encoder"],
            "machine": cost.machine_description(device), "torch_version": torch.__version__,
            "max_length": max_length}
