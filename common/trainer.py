@@ -400,9 +400,12 @@ class Trainer:
 
     # -- logging, evaluation, checkpoints ------------------------------------------------------
     def log_event(self, event: str, **values) -> dict:
+        st = self.state
         record = {"event": event, "stage": self.stage, "seen_pairs": self.seen_pairs,
-                  "stage_pairs": self.stage_pairs, "heads": self.state.total_heads,
-                  "ffn": self.state.total_ffn, **values}
+                  "stage_pairs": self.stage_pairs, "heads": st.total_heads, "ffn": st.total_ffn,
+                  "head_sparsity": round(1 - st.total_heads / (st.num_heads * st.num_layers), 4),
+                  "ffn_sparsity": round(1 - st.total_ffn / (st.ffn_size * st.num_layers), 4),
+                  **values}
         if not self.is_main:
             return record
         with open(self.output_dir / METRICS_FILE, "a") as f:
