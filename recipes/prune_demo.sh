@@ -3,17 +3,12 @@
 # reshaped by 04 and evaluated on DL20 by 05 (quality, latency, FLOPs, params) into one results
 # table, then bench/speedup.py for each pruned model against the initial one, in one process.
 #   INITIAL=runs/main/initial/seen_000002560 bash recipes/prune_demo.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-export PYTHONPATH=.
-SHARED=${SHARED:-../shared/data/trec-dl}
+source "$(dirname "$0")/lib.sh"
 INITIAL=${INITIAL:?set INITIAL to a checkpoint of 02}
 RUN=${RUN:-runs/prune_demo}
 PAIRS=${PAIRS:-1600}
 MAX_LENGTH=${MAX_LENGTH:-192}
-if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$RUN"; fi
-if [ -e "$RUN" ]; then echo "error: $RUN exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
+guard_run "$RUN"
 COMMON=(--checkpoint_dir "$INITIAL" --train_triples_file data/dl21.judged.triples.tsv
         --num_training_samples "$PAIRS" --learning_rate 2e-5 --max_length "$MAX_LENGTH" --batch_size 16 --seed 42)
 $PY 03a_prune_heads.py "${COMMON[@]}" --output_dir "$RUN/heads" --target_sparsity 0.4
