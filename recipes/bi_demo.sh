@@ -18,7 +18,7 @@ RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.
 $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \
   --train_triples_file data/distill/triples.tsv --output_dir "$RUN/mixed" \
   --distill_from all-MiniLM-L6-v2 --distill_target embeddings --distill_weight 1 --contrastive_weight 0 \
-  --num_training_samples "$PAIRS" --num_prune_cycles 6 --target_heads 36 --target_ffn 512 \
+  --num_training_samples "$PAIRS" --num_prune_cycles 6 --target_heads 30 --target_ffn 384 \
   --learning_rate 5e-5 --batch_size 32 --max_length "$MAX_LENGTH" --seed 42
 PRUNED=$(ls -d "$RUN"/mixed/seen_* | tail -n 1)
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
