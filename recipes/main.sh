@@ -11,7 +11,7 @@
 source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/main}
 TRAIN_PAIRS=${TRAIN_PAIRS:-12288}
-PRUNE_PAIRS=${PRUNE_PAIRS:-3072}
+PRUNE_PAIRS=${PRUNE_PAIRS:-3200}
 MAX_LENGTH=${MAX_LENGTH:-128}
 guard_run "$RUN"
 start=$(date +%s)
