@@ -5,18 +5,12 @@
 # then evaluate on DL20 (never used for training: 01 distill refuses it).
 #   STUDY_PAIRS   pairs of distillation training (default 40960)
 #   JUDGED_PAIRS  pairs of a follow-up on the DL21 judged triples (default 0: off)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash recipes/setup.sh
-PY=.venv/bin/python
-export PYTHONPATH=.
-SHARED=${SHARED:-../shared/data/trec-dl}
+source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/study}
 STUDY_PAIRS=${STUDY_PAIRS:-40960}
 JUDGED_PAIRS=${JUDGED_PAIRS:-0}
 MAX_LENGTH=${MAX_LENGTH:-128}
-if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$RUN"; fi
-if [ -e "$RUN" ]; then echo "error: $RUN exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
+guard_run "$RUN"
 
 [ -f data/distill/teacher_scores.parquet ] || \
   $PY 01_prefetch_passages.py distill --output_dir data/distill --shared "$SHARED" --overwrite
