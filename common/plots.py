@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
+from .data import atomic_output
 from .results import load_results
 
 METRICS_FILE = "metrics.jsonl"  # common.trainer.METRICS_FILE (not imported: it pulls in torch)
@@ -284,12 +284,6 @@ def _bm25_line(ax, rows: pd.DataFrame) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str,
                 formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write ``fig`` as ``out_dir/name.<fmt>`` per format, each atomically (temp file in the
@@ -299,16 +293,8 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str,
     written = []
     for fmt in dict.fromkeys(f.lower().lstrip(".") for f in formats):
         final = out_dir / f"{name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_output(final) as tmp:
             fig.savefig(tmp, format=fmt, dpi=DPI)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         written.append(final)
     return written
 
