@@ -123,15 +123,36 @@ def cmd_teacher(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from common.distill import build_distillation_set, embedded_default_sources
+    from common.distill import build_distillation_set, embedded_default_sources, fuse_distillation_set
 
     if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()) and not args.overwrite:
         sys.exit(f"error: {args.output_dir} is not empty (use --overwrite)")
+    if args.from_set:
+        if args.fusion_weight is None:
+            sys.exit("error: --from_set re-derives a set with --fusion_weight; give one")
+        stats = fuse_distillation_set(args.from_set, args.output_dir, args.fusion_weight,
+                                      pairs_per_query=args.pairs_per_query, seed=args.seed)
+        print(f"wrote {args.output_dir}: {stats}")
+        return
     queries, collection, forbidden = embedded_default_sources(args.shared)
     stats = build_distillation_set(queries, collection, args.output_dir, k=args.k,
                                    pairs_per_query=args.pairs_per_query, seed=args.seed,
-                                   teacher=args.teacher, forbidden_qids=forbidden)
+                                   teacher=args.teacher, forbidden_qids=forbidden,
+                                   fusion_weight=args.fusion_weight)
     print(f"wrote {args.output_dir}: {stats}")
+
+
+def cmd_groups(args) -> None:
+    from common.distill import build_listwise_groups
+
+    out = Path(args.output_dir)
+    if (out / "groups.tsv").exists() and not args.overwrite:
+        sys.exit(f"error: {out / 'groups.tsv'} exists (use --overwrite)")
+    forbidden = set(data.read_qrels(args.forbid_qrels)) if args.forbid_qrels else set()
+    stats = build_listwise_groups(args.candidates, out, group_size=args.group_size,
+                                  groups_per_query=args.groups_per_query, seed=args.seed,
+                                  forbidden_qids=forbidden)
+    print(f"wrote {out / 'groups.tsv'}: {stats}")
 
 
 def main(argv=None) -> None:
@@ -210,8 +231,24 @@ def main(argv=None) -> None:
     p.add_argument("--pairs_per_query", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--teacher", default="all-MiniLM-L6-v2")
+    p.add_argument("--fusion_weight", type=float, help="teacher = w*minmax(cosine) + (1-w)*minmax(BM25) "
+                   "per query (default: the plain cosine)")
+    p.add_argument("--from_set", help="re-derive from this set's candidates.parquet (no encoding); "
+                   "needs --fusion_weight")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("groups", help="listwise groups (query + n passages, teacher scores) "
+                                      "from a distillation set's candidates")
+    p.add_argument("--candidates", default="data/distill/candidates.parquet")
+    p.add_argument("--output_dir", default="data/distill")
+    p.add_argument("--group_size", type=int, default=8)
+    p.add_argument("--groups_per_query", type=int, default=4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--forbid_qrels", default="../shared/data/trec-dl/dl20/qrels.txt",
+                   help="refuse candidates of these (evaluation) queries")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_groups)
 
     args = parser.parse_args(argv)
     try:

@@ -12,6 +12,8 @@ score 0 (trec_eval -c).
       --topics dl20 --results runs/results.parquet --table runs/results.md
   python 05_eval_trec.py --first_stage bm25 ...          # the candidates' own ranking
   python 05_eval_trec.py --all_checkpoints runs/mixed ... # every checkpoint not yet evaluated
+  python 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi --interpolate 0.3 0.5 ...
+                                                         # + BM25 score interpolation rows
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ def main(argv=None) -> None:
     p.add_argument("--latency_queries", type=int, default=10)
     p.add_argument("--bf16_latency", action="store_true", help="also time bf16 autocast")
     p.add_argument("--threads", type=int, help="torch threads for latency (default: torch's)")
+    p.add_argument("--interpolate", type=float, nargs="+", default=[], metavar="WEIGHT",
+                   help="also evaluate weight*minmax(model) + (1-weight)*minmax(first stage) per query "
+                        "(quality-only rows, method 'interpolate')")
     p.add_argument("--model_kind", choices=["cross", "bi"],
                    help="for a plain model dir or tag (our checkpoints know their kind)")
     args = p.parse_args(argv)
@@ -62,13 +67,14 @@ def main(argv=None) -> None:
                 latency_queries=args.latency_queries, bf16=args.bf16_latency, threads=args.threads)
             rows = []
             for target in targets:
-                row = evaluate_model(target, args.candidates, args.qrels, args.topics,
-                                     max_length=args.max_length, batch_size=args.batch_size,
-                                     device=args.device, precision=args.precision, costs=costs,
-                                     kind=args.model_kind)
-                append_results(args.results, [row])  # one at a time: a long sweep keeps its rows
-                rows.append(row)
-        append_results(args.results, rows)
+                found = evaluate_model(target, args.candidates, args.qrels, args.topics,
+                                       max_length=args.max_length, batch_size=args.batch_size,
+                                       device=args.device, precision=args.precision, costs=costs,
+                                       kind=args.model_kind, interpolate_weights=tuple(args.interpolate))
+                append_results(args.results, found)  # one at a time: a long sweep keeps its rows
+                rows.extend(found)
+        if args.first_stage:
+            append_results(args.results, rows)
     except (DataError, ValueError, OSError) as err:
         fail(err)
     for row in rows:

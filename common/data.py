@@ -566,40 +566,46 @@ def build_triples_from_qrels(
 _TSV_UNSAFE = re.compile(r"[\t\n\r]")
 
 
-def write_triples_tsv(triples: Iterable[tuple[str, str, str]], path: str | os.PathLike) -> int:
+def write_triples_tsv(triples: Iterable[tuple[str, ...]], path: str | os.PathLike,
+                      passages: int = 2) -> int:
     """Atomically write triples as ``query<TAB>positive<TAB>negative`` lines (MS MARCO
     ``triples.train.small.tsv`` form; gzip-compressed when ``path`` ends in .gz).
 
     Tabs, newlines and carriage returns inside a text are replaced by a space so that
     every triple is exactly one line of three fields. A triple that is not three
-    non-empty texts raises ``DataError`` (nothing is written). Returns the triple count."""
+    non-empty texts raises ``DataError`` (nothing is written). With ``passages=n > 2`` the rows
+    are listwise groups, a query and n passages (see ``TriplesStream``). Returns the row count."""
     count = 0
     opener = gzip.open if _is_gzip(path) else open  # chosen by the final name, not the temp one
     with atomic_output(path) as tmp:
         with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
             for i, triple in enumerate(triples):
                 fields = [_TSV_UNSAFE.sub(" ", t) if isinstance(t, str) else t for t in triple]
-                if len(fields) != 3 or not all(isinstance(t, str) and t.strip() for t in fields):
-                    raise DataError(f"{path}: triple {i} is not three non-empty texts: {triple!r:.200}")
+                if len(fields) != passages + 1 or not all(isinstance(t, str) and t.strip() for t in fields):
+                    raise DataError(f"{path}: row {i} is not {passages + 1} non-empty texts "
+                                    f"(a query and {passages} passages): {triple!r:.200}")
                 f.write("\t".join(fields) + "\n")
                 count += 1
     return count
 
 
 class TriplesStream:
-    """Stream ``(query, positive, negative)`` from a triples TSV (plain or .gz).
+    """Stream ``(query, positive, negative)`` from a triples TSV (plain or .gz), or, with
+    ``passages=n > 2``, listwise groups ``(query, passage_1, ..., passage_n)``.
 
     The file is read line by line with the csv module (tab-delimited, no quoting), never
     loaded whole. ``skip_triples`` skips that many triples from the start of the file (a
     global count, for exact resume). After the skip, triple ``i`` goes to rank
     ``i % world_size``, so ``world_size`` streams partition the remainder without overlap
-    or loss. A line that is not exactly three non-empty fields raises ``DataError`` with
+    or loss. A line that is not exactly ``1 + passages`` non-empty fields raises ``DataError`` with
     the file and line number (on every rank, skipped lines included). When the file is
     exhausted the iteration simply ends. ``line_number`` is the last line read.
     Each ``iter()`` restarts from the beginning of the file."""
 
     def __init__(self, path: str | os.PathLike, skip_triples: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, passages: int = 2):
+        if passages < 2:
+            raise ValueError(f"a training row needs at least 2 passages, got {passages}")
         if skip_triples < 0:
             raise ValueError(f"skip_triples must be >= 0, got {skip_triples}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -608,9 +614,10 @@ class TriplesStream:
         self.skip_triples = skip_triples
         self.rank = rank
         self.world_size = world_size
+        self.passages = passages
         self.line_number = 0
 
-    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
         self.line_number = 0
         with _open_text(self.path, newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -625,14 +632,47 @@ class TriplesStream:
                 if row is None:
                     return
                 self.line_number = reader.line_num
-                if len(row) != 3 or not all(field.strip() for field in row):
+                if len(row) != self.passages + 1 or not all(field.strip() for field in row):
+                    what = ("query, positive, negative" if self.passages == 2
+                            else f"query, then {self.passages} passages")
                     raise DataError(
-                        f"{self.path}: line {self.line_number}: expected 3 non-empty tab-separated "
-                        f"fields (query, positive, negative), got {len(row)} fields"
+                        f"{self.path}: line {self.line_number}: expected {self.passages + 1} non-empty "
+                        f"tab-separated fields ({what}), got {len(row)} fields"
                     )
                 if index >= self.skip_triples and (index - self.skip_triples) % self.world_size == self.rank:
-                    yield row[0], row[1], row[2]
+                    yield tuple(row)
                 index += 1
+
+
+def teacher_columns(group_size: int) -> list[str]:
+    """Teacher-score columns of a training row of ``group_size`` passages, in file order."""
+    return ["teacher_pos", "teacher_neg"] if group_size == 2 else [f"teacher_{i}" for i in range(group_size)]
+
+
+def read_teacher_scores(path: str | os.PathLike, group_size: int = 2):
+    """Teacher scores aligned with a training file, as a float32 tensor ``(rows, group_size)``:
+    columns ``teacher_pos, teacher_neg`` for triples, ``teacher_0 .. teacher_{n-1}`` for
+    listwise groups of n passages (row i scores line i's passages in order). Missing columns
+    or non-finite scores raise ``DataError`` naming the file and the first bad row."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    columns = teacher_columns(group_size)
+    try:
+        present = pq.read_schema(path).names
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read teacher scores: {e}") from e
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DataError(f"{path}: teacher scores for rows of {group_size} passages need columns "
+                        f"{columns}; missing {missing} (has {present})")
+    values = pd.read_parquet(path, columns=columns).to_numpy(dtype="float32")
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: row {int(np.argmax(bad))}: non-finite teacher score "
+                        f"({int(bad.sum())} such rows)")
+    return torch.from_numpy(values.copy())
 
 
 def check_disjoint(train_qids: Iterable, eval_qids: Iterable, what: str) -> None:

@@ -28,6 +28,13 @@ ranking (a probe that only used the teacher's top 30 did poorly). Each pair is o
 first passage has the higher teacher score. Pairs are distinct within a query and never pair
 two identical texts. A query's pairs depend only on ``(seed, qid)`` and its candidates; the
 final list is shuffled with ``random.Random(seed)``.
+
+Teacher fusion (``fusion_weight`` w): the teacher score becomes
+``w * minmax(cosine) + (1 - w) * minmax(BM25)`` within each query's candidates
+(``common.rerank.interpolate``, the same interpolation ``05_eval_trec.py --interpolate``
+measures); the cosine stays in ``teacher_cosine``. ``fuse_distillation_set`` re-derives a
+fused set from an existing one's ``candidates.parquet`` without re-encoding anything.
+``build_listwise_groups`` derives listwise groups (query + n passages) the same way.
 """
 from __future__ import annotations
 
@@ -176,7 +183,7 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
                            seed: int = 42, teacher: str = "all-MiniLM-L6-v2",
                            teacher_max_length: int = 256, forbidden_qids: Iterable = (),
                            progress: bool = True, threads: int = 2,
-                           teacher_batch_size: int = 64) -> dict:
+                           teacher_batch_size: int = 64, fusion_weight: float | None = None) -> dict:
     """Build BM25 candidates, teacher scores and teacher-ordered passage pairs (see module doc).
 
     ``queries`` is ``{qid: text}``, ``collection`` ``{docid: passage}``. Any qid in
@@ -271,10 +278,39 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     q_index = pd.Index(qids).get_indexer(cands["qid"])
     scores = (q_emb[torch.as_tensor(q_index)] * p_emb[torch.as_tensor(d_index)]).sum(-1)
     cands["teacher_score"] = scores.numpy().astype(np.float32)
+
+    if fusion_weight is not None:
+        cands = fuse_teacher(cands, fusion_weight)
+        stats["fusion_weight"] = fusion_weight
     write_candidates(cands, out_dir / "candidates.parquet")
 
     # 4. pairs spanning the ranking, ordered by teacher score
+    stats.update(write_teacher_pairs(cands, out_dir, pairs_per_query=pairs_per_query, seed=seed))
+    stats["seconds_total"] = round(time.perf_counter() - t_start, 2)
+    _write_json(stats, out_dir / "stats.json")
+    if progress:
+        print(f"[distill] {stats['queries']} queries, {n} pairs in {stats['seconds_total']} s",
+              flush=True)
+    return stats
+
+
+def fuse_teacher(cands: pd.DataFrame, weight: float) -> pd.DataFrame:
+    """Candidates with ``teacher_score`` replaced by its interpolation with the BM25 score
+    (module doc); the cosine moves to ``teacher_cosine``."""
+    from common.rerank import interpolate
+
+    cosine = cands["teacher_cosine"] if "teacher_cosine" in cands else cands["teacher_score"]
+    fused = interpolate(cands, cosine.to_numpy(), weight)
+    return cands.assign(teacher_cosine=cosine.astype(np.float32),
+                        teacher_score=fused.to_numpy().astype(np.float32))
+
+
+def write_teacher_pairs(cands: pd.DataFrame, out_dir: Path, *, pairs_per_query: int,
+                        seed: int) -> dict:
+    """Sample pairs per query from its teacher ranking (module doc) and write ``triples.tsv``,
+    ``teacher_scores.parquet`` and ``pairs.parquet``; returns their stats."""
     t0 = time.perf_counter()
+    queries = dict(zip(cands["qid"], cands["query"]))
     triples: list[tuple[str, str, str]] = []
     rows: list[tuple] = []
     short = 0
@@ -302,30 +338,120 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
         pairs[c] = pairs[c].astype("int32")
     for c in ("teacher_pos", "teacher_neg"):
         pairs[c] = pairs[c].astype("float32")
-    stats["seconds_sample"] = round(time.perf_counter() - t0, 2)
-
     n = write_triples_tsv(triples, out_dir / "triples.tsv")
     with _atomic_output(out_dir / "teacher_scores.parquet") as tmp:
         pairs[["teacher_pos", "teacher_neg"]].to_parquet(tmp, index=False)
     with _atomic_output(out_dir / "pairs.parquet") as tmp:
         pairs.to_parquet(tmp, compression="zstd", index=False)
-
-    stats.update(
-        queries=len(qids),
+    qids = cands["qid"].nunique()
+    return dict(
+        queries=qids,
         pairs=n,
         queries_short_of_pairs=int(short),
         candidates=len(cands),
-        mean_candidates_per_query=round(len(cands) / len(qids), 2),
+        mean_candidates_per_query=round(len(cands) / max(qids, 1), 2),
         head_pair_fraction=round(float((pairs["teacher_rank_pos"] <= TOP_TEACHER).mean()), 4)
         if n else 0.0,
         mean_teacher_margin=round(float((pairs["teacher_pos"] - pairs["teacher_neg"]).mean()), 4)
         if n else 0.0,
-        seconds_total=round(time.perf_counter() - t_start, 2),
+        seconds_sample=round(time.perf_counter() - t0, 2),
     )
+
+
+def fuse_distillation_set(source_dir, out_dir, fusion_weight: float, *, pairs_per_query: int = 16,
+                          seed: int = 42) -> dict:
+    """A fused-teacher copy of an existing distillation set: its ``candidates.parquet`` with
+    ``fuse_teacher``, then pairs sampled from the fused ranking (nothing is re-encoded)."""
+    t0 = time.perf_counter()
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if source_dir.resolve() == out_dir.resolve():
+        raise ValueError(f"{out_dir}: write the fused set to another directory than its source")
+    cands = fuse_teacher(pd.read_parquet(source_dir / "candidates.parquet"), fusion_weight)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_candidates(cands, out_dir / "candidates.parquet")
+    stats = dict(source=str(source_dir), fusion_weight=fusion_weight,
+                 pairs_per_query=pairs_per_query, seed=seed, top_teacher=TOP_TEACHER,
+                 **write_teacher_pairs(cands, out_dir, pairs_per_query=pairs_per_query, seed=seed))
+    stats["seconds_total"] = round(time.perf_counter() - t0, 2)
     _write_json(stats, out_dir / "stats.json")
-    if progress:
-        print(f"[distill] {stats['queries']} queries, {n} pairs in {stats['seconds_total']} s",
-              flush=True)
+    return stats
+
+
+def sample_group(n: int, size: int, rng: random.Random, texts: list[str] | None = None,
+                 top: int = TOP_TEACHER) -> list[int]:
+    """Positions (0-based teacher ranks, ascending) of one listwise group of ``size`` passages
+    from a teacher ranking of length n: one from the teacher's top ``top``, the rest uniform
+    over all other positions, so a group spans the ranking. Passages whose text repeats one
+    already taken are skipped; fewer than ``size`` come back only if the list runs out."""
+    if n < 2 or size < 2:
+        return []
+    first = rng.randrange(min(top, n))
+    rest = [i for i in range(n) if i != first]
+    rng.shuffle(rest)
+    chosen, taken = [first], {texts[first]} if texts is not None else set()
+    for i in rest:
+        if len(chosen) == size:
+            break
+        if texts is not None:
+            if texts[i] in taken:
+                continue
+            taken.add(texts[i])
+        chosen.append(i)
+    return sorted(chosen)
+
+
+def build_listwise_groups(candidates_path, out_dir, *, group_size: int = 8,
+                          groups_per_query: int = 4, seed: int = 42, top: int = TOP_TEACHER,
+                          forbidden_qids: Iterable = ()) -> dict:
+    """Listwise training groups from a distillation set's ``candidates.parquet`` (its teacher
+    scores; nothing is re-encoded): ``groups_per_query`` groups of ``group_size`` passages per
+    query (``sample_group``), written as ``groups.tsv`` (query, then the passages in teacher
+    order) and ``group_scores.parquet`` (``teacher_0 .. teacher_{n-1}`` aligned with the lines,
+    plus qid and docids), rows shuffled across queries. Queries with fewer than
+    ``group_size`` distinct candidate texts are skipped and counted."""
+    t0 = time.perf_counter()
+    cands = pd.read_parquet(candidates_path, columns=["qid", "query", "docid", "rank", "passage",
+                                                      "teacher_score"])
+    forbidden = {str(q) for q in forbidden_qids}
+    leaked = sorted(set(cands["qid"].astype(str)) & forbidden)
+    if leaked:
+        raise DataError(f"{candidates_path}: {len(leaked)} queries are forbidden (evaluation "
+                        f"topics): {_examples(leaked)}")
+    if group_size < 2 or groups_per_query < 1:
+        raise ValueError(f"need group_size >= 2 and groups_per_query >= 1, got {group_size}, {groups_per_query}")
+    groups, rows, skipped = [], [], 0
+    for qid, g in cands.groupby("qid", sort=False):
+        order = np.lexsort((g["rank"].to_numpy(), -g["teacher_score"].to_numpy()))
+        g = g.iloc[order]
+        texts, ids, ts = g["passage"].tolist(), g["docid"].tolist(), g["teacher_score"].tolist()
+        if len(set(texts)) < group_size:
+            skipped += 1
+            continue
+        rng = random.Random(f"{seed}:{qid}")
+        query = g["query"].iloc[0]
+        for _ in range(groups_per_query):
+            positions = sample_group(len(g), group_size, rng, texts, top)
+            groups.append((query, *[texts[i] for i in positions]))
+            rows.append((str(qid), *[ids[i] for i in positions], *[ts[i] for i in positions]))
+    if not groups:
+        raise DataError(f"{candidates_path}: no query has {group_size} distinct candidates")
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    columns = (["qid"] + [f"docid_{i}" for i in range(group_size)]
+               + [f"teacher_{i}" for i in range(group_size)])
+    table = pd.DataFrame([rows[i] for i in order], columns=columns)
+    for i in range(group_size):
+        table[f"teacher_{i}"] = table[f"teacher_{i}"].astype("float32")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = write_triples_tsv((groups[i] for i in order), out_dir / "groups.tsv", passages=group_size)
+    with _atomic_output(out_dir / "group_scores.parquet") as tmp:
+        table.to_parquet(tmp, compression="zstd", index=False)
+    stats = dict(candidates=str(candidates_path), group_size=group_size,
+                 groups_per_query=groups_per_query, seed=seed, top_teacher=top, groups=n,
+                 queries=n // groups_per_query, queries_skipped=skipped,
+                 seconds=round(time.perf_counter() - t0, 2))
+    _write_json(stats, out_dir / "groups.stats.json")
     return stats
 
 

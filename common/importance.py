@@ -5,6 +5,15 @@
   over the pairs seen in the scoring window. Attention probabilities exist only with eager
   attention, so the model switches to eager for the scoring forward passes and back to SDPA.
 * FFN importance: L1 norm of each neuron's input row plus |bias| in the FFN input projection.
+
+Those two are the reference study's criteria (``--importance reference``). ``--importance
+activation`` scores both from data instead (``ActivationImportance``): a head by the mean norm
+of what it writes into the residual stream (its context slice times its columns of the
+attention output projection), a neuron by its mean |activation| times the norm of its column
+of the FFN output projection, both over the non-padding tokens of the scoring window. On the
+packaged all-MiniLM-L6-v2 bi-encoder, masking 6 of 12 heads and 60 % of the FFN in layers 1-5
+in one shot keeps a mean cosine of 0.65 to the unpruned embeddings this way, against 0.51
+with confidence + L1 (``README``, "Bi-encoders").
 """
 from __future__ import annotations
 
@@ -67,11 +76,112 @@ class HeadConfidence:
         self.sums = [[0.0] * self.state.num_heads for _ in range(self.state.num_layers)]
         self.pairs = 0
 
+    def head_scores(self) -> list[list[float]]:
+        return self.scores()
+
+    def flat(self) -> list[float]:
+        """Sums and count as one list (what DDP ranks all-reduce)."""
+        return [x for row in self.sums for x in row] + [float(self.pairs)]
+
+    def load_flat(self, values: list[float]) -> None:
+        n = self.state.num_heads
+        self.sums = [list(map(float, values[i * n:(i + 1) * n])) for i in range(self.state.num_layers)]
+        self.pairs = int(values[-1])
+
     def state_dict(self) -> dict:
         return {"sums": self.sums, "pairs": self.pairs}
 
     def load_state_dict(self, data: dict) -> None:
         self.sums, self.pairs = [list(map(float, r)) for r in data["sums"]], int(data["pairs"])
+
+
+class ActivationImportance:
+    """Accumulates data-driven head and neuron scores over scoring forward passes (eval mode,
+    no grad): per head, the norm of its contribution to the attention output projection; per
+    neuron, |activation| times the norm of its output column; summed over non-padding tokens."""
+
+    def __init__(self, state: PruningState):
+        self.state = state
+        self.reset()
+
+    def reset(self) -> None:
+        s = self.state
+        self.head_sums = [[0.0] * s.num_heads for _ in range(s.num_layers)]
+        self.ffn_sums = [[0.0] * s.ffn_size for _ in range(s.num_layers)]
+        self.tokens = 0
+
+    @torch.no_grad()
+    def observe(self, model: nn.Module, batch: dict) -> None:
+        adapter = adapter_for(model.config)
+        mask = batch["attention_mask"].bool()
+        state, hooks = self.state, []
+        head_size = state.head_size
+
+        def head_hook(i, linear):
+            def hook(_module, args):
+                x = args[0].float()  # (B, T, heads present * head_size)
+                present = x.shape[-1] // head_size
+                w = linear.weight.float().view(linear.weight.shape[0], present, head_size)
+                out = torch.einsum("bthd,ohd->btho", x.view(*x.shape[:2], present, head_size), w)
+                norms = (out.norm(dim=-1) * mask[..., None]).sum(dim=(0, 1)).tolist()
+                present_heads = state.present_heads[i]
+                for position, original in enumerate(present_heads):
+                    self.head_sums[i][original] += norms[position]
+            return hook
+
+        def ffn_hook(i, linear):
+            def hook(_module, args):
+                a = (args[0].float().abs() * mask[..., None]).sum(dim=(0, 1))
+                score = (a * linear.weight.float().norm(dim=0)).tolist()
+                for position, original in enumerate(state.present_ffn[i]):
+                    self.ffn_sums[i][original] += score[position]
+            return hook
+
+        for i, layer in enumerate(layer_stack(model, adapter)):
+            if state.present_heads[i]:
+                out = get_module(layer, adapter.attn_out)
+                hooks.append(out.register_forward_pre_hook(head_hook(i, out)))
+            if state.present_ffn[i]:
+                out = get_module(layer, adapter.ffn_out)
+                hooks.append(out.register_forward_pre_hook(ffn_hook(i, out)))
+        was_training = model.training
+        model.eval()
+        try:
+            model(**batch)
+        finally:
+            for handle in hooks:
+                handle.remove()
+            model.train(was_training)
+        self.tokens += int(mask.sum())
+
+    def head_scores(self) -> list[list[float]]:
+        return self._mean(self.head_sums)
+
+    def ffn_scores(self) -> list[list[float]]:
+        return self._mean(self.ffn_sums)
+
+    def _mean(self, sums: list[list[float]]) -> list[list[float]]:
+        if self.tokens == 0:
+            return [[float("nan")] * len(row) for row in sums]
+        return [[x / self.tokens for x in row] for row in sums]
+
+    def flat(self) -> list[float]:
+        return [x for row in self.head_sums + self.ffn_sums for x in row] + [float(self.tokens)]
+
+    def load_flat(self, values: list[float]) -> None:
+        s, k = self.state, 0
+        rows = []
+        for width in [s.num_heads] * s.num_layers + [s.ffn_size] * s.num_layers:
+            rows.append([float(x) for x in values[k:k + width]])
+            k += width
+        self.head_sums, self.ffn_sums = rows[:s.num_layers], rows[s.num_layers:]
+        self.tokens = int(values[-1])
+
+    def state_dict(self) -> dict:
+        return {"flat": self.flat()}
+
+    def load_state_dict(self, data: dict) -> None:
+        self.load_flat(data["flat"])
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ all of ``cycle_steps`` optimizer steps. The LR (``schedules.CosineRestarts``) re
 peak at the start of every cycle, i.e. right after every prune event. Head confidence is
 collected over the last ``score_fraction`` of each cycle; at the cycle's last step the
 lowest-scoring heads and the lowest-L1 neurons are masked, their weights and optimizer state
-zeroed, and the event (what went, with its scores) appended to the pruning history.
+zeroed, and the event (what went, with its scores) appended to the pruning history. With
+``--importance activation`` heads and neurons are both scored from activations over the same
+window instead (``common.importance.ActivationImportance``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from common.importance import HeadConfidence, ffn_l1_scores, select_ffn, select_heads
+from common.importance import (ActivationImportance, HeadConfidence, ffn_l1_scores, select_ffn,
+                               select_heads)
 from common.schedules import CosineRestarts
 from common.surgery import PruningState, zero_dead_weights
 from common.trainer import Callback, Trainer, all_reduce_sum
@@ -33,6 +36,13 @@ class PruneArgs:
     allow_empty_layers: bool = field(default=False, metadata={"help": "a layer may lose all its heads/neurons"})
     scope: str = field(default="layer", metadata={"help": "FFN selection: per layer or global"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "LR at the end of a cycle / peak"})
+    importance: str = field(default="reference", metadata={
+        "help": "'reference': head confidence + FFN L1 (the study's criteria); 'activation': both "
+                "scored from activations over the scoring window (see common.importance)"})
+
+    def __post_init__(self):
+        if self.importance not in ("reference", "activation"):
+            raise ValueError(f"--importance must be reference or activation, got {self.importance!r}")
 
     def excluded(self) -> set[int]:
         return {int(x) for x in self.exclude_layers.split(",") if x.strip()}
@@ -102,7 +112,7 @@ class PruneCallback(Callback):
             raise ValueError(f"kind must be heads, ffn or mixed, got {kind!r}")
         self.kind, self.prune = kind, prune
         self.plan: PrunePlan | None = None
-        self.confidence: HeadConfidence | None = None
+        self.confidence: HeadConfidence | ActivationImportance | None = None  # the scorer
         self._pending_confidence: dict | None = None
 
     def schedule(self, trainer: Trainer) -> CosineRestarts:
@@ -113,7 +123,8 @@ class PruneCallback(Callback):
         return CosineRestarts(self.plan.cycle_steps, self.plan.warmup_steps, self.prune.min_lr_ratio)
 
     def on_start(self, trainer: Trainer) -> None:
-        self.confidence = HeadConfidence(trainer.state)
+        scorer = ActivationImportance if self.prune.importance == "activation" else HeadConfidence
+        self.confidence = scorer(trainer.state)
         if self._pending_confidence is not None:
             self.confidence.load_state_dict(self._pending_confidence)
 
@@ -130,39 +141,41 @@ class PruneCallback(Callback):
             return
         cycle, within = position
         heads = self.plan.head_events[cycle] if self.plan.head_events else 0
+        ffn = self.plan.ffn_events[cycle] if self.plan.ffn_events else 0
+        needs_data = heads or (ffn and self.prune.importance == "activation")
         window_start = math.floor(self.plan.cycle_steps * (1 - self.prune.score_fraction))
-        if heads and within > window_start:
+        if needs_data and within > window_start:
             self.confidence.observe(trainer.model, batch)
         if within == self.plan.cycle_steps:
-            ffn = self.plan.ffn_events[cycle] if self.plan.ffn_events else 0
             self.prune_now(trainer, heads, ffn)
 
     def prune_now(self, trainer: Trainer, heads: int, ffn_per_layer: int) -> None:
         state, excluded = trainer.state, self.prune.excluded()
         event = {"seen_pairs": trainer.seen_pairs, "step": trainer.step}
+        activation = self.prune.importance == "activation"
+        if trainer.world_size > 1 and (heads or (ffn_per_layer and activation)):
+            # every rank scored its own shard: sum, then all agree
+            self.confidence.load_flat(all_reduce_sum(self.confidence.flat(), trainer.device))
+        head_key, ffn_key = ("output_norm", "activation") if activation else ("confidence", "l1")
         if heads:
-            if trainer.world_size > 1:  # every rank scored its own shard: sum, then all agree
-                flat = [x for row in self.confidence.sums for x in row] + [self.confidence.pairs]
-                flat = all_reduce_sum(flat, trainer.device)
-                n = state.num_heads
-                self.confidence.sums = [flat[i * n:(i + 1) * n] for i in range(state.num_layers)]
-                self.confidence.pairs = int(flat[-1])
-            scores = self.confidence.scores()
+            scores = self.confidence.head_scores()
             chosen = select_heads(scores, state, heads, excluded, self.prune.allow_empty_layers)
             for layer, head in chosen:
                 state.kept_heads[layer].remove(head)
-            event["heads"] = [{"layer": l, "head": h, "confidence": scores[l][h]} for l, h in chosen]
-            event["scored_pairs"] = self.confidence.pairs
-            self.confidence.reset()
+            event["heads"] = [{"layer": l, "head": h, head_key: scores[l][h]} for l, h in chosen]
+            event["scored_pairs" if not activation else "scored_tokens"] = (
+                self.confidence.tokens if activation else self.confidence.pairs)
         if ffn_per_layer:
-            scores = ffn_l1_scores(trainer.model, state)
+            scores = (self.confidence.ffn_scores() if activation
+                      else ffn_l1_scores(trainer.model, state))
             chosen = select_ffn(scores, state, ffn_per_layer, self.prune.scope, excluded,
                                 self.prune.allow_empty_layers)
             for layer, neurons in chosen.items():
                 gone = set(neurons)
                 state.kept_ffn[layer] = [n for n in state.kept_ffn[layer] if n not in gone]
-            event["ffn"] = {str(l): {"neurons": n, "l1": [scores[l][x] for x in n]}
+            event["ffn"] = {str(l): {"neurons": n, ffn_key: [scores[l][x] for x in n]}
                             for l, n in chosen.items()}
+        self.confidence.reset()
         state.history.append(event)
         trainer.masks.refresh()
         zero_dead_weights(trainer.model, state, trainer.optimizer)

@@ -51,10 +51,31 @@ def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, nam
             "topics": topics, **means}
 
 
+def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
+    """Per-query score interpolation with the first stage, the usual BM25 fusion:
+    ``weight * minmax(model) + (1 - weight) * minmax(first_stage_score)``, each min-max scaled
+    to [0, 1] within the query's candidates (a query whose scores are all equal gets 0)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"interpolation weight must be in [0, 1], got {weight}")
+    frame = pd.DataFrame({"qid": candidates["qid"].to_numpy(),
+                          "model": pd.Series(scores, dtype="float64").to_numpy(),
+                          "first": candidates["first_stage_score"].astype("float64").to_numpy()})
+
+    def minmax(column: str) -> pd.Series:
+        groups = frame.groupby("qid", sort=False)[column]
+        low, high = groups.transform("min"), groups.transform("max")
+        return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
+    fused = weight * minmax("model") + (1 - weight) * minmax("first")
+    return pd.Series(fused.to_numpy(), index=candidates.index)
+
+
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
                    precision: str = "fp32", costs: CostOptions | None = None,
-                   output_dir: str | None = None, kind: str | None = None) -> dict:
+                   output_dir: str | None = None, kind: str | None = None,
+                   interpolate_weights: tuple[float, ...] = ()) -> list[dict]:
+    """The model's row, then one quality-only row per interpolation weight (``interpolate``;
+    run name ``<run>+<first stage>@<weight>``, method ``interpolate``)."""
     if costs and costs.threads:
         torch.set_num_threads(costs.threads)
     dev = pick_device(device)
@@ -74,13 +95,20 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
         per_query.to_csv(out / f"{topics}.per_query.tsv", sep="\t", index=False)
     row = {"checkpoint": str(checkpoint), "run": run_name(checkpoint), "topics": topics,
            **_describe(loaded), **means}
+    fused_rows = []
+    for weight in interpolate_weights:
+        fused = candidates.assign(score=interpolate(candidates, scores, weight))
+        fused_means, _ = evaluate_run(candidates_to_run(fused, "score"), qrels)
+        name = f"{row['run']}+first_stage@{weight:g}"
+        fused_rows.append({**row, **fused_means, "checkpoint": f"{checkpoint}+first_stage@{weight:g}",
+                           "run": name, "method": "interpolate", "fusion_weight": float(weight)})
     if costs:
         if not loaded.state.is_reshaped:
             # a masked model computes what its reshaped form computes: measure that form
             loaded.masks.remove()
             loaded.state = reshape(loaded.model, loaded.state)
         row.update(measure_costs(loaded, candidates, max_length, costs, dev))
-    return row
+    return [row, *fused_rows]
 
 
 def run_name(checkpoint: str) -> str:

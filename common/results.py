@@ -23,6 +23,7 @@ Expected columns (all optional except the key):
 ``rr@10``,
 ``recall@100``
 ``num_queries``        judged queries the means are over (int)
+``fusion_weight``      method ``interpolate``: the model's weight against the first stage
 ``cpu_ms_worst``,      CPU latency per query (ms), worst-case lengths: mean and std
 ``cpu_ms_worst_std``
 ``cpu_ms_real``,       CPU latency per query (ms), real input lengths: mean and std

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from common.data import DataError, TriplesStream, read_candidates, read_qrels
+from common.data import DataError, TriplesStream, read_candidates, read_qrels, read_teacher_scores
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
                              relevance_logit, save_model, score_pairs)
 from common.surgery import zero_dead_weights
@@ -80,7 +80,14 @@ class TrainArgs:
     distill_scores: Optional[str] = field(default=None, metadata={
         "help": "teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
                 "margin-MSE to the teacher's margins instead of cross-entropy on labels"})
-    distill_scale: float = field(default=1.0, metadata={"help": "teacher margins are multiplied by this"})
+    distill_scale: float = field(default=1.0, metadata={"help": "teacher scores are multiplied by this"})
+    distill_loss: str = field(default="margin_mse", metadata={
+        "help": "with --distill_scores: 'margin_mse' (pairs) or 'kl' (listwise: KL from the "
+                "softmax of the scaled teacher scores over each row's passages to the student's)"})
+    group_size: int = field(default=2, metadata={
+        "help": "passages per training row: 2 = (query, pos, neg) triples; n > 2 = listwise "
+                "groups (query + n passages; --distill_scores with teacher_0..teacher_{n-1}, "
+                "--distill_loss kl); --batch_size counts (query, passage) pairs either way"})
     model_kind: Optional[str] = field(default=None, metadata={
         "help": "cross (default) or bi, for a fresh start; checkpoints know their kind"})
     pooling: Optional[str] = field(default=None, metadata={
@@ -94,8 +101,17 @@ class TrainArgs:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
 
     def validate(self) -> None:
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError(f"--batch_size must be an even number of pairs, got {self.batch_size}")
+        if self.group_size < 2:
+            raise ValueError(f"--group_size must be >= 2, got {self.group_size}")
+        if self.batch_size < self.group_size or self.batch_size % self.group_size:
+            raise ValueError(f"--batch_size ({self.batch_size} pairs) must be a multiple of "
+                             f"--group_size ({self.group_size})")
+        if self.distill_loss not in ("margin_mse", "kl"):
+            raise ValueError(f"--distill_loss must be margin_mse or kl, got {self.distill_loss!r}")
+        if self.distill_loss == "kl" and not self.distill_scores:
+            raise ValueError("--distill_loss kl needs --distill_scores")
+        if self.group_size > 2 and not (self.distill_scores and self.distill_loss == "kl"):
+            raise ValueError("--group_size > 2 trains listwise: give --distill_scores and --distill_loss kl")
         if self.num_training_samples % self.batch_size:
             raise ValueError(f"--num_training_samples ({self.num_training_samples}) must be a "
                              f"multiple of --batch_size ({self.batch_size})")
@@ -182,9 +198,9 @@ class Trainer:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.rank, self.world_size, self.device = init_distributed(args.device)
-        if args.batch_size % (2 * self.world_size):
+        if args.batch_size % (args.group_size * self.world_size):
             raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
-                             f"into whole triples over {self.world_size} processes")
+                             f"into whole rows of {args.group_size} passages over {self.world_size} processes")
         source_state = read_trainer_state(args.checkpoint_dir) if args.checkpoint_dir else None
         self.resuming = bool(source_state and source_state["stage"] == stage)
         self.output_dir = Path(args.output_dir)
@@ -199,6 +215,8 @@ class Trainer:
         self.kind = loaded.kind
         if self.kind == "cross" and args.distill_target == "embeddings":
             raise ValueError("--distill_target embeddings needs a bi-encoder")
+        if self.kind == "bi" and (args.group_size != 2 or args.distill_loss != "margin_mse"):
+            raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
         # the module that runs forward/backward: DDP averages gradients over ranks
@@ -207,11 +225,9 @@ class Trainer:
                               if self.world_size > 1 else self.model)
         self.teacher = (load_model(args.distill_from, self.device, kind=self.kind).model.eval()
                         if args.distill_from else None)
-        self.teacher_margins = None
+        self.teacher_scores = None  # (rows, group_size), already multiplied by distill_scale
         if args.distill_scores:
-            table = pd.read_parquet(args.distill_scores, columns=["teacher_pos", "teacher_neg"])
-            self.teacher_margins = torch.tensor(
-                (table["teacher_pos"] - table["teacher_neg"]).to_numpy(dtype="float32")) * args.distill_scale
+            self.teacher_scores = read_teacher_scores(args.distill_scores, args.group_size) * args.distill_scale
 
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
@@ -280,9 +296,10 @@ class Trainer:
 
     def train(self) -> Path | None:
         args = self.args
-        triples_per_step = args.batch_size // 2 // self.world_size  # this rank's share
-        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // 2,
-                                    rank=self.rank, world_size=self.world_size))
+        n = args.group_size
+        triples_per_step = args.batch_size // n // self.world_size  # this rank's share of rows
+        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // n,
+                                    rank=self.rank, world_size=self.world_size, passages=n))
         bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
                    desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
         last_checkpoint = None
@@ -290,9 +307,9 @@ class Trainer:
         while self.step < self.total_steps:
             triples = list(islice(stream, triples_per_step))
             if len(triples) < triples_per_step:
-                raise DataError(f"{args.train_triples_file}: the triples stream ended after "
-                                f"{self.seen_pairs // 2 + len(triples)} triples; this stage needs "
-                                f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // 2}")
+                raise DataError(f"{args.train_triples_file}: the training stream ended after "
+                                f"{self.seen_pairs // n + len(triples)} rows; this stage needs "
+                                f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // n}")
             lr = self.lr()  # the LR this step uses
             loss, parts = self._train_step(triples)
             self.step += 1
@@ -311,14 +328,19 @@ class Trainer:
         bar.close()
         return last_checkpoint
 
-    def _teacher_margin_rows(self, n: int) -> torch.Tensor:
-        """Teacher margins of this rank's triples: global rows first + rank + k * world_size."""
-        first = self.seen_pairs // 2 + self.rank
+    def _teacher_rows(self, n: int) -> torch.Tensor:
+        """Teacher scores of this rank's rows, ``(n, group_size)``: global rows first + rank +
+        k * world_size (row i of the parquet belongs to row i of the training file)."""
+        first = self.seen_pairs // self.args.group_size + self.rank
         rows = torch.arange(first, first + n * self.world_size, self.world_size)
-        if int(rows[-1]) >= len(self.teacher_margins):
-            raise DataError(f"{self.args.distill_scores}: {len(self.teacher_margins)} rows, "
-                            f"fewer than the triples used ({int(rows[-1]) + 1})")
-        return self.teacher_margins[rows].to(self.device)
+        if int(rows[-1]) >= len(self.teacher_scores):
+            raise DataError(f"{self.args.distill_scores}: {len(self.teacher_scores)} rows, "
+                            f"fewer than the training rows used ({int(rows[-1]) + 1})")
+        return self.teacher_scores[rows].to(self.device)
+
+    def _teacher_margin_rows(self, n: int) -> torch.Tensor:
+        scores = self._teacher_rows(n)
+        return scores[:, 0] - scores[:, 1]
 
     def _embed(self, model, texts: list[str]) -> tuple[torch.Tensor, dict]:
         from common.biencoder import pool
@@ -337,7 +359,7 @@ class Trainer:
         passages = [x for _q, p, n in triples for x in (p, n)]
         q, _ = self._embed(self.forward_model, queries)
         p, self._last_batch = self._embed(self.forward_model, passages)
-        if self.teacher_margins is not None:
+        if self.teacher_scores is not None:
             sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
             loss = F.mse_loss(sims[:, 0] - sims[:, 1], self._teacher_margin_rows(len(triples)))
             self._update(loss)
@@ -364,19 +386,24 @@ class Trainer:
     def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
         if self.kind == "bi":
             return self._bi_step(triples)
-        queries = [q for q, _p, _n in triples for _ in (0, 1)]
-        passages = [x for _q, p, n in triples for x in (p, n)]
+        n = self.args.group_size
+        queries = [row[0] for row in triples for _ in range(n)]
+        passages = [x for row in triples for x in row[1:]]
         batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length).to(self.device)
         self._last_batch = batch
-        labels = torch.tensor([1, 0] * len(triples), device=self.device)
         with autocast_context(self.device, self.args.precision):
             logits = self.forward_model(**batch).logits.float()
-        if self.teacher_margins is not None:
-            target = self._teacher_margin_rows(len(triples))
-            student = relevance_logit(logits)
-            loss = F.mse_loss(student[0::2] - student[1::2], target)
+        if self.teacher_scores is not None:
+            teacher = self._teacher_rows(len(triples))
+            student = relevance_logit(logits).view(len(triples), n)
+            if self.args.distill_loss == "kl":  # listwise: KL(teacher softmax || student softmax)
+                loss = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
+                                log_target=True, reduction="batchmean")
+            else:
+                loss = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
             self._update(loss)
             return loss.item(), {}
+        labels = torch.tensor([1, 0] * len(triples), device=self.device)
         ce = F.cross_entropy(logits, labels)
         loss, parts = ce, {}
         if self.teacher is not None:

@@ -234,3 +234,63 @@ def test_embedded_default_sources_exclude_dl20():
     assert len(queries) >= 6980 + 53 + 76 - 5
     assert all(d.startswith("msmarco_passage_") for d in collection)
     assert not set(collection) & set(read_candidates_json(SHARED / "dl20" / "bm25.json")["docid"])
+
+
+def test_listwise_groups_span_the_ranking_and_align_with_scores(tmp_path):
+    """Each group: one passage from the teacher's top 10, the rest anywhere, in teacher order;
+    the scores parquet row matches the TSV line; evaluation queries are refused."""
+    import pandas as pd
+
+    from common.data import TriplesStream, read_teacher_scores
+    from common.distill import build_listwise_groups, sample_group
+
+    rows = []
+    for q in range(6):
+        for r in range(40):
+            rows.append((f"q{q}", f"query {q}", f"d{q}.{r}", r + 1, f"passage {q} {r}", 1.0 - r / 40))
+    cands = pd.DataFrame(rows, columns=["qid", "query", "docid", "rank", "passage", "teacher_score"])
+    path = tmp_path / "candidates.parquet"
+    cands.to_parquet(path)
+    stats = build_listwise_groups(path, tmp_path / "out", group_size=5, groups_per_query=3, seed=1)
+    assert stats["groups"] == 18 and stats["queries_skipped"] == 0
+    lines = list(TriplesStream(tmp_path / "out" / "groups.tsv", passages=5))
+    scores = read_teacher_scores(tmp_path / "out" / "group_scores.parquet", 5)
+    table = pd.read_parquet(tmp_path / "out" / "group_scores.parquet")
+    assert len(lines) == len(scores) == 18
+    teacher = dict(zip(cands["passage"], cands["teacher_score"]))
+    for line, row, (_, meta) in zip(lines, scores, table.iterrows()):
+        assert len(set(line[1:])) == 5
+        assert [teacher[p] for p in line[1:]] == pytest.approx(row.tolist())
+        assert row.tolist() == sorted(row.tolist(), reverse=True)  # teacher order
+        assert teacher[line[1]] > 1.0 - 10 / 40  # the first passage is from the top 10
+        assert line[0] == f"query {meta['qid'][1:]}"
+    rng = random.Random(0)
+    spans = [max(sample_group(40, 5, rng)) for _ in range(200)]
+    assert max(spans) >= 35  # groups reach the bottom of the ranking
+    with pytest.raises(DataError, match="forbidden"):
+        build_listwise_groups(path, tmp_path / "x", forbidden_qids={"q3"})
+
+
+@needs_shared
+@needs_pyserini
+def test_fused_teacher_set_reorders_by_the_interpolation(built, tmp_path):
+    """fuse_distillation_set: teacher_score = w minmax(cosine) + (1-w) minmax(BM25) per query,
+    the cosine kept, pairs ordered by the fused score; w=1 keeps the cosine's order."""
+    from common.distill import fuse_distillation_set
+    from common.rerank import interpolate
+
+    src = built[0] / "a"
+    stats = fuse_distillation_set(src, tmp_path / "fused", 0.5, pairs_per_query=6, seed=3)
+    plain = pd.read_parquet(src / "candidates.parquet")
+    fused = pd.read_parquet(tmp_path / "fused" / "candidates.parquet")
+    assert np.allclose(fused["teacher_cosine"], plain["teacher_score"])
+    assert np.allclose(fused["teacher_score"], interpolate(plain, plain["teacher_score"].to_numpy(), 0.5),
+                       atol=1e-6)
+    pairs = pd.read_parquet(tmp_path / "fused" / "pairs.parquet")
+    assert stats["pairs"] == len(pairs) > 0 and stats["fusion_weight"] == 0.5
+    assert (pairs["teacher_pos"] >= pairs["teacher_neg"]).all()
+    lookup = dict(zip(zip(fused["qid"], fused["docid"]), fused["teacher_score"]))
+    assert np.allclose([lookup[(q, d)] for q, d in zip(pairs["qid"], pairs["docid_pos"])],
+                       pairs["teacher_pos"])
+    with pytest.raises(ValueError, match="another directory"):
+        fuse_distillation_set(src, src, 0.5)

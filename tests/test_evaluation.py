@@ -209,3 +209,21 @@ def test_write_trec_run_round_trip(tmp_path):
 def test_write_trec_run_rejects_bad_tag(tmp_path):
     with pytest.raises(ValueError):
         write_trec_run({"1": {"a": 1.0}}, tmp_path / "x.run", tag="two words")
+
+
+def test_interpolation_with_the_first_stage():
+    """Per-query min-max of both scores, then weight * model + (1 - weight) * first stage."""
+    import pandas as pd
+
+    from common.rerank import interpolate
+
+    cands = pd.DataFrame({"qid": ["a", "a", "a", "b", "b"], "docid": list("xyzuv"),
+                          "first_stage_score": [10.0, 5.0, 0.0, 3.0, 3.0]})
+    model = [0.0, 1.0, 0.5, 2.0, 4.0]
+    fused = interpolate(cands, model, 0.25)
+    # a: first stage -> 1, .5, 0; model -> 0, 1, .5;  b: first stage constant -> 0; model -> 0, 1
+    assert fused.tolist() == pytest.approx([0.75, 0.625, 0.125, 0.0, 0.25])
+    assert interpolate(cands, model, 1.0).tolist() == pytest.approx([0, 1, 0.5, 0, 1])
+    assert interpolate(cands, model, 0.0).tolist() == pytest.approx([1, 0.5, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate(cands, model, 1.5)

@@ -142,11 +142,15 @@ def test_plans():
         make_plan("heads", PruneArgs(target_sparsity=0.5), state, total_steps=3, batch_size=8)
 
 
-@pytest.mark.parametrize("kind", ["heads", "mixed"])
+@pytest.mark.parametrize("kind", ["heads", "mixed", "mixed_activation"])
 def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tmp_path):
-    """Pruning in the loop: events happen, and prune + resume equals the straight run."""
+    """Pruning in the loop: events happen, and prune + resume equals the straight run (also
+    with activation importance, whose FFN scores come from the interrupted window)."""
     prune = dict(heads=PruneArgs(target_sparsity=0.25, score_fraction=0.5),
-                 mixed=PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2))[kind]
+                 mixed=PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2),
+                 mixed_activation=PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2,
+                                            score_fraction=0.5, importance="activation"))[kind]
+    kind = kind.split("_")[0]
 
     def run(out, every=0, checkpoint_dir=None, stop=None):
         callback = PruneCallback(kind, prune)
@@ -175,6 +179,10 @@ def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tm
     ha = json.loads((straight / "pruning.json").read_text())["history"]
     hb = json.loads((end / "pruning.json").read_text())["history"]
     assert [e.get("heads") for e in ha] == [e.get("heads") for e in hb]
+    assert [e.get("ffn") for e in ha] == [e.get("ffn") for e in hb]
+    if prune.importance == "activation":
+        assert all("activation" in v for e in ha for v in e["ffn"].values())
+        assert all(e["scored_tokens"] > 0 and "output_norm" in e["heads"][0] for e in ha)
     lrs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     prune_steps = [x["stage_pairs"] for x in lrs if x["event"] == "prune"]
     train = {x["stage_pairs"]: x["lr"] for x in lrs if x["event"] == "train"}
@@ -262,3 +270,36 @@ def test_bi_encoder_training_resumes_exactly(tiny_models, toy_triples, tmp_path)
     losses = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
               if '"train"' in x]
     assert all(math.isfinite(x["loss"]) for x in losses)
+
+
+def test_activation_importance_finds_silent_units(tiny_models):
+    """A head whose output-projection columns are zero and a neuron whose output column is zero
+    write nothing into the residual stream: they score 0 and are the first selected; scores
+    are keyed by original index, also after units were masked; counts survive flat()/load."""
+    from common.importance import ActivationImportance
+    from common.modeling import load_model
+
+    loaded = load_model(str(tiny_models["bert"]))
+    model, state = loaded.model, loaded.state
+    layer = model.bert.encoder.layer[1]
+    with torch.no_grad():
+        layer.attention.output.dense.weight[:, 2 * state.head_size:3 * state.head_size] = 0
+        layer.output.dense.weight[:, 7] = 0
+    state.kept_heads[2].remove(0)  # a masked head elsewhere: not a candidate any more
+    loaded.masks.refresh()
+    tok = loaded.tokenizer
+    batch = dict(tok(["a query", "another longer query text"], ["passage one", "passage two is here"],
+                     padding=True, return_tensors="pt"))
+    scorer = ActivationImportance(state)
+    scorer.observe(model, batch)
+    assert scorer.tokens == int(batch["attention_mask"].sum())
+    heads, ffn = scorer.head_scores(), scorer.ffn_scores()
+    assert heads[1][2] == 0 and min(h for row in heads for h in row) == 0
+    assert ffn[1][7] == 0 and all(x > 0 for x in ffn[1][:7] + ffn[1][8:])
+    assert select_heads(heads, state, 1, exclude_layers=set()) == [(1, 2)]
+    assert select_ffn(ffn, state, 1, exclude_layers={0, 2})[1] == [7]
+    again = ActivationImportance(state)
+    again.load_flat(scorer.flat())
+    assert again.head_scores() == heads and again.ffn_scores() == ffn
+    with pytest.raises(ValueError, match="importance"):
+        PruneArgs(importance="magnitude")
