@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# Bi-encoder kind: prune the packaged all-MiniLM-L6-v2 bi-encoder (heads + FFN, 03c) while
-# distilling the unpruned encoder's embeddings (no labels), reshape it (04), and compare it on
-# DL20 with the unpruned encoder and the layer-dropping baseline (first 3 of 6 layers, about the
-# same FLOPs) in one results table (05: quality, re-ranking latency, corpus-encoding throughput,
-# FLOPs) and in one alternating benchmark of passage encoding (bench/speedup.py --encode).
+# Bi-encoder kind: prune the packaged all-MiniLM-L6-v2 bi-encoder (heads + FFN in all six
+# layers, 03c, heads and neurons scored from activations) while distilling the unpruned
+# encoder's embeddings (no labels), reshape it (04), and compare it on DL20 with the unpruned
+# encoder and the layer-dropping baseline (first 3 of 6 layers, about the same FLOPs) in one
+# results table (05: quality, re-ranking latency, corpus-encoding throughput, FLOPs) and in one
+# alternating benchmark of passage encoding (bench/speedup.py --encode).
+#   PAIRS (24576), TARGET (embeddings | scores: what is distilled), THREADS (1), MAX_LENGTH (128)
 # Needs the distillation set (data/distill, built by `01_prefetch_passages.py distill`).
 source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/bi}
-PAIRS=${PAIRS:-6144}
+PAIRS=${PAIRS:-24576}
+TARGET=${TARGET:-embeddings}
+THREADS=${THREADS:-1}
 MAX_LENGTH=${MAX_LENGTH:-128}
 guard_run "$RUN"
 [ -f data/distill/triples.tsv ] || $PY 01_prefetch_passages.py distill --output_dir data/distill --overwrite
+$PY 01_prefetch_passages.py json --input "$SHARED/dl20/bm25.json" --output data/dl20.bm25.candidates.parquet \
+  --run_file data/dl20.bm25.run --tag bm25 --overwrite
 RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.txt" --topics dl20
      --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH"
      --repeats 3 --latency_queries 5)
 
 $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \
   --train_triples_file data/distill/triples.tsv --output_dir "$RUN/mixed" \
-  --distill_from all-MiniLM-L6-v2 --distill_target embeddings --distill_weight 1 --contrastive_weight 0 \
-  --num_training_samples "$PAIRS" --num_prune_cycles 6 --target_heads 30 --target_ffn 384 \
-  --learning_rate 5e-5 --batch_size 32 --max_length "$MAX_LENGTH" --seed 42
+  --distill_from all-MiniLM-L6-v2 --distill_target "$TARGET" --distill_weight 1 --contrastive_weight 0 \
+  --importance activation --exclude_layers "" \
+  --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --num_prune_cycles 6 \
+  --target_heads 36 --target_ffn 640 --learning_rate 1e-4 --batch_size 32 --max_length "$MAX_LENGTH" \
+  --seed 42 --threads "$THREADS" --eval_candidates_file data/dl20.bm25.candidates.parquet \
+  --eval_qrels_file "$SHARED/dl20/qrels.txt" --eval_max_queries 20
 PRUNED=$(ls -d "$RUN"/mixed/seen_* | tail -n 1)
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 $PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 --output_dir "$RUN/keep3"
