@@ -5,7 +5,9 @@
 #             on DL20 (05 --interpolate; quality only)
 #   margin    margin-MSE on teacher cosine margins (x10) over the pairs of data/distill
 #   kl        listwise KL over groups of 8 passages (teacher cosines x20) from the same candidates
-#   fused     the better loss on the fused teacher (data/distill_fused, FUSION weight)
+#   fused     margin-MSE on the fused teacher (data/distill_fused, FUSION weight) over
+#             FUSED_PAIRS (12,288) pairs, to set against the main job's initial model (the same
+#             recipe on the plain teacher, runs/main/initial/seen_000012288, evaluated if present)
 #   judged    (c): the study's distillation checkpoint at 18,432 pairs + 6,144 pairs of DL21 judged
 #             triples, to set against the study's 24,576 distillation pairs (needs runs/study:
 #             STUDY_PAIRS=24576 bash recipes/study.sh; skipped without it)
@@ -14,7 +16,7 @@ source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/compare}
 PAIRS=${PAIRS:-6144}
 FUSION=${FUSION:-0.8}
-FUSED_LOSS=${FUSED_LOSS:-margin}
+FUSED_PAIRS=${FUSED_PAIRS:-12288}
 THREADS=${THREADS:-1}
 STUDY=${STUDY:-runs/study}
 guard_run "$RUN"
@@ -55,19 +57,13 @@ $PY 05_eval_trec.py --checkpoint "$(last "$RUN/listwise_kl")" "${RES[@]}"
 # the fused teacher (no re-encoding: re-derived from data/distill's candidates)
 [ -f data/distill_fused/teacher_scores.parquet ] || \
   $PY 01_prefetch_passages.py distill --from_set data/distill --fusion_weight "$FUSION" --output_dir data/distill_fused --overwrite
-[ -f data/distill_fused/groups.tsv ] || \
-  $PY 01_prefetch_passages.py groups --candidates data/distill_fused/candidates.parquet --output_dir data/distill_fused
-if [ "$FUSED_LOSS" = kl ]; then
-  # fused scores lie in [0, 1] per query: x20 x 0.54 keeps the spread of x20 cosines
-  $PY 02_train_initial.py "${COMMON[@]}" --group_size 8 --distill_loss kl --distill_scale 11 \
-    --train_triples_file data/distill_fused/groups.tsv --distill_scores data/distill_fused/group_scores.parquet \
-    --output_dir "$RUN/fused_kl"
-  $PY 05_eval_trec.py --checkpoint "$(last "$RUN/fused_kl")" "${RES[@]}"
-else
-  # mean fused margin 0.290 against 0.157 for cosines: x5.4 keeps the margins' scale of x10
-  $PY 02_train_initial.py "${COMMON[@]}" --distill_scale 5.4 --train_triples_file data/distill_fused/triples.tsv \
-    --distill_scores data/distill_fused/teacher_scores.parquet --output_dir "$RUN/fused_margin"
-  $PY 05_eval_trec.py --checkpoint "$(last "$RUN/fused_margin")" "${RES[@]}"
+# mean fused margin 0.290 against 0.157 for cosines: x5.4 keeps the margins' scale of x10
+$PY 02_train_initial.py "${COMMON[@]}" --num_training_samples "$FUSED_PAIRS" --num_checkpoint_samples "$FUSED_PAIRS" \
+  --distill_scale 5.4 --train_triples_file data/distill_fused/triples.tsv \
+  --distill_scores data/distill_fused/teacher_scores.parquet --output_dir "$RUN/fused_margin"
+$PY 05_eval_trec.py --checkpoint "$(last "$RUN/fused_margin")" "${RES[@]}"
+if [ -d runs/main/initial/seen_000012288 ]; then
+  $PY 05_eval_trec.py --checkpoint runs/main/initial/seen_000012288 "${RES[@]}"
 fi
 
 # (c) distillation then judged triples, at the study's pair count

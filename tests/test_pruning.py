@@ -303,3 +303,44 @@ def test_activation_importance_finds_silent_units(tiny_models):
     assert again.head_scores() == heads and again.ffn_scores() == ffn
     with pytest.raises(ValueError, match="importance"):
         PruneArgs(importance="magnitude")
+
+
+def test_reshaped_bi_encoder_recovers_by_embedding_distillation(tiny_models, toy_triples, tmp_path):
+    """A recovery stage on a reshaped bi-encoder: 02's loop trains the small model itself
+    (its shapes stay), distilling the unpruned parent's embeddings, and moves closer to it."""
+    from common.biencoder import encode
+    from common.schedules import WarmupLinear
+
+    loaded = load_model(str(tiny_models["bert"]), kind="bi", pooling="mean")
+    prune_some(loaded.state)
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, loaded.state)
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m")
+    small, _, _ = reshape_checkpoint(str(tmp_path / "m"))
+    shrunk = load_model(str(small))
+    torch.manual_seed(0)
+    with torch.no_grad():  # start far from the parent (random tiny models barely feel pruning)
+        for weight in shrunk.model.parameters():
+            weight.add_(0.3 * torch.randn_like(weight))
+    save_model(shrunk.model, shrunk.tokenizer, shrunk.state, tmp_path / "far")
+    small = tmp_path / "far"
+    parent = load_model(str(tiny_models["bert"]), kind="bi", pooling="mean")
+    texts = QUERIES + PASSAGES
+
+    def distance(path) -> float:
+        student = load_model(str(path))
+        a = encode(student.model, student.tokenizer, texts)
+        b = encode(parent.model, parent.tokenizer, texts)
+        return float(((a - b) ** 2).sum(-1).mean())
+
+    args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "rec"),
+                     num_training_samples=128, num_checkpoint_samples=0, model_tag=str(small),
+                     distill_from=str(tiny_models["bert"]), distill_target="embeddings",
+                     contrastive_weight=0.0, batch_size=8, max_length=32, learning_rate=2e-3, seed=5)
+    trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    assert trainer.kind == "bi" and trainer.state.is_reshaped
+    end = trainer.train()
+    after = load_model(str(end))
+    assert after.state.heads_per_layer == trainer.state.heads_per_layer
+    assert after.state.is_reshaped and after.state.total_heads < 4 * after.state.num_layers
+    assert distance(end) < distance(small)
