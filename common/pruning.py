@@ -120,7 +120,8 @@ class PruneCallback(Callback):
         if self.plan is None:
             self.plan = make_plan(self.kind, self.prune, trainer.state, trainer.total_steps,
                                   trainer.args.batch_size)
-        return CosineRestarts(self.plan.cycle_steps, self.plan.warmup_steps, self.prune.min_lr_ratio)
+        return CosineRestarts(self.plan.cycle_steps, self.plan.warmup_steps, self.prune.min_lr_ratio,
+                              cycles=self.plan.num_events + 1, total_steps=trainer.total_steps)
 
     def on_start(self, trainer: Trainer) -> None:
         scorer = ActivationImportance if self.prune.importance == "activation" else HeadConfidence

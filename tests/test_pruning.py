@@ -142,6 +142,23 @@ def test_plans():
         make_plan("heads", PruneArgs(target_sparsity=0.5), state, total_steps=3, batch_size=8)
 
 
+def test_last_cycle_takes_the_leftover_steps():
+    """23 steps, 1 warmup step, 3 cycles of 7: the LR restarts at steps 1, 8 and 15 only; the
+    last cycle stretches over the 8 steps left and decays to its floor at the very end."""
+    from common.schedules import CosineRestarts
+
+    lr = CosineRestarts(7, warmup_steps=1, min_ratio=0.1, cycles=3, total_steps=23)
+    values = [lr(s) for s in range(23)]
+    restarts = [s for s in range(1, 23) if values[s] > values[s - 1]]
+    assert restarts == [8, 15] and values[1] == values[8] == values[15] == 1.0
+    assert all(values[s] > values[s + 1] for s in range(15, 22))
+    assert lr(23) == pytest.approx(0.1) and values[22] > 0.1
+    plain = CosineRestarts(7, warmup_steps=1, min_ratio=0.1)  # without them: a 4th restart
+    assert plain(22) == 1.0
+    with pytest.raises(ValueError, match="go together"):
+        CosineRestarts(7, cycles=3)
+
+
 @pytest.mark.parametrize("kind", ["heads", "mixed", "mixed_activation"])
 def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tmp_path):
     """Pruning in the loop: events happen, and prune + resume equals the straight run (also
