@@ -6,7 +6,8 @@
 # results table (05: quality, re-ranking latency, corpus-encoding throughput, FLOPs) and in one
 # alternating benchmark of passage encoding (bench/speedup.py --encode).
 # After the reshape, RECOVERY_PAIRS more pairs (02 on the reshaped model itself, ~2x cheaper per
-# pair) go on distilling the embeddings, on the next triples of the stream.
+# pair) go on distilling the embeddings, on the next triples of the stream. The layer-dropping
+# baseline gets the same recovery stage (from the start of the stream).
 #   PAIRS (24576), RECOVERY_PAIRS (12288), TARGET (embeddings | scores: what is distilled),
 #   THREADS (1), MAX_LENGTH (128)
 # Needs the distillation set (data/distill, built by `01_prefetch_passages.py distill`).
@@ -43,10 +44,17 @@ $PY 02_train_initial.py --model_tag "$PRUNED/reshaped" --train_triples_file data
   --eval_qrels_file "$SHARED/dl20/qrels.txt" --eval_max_queries 20
 FINAL=$(ls -d "$RUN"/recover/seen_* | tail -n 1)
 $PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 --output_dir "$RUN/keep3"
+$PY 02_train_initial.py --model_tag "$RUN/keep3" --train_triples_file data/distill/triples.tsv \
+  --output_dir "$RUN/keep3_recover" --distill_from all-MiniLM-L6-v2 --distill_target "$TARGET" \
+  --distill_weight 1 --contrastive_weight 0 --num_training_samples "$RECOVERY_PAIRS" \
+  --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) --learning_rate 1e-4 --batch_size 32 \
+  --max_length "$MAX_LENGTH" --seed 42 --threads "$THREADS" --eval_candidates_file data/dl20.bm25.candidates.parquet \
+  --eval_qrels_file "$SHARED/dl20/qrels.txt" --eval_max_queries 20
+KEEP3=$(ls -d "$RUN"/keep3_recover/seen_* | tail -n 1)
 
 $PY 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi "${RES[@]}"
-$PY 05_eval_trec.py --checkpoint "$PRUNED/reshaped" "$FINAL" "$RUN/keep3" "${RES[@]}"
-for model in "$FINAL" "$RUN/keep3"; do
+$PY 05_eval_trec.py --checkpoint "$PRUNED/reshaped" "$FINAL" "$RUN/keep3" "$KEEP3" "${RES[@]}"
+for model in "$FINAL" "$KEEP3"; do
   $PY bench/speedup.py --model_kind bi --baseline all-MiniLM-L6-v2 --candidate "$model" --encode \
     --candidates data/dl20.bm25.candidates.parquet --queries 5 --rounds 5 --max_length "$MAX_LENGTH"
 done | tee "$RUN/speedup.txt"
