@@ -49,13 +49,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import data as _data
-from common.data import (DataError, read_candidates_json, read_queries_tsv, write_candidates,
-                         write_triples_tsv)
-
-# the temp-file-and-rename writer of common.data (public since it was renamed)
-_atomic_output = getattr(_data, "atomic_output", None) or getattr(_data, "_atomic_output")
-
+from common.data import (DataError, atomic_output, read_candidates_json, read_queries_tsv,
+                         write_candidates, write_triples_tsv)
 
 
 def _examples(items, limit: int = 5) -> str:
@@ -124,7 +119,7 @@ def embedded_default_sources(shared: str = DEFAULT_SHARED
 
 
 def _write_json(obj, path: Path) -> None:
-    with _atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
@@ -132,7 +127,7 @@ def _write_collection_jsonl(collection: Mapping[str, str], path: Path) -> tuple[
     """Write ``{"id", "contents"}`` lines atomically; return (count, sha256 of the file)."""
     digest = hashlib.sha256()
     n = 0
-    with _atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for docid, text in collection.items():
                 line = json.dumps({"id": str(docid), "contents": str(text)}, ensure_ascii=False) + "\n"
@@ -339,9 +334,9 @@ def write_teacher_pairs(cands: pd.DataFrame, out_dir: Path, *, pairs_per_query: 
     for c in ("teacher_pos", "teacher_neg"):
         pairs[c] = pairs[c].astype("float32")
     n = write_triples_tsv(triples, out_dir / "triples.tsv")
-    with _atomic_output(out_dir / "teacher_scores.parquet") as tmp:
+    with atomic_output(out_dir / "teacher_scores.parquet") as tmp:
         pairs[["teacher_pos", "teacher_neg"]].to_parquet(tmp, index=False)
-    with _atomic_output(out_dir / "pairs.parquet") as tmp:
+    with atomic_output(out_dir / "pairs.parquet") as tmp:
         pairs.to_parquet(tmp, compression="zstd", index=False)
     qids = cands["qid"].nunique()
     return dict(
@@ -445,7 +440,7 @@ def build_listwise_groups(candidates_path, out_dir, *, group_size: int = 8,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = write_triples_tsv((groups[i] for i in order), out_dir / "groups.tsv", passages=group_size)
-    with _atomic_output(out_dir / "group_scores.parquet") as tmp:
+    with atomic_output(out_dir / "group_scores.parquet") as tmp:
         table.to_parquet(tmp, compression="zstd", index=False)
     stats = dict(candidates=str(candidates_path), group_size=group_size,
                  groups_per_query=groups_per_query, seed=seed, top_teacher=top, groups=n,

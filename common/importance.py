@@ -24,6 +24,31 @@ from common.arch import adapter_for, get_module, layer_stack
 from common.surgery import PruningState
 
 
+def _scoring_pass(model: nn.Module, batch: dict, handles: list, attn_implementation: str | None = None) -> None:
+    """One eval-mode forward pass over ``batch`` with the hooks behind ``handles`` attached;
+    afterwards the hooks are removed and the model's mode (and attention implementation,
+    when one is forced for the pass) restored. Callers run it under ``torch.no_grad``."""
+    previous = model.config._attn_implementation
+    was_training = model.training
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    model.eval()
+    try:
+        model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if attn_implementation:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+
+
+def _add_by_original(row: list[float], present: list[int], values: list[float]) -> None:
+    """Add per-position ``values`` into ``row`` at the original indices ``present``."""
+    for position, original in enumerate(present):
+        row[original] += values[position]
+
+
 class HeadConfidence:
     """Accumulates per-head confidence over scoring forward passes (eval mode, no grad)."""
 
@@ -46,24 +71,13 @@ class HeadConfidence:
             def hook(_module, _args, output, i=i):
                 captured[i] = output[1]
             handles.append(get_module(layer, adapter.attention).register_forward_hook(hook))
-        previous = model.config._attn_implementation
-        was_training = model.training
-        model.set_attn_implementation("eager")
-        model.eval()
-        try:
-            model(**batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-            model.set_attn_implementation(previous)
-            model.train(was_training)
+        _scoring_pass(model, batch, handles, attn_implementation="eager")
         query_tokens = mask.sum(dim=1).clamp(min=1).float()  # (B,)
         for i, probs in captured.items():  # probs: (B, heads present, T, T)
             top = probs.float().max(dim=-1).values  # (B, H, T): max over keys
             per_pair = (top * mask[:, None, :]).sum(dim=-1) / query_tokens[:, None]  # (B, H)
             totals = per_pair.sum(dim=0).tolist()
-            for position, original in enumerate(self.state.present_heads[i]):
-                self.sums[i][original] += totals[position]
+            _add_by_original(self.sums[i], self.state.present_heads[i], totals)
         self.pairs += int(mask.shape[0])
 
     def scores(self) -> list[list[float]]:
@@ -124,17 +138,14 @@ class ActivationImportance:
                 w = linear.weight.float().view(linear.weight.shape[0], present, head_size)
                 out = torch.einsum("bthd,ohd->btho", x.view(*x.shape[:2], present, head_size), w)
                 norms = (out.norm(dim=-1) * mask[..., None]).sum(dim=(0, 1)).tolist()
-                present_heads = state.present_heads[i]
-                for position, original in enumerate(present_heads):
-                    self.head_sums[i][original] += norms[position]
+                _add_by_original(self.head_sums[i], state.present_heads[i], norms)
             return hook
 
         def ffn_hook(i, linear):
             def hook(_module, args):
                 a = (args[0].float().abs() * mask[..., None]).sum(dim=(0, 1))
                 score = (a * linear.weight.float().norm(dim=0)).tolist()
-                for position, original in enumerate(state.present_ffn[i]):
-                    self.ffn_sums[i][original] += score[position]
+                _add_by_original(self.ffn_sums[i], state.present_ffn[i], score)
             return hook
 
         for i, layer in enumerate(layer_stack(model, adapter)):
@@ -144,14 +155,7 @@ class ActivationImportance:
             if state.present_ffn[i]:
                 out = get_module(layer, adapter.ffn_out)
                 hooks.append(out.register_forward_pre_hook(ffn_hook(i, out)))
-        was_training = model.training
-        model.eval()
-        try:
-            model(**batch)
-        finally:
-            for handle in hooks:
-                handle.remove()
-            model.train(was_training)
+        _scoring_pass(model, batch, hooks)
         self.tokens += int(mask.sum())
 
     def head_scores(self) -> list[list[float]]:

@@ -164,8 +164,10 @@ class PruneCallback(Callback):
             for layer, head in chosen:
                 state.kept_heads[layer].remove(head)
             event["heads"] = [{"layer": l, "head": h, head_key: scores[l][h]} for l, h in chosen]
-            event["scored_pairs" if not activation else "scored_tokens"] = (
-                self.confidence.tokens if activation else self.confidence.pairs)
+            if activation:
+                event["scored_tokens"] = self.confidence.tokens
+            else:
+                event["scored_pairs"] = self.confidence.pairs
         if ffn_per_layer:
             scores = (self.confidence.ffn_scores() if activation
                       else ffn_l1_scores(trainer.model, state))

@@ -43,7 +43,7 @@ class CosineRestarts:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         offset, length = step - self.warmup_steps, self.cycle_steps
-        last_start = (self.cycles - 1) * self.cycle_steps if getattr(self, "cycles", None) else None
+        last_start = (self.cycles - 1) * self.cycle_steps if self.cycles is not None else None
         if last_start is not None and offset >= last_start:
             offset -= last_start
             length = max(length, self.total_steps - self.warmup_steps - last_start)

@@ -338,10 +338,6 @@ class Trainer:
                             f"fewer than the training rows used ({int(rows[-1]) + 1})")
         return self.teacher_scores[rows].to(self.device)
 
-    def _teacher_margin_rows(self, n: int) -> torch.Tensor:
-        scores = self._teacher_rows(n)
-        return scores[:, 0] - scores[:, 1]
-
     def _embed(self, model, texts: list[str]) -> tuple[torch.Tensor, dict]:
         from common.biencoder import pool
         from common.modeling import pooling_of
@@ -361,7 +357,8 @@ class Trainer:
         p, self._last_batch = self._embed(self.forward_model, passages)
         if self.teacher_scores is not None:
             sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
-            loss = F.mse_loss(sims[:, 0] - sims[:, 1], self._teacher_margin_rows(len(triples)))
+            teacher = self._teacher_rows(len(triples))
+            loss = F.mse_loss(sims[:, 0] - sims[:, 1], teacher[:, 0] - teacher[:, 1])
             self._update(loss)
             return loss.item(), {}
         logits = q @ p.T / self.args.temperature
