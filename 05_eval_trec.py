@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from common.cli import fail
 from common.data import DataError
 from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
@@ -47,13 +49,15 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--latency_queries", type=int, default=10)
     p.add_argument("--bf16_latency", action="store_true", help="also time bf16 autocast")
-    p.add_argument("--threads", type=int, help="torch threads for latency (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch threads for scoring and latency (default: torch's)")
     p.add_argument("--interpolate", type=float, nargs="+", default=[], metavar="WEIGHT",
                    help="also evaluate weight*minmax(model) + (1-weight)*minmax(first stage) per query "
                         "(quality-only rows, method 'interpolate')")
     p.add_argument("--model_kind", choices=["cross", "bi"],
                    help="for a plain model dir or tag (our checkpoints know their kind)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     try:
         if args.first_stage:
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
                 if not has_result(args.results, str(c), args.topics)]
             costs = None if args.no_costs else CostOptions(
                 latency=not args.no_latency, repeats=args.repeats, warmup=args.warmup,
-                latency_queries=args.latency_queries, bf16=args.bf16_latency, threads=args.threads)
+                latency_queries=args.latency_queries, bf16=args.bf16_latency)
             rows = []
             for target in targets:
                 found = evaluate_model(target, args.candidates, args.qrels, args.topics,

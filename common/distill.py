@@ -31,7 +31,7 @@ final list is shuffled with ``random.Random(seed)``.
 
 Teacher fusion (``fusion_weight`` w): the teacher score becomes
 ``w * minmax(cosine) + (1 - w) * minmax(BM25)`` within each query's candidates
-(``common.rerank.interpolate``, the same interpolation ``05_eval_trec.py --interpolate``
+(``common.evaluation.interpolate``, the same interpolation ``05_eval_trec.py --interpolate``
 measures); the cosine stays in ``teacher_cosine``. ``fuse_distillation_set`` re-derives a
 fused set from an existing one's ``candidates.parquet`` without re-encoding anything.
 ``build_listwise_groups`` derives listwise groups (query + n passages) the same way.
@@ -51,6 +51,7 @@ import torch
 
 from common.data import (DataError, atomic_output, read_candidates_json, read_queries_tsv,
                          write_candidates, write_triples_tsv)
+from common.evaluation import interpolate
 
 
 def _examples(items, limit: int = 5) -> str:
@@ -292,8 +293,6 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
 def fuse_teacher(cands: pd.DataFrame, weight: float) -> pd.DataFrame:
     """Candidates with ``teacher_score`` replaced by its interpolation with the BM25 score
     (module doc); the cosine moves to ``teacher_cosine``."""
-    from common.rerank import interpolate
-
     cosine = cands["teacher_cosine"] if "teacher_cosine" in cands else cands["teacher_score"]
     fused = interpolate(cands, cosine.to_numpy(), weight)
     return cands.assign(teacher_cosine=cosine.astype(np.float32),

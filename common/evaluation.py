@@ -187,6 +187,24 @@ def evaluate_run(
     return means, frame
 
 
+def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
+    """Per-query score interpolation with the first stage, the usual BM25 fusion:
+    ``weight * minmax(model) + (1 - weight) * minmax(first_stage_score)``, each min-max scaled
+    to [0, 1] within the query's candidates (a query whose scores are all equal gets 0)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"interpolation weight must be in [0, 1], got {weight}")
+    frame = pd.DataFrame({"qid": candidates["qid"].to_numpy(),
+                          "model": pd.Series(scores, dtype="float64").to_numpy(),
+                          "first": candidates["first_stage_score"].astype("float64").to_numpy()})
+
+    def minmax(column: str) -> pd.Series:
+        groups = frame.groupby("qid", sort=False)[column]
+        low, high = groups.transform("min"), groups.transform("max")
+        return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
+    fused = weight * minmax("model") + (1 - weight) * minmax("first")
+    return pd.Series(fused.to_numpy(), index=candidates.index)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
     with atomic_output(path) as tmp:

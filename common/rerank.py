@@ -14,7 +14,7 @@ import torch
 
 from common import cost
 from common.data import candidates_to_run, read_candidates, read_qrels
-from common.evaluation import evaluate_run, write_trec_run
+from common.evaluation import evaluate_run, interpolate, write_trec_run
 from common.modeling import LoadedModel, load_model, pick_device, score_pairs
 from common.surgery import reshape
 
@@ -27,7 +27,6 @@ class CostOptions:
     latency_queries: int = 10  # real-lengths regime: the first N queries, 100 candidates each
     n_pairs: int = 100  # candidates re-ranked per query
     bf16: bool = False  # also time bf16 autocast (own row columns)
-    threads: int | None = None
 
 
 def _describe(loaded: LoadedModel) -> dict:
@@ -51,24 +50,6 @@ def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, nam
             "topics": topics, **means}
 
 
-def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
-    """Per-query score interpolation with the first stage, the usual BM25 fusion:
-    ``weight * minmax(model) + (1 - weight) * minmax(first_stage_score)``, each min-max scaled
-    to [0, 1] within the query's candidates (a query whose scores are all equal gets 0)."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"interpolation weight must be in [0, 1], got {weight}")
-    frame = pd.DataFrame({"qid": candidates["qid"].to_numpy(),
-                          "model": pd.Series(scores, dtype="float64").to_numpy(),
-                          "first": candidates["first_stage_score"].astype("float64").to_numpy()})
-
-    def minmax(column: str) -> pd.Series:
-        groups = frame.groupby("qid", sort=False)[column]
-        low, high = groups.transform("min"), groups.transform("max")
-        return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
-    fused = weight * minmax("model") + (1 - weight) * minmax("first")
-    return pd.Series(fused.to_numpy(), index=candidates.index)
-
-
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
                    precision: str = "fp32", costs: CostOptions | None = None,
@@ -76,8 +57,6 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
                    interpolate_weights: tuple[float, ...] = ()) -> list[dict]:
     """The model's row, then one quality-only row per interpolation weight (``interpolate``;
     run name ``<run>+<first stage>@<weight>``, method ``interpolate``)."""
-    if costs and costs.threads:
-        torch.set_num_threads(costs.threads)
     dev = pick_device(device)
     loaded = load_model(checkpoint, dev, kind=kind)
     candidates = read_candidates(candidates_path)

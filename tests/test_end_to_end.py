@@ -76,3 +76,15 @@ def test_pipeline_on_minilm(tmp_path):
     assert row["heads"] == 68 and row["flops_macs"] < base["flops_macs"]
     assert row["cpu_ms_real"] > 0 and (pruned / "reshaped" / "eval" / "dl20.run").exists()
     assert "DL20 NDCG@10" in (runs / "results.md").read_text()
+
+    # quality only (--no_costs) still runs on the requested threads; no cost columns are filled
+    before = torch.get_num_threads()
+    try:
+        script("05_eval_trec")(["--checkpoint", str(initial), *common_eval, "--no_costs", "--threads", "1",
+                                "--results", str(runs / "quality.parquet"), "--table", str(runs / "quality.md")])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    quality = pd.read_parquet(runs / "quality.parquet").iloc[0]
+    assert quality["ndcg@10"] == pytest.approx(base["ndcg@10"], abs=1e-9)
+    assert "cpu_ms_real" not in quality or pd.isna(quality["cpu_ms_real"])

@@ -215,7 +215,7 @@ def test_interpolation_with_the_first_stage():
     """Per-query min-max of both scores, then weight * model + (1 - weight) * first stage."""
     import pandas as pd
 
-    from common.rerank import interpolate
+    from common.evaluation import interpolate
 
     cands = pd.DataFrame({"qid": ["a", "a", "a", "b", "b"], "docid": list("xyzuv"),
                           "first_stage_score": [10.0, 5.0, 0.0, 3.0, 3.0]})
