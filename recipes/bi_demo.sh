@@ -34,13 +34,16 @@ RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.
      --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH"
      --repeats 3 --latency_queries 5)
 
+# recover MODEL OUTPUT_DIR [02 args]: the recovery stage, RECOVERY_PAIRS of embedding distillation
+recover() {
+  $PY 02_train_initial.py --model_tag "$1" --output_dir "$2" "${@:3}" --train_triples_file data/distill/triples.tsv \
+    --distill_from all-MiniLM-L6-v2 --distill_target "$TARGET" --distill_weight 1 --contrastive_weight 0 \
+    --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
+    --learning_rate 1e-4 --batch_size 32 --max_length "$MAX_LENGTH" --seed 42 --threads "$THREADS" "${MONITOR[@]}"
+}
 keep3_branch() {
   $PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 --output_dir "$RUN/keep3"
-  $PY 02_train_initial.py --model_tag "$RUN/keep3" --train_triples_file data/distill/triples.tsv \
-    --output_dir "$RUN/keep3_recover" --distill_from all-MiniLM-L6-v2 --distill_target "$TARGET" \
-    --distill_weight 1 --contrastive_weight 0 --num_training_samples "$RECOVERY_PAIRS" \
-    --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) --learning_rate 1e-4 --batch_size 32 \
-    --max_length "$MAX_LENGTH" --seed 42 --threads "$THREADS" "${MONITOR[@]}"
+  recover "$RUN/keep3" "$RUN/keep3_recover"
 }
 keep3_branch > "$RUN/keep3.log" 2>&1 &
 KEEP3_PID=$!
@@ -54,11 +57,7 @@ $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi
   --seed 42 --threads "$THREADS" "${MONITOR[@]}"
 PRUNED=$(ls -d "$RUN"/mixed/seen_* | tail -n 1)
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
-$PY 02_train_initial.py --model_tag "$PRUNED/reshaped" --train_triples_file data/distill/triples.tsv \
-  --seen_pairs "$PAIRS" --output_dir "$RUN/recover" --distill_from all-MiniLM-L6-v2 --distill_target "$TARGET" \
-  --distill_weight 1 --contrastive_weight 0 --num_training_samples "$RECOVERY_PAIRS" \
-  --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) --learning_rate 1e-4 --batch_size 32 \
-  --max_length "$MAX_LENGTH" --seed 42 --threads "$THREADS" "${MONITOR[@]}"
+recover "$PRUNED/reshaped" "$RUN/recover" --seen_pairs "$PAIRS"
 FINAL=$(ls -d "$RUN"/recover/seen_* | tail -n 1)
 wait "$KEEP3_PID" || { echo "error: the layer-dropping branch failed, see $RUN/keep3.log" >&2; exit 1; }
 KEEP3=$(ls -d "$RUN"/keep3_recover/seen_* | tail -n 1)
