@@ -31,6 +31,13 @@ from common import data
 from common.evaluation import write_trec_run
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def refuse_existing(paths, overwrite: bool) -> None:
     existing = [str(p) for p in paths if p and Path(p).exists()]
     if existing and not overwrite:
@@ -47,7 +54,10 @@ def write_outputs(df: pd.DataFrame, args) -> None:
 
 def cmd_json(args) -> None:
     refuse_existing([args.output, args.run_file], args.overwrite)
-    write_outputs(data.read_candidates_json(args.input), args)
+    df = data.read_candidates_json(args.input)
+    if args.max_queries:
+        df = df[df["qid"].isin(df["qid"].unique()[:args.max_queries])].reset_index(drop=True)
+    write_outputs(df, args)
 
 
 def cmd_trec(args) -> None:
@@ -135,6 +145,17 @@ def cmd_distill(args) -> None:
         print(f"wrote {args.output_dir}: {stats}")
         return
     queries, collection, forbidden = embedded_default_sources(args.shared)
+    if args.max_passages:  # a miniature set: the first passages, the queries that reach them
+        collection = dict(list(collection.items())[:args.max_passages])
+    if args.max_queries:  # the DL21/DL22 topics first (on-topic for this collection), then dev
+        dev = set(data.read_queries_tsv(Path(args.shared) / "msmarco-dev-subset" / "queries.tsv"))
+        ordered = [q for q in queries if q not in dev] + [q for q in queries if q in dev]
+        queries = {q: queries[q] for q in ordered[:args.max_queries]}
+    if args.holdout:
+        from common.distill import write_holdout
+
+        for qid in write_holdout(args.shared, args.holdout, args.output_dir):
+            queries.pop(qid, None)
     stats = build_distillation_set(queries, collection, args.output_dir, k=args.k,
                                    pairs_per_query=args.pairs_per_query, seed=args.seed,
                                    teacher=args.teacher, forbidden_qids=forbidden,
@@ -168,6 +189,7 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("json", help="shared JSON candidate list -> parquet")
     p.add_argument("--input", required=True)
+    p.add_argument("--max_queries", type=positive_int, help="keep the first N queries (miniature runs)")
     outputs(p)
     p.set_defaults(func=cmd_json)
 
@@ -231,6 +253,12 @@ def main(argv=None) -> None:
     p.add_argument("--pairs_per_query", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--teacher", default="all-MiniLM-L6-v2")
+    p.add_argument("--max_queries", type=positive_int, help="miniature set: at most N training "
+                   "queries (DL21/DL22 topics first)")
+    p.add_argument("--max_passages", type=positive_int, help="miniature set: the first N passages")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="leave the first N judged DL21 topics out of training: their BM25 lists and "
+                        "qrels go to OUTPUT_DIR/holdout.{candidates.parquet,qrels.txt} (monitoring)")
     p.add_argument("--fusion_weight", type=float, help="teacher = w*minmax(cosine) + (1-w)*minmax(BM25) "
                    "per query (default: the plain cosine)")
     p.add_argument("--from_set", help="re-derive from this set's candidates.parquet (no encoding); "

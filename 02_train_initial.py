@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Step 2: fine-tune a base model as a monoBERT cross-encoder on (query, positive, negative) triples.
 
-Checkpoints every --num_checkpoint_samples pairs to output_dir/seen_{pairs:09d}/ (exact resume with
+With --stage recover it trains a pruned, reshaped model further (a recovery stage, e.g. while
+distilling the unpruned model: --distill_from). Checkpoints every --num_checkpoint_samples pairs to output_dir/seen_{pairs:09d}/ (exact resume with
 --checkpoint_dir). Defaults follow monoBERT (AdamW, weight decay 0.01, 10% linear warmup, linear
 decay), scaled from the paper's batch 128 / lr 3e-6 / 100k steps to small batches and budgets.
 
@@ -17,9 +18,13 @@ from common.trainer import TrainArgs
 
 
 def main(argv=None) -> None:
-    (args,) = parse([TrainArgs], __doc__, argv)
+    def stage(parser):
+        parser.add_argument("--stage", choices=["initial", "recover"], default="initial",
+                            help="recover: train a pruned (reshaped) model further; its checkpoints "
+                                 "are named with their structure and tabled as 'recover'")
+    args, extra = parse([TrainArgs], __doc__, argv, extra=stage)
     schedule = lambda t: WarmupLinear(t.total_steps, round(t.total_steps * args.warmup_fraction))  # noqa: E731
-    run_stage(args, "initial", schedule)
+    run_stage(args, extra.stage, schedule)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     try:
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
                                                 args.keep_layers, args.model_kind)
-    except (FileExistsError, ValueError) as err:
+    except (FileExistsError, ValueError, OSError) as err:
         fail(err)
     print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
 

@@ -83,7 +83,9 @@ def main(argv=None) -> None:
         fail(err)
     for row in rows:
         print(f"{row['checkpoint']} [{args.topics}] " + "  ".join(
-            f"{m}={row[m]:.4f}" for m in ("ndcg@10", "map@100", "rr@10", "recall@100")))
+            f"{m}={row[m]:.4f}" for m in ("ndcg@10", "map@100", "rr@10", "recall@100"))
+            + f"  (means over {row['num_queries']} judged queries; the run has {row['run_queries']} "
+              f"queries, {row['judged_run_queries']} of them judged)")
     write_table(load_results(args.results), args.table)
     print(f"results: {args.results}; table: {args.table}")
 

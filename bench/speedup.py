@@ -40,6 +40,8 @@ def main(argv=None) -> None:
                    help="bi-encoders: time encoding the candidate passages (what indexing pays)")
     p.add_argument("--model_kind", choices=["cross", "bi"], help="for plain model dirs or tags")
     args = p.parse_args(argv)
+    if args.rounds < 2 or args.queries < 1:
+        p.error("--rounds must be >= 2 (a spread needs two) and --queries >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {name: load_model(path, kind=args.model_kind) for name, path in

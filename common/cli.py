@@ -9,20 +9,50 @@ from transformers import HfArgumentParser
 from common.data import DataError
 
 
+def check_ranges(args, ranges: dict[str, tuple]) -> None:
+    """Numeric arguments within their ranges: ``{field: (low, high, low_open, high_open)}``,
+    ``None`` for an unbounded side; an unset (None) optional argument is not checked. Raises
+    ``ValueError`` naming the flag."""
+    for name, (low, high, low_open, high_open) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value != value:  # NaN
+            raise ValueError(f"--{name} must be a number, got {value}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise ValueError(f"--{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+
+
 def parse(dataclasses: list, doc: str, argv=None, extra=None):
-    """Dataclass arguments (tevatron style); ``extra(parser)`` may add positionals."""
+    """Dataclass arguments (tevatron style), each validated once here (its ``validate()``);
+    ``extra(parser)`` may add positionals. A bad value exits with one ``error:`` line."""
     parser = HfArgumentParser(dataclasses, description=doc,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra:
         extra(parser)
-    *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # raised by a dataclass's __post_init__
+        fail(err)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    for obj in objs:
+        if hasattr(obj, "validate"):
+            try:
+                obj.validate()
+            except ValueError as err:
+                fail(err)
     return objs
 
 
 def fail(err: Exception) -> None:
-    sys.exit(f"error: {err}")
+    """Exit with one ``error:`` line (a multi-line message from a library is folded)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    sys.exit(f"error: {text}")
 
 
 def run_stage(args, stage: str, schedule, callback=None):

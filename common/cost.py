@@ -55,6 +55,8 @@ NON_MAC_OPS: frozenset[str] = frozenset({
     "aten::new_ones", "aten::ones_like", "aten::pow", "aten::repeat", "aten::rsqrt",
     "aten::rsub", "aten::scalar_tensor", "aten::sigmoid", "aten::silu", "aten::softmax",
     "aten::sqrt", "aten::sub", "aten::sum", "aten::tanh", "aten::where", "aten::__or__",
+    # the segment head (common.segment): softmax by hand, pooling norms
+    "aten::amax", "aten::amin", "aten::argmax", "aten::clamp_min", "aten::linalg_vector_norm",
 })
 
 # Operator names (after "aten::") that denote a matrix product: mm, addmm, bmm, baddbmm, addbmm

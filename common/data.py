@@ -64,7 +64,7 @@ def _is_gzip(path: str | os.PathLike) -> bool:
     return str(path).endswith(".gz")
 
 
-def _open_text(path: str | os.PathLike, mode: str = "rt", newline: str | None = None):
+def open_text(path: str | os.PathLike, mode: str = "rt", newline: str | None = None):
     """Open a UTF-8 text file, transparently gzip-compressed when the name ends in .gz."""
     if _is_gzip(path):
         return gzip.open(path, mode, encoding="utf-8", newline=newline)
@@ -78,7 +78,7 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     the file and the last line read."""
     line_number = 0
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for line_number, line in enumerate(f, start=1):
                 yield line_number, line.rstrip("\r\n")
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
@@ -619,7 +619,7 @@ class TriplesStream:
 
     def __iter__(self) -> Iterator[tuple[str, ...]]:
         self.line_number = 0
-        with _open_text(self.path, newline="") as f:
+        with open_text(self.path, newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             index = 0
             while True:

@@ -116,6 +116,30 @@ def embedded_default_sources(shared: str = DEFAULT_SHARED
     return queries, collection, forbidden
 
 
+def write_holdout(shared: str, n: int, out_dir) -> list[str]:
+    """Hold ``n`` DL21 topics out of training, for monitoring: the first ``n`` judged qids of
+    ``dl21/bm25.json`` (in its order) go to ``out_dir/holdout.candidates.parquet`` (their BM25
+    lists) and ``out_dir/holdout.qrels.txt``; returns them, for the caller to drop from the
+    training queries."""
+    root = Path(shared) / "dl21"
+    qrels_path = root / "qrels.txt"
+    with open(qrels_path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    judged = {line.split()[0] for line in lines}
+    cands = read_candidates_json(root / "bm25.json")
+    chosen = [q for q in cands["qid"].unique() if q in judged][:n]
+    if len(chosen) < n:
+        raise DataError(f"{qrels_path}: only {len(chosen)} judged topics, --holdout {n} asked")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_candidates(cands[cands["qid"].isin(set(chosen))].reset_index(drop=True),
+                     out / "holdout.candidates.parquet")
+    keep = set(chosen)
+    with atomic_output(out / "holdout.qrels.txt") as tmp:
+        Path(tmp).write_text("".join(line for line in lines if line.split()[0] in keep))
+    return chosen
+
+
 # ------------------------------------------------------------------------ helpers
 
 
@@ -285,8 +309,8 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     stats["seconds_total"] = round(time.perf_counter() - t_start, 2)
     _write_json(stats, out_dir / "stats.json")
     if progress:
-        print(f"[distill] {stats['queries']} queries, {n} pairs in {stats['seconds_total']} s",
-              flush=True)
+        print(f"[distill] {stats['queries']} queries, {stats['pairs']} triples in "
+              f"{stats['seconds_total']} s", flush=True)
     return stats
 
 

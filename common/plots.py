@@ -35,8 +35,7 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from .data import atomic_output
 from .results import load_results
-
-METRICS_FILE = "metrics.jsonl"  # common.trainer.METRICS_FILE (not imported: it pulls in torch)
+from .rundir import METRICS_FILE
 
 METRIC = "ndcg@10"
 METRIC_LABEL = "NDCG@10"
@@ -46,7 +45,7 @@ DPI = 150
 
 # One colour per stage (a method's colour is its stage's); runs beyond these take the rest.
 STAGE_COLORS = {"initial": "#444444", "heads": "tab:blue", "ffn": "tab:orange",
-                "mixed": "tab:green", "bm25": "tab:red", "base": "tab:purple"}
+                "mixed": "tab:green", "recover": "tab:cyan", "bm25": "tab:red", "base": "tab:purple"}
 _SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:purple", "tab:gray")
 STAGE_MARKERS = {"initial": "o", "heads": "s", "ffn": "^", "mixed": "D", "base": "P",
                  "reshaped": "v"}

@@ -40,9 +40,29 @@ class PruneArgs:
         "help": "'reference': head confidence + FFN L1 (the study's criteria); 'activation': both "
                 "scored from activations over the scoring window (see common.importance)"})
 
+    RANGES = {  # (low, high, low_open, high_open): common.cli.check_ranges
+        "target_sparsity": (0, 1, True, True), "num_prune_cycles": (1, None, False, False),
+        "target_heads": (0, None, False, False), "target_ffn": (0, None, False, False),
+        "num_warmup_samples": (0, None, False, False), "score_fraction": (0, 1, True, False),
+        "min_lr_ratio": (0, 1, False, False),
+    }
+
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        from common.cli import check_ranges
+
+        check_ranges(self, self.RANGES)
         if self.importance not in ("reference", "activation"):
             raise ValueError(f"--importance must be reference or activation, got {self.importance!r}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"--scope must be layer or global, got {self.scope!r}")
+        try:
+            self.excluded()
+        except ValueError:
+            raise ValueError(f"--exclude_layers must be comma-separated layer numbers, "
+                             f"got {self.exclude_layers!r}") from None
 
     def excluded(self) -> set[int]:
         return {int(x) for x in self.exclude_layers.split(",") if x.strip()}

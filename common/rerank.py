@@ -12,11 +12,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from common import cost
-from common.data import candidates_to_run, read_candidates, read_qrels
+from common import cost, rundir
+from common.data import DataError, candidates_to_run, read_candidates, read_qrels
 from common.evaluation import evaluate_run, interpolate, write_trec_run
 from common.modeling import LoadedModel, load_model, pick_device, score_pairs
+from common.segment import is_segment, mean_cross_attention
 from common.surgery import reshape
+
+CROSS_ATTENTION_QUERIES = 3  # segment head: cross-segment attention over these queries' candidates
 
 
 @dataclass
@@ -37,17 +40,33 @@ def _describe(loaded: LoadedModel) -> dict:
         trainer_state = json.loads(path.read_text())
     stage = trainer_state.get("stage", "base")
     return {"method": stage + ("+reshape" if state.is_reshaped and state.history else ""),
-            "model_kind": loaded.kind, "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
+            "model_kind": loaded.kind, "head": getattr(loaded.model.config, "slimrank_head", None)
+            or ("classifier" if loaded.kind == "cross" else None), "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
             "heads": state.total_heads, "ffn": state.total_ffn,
             "heads_per_layer": ",".join(map(str, state.heads_per_layer)),
             "ffn_per_layer": ",".join(map(str, state.ffn_per_layer))}
 
 
+def judged_overlap(candidates: pd.DataFrame, qrels: dict, candidates_path: str,
+                   qrels_path: str) -> dict:
+    """Queries of the run and how many of them are judged; an error when fewer than half of
+    the run's queries are judged (another topic set's qrels, say), which would otherwise
+    score near 0 silently."""
+    run_queries = set(candidates["qid"].astype(str))
+    judged = run_queries & {q for q, docs in qrels.items() if docs}
+    if len(judged) * 2 < len(run_queries):
+        raise DataError(f"{qrels_path}: judges only {len(judged)} of the {len(run_queries)} queries "
+                        f"of {candidates_path}: qrels of another topic set?")
+    return {"run_queries": len(run_queries), "judged_run_queries": len(judged)}
+
+
 def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, name: str = "bm25") -> dict:
     candidates = read_candidates(candidates_path)
-    means, _ = evaluate_run(candidates_to_run(candidates), read_qrels(qrels_path))
+    qrels = read_qrels(qrels_path)
+    overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
+    means, _ = evaluate_run(candidates_to_run(candidates), qrels)
     return {"checkpoint": f"{name}:{candidates_path}", "run": name, "method": name,
-            "topics": topics, **means}
+            "topics": topics, **means, **overlap}
 
 
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
@@ -61,6 +80,7 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     loaded = load_model(checkpoint, dev, kind=kind)
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
+    overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
     scores = score_pairs(loaded.model, loaded.tokenizer, candidates["query"].tolist(),
                          candidates["passage"].tolist(), batch_size=batch_size,
                          max_length=max_length, precision=precision, progress=True)
@@ -72,8 +92,13 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     if output_dir or ours:
         write_trec_run(run, out / f"{topics}.run", tag="slimrank")
         per_query.to_csv(out / f"{topics}.per_query.tsv", sep="\t", index=False)
-    row = {"checkpoint": str(checkpoint), "run": run_name(checkpoint), "topics": topics,
-           **_describe(loaded), **means}
+    row = {"checkpoint": str(checkpoint), "run": rundir.run_name(checkpoint), "topics": topics,
+           **_describe(loaded), **means, **overlap}
+    if is_segment(loaded.model):  # is it still a bi-encoder? (common.segment)
+        first = candidates[candidates["qid"].isin(candidates["qid"].unique()[:CROSS_ATTENTION_QUERIES])]
+        row["cross_attention"] = mean_cross_attention(
+            loaded.model, loaded.tokenizer, first["query"].tolist(), first["passage"].tolist(),
+            max_length)
     fused_rows = []
     for weight in interpolate_weights:
         fused = candidates.assign(score=interpolate(candidates, scores, weight))
@@ -88,15 +113,6 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
             loaded.state = reshape(loaded.model, loaded.state)
         row.update(measure_costs(loaded, candidates, max_length, costs, dev))
     return [row, *fused_rows]
-
-
-def run_name(checkpoint: str) -> str:
-    """The run directory's name (``runs/<run>/seen_.../[reshaped]``), else the argument."""
-    path = Path(checkpoint)
-    for part in (path, *path.parents):
-        if part.name.startswith("seen_"):
-            return part.parent.name
-    return str(checkpoint)
 
 
 def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
@@ -172,9 +188,8 @@ def encoding_throughput(loaded: LoadedModel, candidates: pd.DataFrame, max_lengt
 def checkpoints_of(run_dir: str) -> list[Path]:
     """Every checkpoint below a run directory (``seen_*`` and their ``reshaped`` children)."""
     found = []
-    for path in sorted(Path(run_dir).glob("seen_*")):
-        if (path / "pruning.json").exists():
-            found.append(path)
-        if (path / "reshaped" / "pruning.json").exists():
-            found.append(path / "reshaped")
+    for path in rundir.checkpoints(run_dir):
+        found.append(path)
+        if (path / rundir.RESHAPED / rundir.PRUNING_FILE).exists():
+            found.append(path / rundir.RESHAPED)
     return found

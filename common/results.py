@@ -13,6 +13,8 @@ Expected columns (all optional except the key):
 ``method``             ``"bm25"``, ``"initial"``, ``"heads"``, ``"ffn"``, ``"mixed"``,
                        ``"reshaped"``, ...
 ``model_kind``         ``"cross"`` (cross-encoder) or ``"bi"`` (bi-encoder)
+``head``               cross-encoders: ``"classifier"`` or ``"segment_cosine"``
+``cross_attention``    segment head: mean attention share a token puts on the other segment
 ``family``             architecture family / adapter name (``"bert"``, ``"electra"``, ...)
 ``seen_pairs``         training pairs seen when the checkpoint was written (int)
 ``heads``, ``ffn``     total kept attention heads / FFN neurons (int)
@@ -23,6 +25,8 @@ Expected columns (all optional except the key):
 ``rr@10``,
 ``recall@100``
 ``num_queries``        judged queries the means are over (int)
+``run_queries``,       queries in the run, and how many of them the qrels judge (int)
+``judged_run_queries``
 ``fusion_weight``      method ``interpolate``: the model's weight against the first stage
 ``cpu_ms_worst``,      CPU latency per query (ms), worst-case lengths: mean and std
 ``cpu_ms_worst_std``
@@ -59,7 +63,7 @@ from .evaluation import CONVENTIONS, atomic_write_text
 KEY = ("checkpoint", "topics")
 
 #: Display order of methods in the table; methods not listed follow alphabetically.
-METHOD_ORDER = ("bm25", "initial", "heads", "ffn", "mixed", "reshaped")
+METHOD_ORDER = ("bm25", "base", "initial", "heads", "ffn", "mixed", "recover", "reshaped")
 
 MISSING = "–"
 
@@ -83,6 +87,7 @@ _TIMING_COLUMNS = (
 _COST_COLUMNS = (
     ("GMACs (fvcore)", "flops_macs", 1e-9, 2),
     ("Params (M)", "params", 1e-6, 1),
+    ("Cross-segment attention (%)", "cross_attention", 100.0, 2),
 )
 
 

@@ -116,7 +116,13 @@ class PruningState:
     @classmethod
     def load(cls, directory: str | Path) -> "PruningState":
         path = Path(directory, "pruning.json")
-        return cls.from_json(json.loads(path.read_text()), str(path))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a pruning state (a JSON object with 'format')")
+        return cls.from_json(data, str(path))
 
 
 # -- masks in the forward pass ----------------------------------------------------------------

@@ -21,7 +21,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 import transformers
@@ -30,15 +29,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from common.data import DataError, TriplesStream, read_candidates, read_qrels, read_teacher_scores
+from common.data import (DataError, TriplesStream, open_text, read_candidates, read_qrels,
+                         read_teacher_scores)
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
                              relevance_logit, save_model, score_pairs)
+from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact
+from common.segment import is_segment
 from common.surgery import zero_dead_weights
 
 log = logging.getLogger("slimrank")
 
-STATE_FILE = "trainer_state.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -90,6 +90,12 @@ class TrainArgs:
                 "--distill_loss kl); --batch_size counts (query, passage) pairs either way"})
     model_kind: Optional[str] = field(default=None, metadata={
         "help": "cross (default) or bi, for a fresh start; checkpoints know their kind"})
+    head: Optional[str] = field(default=None, metadata={
+        "help": "cross-encoder head for a fresh start: classifier (monoBERT, 2 labels; default) or "
+                "segment_cosine (starts as the model's own bi-encoder: common.segment)"})
+    gate_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "segment_cosine head: peak LR of the cross-segment attention gates (default: "
+                "--learning_rate; they start shut at 0 and a gate of 1 is full attention)"})
     pooling: Optional[str] = field(default=None, metadata={
         "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
     temperature: float = field(default=0.02, metadata={
@@ -99,8 +105,26 @@ class TrainArgs:
     distill_target: str = field(default="scores", metadata={
         "help": "with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    allow_eval_overlap: bool = field(default=False, metadata={
+        "help": "train even though some training queries are queries of --eval_candidates_file "
+                "(refused by default: monitoring on training queries is no held-out measure)"})
+
+    RANGES = {  # (low, high, low_open, high_open): common.cli.check_ranges
+        "num_training_samples": (0, None, True, False), "num_checkpoint_samples": (0, None, False, False),
+        "learning_rate": (0, None, True, False), "gate_learning_rate": (0, None, True, False),
+        "batch_size": (0, None, True, False), "warmup_fraction": (0, 1, False, True),
+        "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, True, False),
+        "max_length": (4, None, False, False), "seen_pairs": (0, None, False, False),
+        "threads": (1, None, False, False), "eval_batch_size": (1, None, False, False),
+        "eval_max_queries": (1, None, False, False), "log_every": (1, None, False, False),
+        "distill_weight": (0, None, False, False), "distill_scale": (0, None, True, False),
+        "temperature": (0, None, True, False), "contrastive_weight": (0, None, False, False),
+    }
 
     def validate(self) -> None:
+        from common.cli import check_ranges
+
+        check_ranges(self, self.RANGES)
         if self.group_size < 2:
             raise ValueError(f"--group_size must be >= 2, got {self.group_size}")
         if self.batch_size < self.group_size or self.batch_size % self.group_size:
@@ -124,6 +148,8 @@ class TrainArgs:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.model_kind not in (None, "cross", "bi"):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
+        if self.head not in (None, "classifier", "segment_cosine"):
+            raise ValueError(f"--head must be classifier or segment_cosine, got {self.head!r}")
         if self.distill_target not in ("scores", "embeddings"):
             raise ValueError(f"--distill_target must be scores or embeddings, got {self.distill_target!r}")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
@@ -172,7 +198,57 @@ def library_versions() -> dict:
 
 def read_trainer_state(directory: str | Path) -> dict | None:
     path = Path(directory, STATE_FILE)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(state, dict) or not {"stage", "seen_pairs", "step", "args"} <= set(state):
+        raise DataError(f"{path}: not a trainer state (needs stage, seen_pairs, step, args)")
+    return state
+
+
+def read_source_state(directory: str | Path) -> dict | None:
+    """The trainer state of a start/resume checkpoint: None for a plain model dir; an error for
+    a training checkpoint (it has optimizer.pt) whose trainer_state.json is gone."""
+    if not Path(directory).exists():
+        raise DataError(f"--checkpoint_dir {directory}: no such directory")
+    state = read_trainer_state(directory)
+    if state is None and Path(directory, "optimizer.pt").exists():
+        raise DataError(f"{directory}: {STATE_FILE} is missing: a training checkpoint cannot be "
+                        "resumed or continued without it")
+    return state
+
+
+def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
+    """Training queries (the first field of every line) must not be evaluation queries."""
+    evaluated = set(read_candidates(candidates_file)["query"].astype(str).str.strip())
+    with open_text(triples_file) as f:
+        shared = {q for q in (line.split("\t", 1)[0].strip() for line in f) if q in evaluated}
+    if shared:
+        raise DataError(f"{triples_file}: {len(shared)} training queries are queries of "
+                        f"{candidates_file} (e.g. {sorted(shared)[0]!r}); monitor on held-out "
+                        "queries, or pass --allow_eval_overlap to train anyway")
+
+
+# TrainArgs fields a resumed stage may change; every other one must equal the checkpoint's
+RESUME_MAY_CHANGE = frozenset({
+    "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
+    "eval_batch_size", "eval_max_queries", "threads", "device", "log_every", "overwrite",
+    "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling"})  # the checkpoint knows these
+
+
+def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:
+    if not Path(checkpoint_dir, "optimizer.pt").exists():
+        raise DataError(f"{checkpoint_dir} has no optimizer.pt (a reshaped model?): it cannot be "
+                        "resumed; start a new stage from it instead")
+    saved = state.get("args", {})
+    changed = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
+                         "(these must match the checkpoint's trainer_state.json)")
 
 
 class Callback:
@@ -201,20 +277,22 @@ class Trainer:
         if args.batch_size % (args.group_size * self.world_size):
             raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
                              f"into whole rows of {args.group_size} passages over {self.world_size} processes")
-        source_state = read_trainer_state(args.checkpoint_dir) if args.checkpoint_dir else None
+        source_state = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
         self.resuming = bool(source_state and source_state["stage"] == stage)
+        if self.resuming:
+            check_resume_args(args, source_state, args.checkpoint_dir)
         self.output_dir = Path(args.output_dir)
-        if self.is_main:
-            self._prepare_output_dir()
-        barrier()
+        self._backup: Path | None = None
 
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
-                            kind=args.model_kind, pooling=args.pooling)
+                            kind=args.model_kind, pooling=args.pooling,
+                            head=None if args.checkpoint_dir else args.head)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.kind = loaded.kind
-        if self.kind == "cross" and args.distill_target == "embeddings":
-            raise ValueError("--distill_target embeddings needs a bi-encoder")
+        self.segment = is_segment(self.model)
+        if self.kind == "cross" and args.distill_target == "embeddings" and not self.segment:
+            raise ValueError("--distill_target embeddings needs a bi-encoder or the segment_cosine head")
         if self.kind == "bi" and (args.group_size != 2 or args.distill_loss != "margin_mse"):
             raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
@@ -228,6 +306,12 @@ class Trainer:
         self.teacher_scores = None  # (rows, group_size), already multiplied by distill_scale
         if args.distill_scores:
             self.teacher_scores = read_teacher_scores(args.distill_scores, args.group_size) * args.distill_scale
+        if args.eval_candidates_file and not args.allow_eval_overlap:
+            check_no_eval_overlap(args.train_triples_file, args.eval_candidates_file)
+        # every input is loaded: only now may an old output dir be moved aside
+        if self.is_main:
+            self._prepare_output_dir()
+        barrier()
 
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
@@ -247,21 +331,62 @@ class Trainer:
         self._eval_data = None
 
     # -- set-up ----------------------------------------------------------------------------
+    def _inputs(self) -> dict[str, Path]:
+        a = self.args
+        named = {"--train_triples_file": a.train_triples_file, "--checkpoint_dir": a.checkpoint_dir,
+                 "--distill_scores": a.distill_scores, "--distill_from": a.distill_from,
+                 "--eval_candidates_file": a.eval_candidates_file, "--eval_qrels_file": a.eval_qrels_file,
+                 "--model_tag": a.model_tag if a.model_tag and Path(a.model_tag).exists() else None}
+        return {flag: Path(v).resolve() for flag, v in named.items() if v}
+
     def _prepare_output_dir(self) -> None:
+        """Refuse an output dir that is, holds or lies inside an input; with --overwrite, move
+        an old run aside (``.<name>.replaced``) and delete it only once this stage has ended
+        (a failed stage puts it back). Only run artifacts may be in the way: anything else in
+        the old dir is an error, never deleted."""
         out = self.output_dir
-        inside = self.resuming and Path(self.args.checkpoint_dir).resolve().parent == out.resolve()
+        real = out.resolve()
+        inside = self.resuming and Path(self.args.checkpoint_dir).resolve().parent == real
+        for flag, path in self._inputs().items():
+            if inside and flag == "--checkpoint_dir":
+                continue
+            if path == real or real in path.parents:
+                raise ValueError(f"--output_dir {out} holds the input {flag} {path}: choose another "
+                                 "output dir")
         if out.exists() and any(out.iterdir()) and not inside:
             if not self.args.overwrite:
                 raise FileExistsError(f"output_dir {out} is not empty (use --overwrite to replace it)")
-            shutil.rmtree(out)
+            foreign = sorted(p.name for p in out.iterdir() if not is_run_artifact(p))
+            if foreign:
+                raise FileExistsError(f"--overwrite refuses to delete {out}: it holds files this "
+                                      f"script did not write: {', '.join(foreign[:5])}")
+            self._backup = out.with_name(f".{out.name}.replaced")
+            if self._backup.exists():
+                shutil.rmtree(self._backup)  # the aside copy of an earlier overwrite that failed
+            os.replace(out, self._backup)
         out.mkdir(parents=True, exist_ok=True)
 
+    def _finish_backup(self, ok: bool) -> None:
+        if not (self.is_main and self._backup and self._backup.exists()):
+            return
+        if ok:
+            shutil.rmtree(self._backup)
+        else:  # the new stage failed: put the old run back
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            os.replace(self._backup, self.output_dir)
+        self._backup = None
+
     def _param_groups(self) -> list[dict]:
-        """AdamW weight decay on matrices only: none on LayerNorm weights and biases."""
-        decay = [p for p in self.model.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
-        return [{"params": decay, "weight_decay": self.args.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
+        segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
+        gates = [self.model.cross_gate] if self.segment else []
+        rest = [p for p in self.model.parameters() if not any(p is g for g in gates)]
+        groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": self.args.weight_decay},
+                  {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
+        if gates:
+            groups.append({"params": gates, "weight_decay": 0.0,
+                           "lr": self.args.gate_learning_rate or self.args.learning_rate})
+        return groups
 
     def _load_training_state(self, ckpt: Path, state: dict) -> None:
         load = lambda name: torch.load(ckpt / name, map_location=self.device, weights_only=True)  # noqa: E731
@@ -295,6 +420,15 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train(self) -> Path | None:
+        try:
+            last = self._train()
+        except BaseException:
+            self._finish_backup(ok=False)
+            raise
+        self._finish_backup(ok=True)
+        return last
+
+    def _train(self) -> Path | None:
         args = self.args
         n = args.group_size
         triples_per_step = args.batch_size // n // self.world_size  # this rank's share of rows
@@ -381,37 +515,49 @@ class Trainer:
         return loss.item(), parts
 
     def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
+        """Cross-encoder step: the task loss (margin-MSE / listwise KL to the teacher scores of
+        --distill_scores, else labels: cross-entropy of the 2-label head, or for the segment
+        head a softmax over each row's passages, the first relevant), plus, with
+        --distill_from, distill_weight x margin-MSE to that model's scores or (segment head)
+        the squared L2 between its and the student's segment embeddings."""
         if self.kind == "bi":
             return self._bi_step(triples)
         n = self.args.group_size
         queries = [row[0] for row in triples for _ in range(n)]
         passages = [x for row in triples for x in row[1:]]
-        batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length).to(self.device)
+        batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length,
+                             self.model).to(self.device)
         self._last_batch = batch
         with autocast_context(self.device, self.args.precision):
-            logits = self.forward_model(**batch).logits.float()
+            output = self.forward_model(**batch)
+        logits = output.logits.float()
+        student = relevance_logit(logits).view(len(triples), n)
         if self.teacher_scores is not None:
             teacher = self._teacher_rows(len(triples))
-            student = relevance_logit(logits).view(len(triples), n)
             if self.args.distill_loss == "kl":  # listwise: KL(teacher softmax || student softmax)
-                loss = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
+                task = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
                                 log_target=True, reduction="batchmean")
             else:
-                loss = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
-            self._update(loss)
-            return loss.item(), {}
-        labels = torch.tensor([1, 0] * len(triples), device=self.device)
-        ce = F.cross_entropy(logits, labels)
-        loss, parts = ce, {}
-        if self.teacher is not None:
-            with torch.no_grad(), autocast_context(self.device, self.args.precision):
-                teacher = relevance_logit(self.teacher(**batch).logits.float())
-            student = relevance_logit(logits)
-            margin_mse = F.mse_loss(student[0::2] - student[1::2], teacher[0::2] - teacher[1::2])
-            loss = ce + self.args.distill_weight * margin_mse
-            parts = {"ce": ce.item(), "margin_mse": margin_mse.item()}
+                task = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
+        elif self.segment:
+            task = F.cross_entropy(student, torch.zeros(len(triples), dtype=torch.long,
+                                                        device=self.device))
+        else:
+            task = F.cross_entropy(logits, torch.tensor([1, 0] * len(triples), device=self.device))
+        if self.teacher is None:
+            self._update(task)
+            return task.item(), {}
+        with torch.no_grad(), autocast_context(self.device, self.args.precision):
+            t_out = self.teacher(**batch)
+        if self.args.distill_target == "embeddings":
+            distill = sum(((getattr(output, k) - getattr(t_out, k).float()) ** 2).sum(-1).mean()
+                          for k in ("query_embeddings", "passage_embeddings"))
+        else:
+            teacher = relevance_logit(t_out.logits.float()).view(len(triples), n)
+            distill = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
+        loss = task + self.args.distill_weight * distill
         self._update(loss)
-        return loss.item(), parts
+        return loss.item(), {"task": task.item(), "distill": distill.item()}
 
     def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -462,8 +608,7 @@ class Trainer:
         return means
 
     def checkpoint_name(self) -> str:
-        name = f"seen_{self.seen_pairs:09d}"
-        return name if self.stage == "initial" else f"{name}_{self.state.tag()}"
+        return checkpoint_name(self.seen_pairs, None if self.stage == "initial" else self.state.tag())
 
     def _rng_file(self) -> str:
         return "rng.pt" if self.rank == 0 else f"rng_rank{self.rank}.pt"
@@ -501,9 +646,15 @@ class Trainer:
                  "versions": library_versions(), "metrics": self.metrics,
                  "callback": self.callback.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # replace it without a moment where neither copy exists
+            old = final.with_name(f".old-{final.name}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
         self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
         tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")

@@ -20,7 +20,7 @@ RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.
      --repeats 3 --latency_queries 5)
 PRUNED=()
 for kind in heads ffn mixed; do
-  last=$(ls -d "$RUN/$kind"/seen_* | tail -n 1)
+  last=$($PY -m common.rundir latest "$RUN/$kind")
   $PY 04_reshape.py --checkpoint_dir "$last"
   PRUNED+=("$last/reshaped")
 done

@@ -34,7 +34,7 @@ def no_dropout_model(directory: Path) -> Path:
 def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> Trainer:
     args = TrainArgs(train_triples_file=triples, output_dir=out, num_training_samples=pairs,
                      model_tag=model, batch_size=16, max_length=32, learning_rate=1e-3, seed=1,
-                     threads=1)
+                     threads=1, head="segment_cosine" if kind.startswith("segment") else None)
     if kind == "initial":
         return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
     callback = PruneCallback("heads", PruneArgs(target_sparsity=0.25, score_fraction=1.0))
@@ -63,7 +63,7 @@ def model_dir(tmp_path_factory) -> str:
     return str(no_dropout_model(tmp_path_factory.mktemp("nodrop") / "m"))
 
 
-@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48)])
+@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48), ("segment_heads", 48)])
 def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
     from conftest import write_toy_triples
 
@@ -78,7 +78,7 @@ def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
     a, b = load_file(str(single_end / "model.safetensors")), load_file(str(ddp_end / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    if kind == "heads":
+    if kind.endswith("heads"):
         ha = json.loads((single_end / "pruning.json").read_text())["history"]
         hb = json.loads((ddp_end / "pruning.json").read_text())["history"]
         assert len(ha) == 2

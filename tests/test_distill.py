@@ -149,10 +149,10 @@ def tiny_teacher(tmp_path_factory):
                               {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
 
 
-def _build(sources, out, index, teacher, seed=7):
+def _build(sources, out, index, teacher, seed=7, progress=False):
     queries, collection = sources
     return build_distillation_set(queries, collection, out, index_dir=index, k=30,
-                                  pairs_per_query=8, seed=seed, teacher=teacher, progress=False)
+                                  pairs_per_query=8, seed=seed, teacher=teacher, progress=progress)
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +212,12 @@ def test_build_aligns_triples_and_teacher_scores(built, tiny_sources, tiny_teach
 
 @needs_shared
 @needs_pyserini
-def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher):
+def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher, capsys):
     root, _ = built
-    again = _build(tiny_sources, root / "b", root / "index", tiny_teacher)
+    again = _build(tiny_sources, root / "b", root / "index", tiny_teacher, progress=True)
     assert again["index"] == {"reused": True}
+    # the progress path (what the recipes run) reports the set it wrote
+    assert f"{again['pairs']} triples in" in capsys.readouterr().out
     for name in ("triples.tsv",):
         assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(root / "a" / "pairs.parquet"),
@@ -234,6 +236,21 @@ def test_embedded_default_sources_exclude_dl20():
     assert len(queries) >= 6980 + 53 + 76 - 5
     assert all(d.startswith("msmarco_passage_") for d in collection)
     assert not set(collection) & set(read_candidates_json(SHARED / "dl20" / "bm25.json")["docid"])
+
+
+@needs_shared
+def test_holdout_topics_are_judged_dl21_lists(tmp_path):
+    from common.data import read_qrels
+    from common.distill import write_holdout
+
+    chosen = write_holdout(str(SHARED), 20, tmp_path)
+    judged = read_qrels(SHARED / "dl21" / "qrels.txt")
+    assert len(chosen) == len(set(chosen)) == 20 and set(chosen) <= set(judged)
+    cands = read_candidates(tmp_path / "holdout.candidates.parquet")
+    assert set(cands["qid"]) == set(chosen) and len(cands) == 20 * 100
+    assert set(read_qrels(tmp_path / "holdout.qrels.txt")) == set(chosen)
+    with pytest.raises(DataError, match="judged topics"):
+        write_holdout(str(SHARED), 1000, tmp_path / "x")
 
 
 def test_listwise_groups_span_the_ranking_and_align_with_scores(tmp_path):

@@ -60,10 +60,17 @@ def test_refuses_non_empty_output_dir(tiny_models, toy_triples, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--overwrite"):
         Trainer(args_for(tiny_models["bert"], toy_triples, out, 16), "initial", warmup_linear)
+    # --overwrite replaces only what a run wrote: a foreign file is refused, and kept
+    with pytest.raises(FileExistsError, match="keep.txt"):
+        Trainer(args_for(tiny_models["bert"], toy_triples, out, 16, overwrite=True), "initial",
+                warmup_linear)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    (out / "seen_000000008").mkdir()  # an old run's checkpoint
     Trainer(args_for(tiny_models["bert"], toy_triples, out, 16, overwrite=True), "initial",
             warmup_linear).train()
-    assert not (out / "keep.txt").exists() and (out / "seen_000000016").is_dir()
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "seen_000000016"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_short_stream_is_an_error(tiny_models, toy_triples, tmp_path):

@@ -1,0 +1,77 @@
+"""The run directory: checkpoint names, listing, the latest checkpoint, where outputs go.
+
+A run (``runs/<run>/<stage dir>/``) holds one directory per checkpoint, named
+``seen_{pairs:09d}`` (training) or ``seen_{pairs:09d}_heads_{H:03d}_ffn_{F:05d}`` (pruning),
+plus ``metrics.jsonl``. A checkpoint's reshaped model goes to ``<checkpoint>/reshaped/`` and
+its evaluations to ``<checkpoint>/eval/``. Recipes ask for the newest checkpoint with
+``python -m common.rundir latest RUN_DIR`` (by seen pairs, not by name order).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+PREFIX = "seen_"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+PRUNING_FILE = "pruning.json"
+RESHAPED = "reshaped"
+EVAL = "eval"
+_NAME = re.compile(r"^seen_(\d{9})(?:_heads_\d{3}_ffn_\d{5})?$")
+
+
+def checkpoint_name(seen_pairs: int, structure_tag: str | None = None) -> str:
+    name = f"{PREFIX}{seen_pairs:09d}"
+    return f"{name}_{structure_tag}" if structure_tag else name
+
+
+def seen_pairs_of(path: str | Path) -> int | None:
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run dir (temporary ``.tmp-*`` dirs excluded), oldest first."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and seen_pairs_of(p) is not None
+             and (p / PRUNING_FILE).exists()] if Path(run_dir).is_dir() else []
+    return sorted(found, key=lambda p: (seen_pairs_of(p), p.name))
+
+
+def latest(run_dir: str | Path) -> Path:
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (seen_*/ with {PRUNING_FILE})")
+    return found[-1]
+
+
+def is_run_artifact(path: str | Path) -> bool:
+    """What a training stage writes into its output dir: checkpoints (also half-written
+    ``.tmp-`` / replaced ``.old-`` ones) and the metrics log."""
+    name = Path(path).name
+    for prefix in (".tmp-", ".old-"):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    return seen_pairs_of(name) is not None or name == METRICS_FILE
+
+
+def run_name(checkpoint: str | Path) -> str:
+    """The run directory's name (``runs/<run>/seen_.../[reshaped]``), else the argument."""
+    path = Path(checkpoint)
+    for part in (path, *path.parents):
+        if seen_pairs_of(part) is not None:
+            return part.parent.name
+    return str(checkpoint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "latest":
+        sys.exit("usage: python -m common.rundir latest RUN_DIR")
+    try:
+        print(latest(argv[1]))
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
