@@ -45,10 +45,21 @@ def refuse_existing(paths, overwrite: bool) -> None:
 
 
 def write_outputs(df: pd.DataFrame, args) -> None:
-    data.write_candidates(df, args.output)
+    """The candidates parquet and (optionally) its run file appear together or not at all:
+    both are written to temporary names first and renamed only when both are complete."""
+    try:
+        if args.run_file:
+            with data.atomic_output(args.output) as parquet_tmp, \
+                    data.atomic_output(args.run_file) as run_tmp:
+                data.write_candidates(df, parquet_tmp)
+                write_trec_run(data.candidates_to_run(df), run_tmp, tag=args.tag)
+        else:
+            data.write_candidates(df, args.output)
+    except (data.DataError, ValueError) as err:
+        names = args.output + (f" and {args.run_file}" if args.run_file else "")
+        sys.exit(f"error: nothing written to {names}: {' '.join(str(err).split())}")
     print(f"wrote {args.output}: {df['qid'].nunique()} queries, {len(df)} candidates")
     if args.run_file:
-        write_trec_run(data.candidates_to_run(df), args.run_file, tag=args.tag)
         print(f"wrote {args.run_file} (first-stage ranking)")
 
 

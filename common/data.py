@@ -71,18 +71,30 @@ def open_text(path: str | os.PathLike, mode: str = "rt", newline: str | None = N
     return open(path, mode.replace("t", ""), encoding="utf-8", newline=newline)
 
 
-def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` (1-based, line ending removed) of a plain or .gz file.
-
-    Undecodable bytes and corrupt or truncated gzip streams become ``DataError`` naming
-    the file and the last line read."""
+def decoded_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a plain or .gz UTF-8 file, line endings kept, each decoded on its own so
+    that undecodable bytes are reported at their own line; a corrupt or truncated gzip stream
+    becomes ``DataError`` naming the last line read."""
     line_number = 0
     try:
-        with open_text(path) as f:
-            for line_number, line in enumerate(f, start=1):
-                yield line_number, line.rstrip("\r\n")
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as f:
+            for line_number, raw in enumerate(f, start=1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: line {line_number}: not UTF-8 ({e.reason} at byte "
+                                    f"{e.start} of the line)") from None
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise DataError(f"{path}: no such file") from None
         raise DataError(f"{path}: cannot read after line {line_number}: {e}") from e
+
+
+def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` (1-based, line ending removed) of a plain or .gz file
+    (:func:`decoded_lines`)."""
+    for line_number, line in enumerate(decoded_lines(path), start=1):
+        yield line_number, line.rstrip("\r\n")
 
 
 @contextmanager
@@ -619,29 +631,29 @@ class TriplesStream:
 
     def __iter__(self) -> Iterator[tuple[str, ...]]:
         self.line_number = 0
-        with open_text(self.path, newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            index = 0
-            while True:
-                try:
-                    row = next(reader, None)
-                except csv.Error as e:
-                    raise DataError(f"{self.path}: line {reader.line_num}: {e}") from e
-                except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-                    raise DataError(f"{self.path}: cannot read after line {reader.line_num}: {e}") from e
-                if row is None:
-                    return
-                self.line_number = reader.line_num
-                if len(row) != self.passages + 1 or not all(field.strip() for field in row):
-                    what = ("query, positive, negative" if self.passages == 2
-                            else f"query, then {self.passages} passages")
-                    raise DataError(
-                        f"{self.path}: line {self.line_number}: expected {self.passages + 1} non-empty "
-                        f"tab-separated fields ({what}), got {len(row)} fields"
-                    )
-                if index >= self.skip_triples and (index - self.skip_triples) % self.world_size == self.rank:
-                    yield tuple(row)
-                index += 1
+        reader = csv.reader(decoded_lines(self.path), delimiter="\t", quoting=csv.QUOTE_NONE)
+        names = (["query", "positive", "negative"] if self.passages == 2
+                 else ["query"] + [f"passage {i + 1}" for i in range(self.passages)])
+        index = 0
+        while True:
+            try:
+                row = next(reader, None)
+            except csv.Error as e:
+                raise DataError(f"{self.path}: line {reader.line_num}: {e}") from e
+            if row is None:
+                return
+            self.line_number = reader.line_num
+            if len(row) != self.passages + 1:
+                raise DataError(
+                    f"{self.path}: line {self.line_number}: expected {self.passages + 1} non-empty "
+                    f"tab-separated fields ({', '.join(names)}), got {len(row)} fields")
+            empty = [names[i] for i, field in enumerate(row) if not field.strip()]
+            if empty:
+                raise DataError(f"{self.path}: line {self.line_number}: empty field: "
+                                f"{', '.join(empty)}")
+            if index >= self.skip_triples and (index - self.skip_triples) % self.world_size == self.rank:
+                yield tuple(row)
+            index += 1
 
 
 def teacher_columns(group_size: int) -> list[str]:

@@ -101,6 +101,9 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
+    if Path(path, "trainer_state.json").exists() and not Path(path, "pruning.json").exists():
+        raise ValueError(f"{path}: a slimrank checkpoint without pruning.json: its structure "
+                         "(kept heads and neurons) is unknown, so it cannot be loaded")
     if head not in (None, *HEADS):
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if Path(path, "pruning.json").exists():

@@ -24,7 +24,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TIMING=(--repeats 1 --latency_queries 1); BENCH=(--queries 1 --rounds 2)
 else
   RUN=${RUN:-runs/main}; DATA=${DATA:-data}; FIGURES=${FIGURES:-figures}
-  TRAIN_PAIRS=${TRAIN_PAIRS:-2048}; PRUNE_PAIRS=${PRUNE_PAIRS:-8192}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-6144}
+  TRAIN_PAIRS=${TRAIN_PAIRS:-2048}; PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}
   SUBSET=(--holdout 20); EVAL_SUBSET=()
   TIMING=(--repeats 3 --latency_queries 5); BENCH=(--queries 3 --rounds 5)
 fi
@@ -62,7 +62,7 @@ INITIAL=$(latest "$RUN/initial")
 step "4/9 mixed pruning of all layers (heads + FFN, activation importance) while distilling: $PRUNE_PAIRS pairs"
 DISTILL_INITIAL=(--distill_from "$INITIAL" --distill_target embeddings --distill_weight 10 --learning_rate 1e-4)
 $PY 03c_prune_mixed.py initial --checkpoint_dir "$INITIAL" --output_dir "$RUN/mixed" \
-  --num_training_samples "$PRUNE_PAIRS" --num_prune_cycles 4 --target_heads 48 --target_ffn 768 \
+  --num_training_samples "$PRUNE_PAIRS" --num_prune_cycles 4 --target_heads 54 --target_ffn 768 \
   --importance activation --exclude_layers "" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) \
   "${DISTILL_INITIAL[@]}" "${TRAIN[@]}"
 PRUNED=$(latest "$RUN/mixed")

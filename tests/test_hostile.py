@@ -179,3 +179,36 @@ def test_garbage_pruning_json_is_one_error_line(run):
     refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "not valid JSON")
     (ckpt / "pruning.json").write_text(json.dumps({"format": "something else"}))
     refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "format")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not found")
+def test_prefetch_writes_both_outputs_or_neither(tmp_path):
+    out, run_file = tmp_path / "c.parquet", tmp_path / "c.run"
+    source = ["json", "--input", str(SHARED / "dl20/bm25.json"), "--output", str(out),
+              "--run_file", str(run_file)]
+    # a run tag with whitespace fails the run file: the parquet must not appear either
+    refused(prefetch, source + ["--tag", "two words"], "nothing written", str(out))
+    assert not out.exists() and not run_file.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    prefetch(source)
+    assert out.exists() and run_file.exists()
+
+
+def test_checkpoint_without_pruning_json_is_refused(run):
+    out, _ = run
+    ckpt = out / "seen_000000016"
+    (ckpt / "pruning.json").unlink()
+    refused(reshape, ["--checkpoint_dir", str(ckpt)], "without pruning.json")
+
+
+def test_bad_bytes_and_empty_fields_name_their_line(tmp_path):
+    from common.data import DataError, TriplesStream
+
+    path = tmp_path / "t.tsv"
+    good = "q\tp\tn\n" * 3000  # more than one read-ahead buffer before the bad line
+    path.write_bytes(good.encode() + b"q\tp \xff\xfe\tn\n")
+    with pytest.raises(DataError, match="line 3001: not UTF-8"):
+        list(TriplesStream(path))
+    path.write_text("q\tp\tn\nq\t \tn\n")
+    with pytest.raises(DataError, match="line 2: empty field: positive"):
+        list(TriplesStream(path))
