@@ -31,6 +31,9 @@ from common import data
 from common.evaluation import write_trec_run
 
 
+DL20_QRELS = "../shared/data/trec-dl/dl20/qrels.txt"
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -82,13 +85,26 @@ def cmd_trec(args) -> None:
     write_outputs(data.hydrate_run(run, queries, corpus, source=str(args.run)), args)
 
 
+def check_eval_topics(train_qids: set, args) -> None:
+    """Training topics never overlap the evaluation topics: those of --eval_candidates and the
+    judged qids of --eval_qrels (default: DL20, the evaluation set), unless --allow_eval_overlap."""
+    if args.allow_eval_overlap:
+        return
+    for path in args.eval_candidates:
+        data.check_disjoint(train_qids, set(data.read_candidates(path)["qid"]),
+                            f"training topics of {args.candidates} vs evaluation topics of {path} "
+                            "(--allow_eval_overlap to train on them anyway)")
+    if args.eval_qrels and Path(args.eval_qrels).is_file():
+        data.check_disjoint(train_qids, set(data.read_qrels(args.eval_qrels)),
+                            f"training topics of {args.candidates} vs judged topics of {args.eval_qrels} "
+                            "(--allow_eval_overlap to train on them anyway)")
+
+
 def cmd_triples(args) -> None:
     refuse_existing([args.output], args.overwrite)
     candidates = pd.concat([data.read_candidates(p) for p in args.candidates], ignore_index=True)
     qrels = data.read_qrels(args.qrels)
-    for path in args.eval_candidates:
-        data.check_disjoint(set(candidates["qid"]), set(data.read_candidates(path)["qid"]),
-                            f"training topics of {args.candidates} vs evaluation topics of {path}")
+    check_eval_topics(set(candidates["qid"]), args)
     triples = data.build_triples_from_qrels(
         candidates, qrels, seed=args.seed, min_positive_grade=args.min_positive_grade,
         negatives_per_positive=args.negatives_per_positive, include_unjudged=args.include_unjudged)
@@ -118,9 +134,7 @@ def cmd_mine(args) -> None:
 
     refuse_existing([args.output], args.overwrite)
     candidates = data.read_candidates(args.candidates)
-    for path in args.eval_candidates:
-        data.check_disjoint(set(candidates["qid"]), set(data.read_candidates(path)["qid"]),
-                            f"training topics of {args.candidates} vs evaluation topics of {path}")
+    check_eval_topics(set(candidates["qid"]), args)
     a, b = (int(x) for x in args.range_for_sampling.split("-"))
     triples, stats = mine_hard_negatives(candidates, data.read_qrels(args.qrels), args.negative_number,
                                          (a, b), args.seed, args.min_positive_grade)
@@ -191,6 +205,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def eval_guard(p):  # training topics vs evaluation topics (check_eval_topics)
+        p.add_argument("--eval_candidates", nargs="*", default=[],
+                       help="evaluation topics: refuse if any training query is among them")
+        p.add_argument("--eval_qrels", default=DL20_QRELS,
+                       help="judged evaluation topics training may not use (default: DL20; '' for none)")
+        p.add_argument("--allow_eval_overlap", action="store_true",
+                       help="train on evaluation topics anyway (the numbers are then not held out)")
+
     def outputs(p, run=True):
         p.add_argument("--output", required=True, help="candidates parquet (zstd)")
         if run:
@@ -217,8 +239,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("triples", help="judged pools -> triples TSV")
     p.add_argument("--candidates", nargs="+", required=True, help="parquet(s) of the training topics")
     p.add_argument("--qrels", required=True)
-    p.add_argument("--eval_candidates", nargs="*", default=[],
-                   help="evaluation topics: refuse if any training query is among them")
+    eval_guard(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--min_positive_grade", type=int, default=2)
     p.add_argument("--negatives_per_positive", type=int, default=4)
@@ -241,7 +262,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("mine", help="hard negatives from a first-stage candidates parquet -> triples")
     p.add_argument("--candidates", required=True)
     p.add_argument("--qrels", required=True)
-    p.add_argument("--eval_candidates", nargs="*", default=[])
+    eval_guard(p)
     p.add_argument("--negative_number", type=int, default=7)
     p.add_argument("--range_for_sampling", default="10-100", help="ranks a-b (1-based, inclusive)")
     p.add_argument("--min_positive_grade", type=int, default=2)

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from common.rundir import replace_dir
 from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.surgery import Masks, PruningState, reshape, restructure_for_loading
 
@@ -211,15 +212,7 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     if Path(checkpoint_dir, "trainer_state.json").exists():
         shutil.copy(Path(checkpoint_dir, "trainer_state.json"), tmp / "trainer_state.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # the new model is complete: only now does the old one go
-        old = out.with_name(f".old-{out.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)  # the new model is complete: only now does the old one go
     return out, before, after
 
 

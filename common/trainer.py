@@ -33,7 +33,7 @@ from common.data import (DataError, TriplesStream, open_text, read_candidates, r
                          read_teacher_scores)
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
                              relevance_logit, save_model, score_pairs)
-from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact
+from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import is_segment
 from common.surgery import zero_dead_weights
 
@@ -646,15 +646,7 @@ class Trainer:
                  "versions": library_versions(), "metrics": self.metrics,
                  "callback": self.callback.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():  # replace it without a moment where neither copy exists
-            old = final.with_name(f".old-{final.name}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
         self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
         tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")

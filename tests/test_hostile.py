@@ -212,3 +212,16 @@ def test_bad_bytes_and_empty_fields_name_their_line(tmp_path):
     path.write_text("q\tp\tn\nq\t \tn\n")
     with pytest.raises(DataError, match="line 2: empty field: positive"):
         list(TriplesStream(path))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not found")
+def test_triples_from_the_evaluation_topics_are_refused_by_default(tmp_path):
+    dl20 = tmp_path / "dl20.parquet"
+    prefetch(["json", "--input", str(SHARED / "dl20/bm25.json"), "--output", str(dl20)])
+    out = tmp_path / "t.tsv"
+    args = ["triples", "--candidates", str(dl20), "--qrels", str(SHARED / "dl20/qrels.txt"),
+            "--eval_qrels", str(SHARED / "dl20/qrels.txt"), "--output", str(out)]
+    refused(prefetch, args, "judged topics", "--allow_eval_overlap")
+    assert not out.exists()
+    prefetch(args + ["--allow_eval_overlap"])
+    assert out.exists()
