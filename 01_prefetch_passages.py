@@ -28,17 +28,11 @@ from pathlib import Path
 import pandas as pd
 
 from common import data
+from common.cli import nonneg_int, positive_float, positive_int, unit_float
 from common.evaluation import write_trec_run
 
 
 DL20_QRELS = "../shared/data/trec-dl/dl20/qrels.txt"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def refuse_existing(paths, overwrite: bool) -> None:
@@ -241,8 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--qrels", required=True)
     eval_guard(p)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--min_positive_grade", type=int, default=2)
-    p.add_argument("--negatives_per_positive", type=int, default=4)
+    p.add_argument("--min_positive_grade", type=nonneg_int, default=2)
+    p.add_argument("--negatives_per_positive", type=positive_int, default=4)
     p.add_argument("--include_unjudged", action="store_true",
                    help="unjudged first-stage candidates count as negatives too")
     outputs(p, run=False)
@@ -252,10 +246,10 @@ def main(argv=None) -> None:
     p.add_argument("--collection", help="JSONL {id, contents} or TSV id<TAB>text to index first")
     p.add_argument("--index", required=True, help="Lucene index dir (built here with --collection)")
     p.add_argument("--queries", required=True, help="qid<TAB>query")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--k1", type=float, default=0.9)
-    p.add_argument("--b", type=float, default=0.4)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--k", type=positive_int, default=100)
+    p.add_argument("--k1", type=positive_float, default=0.9)
+    p.add_argument("--b", type=unit_float, default=0.4)
+    p.add_argument("--threads", type=positive_int, default=2)
     outputs(p)
     p.set_defaults(func=cmd_bm25)
 
@@ -263,9 +257,9 @@ def main(argv=None) -> None:
     p.add_argument("--candidates", required=True)
     p.add_argument("--qrels", required=True)
     eval_guard(p)
-    p.add_argument("--negative_number", type=int, default=7)
+    p.add_argument("--negative_number", type=positive_int, default=7)
     p.add_argument("--range_for_sampling", default="10-100", help="ranks a-b (1-based, inclusive)")
-    p.add_argument("--min_positive_grade", type=int, default=2)
+    p.add_argument("--min_positive_grade", type=nonneg_int, default=2)
     p.add_argument("--seed", type=int, default=42)
     outputs(p, run=False)
     p.set_defaults(func=cmd_mine)
@@ -273,25 +267,25 @@ def main(argv=None) -> None:
     p = sub.add_parser("teacher", help="teacher scores for a triples file (margin-MSE distillation)")
     p.add_argument("--triples", required=True)
     p.add_argument("--checkpoint", required=True, help="any checkpoint, tag or model dir")
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=positive_int, default=256)
+    p.add_argument("--batch_size", type=positive_int, default=64)
     outputs(p, run=False)
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("distill", help="the embedded default distillation set")
     p.add_argument("--output_dir", default="data/distill")
     p.add_argument("--shared", default="../shared/data/trec-dl")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--pairs_per_query", type=int, default=16)
+    p.add_argument("--k", type=positive_int, default=100)
+    p.add_argument("--pairs_per_query", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--teacher", default="all-MiniLM-L6-v2")
     p.add_argument("--max_queries", type=positive_int, help="miniature set: at most N training "
                    "queries (DL21/DL22 topics first)")
     p.add_argument("--max_passages", type=positive_int, help="miniature set: the first N passages")
-    p.add_argument("--holdout", type=int, default=0, metavar="N",
+    p.add_argument("--holdout", type=nonneg_int, default=0, metavar="N",
                    help="leave the first N judged DL21 topics out of training: their BM25 lists and "
                         "qrels go to OUTPUT_DIR/holdout.{candidates.parquet,qrels.txt} (monitoring)")
-    p.add_argument("--fusion_weight", type=float, help="teacher = w*minmax(cosine) + (1-w)*minmax(BM25) "
+    p.add_argument("--fusion_weight", type=unit_float, help="teacher = w*minmax(cosine) + (1-w)*minmax(BM25) "
                    "per query (default: the plain cosine)")
     p.add_argument("--from_set", help="re-derive from this set's candidates.parquet (no encoding); "
                    "needs --fusion_weight")
@@ -302,8 +296,8 @@ def main(argv=None) -> None:
                                       "from a distillation set's candidates")
     p.add_argument("--candidates", default="data/distill/candidates.parquet")
     p.add_argument("--output_dir", default="data/distill")
-    p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--groups_per_query", type=int, default=4)
+    p.add_argument("--group_size", type=positive_int, default=8)
+    p.add_argument("--groups_per_query", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--forbid_qrels", default="../shared/data/trec-dl/dl20/qrels.txt",
                    help="refuse candidates of these (evaluation) queries")

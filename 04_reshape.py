@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import fail
+from common.cli import fail, positive_int
 from common.modeling import reshape_checkpoint
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--keep_layers", type=int,
+    parser.add_argument("--keep_layers", type=positive_int,
                         help="layer-dropping baseline: keep only the first N layers")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")

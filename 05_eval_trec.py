@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from common.cli import fail
+from common.cli import fail, nonneg_int, positive_int, unit_float
 from common.data import DataError
 from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
 from common.results import append_results, has_result, load_results, write_table
@@ -39,18 +39,18 @@ def main(argv=None) -> None:
     p.add_argument("--topics", required=True, help="topic-set name in the results, e.g. dl20")
     p.add_argument("--results", default="runs/results.parquet")
     p.add_argument("--table", default="runs/results.md", help="markdown table regenerated from the results")
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=positive_int, default=256)
+    p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no_costs", action="store_true", help="quality only")
     p.add_argument("--no_latency", action="store_true", help="FLOPs and parameters, no timing")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--latency_queries", type=int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--latency_queries", type=positive_int, default=10)
     p.add_argument("--bf16_latency", action="store_true", help="also time bf16 autocast")
-    p.add_argument("--threads", type=int, help="torch threads for scoring and latency (default: torch's)")
-    p.add_argument("--interpolate", type=float, nargs="+", default=[], metavar="WEIGHT",
+    p.add_argument("--threads", type=positive_int, help="torch threads for scoring and latency (default: torch's)")
+    p.add_argument("--interpolate", type=unit_float, nargs="+", default=[], metavar="WEIGHT",
                    help="also evaluate weight*minmax(model) + (1-weight)*minmax(first stage) per query "
                         "(quality-only rows, method 'interpolate')")
     p.add_argument("--model_kind", choices=["cross", "bi"],

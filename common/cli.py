@@ -9,6 +9,36 @@ from transformers import HfArgumentParser
 from common.data import DataError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the flag is named in argparse's error line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1] (weights, fractions)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
+
+
 def check_ranges(args, ranges: dict[str, tuple]) -> None:
     """Numeric arguments within their ranges: ``{field: (low, high, low_open, high_open)}``,
     ``None`` for an unbounded side; an unset (None) optional argument is not checked. Raises

@@ -389,10 +389,17 @@ class Trainer:
         return groups
 
     def _load_training_state(self, ckpt: Path, state: dict) -> None:
-        load = lambda name: torch.load(ckpt / name, map_location=self.device, weights_only=True)  # noqa: E731
+        def load(name: str, device=self.device):
+            try:  # weights_only: a pickled object other than tensors and containers is refused
+                return torch.load(ckpt / name, map_location=device, weights_only=True)
+            except FileNotFoundError:
+                raise DataError(f"{ckpt / name}: missing: the checkpoint cannot be resumed") from None
+            except Exception as err:  # corrupt file, refused pickle
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise DataError(f"{ckpt / name}: unreadable or unsafe: {first}") from None
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
-        rng = torch.load(ckpt / self._rng_file(), weights_only=True)
+        rng = load(self._rng_file(), device="cpu")  # RNG states are CPU tensors
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -225,3 +225,29 @@ def test_triples_from_the_evaluation_topics_are_refused_by_default(tmp_path):
     assert not out.exists()
     prefetch(args + ["--allow_eval_overlap"])
     assert out.exists()
+
+
+def test_corrupt_or_unsafe_optimizer_state_is_one_error_line(run):
+    import pickle
+
+    out, triples = run
+    half = out / "seen_000000008"
+    base = ["--checkpoint_dir", str(half), "--train_triples_file", str(triples), "--output_dir",
+            str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8", *A]
+    (half / "optimizer.pt").write_bytes(b"garbage")
+    refused(train, base, "optimizer.pt", "unreadable or unsafe")
+    (half / "optimizer.pt").write_bytes(pickle.dumps(print))  # a pickled callable: refused
+    refused(train, base, "optimizer.pt", "unreadable or unsafe")
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    ("eval", ["--repeats", "0"], "--repeats"), ("eval", ["--interpolate", "1.5"], "--interpolate"),
+    ("prefetch", ["distill", "--pairs_per_query", "0"], "--pairs_per_query"),
+    ("reshape", ["--checkpoint_dir", "x", "--keep_layers", "0"], "--keep_layers")])
+def test_other_scripts_check_numbers(script, argv, flag, capsys):
+    fn = {"eval": evaluate, "prefetch": prefetch, "reshape": reshape}[script]
+    if script == "eval":
+        argv = ["--first_stage", "bm25", "--candidates", "c", "--qrels", "q", "--topics", "t", *argv]
+    with pytest.raises(SystemExit) as err:
+        fn(argv)
+    assert err.value.code == 2 and flag in capsys.readouterr().err  # argparse's one error line
