@@ -20,7 +20,7 @@ prefetch = importlib.import_module("01_prefetch_passages").main
 A = ["--batch_size", "8", "--max_length", "32", "--threads", "1", "--device", "cpu"]
 
 
-def refused(fn, argv, *needles) -> str:
+def assert_refused(fn, argv, *needles) -> str:
     """``fn(argv)`` exits with one ``error:`` line containing every needle."""
     with pytest.raises(SystemExit) as err:
         fn(argv)
@@ -51,7 +51,7 @@ def test_overwrite_never_deletes_an_input(tiny_models, tmp_path):
     d = tmp_path / "D"
     d.mkdir()
     triples = write_toy_triples(d / "tr.tsv", 16)
-    refused(train, ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
+    assert_refused(train, ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
                     "--output_dir", str(d), "--num_training_samples", "16", "--overwrite", *A],
             "--train_triples_file", "holds the input")
     assert triples.exists()
@@ -61,19 +61,19 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails(run, tiny_models, tm
     out, triples = run
     before = snapshot(out)
     (tmp_path / "not-a-model").mkdir()
-    refused(train, ["--model_tag", str(tmp_path / "not-a-model"), "--train_triples_file",
+    assert_refused(train, ["--model_tag", str(tmp_path / "not-a-model"), "--train_triples_file",
                     str(triples), "--output_dir", str(out), "--num_training_samples", "16",
                     "--overwrite", *A], "not a model directory")
     assert snapshot(out) == before
     # a source checkpoint inside the output dir is an input too
-    refused(prune_mixed, ["initial", "--checkpoint_dir", str(out / "seen_000000008"),
+    assert_refused(prune_mixed, ["initial", "--checkpoint_dir", str(out / "seen_000000008"),
                           "--train_triples_file", str(triples), "--output_dir", str(out),
                           "--num_training_samples", "16", "--num_prune_cycles", "1",
                           "--target_heads", "10", "--overwrite", *A], "--checkpoint_dir")
     assert snapshot(out) == before
     # foreign files in the old dir are never deleted
     (out / "notes.txt").write_text("mine")
-    refused(train, ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
+    assert_refused(train, ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
                     "--output_dir", str(out), "--num_training_samples", "8", "--overwrite", *A],
             "notes.txt")
     assert (out / "notes.txt").read_text() == "mine"
@@ -91,9 +91,9 @@ def test_reshape_overwrite_never_removes_its_source(run, tmp_path):
     out, _ = run
     ckpt = out / "seen_000000016"
     before = snapshot(ckpt)
-    refused(reshape, ["--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--overwrite"],
+    assert_refused(reshape, ["--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--overwrite"],
             "source checkpoint")
-    refused(reshape, ["--checkpoint_dir", str(ckpt), "--output_dir", str(ckpt), "--overwrite"],
+    assert_refused(reshape, ["--checkpoint_dir", str(ckpt), "--output_dir", str(ckpt), "--overwrite"],
             "source checkpoint")
     assert snapshot(ckpt) == before
     reshape(["--checkpoint_dir", str(ckpt)])
@@ -101,7 +101,7 @@ def test_reshape_overwrite_never_removes_its_source(run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    refused(reshape, ["--checkpoint_dir", str(broken), "--output_dir", str(ckpt / "reshaped"),
+    assert_refused(reshape, ["--checkpoint_dir", str(broken), "--output_dir", str(ckpt / "reshaped"),
                       "--overwrite"], "cannot load model", str(broken))
     assert snapshot(ckpt / "reshaped") == kept
 
@@ -111,13 +111,13 @@ def test_resume_checks_its_arguments_and_state(run):
     half = out / "seen_000000008"
     base = ["--checkpoint_dir", str(half), "--train_triples_file", str(triples), "--output_dir",
             str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8"]
-    refused(train, base + ["--batch_size", "4", "--max_length", "32", "--threads", "1",
+    assert_refused(train, base + ["--batch_size", "4", "--max_length", "32", "--threads", "1",
                            "--device", "cpu"], "--batch_size 8 -> 4")
-    refused(train, base + A + ["--learning_rate", "1e-3"], "--learning_rate")
+    assert_refused(train, base + A + ["--learning_rate", "1e-3"], "--learning_rate")
     (half / "trainer_state.json").write_text("{not json")
-    refused(train, base + A, "trainer_state.json", "not valid JSON")
+    assert_refused(train, base + A, "trainer_state.json", "not valid JSON")
     (half / "trainer_state.json").unlink()
-    refused(train, base + A, "trainer_state.json is missing")
+    assert_refused(train, base + A, "trainer_state.json is missing")
 
 
 @pytest.mark.parametrize("flag,value,script", [
@@ -134,9 +134,9 @@ def test_numbers_are_checked_at_parse_time(flag, value, script, tiny_models, tmp
     else:
         args += [flag, value]
     if script == "train":
-        refused(train, args, flag)
+        assert_refused(train, args, flag)
     else:
-        refused(prune_mixed, ["initial", *args, "--num_prune_cycles" if flag != "--num_prune_cycles"
+        assert_refused(prune_mixed, ["initial", *args, "--num_prune_cycles" if flag != "--num_prune_cycles"
                               else "--target_heads", "2"], flag)
     assert not (tmp_path / "o").exists()
 
@@ -146,7 +146,7 @@ def test_eval_refuses_another_topic_sets_qrels(tmp_path):
     dl20 = tmp_path / "dl20.parquet"
     prefetch(["json", "--input", str(SHARED / "dl20/bm25.json"), "--output", str(dl20)])
     results = tmp_path / "r.parquet"
-    refused(evaluate, ["--first_stage", "bm25", "--candidates", str(dl20), "--qrels",
+    assert_refused(evaluate, ["--first_stage", "bm25", "--candidates", str(dl20), "--qrels",
                        str(SHARED / "dl21/qrels.txt"), "--topics", "dl20", "--results", str(results),
                        "--table", str(tmp_path / "t.md")], "judges only 0 of the 54 queries")
     assert not results.exists()
@@ -166,7 +166,7 @@ def test_training_on_evaluation_queries_is_refused(tiny_models, tmp_path):
     args = ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
             "--output_dir", str(tmp_path / "o"), "--num_training_samples", "8",
             "--eval_candidates_file", str(dl21), "--eval_qrels_file", str(SHARED / "dl21/qrels.txt"), *A]
-    refused(train, args, "training queries are queries of", "--allow_eval_overlap")
+    assert_refused(train, args, "training queries are queries of", "--allow_eval_overlap")
     assert not (tmp_path / "o").exists()
     train(args + ["--allow_eval_overlap"])
     assert (tmp_path / "o" / "seen_000000008").is_dir()
@@ -176,9 +176,9 @@ def test_garbage_pruning_json_is_one_error_line(run):
     out, _ = run
     ckpt = out / "seen_000000016"
     (ckpt / "pruning.json").write_text("[1, 2")
-    refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "not valid JSON")
+    assert_refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "not valid JSON")
     (ckpt / "pruning.json").write_text(json.dumps({"format": "something else"}))
-    refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "format")
+    assert_refused(reshape, ["--checkpoint_dir", str(ckpt)], "pruning.json", "format")
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not found")
@@ -187,7 +187,7 @@ def test_prefetch_writes_both_outputs_or_neither(tmp_path):
     source = ["json", "--input", str(SHARED / "dl20/bm25.json"), "--output", str(out),
               "--run_file", str(run_file)]
     # a run tag with whitespace fails the run file: the parquet must not appear either
-    refused(prefetch, source + ["--tag", "two words"], "nothing written", str(out))
+    assert_refused(prefetch, source + ["--tag", "two words"], "nothing written", str(out))
     assert not out.exists() and not run_file.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     prefetch(source)
@@ -198,7 +198,7 @@ def test_checkpoint_without_pruning_json_is_refused(run):
     out, _ = run
     ckpt = out / "seen_000000016"
     (ckpt / "pruning.json").unlink()
-    refused(reshape, ["--checkpoint_dir", str(ckpt)], "without pruning.json")
+    assert_refused(reshape, ["--checkpoint_dir", str(ckpt)], "without pruning.json")
 
 
 def test_bad_bytes_and_empty_fields_name_their_line(tmp_path):
@@ -221,7 +221,7 @@ def test_triples_from_the_evaluation_topics_are_refused_by_default(tmp_path):
     out = tmp_path / "t.tsv"
     args = ["triples", "--candidates", str(dl20), "--qrels", str(SHARED / "dl20/qrels.txt"),
             "--eval_qrels", str(SHARED / "dl20/qrels.txt"), "--output", str(out)]
-    refused(prefetch, args, "judged topics", "--allow_eval_overlap")
+    assert_refused(prefetch, args, "judged topics", "--allow_eval_overlap")
     assert not out.exists()
     prefetch(args + ["--allow_eval_overlap"])
     assert out.exists()
@@ -235,9 +235,9 @@ def test_corrupt_or_unsafe_optimizer_state_is_one_error_line(run):
     base = ["--checkpoint_dir", str(half), "--train_triples_file", str(triples), "--output_dir",
             str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8", *A]
     (half / "optimizer.pt").write_bytes(b"garbage")
-    refused(train, base, "optimizer.pt", "unreadable or unsafe")
+    assert_refused(train, base, "optimizer.pt", "unreadable or unsafe")
     (half / "optimizer.pt").write_bytes(pickle.dumps(print))  # a pickled callable: refused
-    refused(train, base, "optimizer.pt", "unreadable or unsafe")
+    assert_refused(train, base, "optimizer.pt", "unreadable or unsafe")
 
 
 @pytest.mark.parametrize("script,argv,flag", [
