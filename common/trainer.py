@@ -34,7 +34,7 @@ from common.data import (DataError, TriplesStream, open_text, read_candidates, r
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
                              relevance_logit, save_model, score_pairs)
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
-from common.segment import is_segment
+from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
 
 log = logging.getLogger("slimrank")
@@ -148,8 +148,8 @@ class TrainArgs:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.model_kind not in (None, "cross", "bi"):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
-        if self.head not in (None, "classifier", "segment_cosine"):
-            raise ValueError(f"--head must be classifier or segment_cosine, got {self.head!r}")
+        if self.head not in (None, *HEADS):
+            raise ValueError(f"--head must be one of {HEADS}, got {self.head!r}")
         if self.distill_target not in ("scores", "embeddings"):
             raise ValueError(f"--distill_target must be scores or embeddings, got {self.distill_target!r}")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
@@ -361,8 +361,9 @@ class Trainer:
                 raise FileExistsError(f"--overwrite refuses to delete {out}: it holds files this "
                                       f"script did not write: {', '.join(foreign[:5])}")
             self._backup = out.with_name(f".{out.name}.replaced")
-            if self._backup.exists():
-                shutil.rmtree(self._backup)  # the aside copy of an earlier overwrite that failed
+            if self._backup.exists():  # left by an overwrite that was killed: never delete it
+                raise FileExistsError(f"{self._backup} holds the run an interrupted --overwrite set "
+                                      f"aside: restore it or remove it, then re-run")
             os.replace(out, self._backup)
         out.mkdir(parents=True, exist_ok=True)
 

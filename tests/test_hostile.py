@@ -85,6 +85,14 @@ def test_overwrite_replaces_only_once_the_new_run_is_done(run, tiny_models, tmp_
            "--output_dir", str(out), "--num_training_samples", "8", "--overwrite", *A])
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "seen_000000008"]
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())
+    # the aside copy left by a killed overwrite is never deleted by the next one
+    aside = out.with_name(f".{out.name}.replaced")
+    aside.mkdir()
+    (aside / "seen_000000016").mkdir()
+    assert_refused(train, ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
+                           "--output_dir", str(out), "--num_training_samples", "8", "--overwrite", *A],
+                   "interrupted --overwrite")
+    assert (aside / "seen_000000016").is_dir() and (out / "seen_000000008").is_dir()
 
 
 def test_reshape_overwrite_never_removes_its_source(run, tmp_path):
