@@ -3,20 +3,26 @@
 
 Slices q/k/v rows, attention-output columns, FFN input rows and output columns, updates the
 head-count attributes, and replaces fully pruned attention blocks. Saves a compact,
-self-describing model (model.safetensors + base config.json + tokenizer + pruning.json) that
-common.load_model rebuilds without pickled modules.
+self-describing model (model.safetensors + config.json + tokenizer + pruning.json) that
+common.load_model rebuilds without pickled modules, and that stock tools open without slimrank
+(modeling_slimrank.py + auto_map: AutoModelForSequenceClassification / AutoModel /
+sentence-transformers with trust_remote_code=True). --onnx also writes onnx/model.onnx and the
+int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx|onnx-int8.
 
   python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
   python 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 \
       --output_dir runs/baselines/minilm-bi-3layers      # layer dropping (L3Prune-style)
+  python 04_reshape.py --checkpoint_dir runs/main/initial/seen_000002048 \
+      --output_dir runs/main/initial_export --onnx        # an unpruned model, exported as it is
 """
 from __future__ import annotations
 
 import argparse
 
 from common.cli import fail, positive_int
-from common.modeling import reshape_checkpoint
+from common.modeling import load_model, reshape_checkpoint
+from common.onnx_export import export_onnx
 
 
 def main(argv=None) -> None:
@@ -28,13 +34,22 @@ def main(argv=None) -> None:
                         help="layer-dropping baseline: keep only the first N layers")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export OUTPUT_DIR/onnx/model.onnx and model_int8.onnx")
+    parser.add_argument("--max_length", type=positive_int, default=256,
+                        help="--onnx: length of the sample inputs the export is checked on")
     args = parser.parse_args(argv)
     try:
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
                                                 args.keep_layers, args.model_kind)
+        print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
+        if args.onnx:
+            info = export_onnx(load_model(str(out)), out, args.max_length)
+            print(f"wrote {out}/onnx: fp32 and int8 graphs (max |onnx - torch| on sample inputs: "
+                  f"fp32 {info['onnx']['max_abs_diff_vs_torch']:.1e}, "
+                  f"int8 {info['onnx-int8']['max_abs_diff_vs_torch']:.1e})")
     except (FileExistsError, ValueError, OSError) as err:
         fail(err)
-    print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ score 0 (trec_eval -c).
   python 05_eval_trec.py --all_checkpoints runs/mixed ... # every checkpoint not yet evaluated
   python 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi --interpolate 0.3 0.5 ...
                                                          # + BM25 score interpolation rows
+  python 05_eval_trec.py --checkpoint runs/main/final --backend onnx-int8 ...
+                                                         # quality and latency of the int8 export
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from common.cli import fail, nonneg_int, positive_int, unit_float
 from common.data import DataError
+from common.rank import BACKENDS
 from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
 from common.results import append_results, has_result, load_results, write_table
 
@@ -42,7 +45,10 @@ def main(argv=None) -> None:
     p.add_argument("--max_length", type=positive_int, default=256)
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="what scores and is timed (common.rank): torch fp32, torch under bf16/fp16 "
+                        "autocast, or onnxruntime on the fp32 / int8 export of 04_reshape.py --onnx; "
+                        "a non-default backend's rows are keyed CHECKPOINT@BACKEND")
     p.add_argument("--no_costs", action="store_true", help="quality only")
     p.add_argument("--no_latency", action="store_true", help="FLOPs and parameters, no timing")
     p.add_argument("--repeats", type=positive_int, default=3)
@@ -73,7 +79,7 @@ def main(argv=None) -> None:
             for target in targets:
                 found = evaluate_model(target, args.candidates, args.qrels, args.topics,
                                        max_length=args.max_length, batch_size=args.batch_size,
-                                       device=args.device, precision=args.precision, costs=costs,
+                                       device=args.device, backend=args.backend, costs=costs,
                                        kind=args.model_kind, interpolate_weights=tuple(args.interpolate))
                 append_results(args.results, found)  # one at a time: a long sweep keeps its rows
                 rows.extend(found)

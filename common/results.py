@@ -13,6 +13,8 @@ Expected columns (all optional except the key):
 ``method``             ``"bm25"``, ``"initial"``, ``"heads"``, ``"ffn"``, ``"mixed"``,
                        ``"reshaped"``, ...
 ``model_kind``         ``"cross"`` (cross-encoder) or ``"bi"`` (bi-encoder)
+``backend``            what scored and was timed (``common.rank``): ``"torch"``, ``"torch-bf16"``,
+                       ``"onnx"``, ``"onnx-int8"``; ``export``: the ONNX file's recipe
 ``head``               cross-encoders: ``"classifier"`` or ``"segment_cosine"``
 ``cross_attention``    segment head: mean attention share a token puts on the other segment
 ``family``             architecture family / adapter name (``"bert"``, ``"electra"``, ...)
@@ -70,6 +72,7 @@ MISSING = "–"
 # Per-checkpoint descriptive columns of the table: (header, column, formatter).
 _DESCRIPTION_COLUMNS = (
     ("Method", "method", "text"),
+    ("Backend", "backend", "text"),
     ("Seen pairs", "seen_pairs", "count"),
     ("Heads", "heads", "int"),
     ("FFN dim", "ffn", "int"),

@@ -35,75 +35,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 from transformers.utils import ModelOutput
 
 from common.arch import adapter_for, get_module, layer_stack
+from common.standalone import SEGMENT_HEAD, prepare_segment_head, segment_forward, segments_from_ids
 
-HEAD = "segment_cosine"
+HEAD = SEGMENT_HEAD
 HEADS = ("classifier", HEAD)  # classifier: the monoBERT 2-label head
-ATTENTION = "slimrank_segment"
 SCALE_INIT = 10.0  # the recipes' --distill_scale: teacher cosines x 10
 QUERY_MAX_TOKENS = 32  # the query segment, special tokens included
-
-
-def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, attention_mask, scaling: float | None = None,
-                      dropout: float = 0.0, segment_ids: torch.Tensor | None = None,
-                      cross_gates: torch.Tensor | None = None, segment_weights: bool = False,
-                      **_kwargs):
-    """Attention with gated cross-segment weights (module doc); returns (context, weights).
-
-    ``segment_ids`` ``(B, T)``: 0 query, 1 passage, -1 padding. With gradients (training) or
-    when the probabilities are asked for (``segment_weights``: head confidence, the
-    cross-attention report) the softmax is computed here in float32 with multiplicative gates,
-    whose gradient at 0 is finite. Otherwise (inference) the same function runs as PyTorch's
-    fused ``scaled_dot_product_attention`` with the gates as an additive ``log(alpha)`` mask
-    (-inf while shut): equal up to rounding, and as fast as the stock model."""
-    if segment_ids is None or cross_gates is None:
-        raise ValueError("segment attention needs segment_ids and cross_gates "
-                         "(call the model through SegmentCrossEncoder)")
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    gate = cross_gates[module.slimrank_layer].float()
-    valid = segment_ids >= 0
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if not (segment_weights or torch.is_grad_enabled()):
-        # padding rows attend to padding keys only (never all -inf, so never NaN)
-        log_alpha = torch.log(gate.clamp(min=0.0))
-        bias = torch.where(same, torch.zeros_like(log_alpha), log_alpha)
-        bias = bias.masked_fill(valid[:, :, None] & ~valid[:, None, :], float("-inf"))
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[:, None].to(query.dtype),
-                                                 scale=scaling)
-        return context.transpose(1, 2).contiguous(), None
-    logits = torch.matmul(query, key.transpose(2, 3)).float() * scaling
-    # max(g, 0) forward, identity backward: a gate pushed below 0 is shut but not dead
-    alpha = gate + (gate.clamp(min=0.0) - gate).detach()
-    weight = torch.where(same, torch.ones_like(alpha), alpha) * valid[:, None, :]
-    logits = logits.masked_fill(~valid[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = torch.exp(logits - logits.amax(dim=-1, keepdim=True)) * weight[:, None]
-    probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
-    return context, probs
-
-
-AttentionInterface.register(ATTENTION, segment_attention)
-
-
-def segments_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_token_id: int):
-    """(segment ids, position ids): segment 1 starts after the first separator; padding -1;
-    positions count from 0 in each segment."""
-    is_sep = (input_ids == sep_token_id).long()
-    seps_before = torch.cumsum(is_sep, dim=1) - is_sep
-    segment = seps_before.clamp(max=1)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    start = torch.where(segment == 1, positions, torch.full_like(positions, input_ids.shape[1]))
-    start = start.amin(dim=1, keepdim=True)
-    position_ids = torch.where(segment == 1, positions - start, positions)
-    segment = segment.masked_fill(attention_mask == 0, -1)
-    return segment, position_ids
 
 
 @dataclass
@@ -121,8 +62,6 @@ class SegmentCrossEncoder(nn.Module):
         """``sep_token_id`` (the tokenizer's separator) is needed for a fresh head; a saved
         config carries it (``slimrank_sep_token_id``)."""
         super().__init__()
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # BERT's pooler: unused here (and unused weights break DDP)
         self.encoder = encoder
         config = encoder.config
         self.config = config
@@ -132,19 +71,8 @@ class SegmentCrossEncoder(nn.Module):
         if getattr(config, "slimrank_sep_token_id", None) is None:
             raise ValueError("the segment head needs the tokenizer's sep_token_id")
         adapter = adapter_for(config)
-        layers = layer_stack(encoder, adapter)
-        for i, layer in enumerate(layers):
-            get_module(layer, adapter.attention).slimrank_layer = i
-        encoder.set_attn_implementation(ATTENTION)
-        self.cross_gate = nn.Parameter(torch.zeros(len(layers)))
-        self.scale = nn.Parameter(torch.tensor(SCALE_INIT))
-        # no bias: a constant shifts every pair's score alike (no ranking loss sees it, and
-        # AdamW would turn its round-off gradient into full-size steps)
-        self.cls_linear = nn.Linear(getattr(config, adapter.cfg_hidden), 1, bias=False)
-        nn.init.zeros_(self.cls_linear.weight)
-        # RoBERTa counts positions from padding_idx + 1
-        self.position_offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-        self.need_weights = False
+        prepare_segment_head(self, encoder, layer_stack(encoder, adapter), adapter.attention,
+                             getattr(config, adapter.cfg_hidden), SCALE_INIT)
 
     @property
     def base_model(self) -> nn.Module:
@@ -152,7 +80,7 @@ class SegmentCrossEncoder(nn.Module):
 
     def set_attn_implementation(self, name: str) -> None:
         """``eager``: return attention probabilities (head confidence asks so); anything else:
-        the fused kernel when no gradient is needed (see :func:`segment_attention`)."""
+        the fused kernel when no gradient is needed (see ``common.standalone.segment_attention``)."""
         self.need_weights = name == "eager"
 
     def keep_layers(self, n: int) -> None:
@@ -161,30 +89,9 @@ class SegmentCrossEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, return_dict: bool = True,
                 **_kwargs) -> SegmentOutput:
-        segment, position_ids = segments_from_ids(input_ids, attention_mask,
-                                                  self.config.slimrank_sep_token_id)
-        kwargs = {"token_type_ids": torch.zeros_like(input_ids)}
-        if self.config.model_type == "distilbert":
-            kwargs = {}
-        hidden = self.encoder(input_ids=input_ids, position_ids=position_ids + self.position_offset,
-                              segment_ids=segment, cross_gates=self.cross_gate,
-                              segment_weights=self.need_weights, **kwargs).last_hidden_state
-        pooling = getattr(self.config, "slimrank_pooling", "mean")
-        q, p = (_pool(hidden, segment == s, pooling) for s in (0, 1))
-        q, p = F.normalize(q.float(), dim=-1), F.normalize(p.float(), dim=-1)
-        first_p = (segment == 1).float().argmax(dim=1)  # the passage segment's [CLS]
-        cls = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_p]
-        score = self.scale * (q * p).sum(-1, keepdim=True) + self.cls_linear(cls).float()
+        score, q, p, hidden = segment_forward(self, input_ids, attention_mask)
         return SegmentOutput(logits=score, query_embeddings=q, passage_embeddings=p,
                              last_hidden_state=hidden)
-
-
-def _pool(hidden: torch.Tensor, member: torch.Tensor, pooling: str) -> torch.Tensor:
-    mask = member.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "cls":  # the segment's first token
-        first = member.float().argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def is_segment(model: nn.Module) -> bool:

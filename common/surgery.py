@@ -25,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from common.arch import Adapter, adapter_for, dims, get_module, layer_stack, set_module
+from common.standalone import EmptySelfAttention  # one definition: model dirs carry it too
 
 PRUNING_FORMAT = "slimrank-pruning/1"
 
@@ -200,27 +201,6 @@ def zero_dead_weights(model: nn.Module, state: PruningState,
 
 
 # -- physical reshape ---------------------------------------------------------------------------
-class EmptySelfAttention(nn.Module):
-    """Stands in for a self-attention block whose heads are all gone: its context has width 0.
-
-    The attention output projection then contributes only its bias, exactly what the masked
-    model computes. For DistilBERT the output projection lives inside the attention module, so
-    it is carried here under its original name to keep state-dict keys stable.
-    """
-
-    def __init__(self, out_name: str | None = None, out_proj: nn.Module | None = None):
-        super().__init__()
-        self.out_name = out_name
-        if out_name is not None:
-            setattr(self, out_name, out_proj)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        if self.out_name is not None:
-            context = getattr(self, self.out_name)(context)
-        return context, None
-
-
 def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch.Tensor],
             head_size: int) -> None:
     """Slice every layer to the given (physical) head and neuron positions."""
@@ -282,3 +262,16 @@ def analytic_param_count(state: PruningState, hidden: int, unpruned_params: int)
     removed_ffn = state.ffn_size * state.num_layers - state.total_ffn
     d = state.head_size
     return unpruned_params - removed_heads * (4 * hidden * d + 3 * d) - removed_ffn * (2 * hidden + 1)
+
+
+def layout(state: PruningState, adapter: Adapter, hidden: int) -> dict:
+    """What ``common.standalone`` needs to rebuild the physical shapes without slimrank: where
+    the family keeps its modules, and the head count and FFN width present in each layer."""
+    return {"layers": adapter.layers, "attention": adapter.attention, "query": adapter.query,
+            "key": adapter.key, "value": adapter.value, "attn_out": adapter.attn_out,
+            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out,
+            "head_count_attr": adapter.head_count_attr, "all_head_attr": adapter.all_head_attr,
+            "attn_out_inside_attention": adapter.attn_out_inside_attention,
+            "hidden": hidden, "head_size": state.head_size,
+            "heads_per_layer": [len(h) for h in state.present_heads],
+            "ffn_per_layer": [len(f) for f in state.present_ffn]}

@@ -29,7 +29,7 @@ arm segment_gate --head segment_cosine --gate_learning_rate 3e-3 &
 for job in $(jobs -p); do wait "$job"; done  # a failed arm fails the recipe
 RES=(--qrels "$SHARED/dl20/qrels.txt" --candidates data/dl20.bm25.candidates.parquet --topics dl20
      --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length 128 --no_costs --threads 2
-     --precision bf16)  # scored under bf16 autocast, every arm alike (the main job's table: fp32)
+     --backend torch-bf16)  # scored under bf16 autocast, every arm alike (the main job's table: fp32)
 for name in classifier segment segment_gate; do
   $PY 05_eval_trec.py --all_checkpoints "$RUN/$name" "${RES[@]}"
 done
