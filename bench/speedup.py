@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Speed-up of a pruned model over its unpruned parent, measured in one process.
+"""Speed-up of one (model, backend) over another, measured in one process.
 
-Both models score the same inputs, alternating A, B, A, B ... so that machine load hits both
-alike; prints each model's mean ± std per query and the ratio of means with the spread of the
-per-round ratios. This is how speed claims in this project are made (no timed tests).
+Both score the same inputs, alternating A, B, A, B ... so that machine load hits both alike;
+prints each one's mean ± std per query and the ratio of means with the spread of the per-round
+ratios. This is how speed claims in this project are made (no timed tests). A model is
+``PATH`` (torch fp32) or ``PATH@BACKEND`` with a backend of ``common.rank`` (``torch-bf16``,
+``onnx``, ``onnx-int8``: the ONNX files of ``04_reshape.py --onnx``).
 
   python bench/speedup.py --baseline runs/main/initial/seen_000002560 \
       --candidate runs/main/mixed/seen_000004160_heads_048_ffn_04608/reshaped \
       --candidates data/dl20.bm25.candidates.parquet --rounds 10
+  python bench/speedup.py --baseline runs/main/final@torch --candidate runs/main/final@onnx-int8 ...
 """
 from __future__ import annotations
 
@@ -23,13 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cost import machine_description, worst_case_inputs  # noqa: E402
 from common.data import read_candidates  # noqa: E402
-from common.modeling import load_model, score_pairs  # noqa: E402
+from common.rank import BACKENDS, Ranker  # noqa: E402
+
+
+def model_and_backend(spec: str) -> tuple[str, str]:
+    """``PATH`` or ``PATH@BACKEND`` -> (path, backend)."""
+    path, at, backend = spec.rpartition("@")
+    if at and backend in BACKENDS:
+        return path, backend
+    if at and not Path(spec).exists():
+        raise SystemExit(f"error: {spec}: backend {backend!r} is not one of {BACKENDS}")
+    return spec, "torch"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", required=True)
-    p.add_argument("--candidate", required=True)
+    p.add_argument("--baseline", required=True, help="PATH or PATH@BACKEND")
+    p.add_argument("--candidate", required=True, help="PATH or PATH@BACKEND")
     p.add_argument("--candidates", help="candidates parquet: real lengths (100 per query); "
                                         "without it, worst-case synthetic pairs")
     p.add_argument("--queries", type=int, default=5, help="queries per round (real lengths)")
@@ -44,35 +57,33 @@ def main(argv=None) -> None:
         p.error("--rounds must be >= 2 (a spread needs two) and --queries >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {name: load_model(path, kind=args.model_kind) for name, path in
-              (("baseline", args.baseline), ("candidate", args.candidate))}
-    for loaded in models.values():
-        loaded.model.eval()
+    models = {}
+    for name, spec in (("baseline", args.baseline), ("candidate", args.candidate)):
+        path, backend = model_and_backend(spec)
+        try:
+            models[name] = Ranker.load(path, backend, max_length=args.max_length,
+                                       batch_size=64 if args.encode else 100, kind=args.model_kind)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
     if args.encode:
-        from common.biencoder import encode
-        from common.modeling import pooling_of
-
         texts = list(dict.fromkeys(read_candidates(args.candidates)["passage"]))[:100 * args.queries]
 
-        def work(loaded):
-            encode(loaded.model, loaded.tokenizer, texts, pooling=pooling_of(loaded.model),
-                   batch_size=64, max_length=args.max_length)
+        def work(ranker):
+            ranker.encode(texts)
         per = len(texts) / 1000  # -> ms per 1000 passages
     elif args.candidates:
         cands = read_candidates(args.candidates)
         groups = [g.head(100) for _, g in cands.groupby("qid", sort=False)][:args.queries]
 
-        def work(loaded):
+        def work(ranker):
             for g in groups:
-                score_pairs(loaded.model, loaded.tokenizer, g["query"].tolist(), g["passage"].tolist(),
-                            batch_size=100, max_length=args.max_length)
+                ranker.score(g["query"].tolist(), g["passage"].tolist())
         per = len(groups)
     else:
         batch = worst_case_inputs(models["baseline"].tokenizer, n_pairs=100, max_length=args.max_length)
 
-        def work(loaded):
-            with torch.no_grad():
-                loaded.model(**batch)
+        def work(ranker):
+            ranker.run({k: v for k, v in batch.items() if k in getattr(ranker.runner, "inputs", batch)})
         per = 1
     times = {name: [] for name in models}
     for name, loaded in models.items():  # warm-up
@@ -93,7 +104,7 @@ def main(argv=None) -> None:
     print(f"regime: {regime}; {args.rounds} alternating rounds")
     for name in models:
         print(f"{name:9s} {statistics.mean(times[name]):9.1f} ± {statistics.stdev(times[name]):6.1f} "
-              f"{unit}  ({models[name].path})")
+              f"{unit}  ({models[name].loaded.path} @ {models[name].backend})")
     print(f"speed-up  {statistics.mean(times['baseline']) / statistics.mean(times['candidate']):.2f}x "
           f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f})")
 

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from common.data import (DataError, TriplesStream, open_text, read_candidates, read_qrels,
                          read_teacher_scores)
-from common.modeling import (autocast_context, encode_pairs, load_model, pick_device,
-                             relevance_logit, save_model, score_pairs)
+from common.modeling import (PACKAGED_MODELS, autocast_context, encode_pairs, load_model,
+                             pick_device, relevance_logit, save_model, score_pairs)
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
@@ -210,10 +210,14 @@ def read_trainer_state(directory: str | Path) -> dict | None:
 
 
 def read_source_state(directory: str | Path) -> dict | None:
-    """The trainer state of a start/resume checkpoint: None for a plain model dir; an error for
-    a training checkpoint (it has optimizer.pt) whose trainer_state.json is gone."""
+    """The trainer state of a start/resume checkpoint: None for a plain model dir or a packaged
+    tag (``all-MiniLM-L6-v2``); an error for a missing directory, and for a training checkpoint
+    (it has optimizer.pt) whose trainer_state.json is gone."""
+    if str(directory) in PACKAGED_MODELS:
+        return None
     if not Path(directory).exists():
-        raise DataError(f"--checkpoint_dir {directory}: no such directory")
+        raise DataError(f"--checkpoint_dir {directory}: no such directory "
+                        f"(nor a packaged model tag: {sorted(PACKAGED_MODELS)})")
     state = read_trainer_state(directory)
     if state is None and Path(directory, "optimizer.pt").exists():
         raise DataError(f"{directory}: {STATE_FILE} is missing: a training checkpoint cannot be "

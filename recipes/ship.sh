@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Shipping (issue #18): every backend x model (unpruned / pruned), cross-encoder and bi-encoder,
+# on DL20 (quality + latency, 100 BM25 candidates per query, real lengths) and DL21 (quality),
+# then one alternating benchmark per speed claim.
+#   cross: the main job's initial (unpruned) and recovered (pruned) cross-encoders, from MAIN
+#          (default runs/main: run `bash recipes/main.sh` first), exported as they are (04 --onnx);
+#   bi:    the packaged all-MiniLM-L6-v2 encoder and a pruned one: the bi-encoder demo's pruning
+#          stage (03c, all six layers to 36 heads and FFN 640 in total, activation importance,
+#          embeddings distilled from the unpruned encoder) shortened to BI_PAIRS pairs, no recovery.
+# Backends (common.rank): torch fp32, torch bf16 autocast, onnxruntime fp32, onnxruntime int8
+# (dynamic, per-channel weights, MatMul only). Everything at THREADS threads (2), MAX_LENGTH 128.
+# Outputs: $RUN/ (exported model dirs, results*.parquet/md, speedup.txt).
+source "$(dirname "$0")/lib.sh"
+RUN=${RUN:-runs/ship}
+MAIN=${MAIN:-runs/main}
+BI_PAIRS=${BI_PAIRS:-8192}
+THREADS=${THREADS:-2}
+MAX_LENGTH=${MAX_LENGTH:-128}
+if [ "${SMOKE:-0}" = 1 ]; then
+  RUN=${RUN_SMOKE:-runs/ship_smoke}; BI_PAIRS=256; EVAL=(--max_queries 3); TIMING=(--repeats 1 --latency_queries 1)
+  BENCH=(--queries 1 --rounds 2)
+else
+  EVAL=(); TIMING=(--repeats 3 --latency_queries 10); BENCH=(--queries 5 --rounds 5)
+fi
+guard_run "$RUN"
+mkdir -p "$RUN"
+latest() { $PY -m common.rundir latest "$1"; }
+CROSS_UNPRUNED=${CROSS_UNPRUNED:-$(latest "$MAIN/initial")}
+CROSS_PRUNED=${CROSS_PRUNED:-$(latest "$MAIN/recover")}
+
+for year in dl20 dl21; do
+  $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" --tag bm25 "${EVAL[@]}" \
+    --output "$RUN/$year.bm25.candidates.parquet" --run_file "$RUN/$year.bm25.run"
+done
+[ -f data/distill/triples.tsv ] || $PY 01_prefetch_passages.py distill --output_dir data/distill --holdout 20
+
+# the models, exported (04 --onnx: onnx/model.onnx, onnx/model_int8.onnx beside the weights)
+$PY 04_reshape.py --checkpoint_dir "$CROSS_UNPRUNED" --output_dir "$RUN/cross_unpruned" --onnx --max_length "$MAX_LENGTH"
+$PY 04_reshape.py --checkpoint_dir "$CROSS_PRUNED" --output_dir "$RUN/cross_pruned" --onnx --max_length "$MAX_LENGTH"
+$PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --output_dir "$RUN/bi_unpruned" --onnx --max_length "$MAX_LENGTH"
+$PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \
+  --train_triples_file data/distill/triples.tsv --output_dir "$RUN/bi_mixed" \
+  --distill_from all-MiniLM-L6-v2 --distill_target embeddings --distill_weight 1 --contrastive_weight 0 \
+  --importance activation --exclude_layers "" \
+  --num_training_samples "$BI_PAIRS" --num_checkpoint_samples $(( BI_PAIRS / 4 )) --num_prune_cycles 6 \
+  --target_heads 36 --target_ffn 640 --learning_rate 1e-4 --batch_size 32 --max_length "$MAX_LENGTH" \
+  --seed 42 --threads "$THREADS" --eval_candidates_file data/distill/holdout.candidates.parquet \
+  --eval_qrels_file data/distill/holdout.qrels.txt
+$PY 04_reshape.py --checkpoint_dir "$(latest "$RUN/bi_mixed")" --output_dir "$RUN/bi_pruned" --onnx --max_length "$MAX_LENGTH"
+
+# quality and latency of every (model, backend)
+for backend in torch torch-bf16 onnx onnx-int8; do
+  for kind in cross bi; do
+    $PY 05_eval_trec.py --checkpoint "$RUN/${kind}_unpruned" "$RUN/${kind}_pruned" --backend "$backend" \
+      --candidates "$RUN/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20 \
+      --results "$RUN/results_$kind.parquet" --table "$RUN/results_$kind.md" \
+      --max_length "$MAX_LENGTH" --threads "$THREADS" "${TIMING[@]}"
+    $PY 05_eval_trec.py --checkpoint "$RUN/${kind}_unpruned" "$RUN/${kind}_pruned" --backend "$backend" \
+      --candidates "$RUN/dl21.bm25.candidates.parquet" --qrels "$SHARED/dl21/qrels.txt" --topics dl21 \
+      --results "$RUN/results_${kind}_dl21.parquet" --table "$RUN/results_${kind}_dl21.md" \
+      --max_length "$MAX_LENGTH" --threads "$THREADS" --no_costs
+  done
+done
+
+# one benchmark per claim: alternating rounds in one process, real DL20 lengths
+B=(--candidates "$RUN/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --threads "$THREADS" "${BENCH[@]}")
+{
+  for pair in "cross_pruned@torch cross_pruned@onnx-int8" "cross_unpruned@torch cross_pruned@onnx-int8" \
+              "cross_pruned@torch cross_pruned@torch-bf16" "cross_unpruned@torch cross_unpruned@onnx-int8"; do
+    set -- $pair
+    echo "== $1 -> $2"
+    $PY bench/speedup.py --baseline "$RUN/$1" --candidate "$RUN/$2" "${B[@]}"
+  done
+  for pair in "bi_pruned@torch bi_pruned@onnx-int8" "bi_unpruned@torch bi_pruned@onnx-int8"; do
+    set -- $pair
+    echo "== $1 -> $2 (passage encoding)"
+    $PY bench/speedup.py --baseline "$RUN/$1" --candidate "$RUN/$2" --encode "${B[@]}"
+  done
+} | tee "$RUN/speedup.txt"
+cat "$RUN"/results_*.md

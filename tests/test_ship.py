@@ -1,0 +1,202 @@
+"""Shipping a pruned model: every model dir declares its head, opens in stock transformers and
+sentence-transformers without slimrank on the path, exports to ONNX (fp32 == torch, int8 close),
+and scores through one ranking API on every backend."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from common.data import read_candidates_json
+from common.modeling import load_model, reshape_checkpoint, save_model, score_pairs
+from common.onnx_export import export_onnx
+from common.rank import BiRanker, CrossRanker, Ranker
+from common.surgery import zero_dead_weights
+from conftest import SHARED
+
+FAMILIES = ["bert", "distilbert", "roberta", "electra"]
+ROLES = ["classifier", "segment_cosine", "bi"]
+QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
+PASSAGES = ["a cat is a small domesticated carnivorous mammal",
+            "mount everest is 8849 metres tall, the highest mountain above sea level",
+            "entropy is a measure of disorder in a system and of uncertainty",
+            "the stock market fell today", "bananas are yellow", "python is a language"]
+
+
+def _load(path, role):
+    if role == "bi":
+        return load_model(str(path), kind="bi")
+    return load_model(str(path), head=role)
+
+
+def pruned_dir(tiny_models, family: str, role: str, tmp_path: Path) -> Path:
+    """A reshaped tiny model with per-layer widths: 4 / 0 / 2 heads, a partial FFN."""
+    loaded = _load(tiny_models[family], role)
+    model, state = loaded.model.eval(), loaded.state
+    if role == "segment_cosine":
+        with torch.no_grad():
+            model.cross_gate.fill_(0.3)  # cross-segment attention open
+            model.cls_linear.weight.normal_()
+    state.kept_heads[1] = []
+    state.kept_heads[2] = [0, 3]
+    state.kept_ffn[2] = list(range(0, state.ffn_size, 3))
+    loaded.masks.refresh()
+    zero_dead_weights(model, state)
+    save_model(model, loaded.tokenizer, state, tmp_path / "masked")
+    out, _, _ = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
+    return out
+
+
+STOCK_SCRIPT = r"""
+import json, sys
+try:
+    import common  # noqa: F401
+    sys.exit("slimrank is importable: the test would prove nothing")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+path, role = sys.argv[1], sys.argv[2]
+queries, passages = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(path)
+out = {}
+with torch.no_grad():
+    if role == "bi":
+        model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+        batch = tokenizer(passages, padding=True, truncation=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out["transformers"] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).tolist()
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(path, trust_remote_code=True, device="cpu")
+        out["sentence_transformers"] = st.encode(passages, convert_to_numpy=True).tolist()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+        batch = tokenizer(queries, passages, padding=True, truncation="only_second", return_tensors="pt")
+        logits = model(**batch).logits
+        out["transformers"] = (logits[:, 1] if logits.shape[-1] == 2 else logits[:, 0]).tolist()
+        out["class"] = type(model).__name__
+        if role == "segment_cosine":
+            from sentence_transformers import CrossEncoder
+            ce = CrossEncoder(path, trust_remote_code=True, device="cpu")
+            out["sentence_transformers"] = ce.predict(list(zip(queries, passages))).tolist()
+print(json.dumps(out))
+"""
+
+
+def run_stock(path: Path, role: str, cwd: Path) -> dict:
+    """The script above in a fresh interpreter: isolated mode (no script dir, no PYTHONPATH,
+    no user site), started outside the repository, so ``common`` cannot be imported."""
+    done = subprocess.run([sys.executable, "-I", "-c", STOCK_SCRIPT, str(path), role,
+                           json.dumps(QUERIES), json.dumps(PASSAGES)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("role", ROLES)
+def test_pruned_dir_opens_in_stock_tools_without_slimrank(family, role, tiny_models, tmp_path):
+    if role == "bi" and family == "distilbert":
+        pytest.skip("covered by bert/roberta/electra: same code path")
+    out = pruned_dir(tiny_models, family, role, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["slimrank_layout"]["heads_per_layer"] == [4, 0, 2]
+    assert (out / "modeling_slimrank.py").is_file() and config["auto_map"]
+    ours = _load(out, role)
+    stock = run_stock(out, role, tmp_path)
+    if role == "bi":
+        expected = BiRanker.from_loaded(ours).encode(PASSAGES)
+        np.testing.assert_allclose(np.array(stock["transformers"]), expected, atol=1e-5)
+        np.testing.assert_allclose(np.array(stock["sentence_transformers"]), expected, atol=1e-5)
+        return
+    expected = score_pairs(ours.model, ours.tokenizer, QUERIES, PASSAGES)
+    assert stock["class"] == config["architectures"][0]
+    np.testing.assert_allclose(np.array(stock["transformers"]), expected, atol=1e-5)
+    if role == "segment_cosine":  # raw scores: the config asks for no activation
+        np.testing.assert_allclose(np.array(stock["sentence_transformers"]), expected, atol=1e-5)
+
+
+def test_every_checkpoint_declares_its_head(tiny_models, tmp_path):
+    """An unpruned classifier checkpoint opens in stock transformers with no remote code at
+    all; labels, architectures and (bi) the sentence-transformers files are written."""
+    loaded = load_model(str(tiny_models["bert"]))
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "cross")
+    config = json.loads((tmp_path / "cross" / "config.json").read_text())
+    assert config["id2label"] == {"0": "not_relevant", "1": "relevant"}
+    assert config["architectures"] == ["SlimrankBertForSequenceClassification"]
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cross").eval()
+    batch = loaded.tokenizer(QUERIES, PASSAGES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(stock(**batch).logits[:, 1].numpy(),
+                                   score_pairs(loaded.model, loaded.tokenizer, QUERIES, PASSAGES), atol=1e-5)
+    bi = load_model(str(tiny_models["bert"]), kind="bi", pooling="cls")
+    save_model(bi.model, bi.tokenizer, bi.state, tmp_path / "bi")
+    modules = json.loads((tmp_path / "bi" / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    pooling = json.loads((tmp_path / "bi" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
+    assert load_model(str(tmp_path / "bi")).model.config.slimrank_pooling == "cls"
+
+
+def test_segment_tokenizer_pairs_are_the_segment_layout(tiny_models, tmp_path):
+    """Stock tools tokenise (query, passage) pairs; the saved tokenizer makes that the layout
+    the segment head was trained on."""
+    loaded = load_model(str(tiny_models["bert"]), head="segment_cosine")
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m")
+    again = load_model(str(tmp_path / "m"))
+    pair = again.tokenizer("what is a cat", "a cat is an animal")["input_ids"]
+    alone = [again.tokenizer(t)["input_ids"] for t in ("what is a cat", "a cat is an animal")]
+    assert pair == alone[0] + alone[1]
+    assert again.tokenizer(PASSAGES)["input_ids"] == loaded.tokenizer(PASSAGES)["input_ids"]
+
+
+@pytest.mark.parametrize("family,role", [("bert", "segment_cosine"), ("roberta", "classifier"),
+                                         ("distilbert", "classifier"), ("electra", "bi")])
+def test_onnx_equals_torch_on_real_dl20_pairs(family, role, tiny_models, tmp_path):
+    out = pruned_dir(tiny_models, family, role, tmp_path)
+    info = export_onnx(load_model(str(out)), out, max_length=64)
+    assert info["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    cands = read_candidates_json(SHARED / "dl20" / "bm25.json").head(40)
+    queries, passages = cands["query"].tolist(), cands["passage"].tolist()
+    torch_scores = Ranker.load(str(out), "torch", max_length=128, batch_size=16).score(queries, passages)
+    onnx_scores = Ranker.load(str(out), "onnx", max_length=128, batch_size=16).score(queries, passages)
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
+    int8 = Ranker.load(str(out), "onnx-int8", max_length=128, batch_size=16).score(queries, passages)
+    assert int8.shape == torch_scores.shape and np.isfinite(int8).all()
+    assert not np.array_equal(int8, onnx_scores)  # it is the quantized graph
+
+
+def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
+    cross = load_model(str(tiny_models["bert"]), head="segment_cosine")
+    ranker = Ranker.from_loaded(cross, "torch", batch_size=4)
+    assert isinstance(ranker, CrossRanker)
+    expected = score_pairs(cross.model, cross.tokenizer, QUERIES, PASSAGES, batch_size=4)
+    np.testing.assert_array_equal(ranker.score(QUERIES, PASSAGES), expected)
+    ranked = ranker.rank("what is a cat", PASSAGES)
+    scores = [s for _, s in ranked]
+    assert sorted(i for i, _ in ranked) == list(range(len(PASSAGES))) and scores == sorted(scores, reverse=True)
+    assert len(ranker.rank("what is a cat", PASSAGES, top_k=2)) == 2
+    bi = load_model(str(tiny_models["bert"]), kind="bi")
+    bi_ranker = Ranker.from_loaded(bi, "torch", batch_size=4)
+    np.testing.assert_array_equal(bi_ranker.score(QUERIES, PASSAGES),
+                                  score_pairs(bi.model, bi.tokenizer, QUERIES, PASSAGES, batch_size=4))
+
+
+def test_ranker_refuses_bad_input(tiny_models, tmp_path):
+    loaded = load_model(str(tiny_models["bert"]))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Ranker.from_loaded(loaded, "tensorrt")
+    with pytest.raises(ValueError, match="04_reshape.py --onnx"):
+        Ranker.from_loaded(loaded, "onnx")
+    ranker = Ranker.from_loaded(loaded)
+    with pytest.raises(ValueError, match="2 queries but 1 passages"):
+        ranker.score(["a", "b"], ["c"])
+    with pytest.raises(TypeError):
+        ranker.score("a", "b")
