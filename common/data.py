@@ -26,13 +26,13 @@ import os
 import random
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from common.io import atomic_output  # noqa: F401 (also imported from here)
 
 CANDIDATE_COLUMNS = ["qid", "query", "docid", "rank", "first_stage_score", "passage"]
 """Columns of a candidates DataFrame, in order. qid/query/docid/passage are str, rank is
@@ -95,22 +95,6 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     (:func:`decoded_lines`)."""
     for line_number, line in enumerate(decoded_lines(path), start=1):
         yield line_number, line.rstrip("\r\n")
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _order_rows(df: pd.DataFrame) -> pd.DataFrame:

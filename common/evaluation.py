@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import pytrec_eval
 
-from common.data import atomic_output
+from common.io import atomic_output, atomic_write_text  # noqa: F401 (atomic_write_text: imported from here)
 
 MEASURES = ("ndcg@10", "map@100", "rr@10", "recall@100")
 
@@ -203,13 +203,6 @@ def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
         return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
     fused = weight * minmax("model") + (1 - weight) * minmax("first")
     return pd.Series(fused.to_numpy(), index=candidates.index)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 def write_trec_run(

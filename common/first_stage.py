@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.io import refuse_existing, replace_dir
+
 CANDIDATE_COLUMNS = ["qid", "query", "docid", "rank", "first_stage_score", "passage"]
 """Same columns, dtypes and row order as ``common.data.CANDIDATE_COLUMNS`` (kept local so
 this module does not depend on the rest of the package)."""
@@ -188,8 +190,7 @@ def build_bm25_index(collection_path, index_dir, threads: int = 2, *, overwrite:
     threads = max(1, int(threads))
     if not collection_path.exists():
         raise FileNotFoundError(collection_path)
-    if index_dir.exists() and (not index_dir.is_dir() or any(index_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{index_dir} exists and is not empty (pass overwrite=True)")
+    refuse_existing([index_dir], overwrite, inputs=[collection_path])
     boot_jvm()
     from jnius import autoclass
 
@@ -240,13 +241,7 @@ def build_bm25_index(collection_path, index_dir, threads: int = 2, *, overwrite:
         if n_input is not None and n_input != stats["indexed"] + stats["empty"] + stats["skipped"]:
             raise RuntimeError(f"{n_input} passages written but Anserini accounted for {stats}")
 
-        if index_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.old-", dir=index_dir.parent))
-            os.replace(index_dir, trash / "index")
-            os.replace(tmp_index, index_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp_index, index_dir)
+        replace_dir(tmp_index, index_dir)
     finally:
         if tmp_coll is not None:
             shutil.rmtree(tmp_coll, ignore_errors=True)
