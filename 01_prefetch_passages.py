@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from common import candidates, distill, training_data
-from common.cli import nonneg_int, positive_float, positive_int, unit_float
+from common.argtypes import nonneg_int, positive_float, positive_int, unit_float
 from common.data import DataError
 from common.training_data import DL20_QRELS
 

@@ -13,8 +13,8 @@ Everything that crosses a file boundary goes through this module:
 
 Bad input never passes silently: every reader raises ``DataError`` naming the file and the
 line (or entry / field), with counts and a few examples. Every writer writes to a temporary
-file in the destination directory and renames it into place, so a crash never leaves a
-half-written output under the final name.
+file in the destination directory and renames it into place (``common.io.atomic_output``),
+so a crash never leaves a half-written output under the final name.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import torch
 
 from common.io import atomic_output  # noqa: F401 (also imported from here)
 
@@ -650,10 +652,6 @@ def read_teacher_scores(path: str | os.PathLike, group_size: int = 2):
     columns ``teacher_pos, teacher_neg`` for triples, ``teacher_0 .. teacher_{n-1}`` for
     listwise groups of n passages (row i scores line i's passages in order). Missing columns
     or non-finite scores raise ``DataError`` naming the file and the first bad row."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
     columns = teacher_columns(group_size)
     try:
         present = pq.read_schema(path).names

@@ -23,8 +23,8 @@ docid in *descending* ``strcmp`` order (``comp_sim_docno`` in ``form_res_rels.c`
 score as a C ``float`` parsed from the run file's text, so two scores tie when their *printed*
 values round to the same float32. Run files are printed with 6 decimals (``%f``, the format of
 Anserini and Pyserini runs, and of :func:`write_trec_run`), which is what the published
-baselines were scored on: ranking the DL21 BM25 hits at full float32 precision gives
-MAP@100 0.13575 (rounds to 0.1358) where trec_eval on Anserini's run file reports 0.1357.
+baselines were scored on: ranking BM25 hits at full float32 precision can move MAP@100 in
+the fourth decimal against trec_eval on Anserini's run file (``tests/test_evaluation.py``).
 
 So a score is taken here as ``float32(float("%.6f" % score))`` (:data:`SCORE_DECIMALS`;
 ``score_decimals=None`` keeps full float64 text instead). :func:`ranked` applies that order;

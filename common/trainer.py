@@ -30,10 +30,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from common.biencoder import pool
-from common.cli import check_ranges
+from common.argtypes import check_ranges
 from common.data import (DataError, TriplesStream, open_text, read_candidates, read_qrels,
                          read_teacher_scores)
 from common.evaluation import evaluate_run
+from common.io import atomic_write_text
 from common.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.modeling import (autocast_context, encode_pairs, load_model, pick_device, pooling_of,
                              relevance_logit, save_model, score_pairs)
@@ -449,7 +450,7 @@ class Trainer:
         if self.is_main and metrics_path.exists():
             keep = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
 
     # -- the loop --------------------------------------------------------------------------
     @property
