@@ -660,6 +660,7 @@ class Trainer:
         if self.scaler.is_enabled():
             rng["scaler"] = self.scaler.state_dict()
         torch.save(rng, tmp / self._rng_file())
+        barrier()  # every rank's RNG state is in tmp before rank 0 renames it
         if self.is_main:
             self._write_checkpoint(tmp, final, started)
         barrier()
