@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Step 1: candidate lists -> candidates parquet (+ first-stage TREC run), and training triples.
 
+Only the command line lives here; each subcommand is one call into common/: ``json``, ``trec``,
+``bm25`` -> common.candidates; ``triples``, ``mine`` -> common.training_data; ``teacher``,
+``distill``, ``groups`` -> common.distill. Existing outputs are refused unless --overwrite.
+
 Subcommands:
   json     TREC DL candidate lists with passage text (the shared JSON form) -> parquet + run
   trec     official form: top-100 run file + queries TSV + MS MARCO v2 corpus (or v1 collection.tsv)
@@ -22,177 +26,68 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import pandas as pd
-
-from common import data
-from common.cli import nonneg_int, positive_float, positive_int, unit_float
-from common.evaluation import write_trec_run
-
-
-DL20_QRELS = "../shared/data/trec-dl/dl20/qrels.txt"
+from common import candidates, distill, training_data
+from common.argtypes import nonneg_int, positive_float, positive_int, unit_float
+from common.data import DataError
+from common.training_data import DL20_QRELS
 
 
-def refuse_existing(paths, overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p and Path(p).exists()]
-    if existing and not overwrite:
-        sys.exit(f"error: output exists: {', '.join(existing)} (use --overwrite)")
+def cmd_json(a) -> None:
+    candidates.from_json(a.input, a.output, a.run_file, a.tag, a.max_queries, a.overwrite)
 
 
-def write_outputs(df: pd.DataFrame, args) -> None:
-    """The candidates parquet and (optionally) its run file appear together or not at all:
-    both are written to temporary names first and renamed only when both are complete."""
-    try:
-        if args.run_file:
-            with data.atomic_output(args.output) as parquet_tmp, \
-                    data.atomic_output(args.run_file) as run_tmp:
-                data.write_candidates(df, parquet_tmp)
-                write_trec_run(data.candidates_to_run(df), run_tmp, tag=args.tag)
-        else:
-            data.write_candidates(df, args.output)
-    except (data.DataError, ValueError) as err:
-        names = args.output + (f" and {args.run_file}" if args.run_file else "")
-        sys.exit(f"error: nothing written to {names}: {' '.join(str(err).split())}")
-    print(f"wrote {args.output}: {df['qid'].nunique()} queries, {len(df)} candidates")
-    if args.run_file:
-        print(f"wrote {args.run_file} (first-stage ranking)")
+def cmd_trec(a) -> None:
+    candidates.from_trec(a.run, a.queries, a.output, corpus_v2=a.corpus_v2, collection=a.collection,
+                         cache_dir=a.cache_dir, run_file=a.run_file, tag=a.tag, overwrite=a.overwrite)
 
 
-def cmd_json(args) -> None:
-    refuse_existing([args.output, args.run_file], args.overwrite)
-    df = data.read_candidates_json(args.input)
-    if args.max_queries:
-        df = df[df["qid"].isin(df["qid"].unique()[:args.max_queries])].reset_index(drop=True)
-    write_outputs(df, args)
+def cmd_bm25(a) -> None:
+    candidates.from_bm25(a.index, a.queries, a.output, collection=a.collection, k=a.k, k1=a.k1,
+                         b=a.b, threads=a.threads, run_file=a.run_file, tag=a.tag,
+                         overwrite=a.overwrite)
 
 
-def cmd_trec(args) -> None:
-    refuse_existing([args.output, args.run_file], args.overwrite)
-    run = data.read_trec_run(args.run)
-    queries = data.read_queries_tsv(args.queries)
-    if args.corpus_v2:
-        corpus = data.MsMarcoV2Corpus(args.corpus_v2, cache_dir=args.cache_dir)
-    else:
-        corpus = data.TsvCollection(args.collection, needed_ids=set(run["docid"]))
-    write_outputs(data.hydrate_run(run, queries, corpus, source=str(args.run)), args)
+def _eval_guard(a) -> dict:
+    return dict(eval_candidates=a.eval_candidates, eval_qrels=a.eval_qrels,
+                allow_eval_overlap=a.allow_eval_overlap, overwrite=a.overwrite)
 
 
-def check_eval_topics(train_qids: set, args) -> None:
-    """Training topics never overlap the evaluation topics: those of --eval_candidates and the
-    judged qids of --eval_qrels (default: DL20, the evaluation set), unless --allow_eval_overlap."""
-    if args.allow_eval_overlap:
-        return
-    for path in args.eval_candidates:
-        data.check_disjoint(train_qids, set(data.read_candidates(path)["qid"]),
-                            f"training topics of {args.candidates} vs evaluation topics of {path} "
-                            "(--allow_eval_overlap to train on them anyway)")
-    if args.eval_qrels and Path(args.eval_qrels).is_file():
-        data.check_disjoint(train_qids, set(data.read_qrels(args.eval_qrels)),
-                            f"training topics of {args.candidates} vs judged topics of {args.eval_qrels} "
-                            "(--allow_eval_overlap to train on them anyway)")
+def cmd_triples(a) -> None:
+    training_data.triples_from_qrels(a.candidates, a.qrels, a.output, seed=a.seed,
+                                     min_positive_grade=a.min_positive_grade,
+                                     negatives_per_positive=a.negatives_per_positive,
+                                     include_unjudged=a.include_unjudged, **_eval_guard(a))
 
 
-def cmd_triples(args) -> None:
-    refuse_existing([args.output], args.overwrite)
-    candidates = pd.concat([data.read_candidates(p) for p in args.candidates], ignore_index=True)
-    qrels = data.read_qrels(args.qrels)
-    check_eval_topics(set(candidates["qid"]), args)
-    triples = data.build_triples_from_qrels(
-        candidates, qrels, seed=args.seed, min_positive_grade=args.min_positive_grade,
-        negatives_per_positive=args.negatives_per_positive, include_unjudged=args.include_unjudged)
-    n = data.write_triples_tsv(triples, args.output)
-    queries = len({q for q, _p, _n in triples})
-    print(f"wrote {args.output}: {n} triples ({2 * n} pairs) from {queries} queries")
+def cmd_mine(a) -> None:
+    training_data.mined_triples(a.candidates, a.qrels, a.output, negative_number=a.negative_number,
+                                range_for_sampling=a.range_for_sampling,
+                                min_positive_grade=a.min_positive_grade, seed=a.seed, **_eval_guard(a))
 
 
-def cmd_bm25(args) -> None:
-    from common.first_stage import bm25_search, build_bm25_index
-
-    refuse_existing([args.output, args.run_file], args.overwrite)
-    if args.collection:
-        stats = build_bm25_index(args.collection, args.index, threads=args.threads,
-                                 overwrite=args.overwrite)
-        print(f"indexed {stats}")
-    queries = data.read_queries_tsv(args.queries)
-    started = time.time()
-    df = bm25_search(args.index, queries, k=args.k, k1=args.k1, b=args.b, threads=args.threads)
-    print(f"searched {len(queries)} queries in {time.time() - started:.1f}s "
-          f"(k={args.k}, k1={args.k1}, b={args.b})")
-    write_outputs(df, args)
+def cmd_teacher(a) -> None:
+    n = distill.score_triples(a.triples, a.checkpoint, a.output, batch_size=a.batch_size,
+                              max_length=a.max_length, overwrite=a.overwrite)
+    print(f"wrote {a.output}: {n} rows (row i = triple i of {a.triples})")
 
 
-def cmd_mine(args) -> None:
-    from common.first_stage import mine_hard_negatives
-
-    refuse_existing([args.output], args.overwrite)
-    candidates = data.read_candidates(args.candidates)
-    check_eval_topics(set(candidates["qid"]), args)
-    a, b = (int(x) for x in args.range_for_sampling.split("-"))
-    triples, stats = mine_hard_negatives(candidates, data.read_qrels(args.qrels), args.negative_number,
-                                         (a, b), args.seed, args.min_positive_grade)
-    n = data.write_triples_tsv(triples, args.output)
-    print(f"wrote {args.output}: {n} triples; {stats}")
+def cmd_distill(a) -> None:
+    stats = distill.build_default_set(a.output_dir, shared=a.shared, k=a.k,
+                                      pairs_per_query=a.pairs_per_query, seed=a.seed,
+                                      teacher=a.teacher, max_queries=a.max_queries,
+                                      max_passages=a.max_passages, holdout=a.holdout,
+                                      fusion_weight=a.fusion_weight, from_set=a.from_set,
+                                      overwrite=a.overwrite)
+    print(f"wrote {a.output_dir}: {stats}")
 
 
-def cmd_teacher(args) -> None:
-    from common.modeling import load_model, score_pairs
-
-    refuse_existing([args.output], args.overwrite)
-    triples = list(data.TriplesStream(args.triples))
-    loaded = load_model(args.checkpoint)
-    queries = [q for q, _p, _n in triples]
-    kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
-    pos = score_pairs(loaded.model, loaded.tokenizer, queries, [p for _q, p, _n in triples], **kw)
-    neg = score_pairs(loaded.model, loaded.tokenizer, queries, [n for _q, _p, n in triples], **kw)
-    with data.atomic_output(args.output) as tmp:
-        pd.DataFrame({"teacher_pos": pos, "teacher_neg": neg}).to_parquet(tmp, compression="zstd")
-    print(f"wrote {args.output}: {len(triples)} rows (row i = triple i of {args.triples})")
-
-
-def cmd_distill(args) -> None:
-    from common.distill import build_distillation_set, embedded_default_sources, fuse_distillation_set
-
-    if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()) and not args.overwrite:
-        sys.exit(f"error: {args.output_dir} is not empty (use --overwrite)")
-    if args.from_set:
-        if args.fusion_weight is None:
-            sys.exit("error: --from_set re-derives a set with --fusion_weight; give one")
-        stats = fuse_distillation_set(args.from_set, args.output_dir, args.fusion_weight,
-                                      pairs_per_query=args.pairs_per_query, seed=args.seed)
-        print(f"wrote {args.output_dir}: {stats}")
-        return
-    queries, collection, forbidden = embedded_default_sources(args.shared)
-    if args.max_passages:  # a miniature set: the first passages, the queries that reach them
-        collection = dict(list(collection.items())[:args.max_passages])
-    if args.max_queries:  # the DL21/DL22 topics first (on-topic for this collection), then dev
-        dev = set(data.read_queries_tsv(Path(args.shared) / "msmarco-dev-subset" / "queries.tsv"))
-        ordered = [q for q in queries if q not in dev] + [q for q in queries if q in dev]
-        queries = {q: queries[q] for q in ordered[:args.max_queries]}
-    if args.holdout:
-        from common.distill import write_holdout
-
-        for qid in write_holdout(args.shared, args.holdout, args.output_dir):
-            queries.pop(qid, None)
-    stats = build_distillation_set(queries, collection, args.output_dir, k=args.k,
-                                   pairs_per_query=args.pairs_per_query, seed=args.seed,
-                                   teacher=args.teacher, forbidden_qids=forbidden,
-                                   fusion_weight=args.fusion_weight)
-    print(f"wrote {args.output_dir}: {stats}")
-
-
-def cmd_groups(args) -> None:
-    from common.distill import build_listwise_groups
-
-    out = Path(args.output_dir)
-    if (out / "groups.tsv").exists() and not args.overwrite:
-        sys.exit(f"error: {out / 'groups.tsv'} exists (use --overwrite)")
-    forbidden = set(data.read_qrels(args.forbid_qrels)) if args.forbid_qrels else set()
-    stats = build_listwise_groups(args.candidates, out, group_size=args.group_size,
-                                  groups_per_query=args.groups_per_query, seed=args.seed,
-                                  forbidden_qids=forbidden)
-    print(f"wrote {out / 'groups.tsv'}: {stats}")
+def cmd_groups(a) -> None:
+    stats = distill.build_groups_file(a.candidates, a.output_dir, group_size=a.group_size,
+                                      groups_per_query=a.groups_per_query, seed=a.seed,
+                                      forbid_qrels=a.forbid_qrels, overwrite=a.overwrite)
+    print(f"wrote {Path(a.output_dir) / 'groups.tsv'}: {stats}")
 
 
 def main(argv=None) -> None:
@@ -274,7 +169,7 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("distill", help="the embedded default distillation set")
     p.add_argument("--output_dir", default="data/distill")
-    p.add_argument("--shared", default="../shared/data/trec-dl")
+    p.add_argument("--shared", default=distill.DEFAULT_SHARED)
     p.add_argument("--k", type=positive_int, default=100)
     p.add_argument("--pairs_per_query", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=42)
@@ -299,7 +194,7 @@ def main(argv=None) -> None:
     p.add_argument("--group_size", type=positive_int, default=8)
     p.add_argument("--groups_per_query", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--forbid_qrels", default="../shared/data/trec-dl/dl20/qrels.txt",
+    p.add_argument("--forbid_qrels", default=DL20_QRELS,
                    help="refuse candidates of these (evaluation) queries")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_groups)
@@ -307,8 +202,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except data.DataError as err:
-        sys.exit(f"error: {err}")
+    except (DataError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {' '.join(str(err).split())}")
 
 
 if __name__ == "__main__":

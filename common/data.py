@@ -13,8 +13,8 @@ Everything that crosses a file boundary goes through this module:
 
 Bad input never passes silently: every reader raises ``DataError`` naming the file and the
 line (or entry / field), with counts and a few examples. Every writer writes to a temporary
-file in the destination directory and renames it into place, so a crash never leaves a
-half-written output under the final name.
+file in the destination directory and renames it into place (``common.io.atomic_output``),
+so a crash never leaves a half-written output under the final name.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import os
 import random
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from common.io import atomic_output  # noqa: F401 (also imported from here)
 
 CANDIDATE_COLUMNS = ["qid", "query", "docid", "rank", "first_stage_score", "passage"]
 """Columns of a candidates DataFrame, in order. qid/query/docid/passage are str, rank is
@@ -95,22 +97,6 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     (:func:`decoded_lines`)."""
     for line_number, line in enumerate(decoded_lines(path), start=1):
         yield line_number, line.rstrip("\r\n")
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _order_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -666,10 +652,6 @@ def read_teacher_scores(path: str | os.PathLike, group_size: int = 2):
     columns ``teacher_pos, teacher_neg`` for triples, ``teacher_0 .. teacher_{n-1}`` for
     listwise groups of n passages (row i scores line i's passages in order). Missing columns
     or non-finite scores raise ``DataError`` naming the file and the first bad row."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
     columns = teacher_columns(group_size)
     try:
         present = pq.read_schema(path).names

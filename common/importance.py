@@ -1,27 +1,105 @@
-"""Importance scores and the rules that pick what to prune.
+"""Importance scorers (one interface, looked up by name) and the rules that pick what to prune.
 
-* Head confidence (after Voita et al. 2019): for each head, the mean over non-padding query
-  tokens of the maximum attention weight over keys (padding keys get zero weight), averaged
-  over the pairs seen in the scoring window. Attention probabilities exist only with eager
-  attention, so the model switches to eager for the scoring forward passes and back to SDPA.
-* FFN importance: L1 norm of each neuron's input row plus |bias| in the FFN input projection.
+A scorer (:class:`Importance`) is made for a model's :class:`PruningState`; it says which
+units it needs data for (``head_data`` / ``ffn_data``: then the pruning callback hands it the
+training batches of each cycle's scoring window through ``observe``), returns per-(layer,
+original index) scores with ``head_scores(model)`` / ``ffn_scores(model)`` (lowest go first),
+and names the keys its scores get in the pruning history. ``@register_importance("name")``
+makes it a choice of ``--importance``: a new criterion is one class in any file.
 
-Those two are the reference study's criteria (``--importance reference``). ``--importance
-activation`` scores both from data instead (``ActivationImportance``): a head by the mean norm
-of what it writes into the residual stream (its context slice times its columns of the
-attention output projection), a neuron by its mean |activation| times the norm of its column
-of the FFN output projection, both over the non-padding tokens of the scoring window. On the
-packaged all-MiniLM-L6-v2 bi-encoder, masking 6 of 12 heads and 60 % of the FFN in layers 1-5
-in one shot keeps a mean cosine of 0.63 to the unpruned embeddings this way, against 0.52
-with confidence + L1 (``bench/importance_probe.py``).
+* ``confidence`` (the reference study's criteria; ``reference`` is its old name): head
+  confidence after Voita et al. 2019 - for each head, the mean over non-padding query tokens
+  of the maximum attention weight over keys (padding keys get zero weight), averaged over the
+  pairs seen in the scoring window; attention probabilities exist only with eager attention,
+  so the model switches to eager for the scoring passes and back. FFN neurons by the L1 norm
+  of their input row plus |bias| in the FFN input projection.
+* ``activation``: both from data - a head by the mean norm of what it writes into the residual
+  stream (its context slice times its columns of the attention output projection), a neuron by
+  its mean |activation| times the norm of its column of the FFN output projection, both over
+  the non-padding tokens of the scoring window (compared with ``confidence`` by
+  ``bench/importance_probe.py``).
+* ``l1``: no data - a head by the L1 norm of its query/key/value rows (+|bias|) and its
+  columns of the attention output projection; neurons as ``confidence``.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from common.arch import adapter_for, get_module, layer_stack
 from common.surgery import PruningState
+
+IMPORTANCES: dict[str, type["Importance"]] = {}
+ALIASES = {"reference": "confidence"}  # the flag value before scorers had names
+
+
+def register_importance(name: str) -> Callable[[type["Importance"]], type["Importance"]]:
+    """Class decorator: make the scorer available as ``get_importance(name, state)``."""
+    def add(cls: type[Importance]) -> type[Importance]:
+        if name in IMPORTANCES and IMPORTANCES[name] is not cls:
+            raise ValueError(f"an importance named {name!r} is already registered")
+        cls.name = name
+        IMPORTANCES[name] = cls
+        return cls
+    return add
+
+
+def importance_names() -> list[str]:
+    """The accepted ``--importance`` values: registered names and their aliases."""
+    return [*IMPORTANCES, *ALIASES]
+
+
+def get_importance(name: str, state: PruningState) -> "Importance":
+    name = ALIASES.get(name, name)
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance {name!r}; one of {', '.join(importance_names())}")
+    return IMPORTANCES[name](state)
+
+
+class Importance:
+    """A pruning criterion. Accumulating scorers override ``observe`` and the state methods
+    (``reset``, ``flat``/``load_flat`` for DDP's all-reduce, ``state_dict``/``load_state_dict``
+    for exact resume); a scorer that needs no data only overrides the two score methods."""
+
+    name: str = ""
+    head_data = False  # True: head_scores need the observed batches of the scoring window
+    ffn_data = False  # the same for ffn_scores
+    head_key = "score"  # each pruned head's score is logged under this key
+    ffn_key = "score"  # each pruned neuron's score list is logged under this key
+    count_key: str | None = None  # how much data the head scores saw ("scored_pairs", ...)
+
+    def __init__(self, state: PruningState):
+        self.state = state
+
+    def needs_data(self, heads: bool, ffn: bool) -> bool:
+        """Whether an event pruning heads and/or neurons needs ``observe`` calls first."""
+        return bool((heads and self.head_data) or (ffn and self.ffn_data))
+
+    def observe(self, model: nn.Module, batch: dict) -> None: ...
+
+    def head_scores(self, model: nn.Module | None = None) -> list[list[float]]:
+        raise NotImplementedError(f"{type(self).__name__} does not score heads")
+
+    def ffn_scores(self, model: nn.Module | None = None) -> list[list[float]]:
+        raise NotImplementedError(f"{type(self).__name__} does not score FFN neurons")
+
+    def observed(self) -> int:
+        """The amount of data behind the scores (logged under ``count_key``)."""
+        return 0
+
+    def reset(self) -> None: ...
+
+    def flat(self) -> list[float]:
+        return []
+
+    def load_flat(self, values: list[float]) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, data: dict) -> None: ...
 
 
 def _scoring_pass(model: nn.Module, batch: dict, handles: list, attn_implementation: str | None = None) -> None:
@@ -49,11 +127,16 @@ def _add_by_original(row: list[float], present: list[int], values: list[float]) 
         row[original] += values[position]
 
 
-class HeadConfidence:
-    """Accumulates per-head confidence over scoring forward passes (eval mode, no grad)."""
+@register_importance("confidence")
+class HeadConfidence(Importance):
+    """Accumulates per-head confidence over scoring forward passes (eval mode, no grad);
+    FFN neurons by L1 norm (``ffn_l1_scores``)."""
+
+    head_data = True
+    head_key, ffn_key, count_key = "confidence", "l1", "scored_pairs"
 
     def __init__(self, state: PruningState):
-        self.state = state
+        super().__init__(state)
         self.sums = [[0.0] * state.num_heads for _ in range(state.num_layers)]
         self.pairs = 0
 
@@ -90,8 +173,14 @@ class HeadConfidence:
         self.sums = [[0.0] * self.state.num_heads for _ in range(self.state.num_layers)]
         self.pairs = 0
 
-    def head_scores(self) -> list[list[float]]:
+    def head_scores(self, model: nn.Module | None = None) -> list[list[float]]:
         return self.scores()
+
+    def ffn_scores(self, model: nn.Module | None = None) -> list[list[float]]:
+        return ffn_l1_scores(model, self.state)
+
+    def observed(self) -> int:
+        return self.pairs
 
     def flat(self) -> list[float]:
         """Sums and count as one list (what DDP ranks all-reduce)."""
@@ -109,13 +198,17 @@ class HeadConfidence:
         self.sums, self.pairs = [list(map(float, r)) for r in data["sums"]], int(data["pairs"])
 
 
-class ActivationImportance:
+@register_importance("activation")
+class ActivationImportance(Importance):
     """Accumulates data-driven head and neuron scores over scoring forward passes (eval mode,
     no grad): per head, the norm of its contribution to the attention output projection; per
     neuron, |activation| times the norm of its output column; summed over non-padding tokens."""
 
+    head_data = ffn_data = True
+    head_key, ffn_key, count_key = "output_norm", "activation", "scored_tokens"
+
     def __init__(self, state: PruningState):
-        self.state = state
+        super().__init__(state)
         self.reset()
 
     def reset(self) -> None:
@@ -158,11 +251,14 @@ class ActivationImportance:
         _scoring_pass(model, batch, hooks)
         self.tokens += int(mask.sum())
 
-    def head_scores(self) -> list[list[float]]:
+    def head_scores(self, model: nn.Module | None = None) -> list[list[float]]:
         return self._mean(self.head_sums)
 
-    def ffn_scores(self) -> list[list[float]]:
+    def ffn_scores(self, model: nn.Module | None = None) -> list[list[float]]:
         return self._mean(self.ffn_sums)
+
+    def observed(self) -> int:
+        return self.tokens
 
     def _mean(self, sums: list[list[float]]) -> list[list[float]]:
         if self.tokens == 0:
@@ -203,6 +299,43 @@ def ffn_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
             scores[original] = float(norms[position])
         out.append(scores)
     return out
+
+
+@torch.no_grad()
+def head_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
+    """Per (layer, original head): L1 norm of the head's query, key and value rows (+|bias|)
+    and of its columns of the attention output projection."""
+    adapter = adapter_for(model.config)
+    d = state.head_size
+    out = []
+    for i, layer in enumerate(layer_stack(model, adapter)):
+        total = torch.zeros(len(state.present_heads[i]))
+        for name in (adapter.query, adapter.key, adapter.value):
+            linear = get_module(layer, name)
+            rows = linear.weight.abs().sum(dim=1)
+            if linear.bias is not None:
+                rows = rows + linear.bias.abs()
+            total += rows.view(-1, d).sum(dim=1).float().cpu()
+        columns = get_module(layer, adapter.attn_out).weight.abs().sum(dim=0)
+        total += columns.view(-1, d).sum(dim=1).float().cpu()
+        scores = [float("nan")] * state.num_heads
+        for position, original in enumerate(state.present_heads[i]):
+            scores[original] = float(total[position])
+        out.append(scores)
+    return out
+
+
+@register_importance("l1")
+class L1Importance(Importance):
+    """Weight magnitudes only: heads by ``head_l1_scores``, neurons by ``ffn_l1_scores``."""
+
+    head_key = ffn_key = "l1"
+
+    def head_scores(self, model: nn.Module | None = None) -> list[list[float]]:
+        return head_l1_scores(model, self.state)
+
+    def ffn_scores(self, model: nn.Module | None = None) -> list[list[float]]:
+        return ffn_l1_scores(model, self.state)
 
 
 def select_heads(scores: list[list[float]], state: PruningState, count: int,

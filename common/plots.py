@@ -33,7 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from .data import atomic_output
+from .io import atomic_output
 from .results import load_results
 from .rundir import METRICS_FILE
 

@@ -2,12 +2,12 @@
 
 A stage is an optional warmup, then ``len(events)`` pruning cycles and one recovery cycle,
 all of ``cycle_steps`` optimizer steps. The LR (``schedules.CosineRestarts``) restarts at its
-peak at the start of every cycle, i.e. right after every prune event. Head confidence is
-collected over the last ``score_fraction`` of each cycle; at the cycle's last step the
-lowest-scoring heads and the lowest-L1 neurons are masked, their weights and optimizer state
-zeroed, and the event (what went, with its scores) appended to the pruning history. With
-``--importance activation`` heads and neurons are both scored from activations over the same
-window instead (``common.importance.ActivationImportance``).
+peak at the start of every cycle, i.e. right after every prune event. The importance scorer
+(``--importance``, any :class:`common.importance.Importance` registered by name; default
+head confidence + FFN L1) sees the training batches of the last ``score_fraction`` of each
+cycle when it needs data; at the cycle's last step the lowest-scoring heads and neurons are
+masked, their weights and optimizer state zeroed, and the event (what went, with its scores)
+appended to the pruning history.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from common.importance import (ActivationImportance, HeadConfidence, ffn_l1_scores, select_ffn,
-                               select_heads)
+from common.argtypes import check_ranges
+from common.importance import Importance, get_importance, importance_names, select_ffn, select_heads
 from common.schedules import CosineRestarts
 from common.surgery import PruningState, zero_dead_weights
 from common.trainer import Callback, Trainer, all_reduce_sum
@@ -36,9 +36,11 @@ class PruneArgs:
     allow_empty_layers: bool = field(default=False, metadata={"help": "a layer may lose all its heads/neurons"})
     scope: str = field(default="layer", metadata={"help": "FFN selection: per layer or global"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "LR at the end of a cycle / peak"})
-    importance: str = field(default="reference", metadata={
-        "help": "'reference': head confidence + FFN L1 (the study's criteria); 'activation': both "
-                "scored from activations over the scoring window (see common.importance)"})
+    importance: str = field(default="confidence", metadata={
+        "help": f"pruning criterion, one of {', '.join(importance_names())}: 'confidence' (alias "
+                "'reference'): head confidence + FFN L1 (the study's criteria); 'activation': both "
+                "scored from activations over the scoring window; 'l1': weight norms "
+                "(see common.importance)"})
 
     RANGES = {  # (low, high, low_open, high_open): common.cli.check_ranges
         "target_sparsity": (0, 1, True, True), "num_prune_cycles": (1, None, False, False),
@@ -51,11 +53,10 @@ class PruneArgs:
         self.validate()
 
     def validate(self) -> None:
-        from common.cli import check_ranges
-
         check_ranges(self, self.RANGES)
-        if self.importance not in ("reference", "activation"):
-            raise ValueError(f"--importance must be reference or activation, got {self.importance!r}")
+        if self.importance not in importance_names():
+            raise ValueError(f"--importance must be one of {', '.join(importance_names())}, "
+                             f"got {self.importance!r}")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"--scope must be layer or global, got {self.scope!r}")
         try:
@@ -132,8 +133,8 @@ class PruneCallback(Callback):
             raise ValueError(f"kind must be heads, ffn or mixed, got {kind!r}")
         self.kind, self.prune = kind, prune
         self.plan: PrunePlan | None = None
-        self.confidence: HeadConfidence | ActivationImportance | None = None  # the scorer
-        self._pending_confidence: dict | None = None
+        self.scorer: Importance | None = None  # made for the model in on_start
+        self._pending_scorer: dict | None = None
 
     def schedule(self, trainer: Trainer) -> CosineRestarts:
         """The plan is made from the stage's starting structure (restored on resume)."""
@@ -144,10 +145,9 @@ class PruneCallback(Callback):
                               cycles=self.plan.num_events + 1, total_steps=trainer.total_steps)
 
     def on_start(self, trainer: Trainer) -> None:
-        scorer = ActivationImportance if self.prune.importance == "activation" else HeadConfidence
-        self.confidence = scorer(trainer.state)
-        if self._pending_confidence is not None:
-            self.confidence.load_state_dict(self._pending_confidence)
+        self.scorer = get_importance(self.prune.importance, trainer.state)
+        if self._pending_scorer is not None:
+            self.scorer.load_state_dict(self._pending_scorer)
 
     def _position(self, step: int) -> tuple[int, int] | None:
         """(cycle index, 1-based step within the cycle) of a completed step, or None in warmup."""
@@ -163,42 +163,37 @@ class PruneCallback(Callback):
         cycle, within = position
         heads = self.plan.head_events[cycle] if self.plan.head_events else 0
         ffn = self.plan.ffn_events[cycle] if self.plan.ffn_events else 0
-        needs_data = heads or (ffn and self.prune.importance == "activation")
         window_start = math.floor(self.plan.cycle_steps * (1 - self.prune.score_fraction))
-        if needs_data and within > window_start:
-            self.confidence.observe(trainer.model, batch)
+        if within > window_start and self.scorer.needs_data(heads, ffn):
+            self.scorer.observe(trainer.model, batch)
         if within == self.plan.cycle_steps:
             self.prune_now(trainer, heads, ffn)
 
     def prune_now(self, trainer: Trainer, heads: int, ffn_per_layer: int) -> None:
         state, excluded = trainer.state, self.prune.excluded()
         event = {"seen_pairs": trainer.seen_pairs, "step": trainer.step}
-        activation = self.prune.importance == "activation"
-        if trainer.world_size > 1 and (heads or (ffn_per_layer and activation)):
+        scorer = self.scorer
+        if trainer.world_size > 1 and scorer.needs_data(heads, ffn_per_layer):
             # every rank scored its own shard: sum, then all agree
-            self.confidence.load_flat(all_reduce_sum(self.confidence.flat(), trainer.device))
-        head_key, ffn_key = ("output_norm", "activation") if activation else ("confidence", "l1")
+            scorer.load_flat(all_reduce_sum(scorer.flat(), trainer.device))
         if heads:
-            scores = self.confidence.head_scores()
+            scores = scorer.head_scores(trainer.model)
             chosen = select_heads(scores, state, heads, excluded, self.prune.allow_empty_layers)
             for layer, head in chosen:
                 state.kept_heads[layer].remove(head)
-            event["heads"] = [{"layer": l, "head": h, head_key: scores[l][h]} for l, h in chosen]
-            if activation:
-                event["scored_tokens"] = self.confidence.tokens
-            else:
-                event["scored_pairs"] = self.confidence.pairs
+            event["heads"] = [{"layer": l, "head": h, scorer.head_key: scores[l][h]} for l, h in chosen]
+            if scorer.count_key:
+                event[scorer.count_key] = scorer.observed()
         if ffn_per_layer:
-            scores = (self.confidence.ffn_scores() if activation
-                      else ffn_l1_scores(trainer.model, state))
+            scores = scorer.ffn_scores(trainer.model)
             chosen = select_ffn(scores, state, ffn_per_layer, self.prune.scope, excluded,
                                 self.prune.allow_empty_layers)
             for layer, neurons in chosen.items():
                 gone = set(neurons)
                 state.kept_ffn[layer] = [n for n in state.kept_ffn[layer] if n not in gone]
-            event["ffn"] = {str(l): {"neurons": n, ffn_key: [scores[l][x] for x in n]}
+            event["ffn"] = {str(l): {"neurons": n, scorer.ffn_key: [scores[l][x] for x in n]}
                             for l, n in chosen.items()}
-        self.confidence.reset()
+        scorer.reset()
         state.history.append(event)
         trainer.masks.refresh()
         zero_dead_weights(trainer.model, state, trainer.optimizer)
@@ -208,11 +203,11 @@ class PruneCallback(Callback):
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "plan": asdict(self.plan),
-                "confidence": self.confidence.state_dict() if self.confidence else None}
+                "confidence": self.scorer.state_dict() if self.scorer else None}  # key kept for old checkpoints
 
     def load_state_dict(self, data: dict) -> None:
         if data.get("kind") != self.kind:
             raise ValueError(f"checkpoint was made by a {data.get('kind')!r} pruning stage, "
                              f"this script prunes {self.kind!r}")
         self.plan = PrunePlan(**data["plan"])
-        self._pending_confidence = data.get("confidence")
+        self._pending_scorer = data.get("confidence")

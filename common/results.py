@@ -59,8 +59,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import atomic_output
-from .evaluation import CONVENTIONS, atomic_write_text
+from .evaluation import CONVENTIONS
+from .io import atomic_output, atomic_write_text
 
 KEY = ("checkpoint", "topics")
 

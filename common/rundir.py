@@ -8,11 +8,11 @@ its evaluations to ``<checkpoint>/eval/``. Recipes ask for the newest checkpoint
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
+
+from common.io import replace_dir  # noqa: F401 (checkpoints and reshaped models are replaced with it)
 
 PREFIX = "seen_"
 STATE_FILE = "trainer_state.json"
@@ -54,21 +54,6 @@ def is_run_artifact(path: str | Path) -> bool:
     for prefix in (".tmp-", ".old-"):
         name = name[len(prefix):] if name.startswith(prefix) else name
     return seen_pairs_of(name) is not None or name == METRICS_FILE
-
-
-def replace_dir(tmp: str | Path, final: str | Path) -> None:
-    """Move the complete directory ``tmp`` onto ``final``. An existing ``final`` is renamed
-    aside first and deleted last, so at no moment is neither copy on disk."""
-    tmp, final = Path(tmp), Path(final)
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".old-{final.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old)
 
 
 def run_name(checkpoint: str | Path) -> str:

@@ -29,16 +29,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from common.biencoder import pool
+from common.argtypes import check_ranges
 from common.data import (DataError, TriplesStream, open_text, read_candidates, read_qrels,
                          read_teacher_scores)
+from common.evaluation import evaluate_run
+from common.io import atomic_write_text
+from common.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.modeling import (PACKAGED_MODELS, autocast_context, encode_pairs, load_model,
-                             pick_device, relevance_logit, save_model, score_pairs)
+                             pick_device, pooling_of, relevance_logit, save_model, score_pairs)
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
 
 log = logging.getLogger("slimrank")
-
+DEFAULT_DISTILL_LOSS = "margin_mse"
 
 
 @dataclass
@@ -83,7 +88,8 @@ class TrainArgs:
     distill_scale: float = field(default=1.0, metadata={"help": "teacher scores are multiplied by this"})
     distill_loss: str = field(default="margin_mse", metadata={
         "help": "with --distill_scores: 'margin_mse' (pairs) or 'kl' (listwise: KL from the "
-                "softmax of the scaled teacher scores over each row's passages to the student's)"})
+                "softmax of the scaled teacher scores over each row's passages to the student's), "
+                "or any loss registered in common.losses that takes scores and teacher scores"})
     group_size: int = field(default=2, metadata={
         "help": "passages per training row: 2 = (query, pos, neg) triples; n > 2 = listwise "
                 "groups (query + n passages; --distill_scores with teacher_0..teacher_{n-1}, "
@@ -122,20 +128,20 @@ class TrainArgs:
     }
 
     def validate(self) -> None:
-        from common.cli import check_ranges
-
         check_ranges(self, self.RANGES)
         if self.group_size < 2:
             raise ValueError(f"--group_size must be >= 2, got {self.group_size}")
         if self.batch_size < self.group_size or self.batch_size % self.group_size:
             raise ValueError(f"--batch_size ({self.batch_size} pairs) must be a multiple of "
                              f"--group_size ({self.group_size})")
-        if self.distill_loss not in ("margin_mse", "kl"):
-            raise ValueError(f"--distill_loss must be margin_mse or kl, got {self.distill_loss!r}")
-        if self.distill_loss == "kl" and not self.distill_scores:
-            raise ValueError("--distill_loss kl needs --distill_scores")
-        if self.group_size > 2 and not (self.distill_scores and self.distill_loss == "kl"):
-            raise ValueError("--group_size > 2 trains listwise: give --distill_scores and --distill_loss kl")
+        if self.distill_loss not in score_distillation_losses():
+            raise ValueError(f"--distill_loss must be one of {', '.join(score_distillation_losses())}, "
+                             f"got {self.distill_loss!r}")
+        if self.distill_loss != DEFAULT_DISTILL_LOSS and not self.distill_scores:
+            raise ValueError(f"--distill_loss {self.distill_loss} needs --distill_scores")
+        if self.group_size > 2 and not (self.distill_scores and loss_class(self.distill_loss).listwise):
+            raise ValueError("--group_size > 2 trains listwise: give --distill_scores and a listwise "
+                             "--distill_loss (kl)")
         if self.num_training_samples % self.batch_size:
             raise ValueError(f"--num_training_samples ({self.num_training_samples}) must be a "
                              f"multiple of --batch_size ({self.batch_size})")
@@ -255,6 +261,21 @@ def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> No
                          "(these must match the checkpoint's trainer_state.json)")
 
 
+def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+    """Bi-encoder scores ``(rows, 2)``: each query's dot product with its positive and its
+    negative (``passages`` holds them in that order, row by row)."""
+    return (queries[:, None, :] * passages.view(len(queries), 2, -1)).sum(-1)
+
+
+def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Call ``loss`` on the tensors it names (``loss.inputs``) out of what the step offers."""
+    missing = [k for k in loss.inputs if k not in inputs]
+    if missing:
+        raise ValueError(f"loss {loss.name!r} needs {', '.join(missing)}; this training step "
+                         f"offers {', '.join(inputs)}")
+    return loss(*(inputs[k] for k in loss.inputs))
+
+
 class Callback:
     """Hooks the loop calls; pruning implements them (``common.pruning.PruneCallback``)."""
 
@@ -299,6 +320,7 @@ class Trainer:
             raise ValueError("--distill_target embeddings needs a bi-encoder or the segment_cosine head")
         if self.kind == "bi" and (args.group_size != 2 or args.distill_loss != "margin_mse"):
             raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
+        self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
         # the module that runs forward/backward: DDP averages gradients over ranks
@@ -381,6 +403,21 @@ class Trainer:
             os.replace(self._backup, self.output_dir)
         self._backup = None
 
+    def _pick_losses(self) -> tuple[Loss, Loss | None]:
+        """The task loss (on labels, or with --distill_scores the --distill_loss) and, with
+        --distill_from, the loss to that model's scores or embeddings."""
+        a = self.args
+        if a.distill_scores:
+            task = get_loss(a.distill_loss)
+        elif self.kind == "bi":
+            task = get_loss("in_batch_contrastive", temperature=a.temperature)
+        else:
+            task = get_loss("row_softmax" if self.segment else "cross_entropy")
+        distill = None
+        if a.distill_from:
+            distill = get_loss("embedding_mse" if a.distill_target == "embeddings" else "margin_mse")
+        return task, distill
+
     def _param_groups(self) -> list[dict]:
         """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
         segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
@@ -417,7 +454,7 @@ class Trainer:
         if self.is_main and metrics_path.exists():
             keep = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
 
     # -- the loop --------------------------------------------------------------------------
     @property
@@ -485,9 +522,6 @@ class Trainer:
         return self.teacher_scores[rows].to(self.device)
 
     def _embed(self, model, texts: list[str]) -> tuple[torch.Tensor, dict]:
-        from common.biencoder import pool
-        from common.modeling import pooling_of
-
         batch = self.tokenizer(texts, truncation=True, max_length=self.args.max_length,
                                padding=True, return_tensors="pt").to(self.device)
         with autocast_context(self.device, self.args.precision):
@@ -495,43 +529,42 @@ class Trainer:
         return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
 
     def _bi_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
-        """Contrastive loss with in-batch negatives (each query against every passage of the
-        batch, its own positive the target), or margin-MSE on teacher score margins."""
+        """The task loss (in-batch contrastive; with --distill_scores the --distill_loss to the
+        teacher's scores instead) plus, with --distill_from, distill_weight x the distillation
+        loss to that model's cosine scores or embeddings."""
         queries = [q for q, _p, _n in triples]
         passages = [x for _q, p, n in triples for x in (p, n)]
         q, _ = self._embed(self.forward_model, queries)
         p, self._last_batch = self._embed(self.forward_model, passages)
+        inputs = {"query_embeddings": q, "passage_embeddings": p}
+        if "scores" in self.loss.inputs:
+            inputs["scores"] = pair_cosines(q, p)
         if self.teacher_scores is not None:
-            sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
-            teacher = self._teacher_rows(len(triples))
-            loss = F.mse_loss(sims[:, 0] - sims[:, 1], teacher[:, 0] - teacher[:, 1])
+            inputs["teacher_scores"] = self._teacher_rows(len(triples))
+            loss = apply_loss(self.loss, inputs)
             self._update(loss)
             return loss.item(), {}
-        logits = q @ p.T / self.args.temperature
-        target = torch.arange(len(triples), device=self.device) * 2
-        loss = contrastive = F.cross_entropy(logits, target)
+        loss = contrastive = apply_loss(self.loss, inputs)
         parts = {}
         if self.teacher is not None:
             with torch.no_grad():
                 tq, _ = self._embed(self.teacher, queries)
                 tp, _ = self._embed(self.teacher, passages)
-            if self.args.distill_target == "embeddings":  # squared L2 = 2 (1 - cos) per text
-                distill = ((q - tq) ** 2).sum(-1).mean() + ((p - tp) ** 2).sum(-1).mean()
+            if self.args.distill_target == "embeddings":
+                distill = self.distill([q, p], [tq, tp])
             else:
-                s_sims = (q[:, None, :] * p.view(len(triples), 2, -1)).sum(-1)
-                t_sims = (tq[:, None, :] * tp.view(len(triples), 2, -1)).sum(-1)
-                distill = F.mse_loss(s_sims[:, 0] - s_sims[:, 1], t_sims[:, 0] - t_sims[:, 1])
+                distill = self.distill(pair_cosines(q, p), pair_cosines(tq, tp))
             loss = self.args.contrastive_weight * contrastive + self.args.distill_weight * distill
             parts = {"contrastive": contrastive.item(), "distill": distill.item()}
         self._update(loss)
         return loss.item(), parts
 
     def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
-        """Cross-encoder step: the task loss (margin-MSE / listwise KL to the teacher scores of
-        --distill_scores, else labels: cross-entropy of the 2-label head, or for the segment
-        head a softmax over each row's passages, the first relevant), plus, with
-        --distill_from, distill_weight x margin-MSE to that model's scores or (segment head)
-        the squared L2 between its and the student's segment embeddings."""
+        """Cross-encoder step: the task loss (``self.loss``: the --distill_loss to the teacher
+        scores of --distill_scores, else on labels the cross-entropy of the 2-label head or,
+        for the segment head, a softmax over each row's passages), plus, with --distill_from,
+        distill_weight x margin-MSE to that model's scores or (segment head) the squared L2
+        between its and the student's segment embeddings."""
         if self.kind == "bi":
             return self._bi_step(triples)
         n = self.args.group_size
@@ -544,29 +577,22 @@ class Trainer:
             output = self.forward_model(**batch)
         logits = output.logits.float()
         student = relevance_logit(logits).view(len(triples), n)
+        inputs = {"logits": logits, "scores": student}
         if self.teacher_scores is not None:
-            teacher = self._teacher_rows(len(triples))
-            if self.args.distill_loss == "kl":  # listwise: KL(teacher softmax || student softmax)
-                task = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
-                                log_target=True, reduction="batchmean")
-            else:
-                task = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
-        elif self.segment:
-            task = F.cross_entropy(student, torch.zeros(len(triples), dtype=torch.long,
-                                                        device=self.device))
-        else:
-            task = F.cross_entropy(logits, torch.tensor([1, 0] * len(triples), device=self.device))
+            inputs["teacher_scores"] = self._teacher_rows(len(triples))
+        task = apply_loss(self.loss, inputs)
         if self.teacher is None:
             self._update(task)
             return task.item(), {}
         with torch.no_grad(), autocast_context(self.device, self.args.precision):
             t_out = self.teacher(**batch)
         if self.args.distill_target == "embeddings":
-            distill = sum(((getattr(output, k) - getattr(t_out, k).float()) ** 2).sum(-1).mean()
-                          for k in ("query_embeddings", "passage_embeddings"))
+            keys = ("query_embeddings", "passage_embeddings")
+            distill = self.distill([getattr(output, k) for k in keys],
+                                        [getattr(t_out, k) for k in keys])
         else:
             teacher = relevance_logit(t_out.logits.float()).view(len(triples), n)
-            distill = F.mse_loss(student[:, 0] - student[:, 1], teacher[:, 0] - teacher[:, 1])
+            distill = self.distill(student, teacher)
         loss = task + self.args.distill_weight * distill
         self._update(loss)
         return loss.item(), {"task": task.item(), "distill": distill.item()}
@@ -596,8 +622,6 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Re-rank the eval candidates; TREC DL measures (see common.evaluation)."""
-        from common.evaluation import evaluate_run
-
         if not self.args.eval_candidates_file:
             return {}
         if self._eval_data is None:
@@ -640,6 +664,7 @@ class Trainer:
         if self.scaler.is_enabled():
             rng["scaler"] = self.scaler.state_dict()
         torch.save(rng, tmp / self._rng_file())
+        barrier()  # every rank's RNG state is in tmp before rank 0 renames it
         if self.is_main:
             self._write_checkpoint(tmp, final, started)
         barrier()
