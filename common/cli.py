@@ -9,7 +9,7 @@ from transformers import HfArgumentParser
 from common.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
                              unit_float)  # (the scripts import them from here)
 from common.data import DataError
-from common.trainer import Trainer
+from common.trainer import Trainer, check_start_or_resume
 
 
 def parse(dataclasses: list, doc: str, argv=None, extra=None):
@@ -41,8 +41,9 @@ def fail(err: Exception) -> None:
 
 
 def run_stage(args, stage: str, schedule, callback=None):
-    """Train one stage; print where the checkpoints went."""
+    """Train one stage (started or, with ``--resume``, resumed); print where the checkpoints went."""
     try:
+        check_start_or_resume(args, stage)
         trainer = Trainer(args, stage, schedule, callback)
         last = trainer.train()
     except (DataError, FileExistsError, ValueError) as err:

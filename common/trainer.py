@@ -58,7 +58,11 @@ class TrainArgs:
     model_tag: Optional[str] = field(default=None, metadata={
         "help": "start model: local dir, hub name or packaged tag (all-MiniLM-L6-v2)"})
     checkpoint_dir: Optional[str] = field(default=None, metadata={
-        "help": "a checkpoint of this stage to resume, or (03*) of an earlier stage to start from"})
+        "help": "the model to start this stage from (a checkpoint of an earlier stage, a model dir "
+                "or tag), or with --resume a checkpoint of this stage to resume"})
+    resume: bool = field(default=False, metadata={
+        "help": "resume --checkpoint_dir, a checkpoint of this stage (exactly: optimizer, "
+                "scheduler, RNG and data position); without it a stage always starts"})
     eval_candidates_file: Optional[str] = field(default=None, metadata={
         "help": "candidates parquet re-ranked at every checkpoint (NDCG@10 to metrics.jsonl)"})
     eval_qrels_file: Optional[str] = field(default=None, metadata={"help": "qrels of the eval topics"})
@@ -246,7 +250,22 @@ def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
 RESUME_MAY_CHANGE = frozenset({
     "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
     "eval_batch_size", "eval_max_queries", "threads", "device", "log_every", "overwrite",
-    "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling"})  # the checkpoint knows these
+    "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling",
+    "resume"})  # the checkpoint knows these
+
+
+def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
+    """Start vs resume is said, never guessed: ``--resume`` needs a checkpoint of this stage,
+    and a checkpoint of this stage is not silently resumed (nor restarted) without it."""
+    source = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
+    source_stage = (source or {}).get("stage")
+    if args.resume and source_stage != stage:
+        what = f"a checkpoint of stage {source_stage!r}" if source_stage else "not a training checkpoint"
+        raise DataError(f"--resume: --checkpoint_dir {args.checkpoint_dir} is {what}, not of this "
+                        f"stage ({stage!r}); drop --resume to start this stage from it")
+    if not args.resume and source_stage == stage:
+        raise DataError(f"--checkpoint_dir {args.checkpoint_dir} is a checkpoint of this stage "
+                        f"({stage!r}): pass --resume to resume it")
 
 
 def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:

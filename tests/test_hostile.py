@@ -117,8 +117,8 @@ def test_reshape_overwrite_never_removes_its_source(run, tmp_path):
 def test_resume_checks_its_arguments_and_state(run):
     out, triples = run
     half = out / "seen_000000008"
-    base = ["--checkpoint_dir", str(half), "--train_triples_file", str(triples), "--output_dir",
-            str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8"]
+    base = ["--checkpoint_dir", str(half), "--resume", "--train_triples_file", str(triples),
+            "--output_dir", str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8"]
     assert_refused(train, base + ["--batch_size", "4", "--max_length", "32", "--threads", "1",
                            "--device", "cpu"], "--batch_size 8 -> 4")
     assert_refused(train, base + A + ["--learning_rate", "1e-3"], "--learning_rate")
@@ -240,8 +240,8 @@ def test_corrupt_or_unsafe_optimizer_state_is_one_error_line(run):
 
     out, triples = run
     half = out / "seen_000000008"
-    base = ["--checkpoint_dir", str(half), "--train_triples_file", str(triples), "--output_dir",
-            str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8", *A]
+    base = ["--checkpoint_dir", str(half), "--resume", "--train_triples_file", str(triples),
+            "--output_dir", str(out), "--num_training_samples", "16", "--num_checkpoint_samples", "8", *A]
     (half / "optimizer.pt").write_bytes(b"garbage")
     assert_refused(train, base, "optimizer.pt", "unreadable or unsafe")
     (half / "optimizer.pt").write_bytes(pickle.dumps(print))  # a pickled callable: refused

@@ -1,6 +1,8 @@
 """Stage entry points accept what the recipes pass them."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from common.data import DataError
@@ -14,3 +16,35 @@ def test_a_stage_may_start_from_a_packaged_tag_but_not_a_missing_dir(tmp_path):
     assert read_source_state(tmp_path) is None  # a plain directory: no trainer state
     with pytest.raises(DataError, match="no such directory"):
         read_source_state(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("script,extra", [("02_train_initial", []),
+                                          ("03a_prune_heads", ["--target_sparsity", "0.1"]),
+                                          ("03b_prune_intermediates", ["--target_sparsity", "0.25",
+                                                                       "--num_prune_cycles", "1"]),
+                                          ("03c_prune_mixed", ["--target_heads", "10", "--target_ffn", "30",
+                                                               "--num_prune_cycles", "1"])])
+def test_start_or_resume_is_said_not_guessed(script, extra, tiny_models, toy_triples, tmp_path, capsys):
+    """Every stage: a checkpoint of the same stage needs --resume (03c: `continue`), and
+    --resume needs one; the refusal is one error line naming the flag."""
+    main = importlib.import_module(script).main
+    common = ["--train_triples_file", str(toy_triples), "--batch_size", "8", "--max_length", "32",
+              "--threads", "1", "--device", "cpu", "--num_checkpoint_samples", "8", *extra]
+    source = ["--model_tag", str(tiny_models["bert"])] if script.startswith("02") else [
+        "--checkpoint_dir", str(tiny_models["bert"])]
+    main([*source, "--output_dir", str(tmp_path / "a"), "--num_training_samples", "16", *common])
+    half = sorted((tmp_path / "a").glob("seen_*"))[0]
+    for argv, needle in (([], "pass --resume"), (["--resume"], None)):
+        args = ["--checkpoint_dir", str(half), "--output_dir", str(tmp_path / "b"),
+                "--num_training_samples", "16", *argv, *common]
+        if needle is None:
+            main(args)  # resumes: the stage ends at 16 pairs
+            assert sorted(p.name for p in (tmp_path / "b").glob("seen_*"))[-1].startswith("seen_000000016")
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert needle in str(exit_.value) and str(exit_.value).startswith("error:")
+    with pytest.raises(SystemExit) as exit_:
+        main([*source[:0], "--checkpoint_dir", str(tiny_models["bert"]), "--resume", "--output_dir",
+              str(tmp_path / "c"), "--num_training_samples", "16", *common])
+    assert "--resume" in str(exit_.value) and "not a training checkpoint" in str(exit_.value)
