@@ -25,7 +25,7 @@ import torch
 
 from common.cli import fail, nonneg_int, positive_int, unit_float
 from common.data import DataError
-from common.rank import BACKENDS
+from common.rank import AUTO, BACKENDS
 from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
 from common.results import append_results, has_result, load_results, write_table
 
@@ -45,10 +45,11 @@ def main(argv=None) -> None:
     p.add_argument("--max_length", type=positive_int, default=256)
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="torch", choices=BACKENDS,
+    p.add_argument("--backend", default=AUTO, choices=(AUTO, *BACKENDS),
                    help="what scores and is timed (common.rank): torch fp32, torch under bf16/fp16 "
                         "autocast, or onnxruntime on the fp32 / int8 export of 04_reshape.py --onnx; "
-                        "a non-default backend's rows are keyed CHECKPOINT@BACKEND")
+                        "auto (default): onnx-int8 for a model dir with that export, else torch. "
+                        "Every row states its backend; rows other than torch are keyed CHECKPOINT@BACKEND")
     p.add_argument("--no_costs", action="store_true", help="quality only")
     p.add_argument("--no_latency", action="store_true", help="FLOPs and parameters, no timing")
     p.add_argument("--repeats", type=positive_int, default=3)

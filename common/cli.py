@@ -3,22 +3,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
+from dataclasses import fields
 
 from transformers import HfArgumentParser
 
 from common.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
                              unit_float)  # (the scripts import them from here)
 from common.data import DataError
-from common.trainer import Trainer, check_start_or_resume
+from common.trainer import ARGUMENT_GROUPS, Trainer, check_start_or_resume
+
+CONFIG_HELP = ("--config FILE.toml: settings read first, one `name = value` per argument "
+               "(recipes/config/*.toml); the command line overrides them")
 
 
 def parse(dataclasses: list, doc: str, argv=None, extra=None):
-    """Dataclass arguments (tevatron style), each validated once here (its ``validate()``);
-    ``extra(parser)`` may add positionals. A bad value exits with one ``error:`` line."""
-    parser = HfArgumentParser(dataclasses, description=doc,
+    """Dataclass arguments (tevatron style) in argument groups, each validated once here (its
+    ``validate()``); ``extra(parser)`` may add positionals; ``--config FILE.toml`` supplies
+    settings the command line overrides. A bad value exits with one ``error:`` line."""
+    parser = HfArgumentParser(dataclasses, description=doc, epilog=CONFIG_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = dict(ARGUMENT_GROUPS)
+    for dc in dataclasses:  # a dataclass of its own group (PruneArgs: "pruning")
+        if getattr(dc, "argument_group", None):
+            groups[dc.argument_group] = tuple(f.name for f in fields(dc))
+    group_arguments(parser, groups)
     if extra:
         extra(parser)
+    argv = with_config(parser, list(sys.argv[1:] if argv is None else argv))
     try:
         *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # raised by a dataclass's __post_init__
@@ -32,6 +44,53 @@ def parse(dataclasses: list, doc: str, argv=None, extra=None):
             except ValueError as err:
                 fail(err)
     return objs
+
+
+def group_arguments(parser: argparse.ArgumentParser, groups: dict) -> None:
+    """Show the parser's options in the named groups (argparse keeps one list per group)."""
+    where = {dest: name for name, dests in groups.items() for dest in dests}
+    made = {name: parser.add_argument_group(name) for name in groups}
+    for action in list(parser._actions):
+        name = where.get(action.dest)
+        if name is None:
+            continue
+        for group in parser._action_groups:
+            if action in group._group_actions and group is not made[name]:
+                group._group_actions.remove(action)
+        made[name]._group_actions.append(action)
+
+
+def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the settings of ``--config FILE`` (TOML) in front of the rest, so that the
+    command line wins; unknown names and unreadable files are one error line."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    rest, path = [], None
+    items = iter(argv)
+    for item in items:
+        if item == "--config":
+            path = next(items, None)
+        elif item.startswith("--config="):
+            path = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    if not path:
+        fail(ValueError("--config needs a file"))
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        fail(ValueError(f"--config {path}: {err}"))
+    known = {a.dest for a in parser._actions}
+    tokens = []
+    for name, value in settings.items():
+        if name not in known or name == "help":
+            fail(ValueError(f"--config {path}: unknown setting {name!r} (not an argument of this script)"))
+        if isinstance(value, bool):
+            value = str(value).lower()
+        values = value if isinstance(value, list) else [value]
+        tokens += [f"--{name}", *(str(v) for v in values)]
+    return tokens + rest
 
 
 def fail(err: Exception) -> None:

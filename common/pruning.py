@@ -24,6 +24,7 @@ from common.trainer import Callback, Trainer, all_reduce_sum
 
 @dataclass
 class PruneArgs:
+    argument_group = "pruning"  # (not a field) the --help group of these arguments
     target_sparsity: Optional[float] = field(default=None, metadata={
         "help": "share of the prunable heads/neurons to remove by the end"})
     num_prune_cycles: Optional[int] = field(default=None, metadata={

@@ -30,6 +30,7 @@ from common.modeling import (LoadedModel, autocast_context, encode_pairs, load_m
                              pick_device, pooling_of, relevance_logit, sorted_batches)
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
+AUTO = "auto"  # onnx-int8 where the model dir has the export (it wins here), else torch fp32
 ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
@@ -109,6 +110,7 @@ class Ranker:
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, backend: str = "torch", *, max_length: int = 256,
                     batch_size: int = 64, threads: int | None = None) -> "Ranker":
+        backend = resolve_backend(loaded.path, backend)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend in TORCH_PRECISION:
@@ -177,6 +179,13 @@ class BiRanker(Ranker):
         q = torch.from_numpy(self.encode(list(uq), progress))
         p = torch.from_numpy(self.encode(list(up), progress))
         return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
+
+
+def resolve_backend(path: str | Path, backend: str) -> str:
+    """``auto``: the int8 ONNX export when ``path`` has one (04_reshape.py --onnx), else torch."""
+    if backend != AUTO:
+        return backend
+    return "onnx-int8" if Path(path, ONNX_DIR, ONNX_FILES["onnx-int8"]).is_file() else "torch"
 
 
 def onnx_inputs(loaded: LoadedModel) -> list[str]:

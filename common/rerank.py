@@ -82,6 +82,7 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     dev = pick_device(device)
     loaded = load_model(checkpoint, dev, kind=kind)
     ranker = Ranker.from_loaded(loaded, backend, max_length=max_length, batch_size=batch_size)
+    backend = ranker.backend  # "auto" resolved
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)

@@ -77,6 +77,7 @@ _DESCRIPTION_COLUMNS = (
     ("Heads", "heads", "int"),
     ("FFN dim", "ffn", "int"),
 )
+_TEXT_COLUMNS = sum(kind == "text" for _, _, kind in _DESCRIPTION_COLUMNS)  # left-aligned, first
 # Metric columns per topic set: (label, column).
 _METRIC_COLUMNS = (("NDCG@10", "ndcg@10"), ("MAP@100", "map@100"))
 # Timing columns, shown only when some row has a value: (header, mean column, std column).
@@ -324,7 +325,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     records.sort(key=lambda record: record[0])
 
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+             "|" + "|".join(["---"] * (1 + _TEXT_COLUMNS) + ["---:"] * (len(header) - 1 - _TEXT_COLUMNS)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for _, cells in records]
     return "\n".join(lines) + f"\n\n{CONVENTIONS}\n\n{_machines_line(df, timings)}\n"
 

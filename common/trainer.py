@@ -46,6 +46,22 @@ log = logging.getLogger("slimrank")
 DEFAULT_DISTILL_LOSS = "margin_mse"
 
 
+# TrainArgs in the groups --help shows (every field in exactly one: a test checks); PruneArgs
+# is the group "pruning"
+ARGUMENT_GROUPS = {
+    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling"),
+    "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
+    "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
+                     "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
+                     "contrastive_weight"),
+    "distillation": ("distill_from", "distill_target", "distill_weight", "distill_scores",
+                     "distill_scale", "distill_loss"),
+    "evaluation": ("eval_candidates_file", "eval_qrels_file", "eval_batch_size", "eval_max_queries"),
+    "run": ("output_dir", "num_checkpoint_samples", "overwrite", "device", "precision", "threads",
+            "log_every"),
+}
+
+
 @dataclass
 class TrainArgs:
     """Arguments shared by 02_train_initial.py and the 03* pruning scripts."""

@@ -8,7 +8,9 @@
 #   while distilling the initial model's segment embeddings (03c) -> reshape (04) -> recovery:
 #   the reshaped model goes on distilling the initial one (02 --stage recover) -> TREC evaluation
 #   on DL20 of BM25, the teacher, the initial, the pruned and the recovered model (05) ->
-#   speed-up of the recovered model over the initial one (bench) -> figures (06).
+#   speed-up of the recovered model over the initial one (bench) -> figures (06). The recovered
+#   model is also shipped (04 --onnx: a dir stock transformers opens, ONNX fp32/int8 graphs) and
+#   evaluated and benchmarked on onnxruntime int8.
 # DL20 is the evaluation set: `01 distill` refuses any DL20 query among the training queries;
 # training is monitored on the 20 held-out DL21 topics.
 # Outputs: data/, $RUN/ (checkpoints, results.parquet, results.md, speedup.txt), figures/.
@@ -35,61 +37,62 @@ start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 latest() { $PY -m common.rundir latest "$1"; }
 
-step "1/9 prefetch the DL20 evaluation candidates (BM25 top-100)"
+step "1/10 prefetch the DL20 evaluation candidates (BM25 top-100)"
 $PY 01_prefetch_passages.py json --input "$SHARED/dl20/bm25.json" --tag bm25 "${EVAL_SUBSET[@]}" \
   --output "$DATA/dl20.bm25.candidates.parquet" --run_file "$DATA/dl20.bm25.run" --overwrite
 
-step "2/9 distillation set with held-out DL21 topics (20), and its BM25-fused teacher (kept once built)"
+step "2/10 distillation set with held-out DL21 topics (20), and its BM25-fused teacher (kept once built)"
 [ -f "$DATA/distill/teacher_scores.parquet" ] || \
   $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" "${SUBSET[@]}" --overwrite
 [ -f "$DATA/distill_fused/teacher_scores.parquet" ] || \
   $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 \
     --output_dir "$DATA/distill_fused" --overwrite
 
-# mean fused margin 0.290 against 0.157 for cosines: x5.4 puts them on the scale of cosines x10
-# (the segment head's starting scale)
+# settings of each training stage: recipes/config/main_{initial,prune,recover}.toml; here, paths
+# and sizes (which SMOKE changes)
 TRAIN=(--train_triples_file "$DATA/distill_fused/triples.tsv" --distill_scores "$DATA/distill_fused/teacher_scores.parquet"
-       --distill_scale 5.4 --precision bf16 --max_length "$MAX_LENGTH" --batch_size 32 --seed 42
-       --eval_candidates_file "$DATA/distill/holdout.candidates.parquet"
+       --max_length "$MAX_LENGTH" --eval_candidates_file "$DATA/distill/holdout.candidates.parquet"
        --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 
-step "3/9 initial cross-encoder (segment-cosine head from the bi-encoder): $TRAIN_PAIRS pairs"
-$PY 02_train_initial.py --model_tag all-MiniLM-L6-v2 --head segment_cosine --output_dir "$RUN/initial" \
-  --num_training_samples "$TRAIN_PAIRS" --num_checkpoint_samples $(( TRAIN_PAIRS / 2 )) \
-  --learning_rate 3e-5 "${TRAIN[@]}"
+step "3/10 initial cross-encoder (segment-cosine head from the bi-encoder): $TRAIN_PAIRS pairs"
+$PY 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$RUN/initial" \
+  --num_training_samples "$TRAIN_PAIRS" --num_checkpoint_samples $(( TRAIN_PAIRS / 2 )) "${TRAIN[@]}"
 INITIAL=$(latest "$RUN/initial")
 
-step "4/9 mixed pruning of all layers (heads + FFN, activation importance) while distilling: $PRUNE_PAIRS pairs"
-DISTILL_INITIAL=(--distill_from "$INITIAL" --distill_target embeddings --distill_weight 10 --learning_rate 1e-4)
-$PY 03c_prune_mixed.py initial --checkpoint_dir "$INITIAL" --output_dir "$RUN/mixed" \
-  --num_training_samples "$PRUNE_PAIRS" --num_prune_cycles 4 --target_heads 54 --target_ffn 768 \
-  --importance activation --exclude_layers "" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) \
-  "${DISTILL_INITIAL[@]}" "${TRAIN[@]}"
+step "4/10 mixed pruning of all layers (heads + FFN, activation importance) while distilling: $PRUNE_PAIRS pairs"
+$PY 03c_prune_mixed.py initial --config recipes/config/main_prune.toml --checkpoint_dir "$INITIAL" \
+  --distill_from "$INITIAL" --output_dir "$RUN/mixed" --num_training_samples "$PRUNE_PAIRS" \
+  --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}"
 PRUNED=$(latest "$RUN/mixed")
 
-step "5/9 reshape the pruned model"
+step "5/10 reshape the pruned model"
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 
-step "6/9 recovery: the reshaped model goes on distilling the initial one: $RECOVERY_PAIRS pairs"
-$PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED/reshaped" --output_dir "$RUN/recover" \
-  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
-  "${DISTILL_INITIAL[@]}" "${TRAIN[@]}"
+step "6/10 recovery: the reshaped model goes on distilling the initial one: $RECOVERY_PAIRS pairs"
+$PY 02_train_initial.py --stage recover --config recipes/config/main_recover.toml \
+  --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
+  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}"
 FINAL=$(latest "$RUN/recover")
 
-step "7/9 evaluate on DL20: BM25, the teacher, the initial, the pruned and the recovered model"
+step "7/10 ship the recovered model: a self-contained dir with ONNX fp32 and int8 graphs (04 --onnx)"
+$PY 04_reshape.py --checkpoint_dir "$FINAL" --output_dir "$RUN/final" --onnx --max_length "$MAX_LENGTH"
+
+step "8/10 evaluate on DL20: BM25, the teacher, the initial, the pruned and the recovered model (torch fp32), the shipped one (onnx-int8)"
 RES=(--candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20
      --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH")
 $PY 05_eval_trec.py --first_stage bm25 "${RES[@]}"
 $PY 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi "${RES[@]}" "${TIMING[@]}"
 $PY 05_eval_trec.py --checkpoint "$INITIAL" "$FINAL" "${RES[@]}" "${TIMING[@]}"
 $PY 05_eval_trec.py --checkpoint "$PRUNED/reshaped" "${RES[@]}" --no_costs  # before recovery: quality only
+$PY 05_eval_trec.py --checkpoint "$RUN/final" --backend onnx-int8 "${RES[@]}" "${TIMING[@]}"
 
-step "8/9 speed-up of the pruned model over the initial one (alternating, one process, real DL20 lengths)"
-$PY bench/speedup.py --baseline "$INITIAL" --candidate "$FINAL" \
-  --candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" "${BENCH[@]}" \
-  | tee "$RUN/speedup.txt"
+step "9/10 speed-up over the initial model (torch fp32) of the pruned one (torch fp32), then of the shipped one (onnx-int8): alternating, one process, real DL20 lengths"
+for candidate in "$FINAL" "$RUN/final@onnx-int8"; do
+  $PY bench/speedup.py --baseline "$INITIAL" --candidate "$candidate" \
+    --candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" "${BENCH[@]}"
+done | tee "$RUN/speedup.txt"
 
-step "9/9 figures"
+step "10/10 figures"
 $PY 06_plots.py --runs_dir "$RUN" --results "$RUN/results.parquet" --out_dir "$FIGURES"
 echo "== done in $(( $(date +%s) - start ))s"
 cat "$RUN/results.md"

@@ -48,3 +48,61 @@ def test_start_or_resume_is_said_not_guessed(script, extra, tiny_models, toy_tri
         main([*source[:0], "--checkpoint_dir", str(tiny_models["bert"]), "--resume", "--output_dir",
               str(tmp_path / "c"), "--num_training_samples", "16", *common])
     assert "--resume" in str(exit_.value) and "not a training checkpoint" in str(exit_.value)
+
+
+def test_arguments_come_in_groups_and_from_config_files(tmp_path, capsys):
+    from dataclasses import fields
+
+    from common.cli import parse
+    from common.pruning import PruneArgs
+    from common.trainer import ARGUMENT_GROUPS, TrainArgs
+
+    grouped = [name for names in ARGUMENT_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(TrainArgs))  # each in exactly one
+    config = tmp_path / "stage.toml"
+    config.write_text('learning_rate = 3e-5\nexclude_layers = ""\ntarget_heads = 9\nprecision = "bf16"\n'
+                      'overwrite = true\n')
+    need = ["--model_tag", "m", "--train_triples_file", "t.tsv", "--output_dir", "o",
+            "--num_training_samples", "64"]
+    args, prune = parse([TrainArgs, PruneArgs], "", ["--config", str(config), *need, "--target_heads", "10"])
+    assert args.learning_rate == 3e-5 and args.precision == "bf16" and args.overwrite
+    assert prune.exclude_layers == "" and prune.target_heads == 10  # the command line wins
+    config.write_text("learning_rat = 1e-4\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse([TrainArgs, PruneArgs], "", ["--config", str(config), *need])
+    assert str(exit_.value).startswith("error:") and "learning_rat" in str(exit_.value)
+    with pytest.raises(SystemExit) as exit_:
+        parse([TrainArgs], "", ["--config", str(tmp_path / "missing.toml"), *need])
+    assert "missing.toml" in str(exit_.value)
+
+
+@pytest.mark.parametrize("script,config", [("02_train_initial", "main_initial"),
+                                           ("03c_prune_mixed", "main_prune"),
+                                           ("02_train_initial", "main_recover")])
+def test_the_main_jobs_config_files_hold_only_arguments_of_their_script(script, config):
+    import tomllib
+
+    from common.cli import with_config
+    from conftest import ROOT
+
+    path = ROOT / "recipes" / "config" / f"{config}.toml"
+    parser_of = {}
+
+    def capture(dataclasses, doc, argv=None, extra=None):  # the script's own parser, not run
+        from transformers import HfArgumentParser
+        parser = HfArgumentParser(dataclasses)
+        if extra:
+            extra(parser)
+        parser_of["p"] = parser
+        raise SystemExit(0)
+
+    module = importlib.import_module(script)
+    original = module.parse
+    module.parse = capture
+    try:
+        with pytest.raises(SystemExit):
+            module.main([])
+    finally:
+        module.parse = original
+    tokens = with_config(parser_of["p"], ["--config", str(path)])
+    assert len(tokens) >= 2 * len(tomllib.loads(path.read_text()))
