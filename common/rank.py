@@ -36,6 +36,11 @@ ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
 
+def backend_for_precision(precision: str) -> str:
+    """The torch backend of a training precision (fp32, bf16, fp16)."""
+    return {p: b for b, p in TORCH_PRECISION.items()}[precision]
+
+
 class RankingOutput(nn.Module):
     """What a ranker needs from a model, as one module (the graph ONNX export traces): the
     relevance score of each pair (cross) or the L2-normalised pooled embedding of each text (bi)."""
@@ -61,15 +66,24 @@ class TorchRunner:
     """Runs :class:`RankingOutput` in PyTorch (fp32, or under bf16/fp16 autocast)."""
 
     def __init__(self, loaded: LoadedModel, precision: str = "fp32"):
-        self.output = RankingOutput(loaded.model).eval()
+        self.output = RankingOutput(loaded.model)
         self.device = next(loaded.model.parameters()).device
         self.precision = precision
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> np.ndarray:
+        """Scores in eval mode; a model in training mode (evaluation during training) is put
+        back in it afterwards."""
         batch = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
-        with autocast_context(self.device, self.precision):
-            return self.output(**batch).float().cpu().numpy()
+        was_training = self.output.model.training
+        if was_training:
+            self.output.model.eval()
+        try:
+            with autocast_context(self.device, self.precision):
+                return self.output(**batch).float().cpu().numpy()
+        finally:
+            if was_training:
+                self.output.model.train()
 
 
 class OnnxRunner:

@@ -22,22 +22,21 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 import transformers
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from common.biencoder import pool
 from common.argtypes import check_ranges
-from common.data import (DataError, TriplesStream, open_text, read_candidates, read_qrels,
-                         read_teacher_scores)
+from common.data import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
+                         read_qrels, read_teacher_scores)
 from common.evaluation import evaluate_run
 from common.io import atomic_write_text
 from common.losses import Loss, get_loss, loss_class, score_distillation_losses
-from common.modeling import (PACKAGED_MODELS, autocast_context, encode_pairs, load_model,
-                             pick_device, pooling_of, relevance_logit, save_model, score_pairs)
+from common.kinds import KINDS
+from common.modeling import PACKAGED_MODELS, load_model, pick_device, save_model
+from common.rank import Ranker, backend_for_precision
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
@@ -172,7 +171,7 @@ class TrainArgs:
             raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.model_kind not in (None, "cross", "bi"):
+        if self.model_kind not in (None, *KINDS):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
         if self.head not in (None, *HEADS):
             raise ValueError(f"--head must be one of {HEADS}, got {self.head!r}")
@@ -296,12 +295,6 @@ def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> No
                          "(these must match the checkpoint's trainer_state.json)")
 
 
-def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
-    """Bi-encoder scores ``(rows, 2)``: each query's dot product with its positive and its
-    negative (``passages`` holds them in that order, row by row)."""
-    return (queries[:, None, :] * passages.view(len(queries), 2, -1)).sum(-1)
-
-
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Call ``loss`` on the tensors it names (``loss.inputs``) out of what the step offers."""
     missing = [k for k in loss.inputs if k not in inputs]
@@ -349,12 +342,12 @@ class Trainer:
                             kind=args.model_kind, pooling=args.pooling,
                             head=None if args.checkpoint_dir else args.head)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
+        self.loaded = loaded  # the student, as common.rank scores it (Trainer.evaluate)
         self.kind = loaded.kind
         self.segment = is_segment(self.model)
-        if self.kind == "cross" and args.distill_target == "embeddings" and not self.segment:
-            raise ValueError("--distill_target embeddings needs a bi-encoder or the segment_cosine head")
-        if self.kind == "bi" and (args.group_size != 2 or args.distill_loss != "margin_mse"):
-            raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
+        kind = KINDS[self.kind]
+        kind.check_args(args, self.model)
+        self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision)
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
@@ -442,12 +435,7 @@ class Trainer:
         """The task loss (on labels, or with --distill_scores the --distill_loss) and, with
         --distill_from, the loss to that model's scores or embeddings."""
         a = self.args
-        if a.distill_scores:
-            task = get_loss(a.distill_loss)
-        elif self.kind == "bi":
-            task = get_loss("in_batch_contrastive", temperature=a.temperature)
-        else:
-            task = get_loss("row_softmax" if self.segment else "cross_entropy")
+        task = get_loss(a.distill_loss) if a.distill_scores else self.training_kind.label_loss(a, self.model)
         distill = None
         if a.distill_from:
             distill = get_loss("embedding_mse" if a.distill_target == "embeddings" else "margin_mse")
@@ -556,81 +544,26 @@ class Trainer:
                             f"fewer than the training rows used ({int(rows[-1]) + 1})")
         return self.teacher_scores[rows].to(self.device)
 
-    def _embed(self, model, texts: list[str]) -> tuple[torch.Tensor, dict]:
-        batch = self.tokenizer(texts, truncation=True, max_length=self.args.max_length,
-                               padding=True, return_tensors="pt").to(self.device)
-        with autocast_context(self.device, self.args.precision):
-            hidden = model(**batch).last_hidden_state
-        return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
-
-    def _bi_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
-        """The task loss (in-batch contrastive; with --distill_scores the --distill_loss to the
-        teacher's scores instead) plus, with --distill_from, distill_weight x the distillation
-        loss to that model's cosine scores or embeddings."""
-        queries = [q for q, _p, _n in triples]
-        passages = [x for _q, p, n in triples for x in (p, n)]
-        q, _ = self._embed(self.forward_model, queries)
-        p, self._last_batch = self._embed(self.forward_model, passages)
-        inputs = {"query_embeddings": q, "passage_embeddings": p}
-        if "scores" in self.loss.inputs:
-            inputs["scores"] = pair_cosines(q, p)
+    def _train_step(self, rows: list[tuple[str, ...]]) -> tuple[float, dict]:
+        """One optimizer step: the task loss (``self.loss``: the --distill_loss to the teacher
+        scores of --distill_scores, else the kind's loss on labels) on the kind's forward pass,
+        plus, with --distill_from, the distillation loss (``self.distill``) to the teacher's
+        counterpart, combined as the kind says (``common.kinds``)."""
+        kind = self.training_kind
+        student = kind.forward(self.forward_model, rows, self.loss.inputs)
+        self._last_batch = student.batch
         if self.teacher_scores is not None:
-            inputs["teacher_scores"] = self._teacher_rows(len(triples))
-            loss = apply_loss(self.loss, inputs)
-            self._update(loss)
-            return loss.item(), {}
-        loss = contrastive = apply_loss(self.loss, inputs)
-        parts = {}
-        if self.teacher is not None:
-            with torch.no_grad():
-                tq, _ = self._embed(self.teacher, queries)
-                tp, _ = self._embed(self.teacher, passages)
-            if self.args.distill_target == "embeddings":
-                distill = self.distill([q, p], [tq, tp])
-            else:
-                distill = self.distill(pair_cosines(q, p), pair_cosines(tq, tp))
-            loss = self.args.contrastive_weight * contrastive + self.args.distill_weight * distill
-            parts = {"contrastive": contrastive.item(), "distill": distill.item()}
-        self._update(loss)
-        return loss.item(), parts
-
-    def _train_step(self, triples: list[tuple[str, str, str]]) -> tuple[float, dict]:
-        """Cross-encoder step: the task loss (``self.loss``: the --distill_loss to the teacher
-        scores of --distill_scores, else on labels the cross-entropy of the 2-label head or,
-        for the segment head, a softmax over each row's passages), plus, with --distill_from,
-        distill_weight x margin-MSE to that model's scores or (segment head) the squared L2
-        between its and the student's segment embeddings."""
-        if self.kind == "bi":
-            return self._bi_step(triples)
-        n = self.args.group_size
-        queries = [row[0] for row in triples for _ in range(n)]
-        passages = [x for row in triples for x in row[1:]]
-        batch = encode_pairs(self.tokenizer, queries, passages, self.args.max_length,
-                             self.model).to(self.device)
-        self._last_batch = batch
-        with autocast_context(self.device, self.args.precision):
-            output = self.forward_model(**batch)
-        logits = output.logits.float()
-        student = relevance_logit(logits).view(len(triples), n)
-        inputs = {"logits": logits, "scores": student}
-        if self.teacher_scores is not None:
-            inputs["teacher_scores"] = self._teacher_rows(len(triples))
-        task = apply_loss(self.loss, inputs)
-        if self.teacher is None:
+            student.inputs["teacher_scores"] = self._teacher_rows(len(rows))
+        task = apply_loss(self.loss, student.inputs)
+        if self.teacher is None or (self.teacher_scores is not None and not kind.distill_beside_scores):
             self._update(task)
             return task.item(), {}
-        with torch.no_grad(), autocast_context(self.device, self.args.precision):
-            t_out = self.teacher(**batch)
-        if self.args.distill_target == "embeddings":
-            keys = ("query_embeddings", "passage_embeddings")
-            distill = self.distill([getattr(output, k) for k in keys],
-                                        [getattr(t_out, k) for k in keys])
-        else:
-            teacher = relevance_logit(t_out.logits.float()).view(len(triples), n)
-            distill = self.distill(student, teacher)
-        loss = task + self.args.distill_weight * distill
+        with torch.no_grad():
+            teacher = kind.teacher_forward(self.teacher, rows, student)
+        distill = self.distill(*kind.distill_inputs(student, teacher, self.args.distill_target))
+        loss = kind.combine(task, distill, self.args)
         self._update(loss)
-        return loss.item(), {"task": task.item(), "distill": distill.item()}
+        return loss.item(), {kind.task_key: task.item(), "distill": distill.item()}
 
     def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -669,13 +602,10 @@ class Trainer:
                 qrels = {q: r for q, r in qrels.items() if q in keep}
             self._eval_data = (candidates, qrels)
         candidates, qrels = self._eval_data
-        scores = score_pairs(self.model, self.tokenizer, candidates["query"].tolist(),
-                             candidates["passage"].tolist(), batch_size=self.args.eval_batch_size,
-                             max_length=self.args.max_length, precision=self.args.precision)
-        run: dict[str, dict[str, float]] = {}
-        for qid, docid, score in zip(candidates["qid"], candidates["docid"], scores):
-            run.setdefault(qid, {})[docid] = float(score)
-        means, _per_query = evaluate_run(run, qrels)
+        ranker = Ranker.from_loaded(self.loaded, backend_for_precision(self.args.precision),
+                                    max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
+        scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist())
+        means, _per_query = evaluate_run(candidates_to_run(candidates.assign(score=scores), "score"), qrels)
         return means
 
     def checkpoint_name(self) -> str:
