@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from common import standalone
 from common.arch import adapter_for
-from common.rundir import replace_dir
+from common.rundir import PRUNING_FILE, STATE_FILE, reshaped_dir, replace_dir
 from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.surgery import Masks, PruningState, layout, reshape, restructure_for_loading
 
@@ -108,12 +108,12 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
-    if Path(path, "trainer_state.json").exists() and not Path(path, "pruning.json").exists():
+    if Path(path, STATE_FILE).exists() and not Path(path, PRUNING_FILE).exists():
         raise ValueError(f"{path}: a slimrank checkpoint without pruning.json: its structure "
                          "(kept heads and neurons) is unknown, so it cannot be loaded")
     if head not in (None, *HEADS):
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if Path(path, "pruning.json").exists():
+    if Path(path, PRUNING_FILE).exists():
         config = AutoConfig.from_pretrained(path)
         for name in STOCK_FIELDS:  # our structure comes from pruning.json, our classes from here
             if hasattr(config, name):
@@ -270,7 +270,7 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     """
     if output_dir is None and not Path(checkpoint_dir).is_dir():
         raise ValueError(f"{checkpoint_dir} is not a directory: give --output_dir")
-    out = Path(output_dir or Path(checkpoint_dir, "reshaped"))
+    out = Path(output_dir) if output_dir else reshaped_dir(checkpoint_dir)
     if Path(checkpoint_dir).exists():
         source, target = Path(checkpoint_dir).resolve(), out.resolve()
         if target == source or target in source.parents:
@@ -288,8 +288,8 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(loaded.model, loaded.tokenizer, state, tmp)
-    if Path(checkpoint_dir, "trainer_state.json").exists():
-        shutil.copy(Path(checkpoint_dir, "trainer_state.json"), tmp / "trainer_state.json")
+    if Path(checkpoint_dir, STATE_FILE).exists():
+        shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(tmp, out)  # the new model is complete: only now does the old one go
     return out, before, after

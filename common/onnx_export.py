@@ -21,8 +21,8 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from common.modeling import LoadedModel, encode_pairs
-from common.rank import ONNX_DIR, ONNX_FILES, OnnxRunner, RankingOutput, onnx_inputs
-from common.rundir import replace_dir
+from common.rank import ONNX_FILES, OnnxRunner, RankingOutput, onnx_inputs
+from common.rundir import onnx_dir, replace_dir
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4  # onnxruntime fp32 vs PyTorch fp32 on the sample inputs
@@ -52,8 +52,8 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
     if not loaded.state.is_reshaped:
         raise ValueError(f"{loaded.path}: a masked checkpoint: reshape it first (04_reshape.py)")
     directory = Path(directory)
-    out = directory / ONNX_DIR
-    tmp = directory / f".tmp-{ONNX_DIR}"
+    out = onnx_dir(directory)
+    tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -2,8 +2,9 @@
 
 A run (``runs/<run>/<stage dir>/``) holds one directory per checkpoint, named
 ``seen_{pairs:09d}`` (training) or ``seen_{pairs:09d}_heads_{H:03d}_ffn_{F:05d}`` (pruning),
-plus ``metrics.jsonl``. A checkpoint's reshaped model goes to ``<checkpoint>/reshaped/`` and
-its evaluations to ``<checkpoint>/eval/``. Recipes ask for the newest checkpoint with
+plus ``metrics.jsonl``. A checkpoint's reshaped model goes to ``<checkpoint>/reshaped/``
+(:func:`reshaped_dir`), a model's evaluations to ``<model>/eval/`` (:func:`eval_dir`) and its
+ONNX exports to ``<model>/onnx/`` (:func:`onnx_dir`). Recipes ask for the newest checkpoint with
 ``python -m common.rundir latest RUN_DIR`` (by seen pairs, not by name order).
 """
 from __future__ import annotations
@@ -20,12 +21,28 @@ METRICS_FILE = "metrics.jsonl"
 PRUNING_FILE = "pruning.json"
 RESHAPED = "reshaped"
 EVAL = "eval"
+ONNX = "onnx"
 _NAME = re.compile(r"^seen_(\d{9})(?:_heads_\d{3}_ffn_\d{5})?$")
 
 
 def checkpoint_name(seen_pairs: int, structure_tag: str | None = None) -> str:
     name = f"{PREFIX}{seen_pairs:09d}"
     return f"{name}_{structure_tag}" if structure_tag else name
+
+
+def reshaped_dir(checkpoint: str | Path) -> Path:
+    """Where ``04_reshape.py`` writes a checkpoint's reshaped model by default."""
+    return Path(checkpoint, RESHAPED)
+
+
+def eval_dir(model_dir: str | Path) -> Path:
+    """Where ``05_eval_trec.py`` writes a model's run files and per-query measures by default."""
+    return Path(model_dir, EVAL)
+
+
+def onnx_dir(model_dir: str | Path) -> Path:
+    """Where ``04_reshape.py --onnx`` writes a model's ONNX files (``common.onnx_export``)."""
+    return Path(model_dir, ONNX)
 
 
 def seen_pairs_of(path: str | Path) -> int | None:
