@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cost, rundir
 from common.biencoder import pool
 from common.modeling import (LoadedModel, autocast_context, encode_pairs, load_model, model_kind,
                              pick_device, pooling_of, relevance_logit, sorted_batches)
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
 AUTO = "auto"  # onnx-int8 where the model dir has the export (it wins here), else torch fp32
-ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
@@ -109,6 +109,7 @@ class Ranker:
     """Tokenise, batch and score with one runner; :meth:`load` picks the kind's class."""
 
     kind = ""
+    default_head = None  # the head a results row names when the config names none
 
     def __init__(self, loaded: LoadedModel, runner, backend: str, max_length: int = 256,
                  batch_size: int = 64):
@@ -130,7 +131,7 @@ class Ranker:
         if backend in TORCH_PRECISION:
             runner = TorchRunner(loaded, TORCH_PRECISION[backend])
         else:
-            onnx_file = Path(loaded.path, ONNX_DIR, ONNX_FILES[backend])
+            onnx_file = rundir.onnx_dir(loaded.path) / ONNX_FILES[backend]
             runner = OnnxRunner(onnx_file, threads)
         ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind]
         return ranker(loaded, runner, backend, max_length, batch_size)
@@ -142,6 +143,14 @@ class Ranker:
     def run(self, batch: dict) -> np.ndarray:
         """The runner on one ready batch (e.g. worst-case cost inputs)."""
         return self.runner(batch)
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        """Encoder sequences one query with ``n_pairs`` candidates costs (MACs of a query)."""
+        raise NotImplementedError
+
+    def extra_costs(self, candidates, opts, device: torch.device) -> dict:
+        """Kind-specific cost columns of a results row (``opts``: ``common.rerank.CostOptions``)."""
+        return {}
 
     def rank(self, query: str, passages: list[str], top_k: int | None = None) -> list[tuple[int, float]]:
         """``(passage index, score)`` pairs, best first (ties keep the input order)."""
@@ -158,6 +167,10 @@ class Ranker:
 
 class CrossRanker(Ranker):
     kind = "cross"
+    default_head = "classifier"
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        return n_pairs  # one (query, passage) sequence per candidate
 
     def score(self, queries, passages, progress: bool = False) -> np.ndarray:
         self._check(queries, passages)
@@ -171,6 +184,20 @@ class CrossRanker(Ranker):
 
 class BiRanker(Ranker):
     kind = "bi"
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        return n_pairs + 1  # the passages and the query, each encoded alone
+
+    def extra_costs(self, candidates, opts, device, passages: int = 1000) -> dict:
+        """Corpus-encoding throughput (what indexing costs): passages/s over the first
+        ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
+        texts = list(dict.fromkeys(candidates["passage"]))[:passages]
+        encoder = Ranker.from_loaded(self.loaded, self.backend, max_length=self.max_length, batch_size=64)
+        mean_ms, std_ms = cost.time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
+                                             min(opts.warmup, 1), device)
+        return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
+                "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
+                "encode_passages": len(texts)}
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """L2-normalised embeddings ``[len(texts), dim]`` (float32)."""
@@ -199,7 +226,7 @@ def resolve_backend(path: str | Path, backend: str) -> str:
     """``auto``: the int8 ONNX export when ``path`` has one (04_reshape.py --onnx), else torch."""
     if backend != AUTO:
         return backend
-    return "onnx-int8" if Path(path, ONNX_DIR, ONNX_FILES["onnx-int8"]).is_file() else "torch"
+    return "onnx-int8" if (rundir.onnx_dir(path) / ONNX_FILES["onnx-int8"]).is_file() else "torch"
 
 
 def onnx_inputs(loaded: LoadedModel) -> list[str]:
@@ -215,7 +242,7 @@ def onnx_inputs(loaded: LoadedModel) -> list[str]:
 def describe_backend(path: str | Path, backend: str) -> dict:
     """What the results table says about a backend (the quantization recipe of an int8 file)."""
     info = {"backend": backend}
-    meta = Path(path, ONNX_DIR, "export.json")
+    meta = rundir.onnx_dir(path) / "export.json"
     if backend.startswith("onnx") and meta.is_file():
         info["export"] = json.loads(meta.read_text()).get(backend, {}).get("recipe", "")
     return info

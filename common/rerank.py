@@ -15,7 +15,7 @@ import torch
 from common import cost, rundir
 from common.data import DataError, candidates_to_run, read_candidates, read_qrels
 from common.evaluation import evaluate_run, interpolate, write_trec_run
-from common.modeling import LoadedModel, load_model, pick_device
+from common.modeling import load_model, pick_device
 from common.rank import Ranker, describe_backend
 from common.segment import is_segment, mean_cross_attention
 from common.surgery import reshape
@@ -33,16 +33,17 @@ class CostOptions:
     bf16: bool = False  # also time bf16 autocast (own row columns)
 
 
-def _describe(loaded: LoadedModel) -> dict:
+def _describe(ranker: Ranker) -> dict:
+    loaded = ranker.loaded
     state = loaded.state
     trainer_state = {}
-    path = Path(loaded.path, "trainer_state.json")
+    path = Path(loaded.path, rundir.STATE_FILE)
     if path.exists():
         trainer_state = json.loads(path.read_text())
     stage = trainer_state.get("stage", "base")
     return {"method": stage + ("+reshape" if state.is_reshaped and state.history else ""),
             "model_kind": loaded.kind, "head": getattr(loaded.model.config, "slimrank_head", None)
-            or ("classifier" if loaded.kind == "cross" else None), "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
+            or ranker.default_head, "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
             "heads": state.total_heads, "ffn": state.total_ffn,
             "heads_per_layer": ",".join(map(str, state.heads_per_layer)),
             "ffn_per_layer": ",".join(map(str, state.ffn_per_layer))}
@@ -91,13 +92,13 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     reranked = candidates.assign(score=scores)
     run = candidates_to_run(reranked, "score")
     means, per_query = evaluate_run(run, qrels)
-    ours = Path(loaded.path, "pruning.json").exists()  # never write into a package or hub cache
-    out = Path(output_dir) if output_dir else Path(loaded.path, "eval")
+    ours = Path(loaded.path, rundir.PRUNING_FILE).exists()  # never write into a package or hub cache
+    out = Path(output_dir) if output_dir else rundir.eval_dir(loaded.path)
     if output_dir or ours:
         write_trec_run(run, out / f"{topics}{suffix}.run", tag="slimrank")
         per_query.to_csv(out / f"{topics}{suffix}.per_query.tsv", sep="\t", index=False)
     row = {"checkpoint": f"{checkpoint}{suffix}", "run": rundir.run_name(checkpoint), "topics": topics,
-           **_describe(loaded), **describe_backend(loaded.path, backend), **means, **overlap}
+           **_describe(ranker), **describe_backend(loaded.path, backend), **means, **overlap}
     if is_segment(loaded.model):  # is it still a bi-encoder? (common.segment)
         first = candidates[candidates["qid"].isin(candidates["qid"].unique()[:CROSS_ATTENTION_QUERIES])]
         row["cross_attention"] = mean_cross_attention(
@@ -128,8 +129,7 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     one = cost.worst_case_inputs(tokenizer, n_pairs=1, max_length=max_length)
     per_sequence = cost.fvcore_macs(model, **one)
-    # cross: 100 (query, passage) sequences; bi: 100 passages + the query, each encoded alone
-    macs = per_sequence * (opts.n_pairs + (1 if loaded.kind == "bi" else 0))
+    macs = per_sequence * ranker.sequences_per_query(opts.n_pairs)
     params = cost.count_parameters(model)
     row = {"flops_macs": macs, "macs_per_sequence": per_sequence,
            "params": params["total"], "encoder_params": params["encoder"],
@@ -157,8 +157,7 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
 
     timed = Ranker.from_loaded(loaded, ranker.backend, max_length=max_length, batch_size=opts.n_pairs)
-    if loaded.kind == "bi":
-        row.update(encoding_throughput(timed, candidates, opts, device))
+    row.update(timed.extra_costs(candidates, opts, device))  # bi: corpus-encoding throughput
     (w_mean, w_std), (r_mean, r_std) = time_regimes(timed)
     row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,
                 f"{prefix}_ms_real": r_mean, f"{prefix}_ms_real_std": r_std,
@@ -169,19 +168,6 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
         row.update({f"{prefix}_bf16_ms_worst": bw, f"{prefix}_bf16_ms_worst_std": bws,
                     f"{prefix}_bf16_ms_real": br, f"{prefix}_bf16_ms_real_std": brs})
     return row
-
-
-def encoding_throughput(ranker: Ranker, candidates: pd.DataFrame, opts: CostOptions,
-                        device: torch.device, passages: int = 1000) -> dict:
-    """Corpus-encoding throughput of a bi-encoder (what indexing costs): passages/s over the
-    first ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
-    texts = list(dict.fromkeys(candidates["passage"]))[:passages]
-    encoder = Ranker.from_loaded(ranker.loaded, ranker.backend, max_length=ranker.max_length, batch_size=64)
-    mean_ms, std_ms = cost.time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
-                                         min(opts.warmup, 1), device)
-    return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
-            "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
-            "encode_passages": len(texts)}
 
 
 def checkpoints_of(run_dir: str) -> list[Path]:
