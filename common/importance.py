@@ -23,27 +23,20 @@ makes it a choice of ``--importance``: a new criterion is one class in any file.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from common.arch import adapter_for, get_module, layer_stack
+from common.registry import registrar
 from common.surgery import PruningState
 
 IMPORTANCES: dict[str, type["Importance"]] = {}
 ALIASES = {"reference": "confidence"}  # the flag value before scorers had names
 
 
-def register_importance(name: str) -> Callable[[type["Importance"]], type["Importance"]]:
-    """Class decorator: make the scorer available as ``get_importance(name, state)``."""
-    def add(cls: type[Importance]) -> type[Importance]:
-        if name in IMPORTANCES and IMPORTANCES[name] is not cls:
-            raise ValueError(f"an importance named {name!r} is already registered")
-        cls.name = name
-        IMPORTANCES[name] = cls
-        return cls
-    return add
+# class decorator: the scorer becomes available as ``get_importance(name, state)``
+register_importance = registrar(IMPORTANCES, "an importance")
 
 
 def importance_names() -> list[str]:

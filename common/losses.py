@@ -17,23 +17,18 @@ The inputs the training step offers (``common.trainer.Trainer``):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from common.registry import registrar
+
 LOSSES: dict[str, type["Loss"]] = {}
 
 
-def register_loss(name: str) -> Callable[[type["Loss"]], type["Loss"]]:
-    """Class decorator: make the loss available as ``get_loss(name)``."""
-    def add(cls: type[Loss]) -> type[Loss]:
-        if name in LOSSES and LOSSES[name] is not cls:
-            raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name].__name__})")
-        cls.name = name
-        LOSSES[name] = cls
-        return cls
-    return add
+# class decorator: the loss becomes available as ``get_loss(name)``
+register_loss = registrar(LOSSES, "a loss")
 
 
 def get_loss(name: str, **options) -> "Loss":

@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from common import standalone
 from common.arch import adapter_for
+from common.io import atomic_write_text
 from common.rundir import PRUNING_FILE, STATE_FILE, reshaped_dir, replace_dir
 from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.surgery import Masks, PruningState, layout, reshape, restructure_for_loading
@@ -214,9 +215,7 @@ def segment_pair_template(tokenizer_json: Path) -> None:
     tokenizer_config = json.loads(config_json.read_text(encoding="utf-8"))
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     for path, obj in ((tokenizer_json, data), (config_json, tokenizer_config)):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
