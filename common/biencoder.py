@@ -6,7 +6,7 @@
   the ``Pooling`` module's ``config.json``, by default ``1_Pooling/config.json``:
   ``pooling_mode_mean_tokens`` / ``pooling_mode_cls_token``). A plain Hugging Face directory
   without a pooling config gets mean pooling. Packaged tags (``all-MiniLM-L6-v2``) resolve
-  through ``common.modeling.resolve_model_path``.
+  through ``common.models.resolve_model_path``.
 * ``encode(model, tokenizer, texts, pooling=...)`` -> ``[len(texts), dim]`` float32 tensor:
   length-sorted batches, no grad, mean over the non-padding tokens of the last hidden state
   (or the first, CLS, token), L2-normalised by default.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from common.modeling import resolve_model_path
+from common.models import resolve_model_path
 
 POOLINGS = ("mean", "cls")
 

