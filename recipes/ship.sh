@@ -10,6 +10,8 @@
 # Backends (common.rank): torch fp32, torch bf16 autocast, onnxruntime fp32, onnxruntime int8
 # (dynamic, per-channel weights, MatMul only). Everything at THREADS threads (2), MAX_LENGTH 128.
 # Outputs: $RUN/ (exported model dirs, results*.parquet/md, speedup.txt).
+# EVAL_ONLY=1: reuse the models of an earlier run in $RUN (no build), evaluate BACKENDS on DL20
+# and DL21_BACKENDS on DL21 (default: all four each), then the benchmarks.
 source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/ship}
 MAIN=${MAIN:-runs/main}
@@ -22,9 +24,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   EVAL=(); TIMING=(--repeats 3 --latency_queries 10); BENCH=(--queries 5 --rounds 5)
 fi
+BACKENDS=${BACKENDS:-torch torch-bf16 onnx onnx-int8}
+DL21_BACKENDS=${DL21_BACKENDS:-$BACKENDS}
+latest() { $PY -m common.rundir latest "$1"; }
+if [ "${EVAL_ONLY:-0}" != 1 ]; then
 guard_run "$RUN"
 mkdir -p "$RUN"
-latest() { $PY -m common.rundir latest "$1"; }
 CROSS_UNPRUNED=${CROSS_UNPRUNED:-$(latest "$MAIN/initial")}
 CROSS_PRUNED=${CROSS_PRUNED:-$(latest "$MAIN/recover")}
 
@@ -47,14 +52,19 @@ $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi
   --seed 42 --threads "$THREADS" --eval_candidates_file data/distill/holdout.candidates.parquet \
   --eval_qrels_file data/distill/holdout.qrels.txt
 $PY 04_reshape.py --checkpoint_dir "$(latest "$RUN/bi_mixed")" --output_dir "$RUN/bi_pruned" --onnx --max_length "$MAX_LENGTH"
+fi
 
 # quality and latency of every (model, backend)
-for backend in torch torch-bf16 onnx onnx-int8; do
+for backend in $BACKENDS; do
   for kind in cross bi; do
     $PY 05_eval_trec.py --checkpoint "$RUN/${kind}_unpruned" "$RUN/${kind}_pruned" --backend "$backend" \
       --candidates "$RUN/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20 \
       --results "$RUN/results_$kind.parquet" --table "$RUN/results_$kind.md" \
       --max_length "$MAX_LENGTH" --threads "$THREADS" "${TIMING[@]}"
+  done
+done
+for backend in $DL21_BACKENDS; do
+  for kind in cross bi; do
     $PY 05_eval_trec.py --checkpoint "$RUN/${kind}_unpruned" "$RUN/${kind}_pruned" --backend "$backend" \
       --candidates "$RUN/dl21.bm25.candidates.parquet" --qrels "$SHARED/dl21/qrels.txt" --topics dl21 \
       --results "$RUN/results_${kind}_dl21.parquet" --table "$RUN/results_${kind}_dl21.md" \
