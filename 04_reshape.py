@@ -13,6 +13,8 @@ int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
   python 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers 3 \
       --output_dir runs/baselines/minilm-bi-3layers      # layer dropping (L3Prune-style)
+  python 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --keep_layers small \
+      --layer_loss_triples data/distill/triples.tsv --output_dir runs/l3prune_small  # L3Prune
   python 04_reshape.py --checkpoint_dir runs/main/initial/seen_000002048 \
       --output_dir runs/main/initial_export --onnx        # an unpruned model, exported as it is
 """
@@ -21,8 +23,19 @@ from __future__ import annotations
 import argparse
 
 from common.cli import fail, positive_int
+from common.l3prune import RULES, choose, layerwise_losses
 from common.modeling import load_model, reshape_checkpoint
 from common.onnx_export import export_onnx
+
+
+def layers_arg(value: str) -> str | int:
+    if value in RULES:
+        return value
+    try:
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive layer count or one of {', '.join(RULES)}, "
+                                         f"got {value!r}") from None
 
 
 def main(argv=None) -> None:
@@ -30,8 +43,13 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--keep_layers", type=positive_int,
-                        help="layer-dropping baseline: keep only the first N layers")
+    parser.add_argument("--keep_layers", type=layers_arg,
+                        help="layer dropping: keep only the first N layers, or the L3Prune choice "
+                             "'small' / 'large' (common.l3prune: from the model's task loss at each "
+                             "depth on --layer_loss_triples)")
+    parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
+    parser.add_argument("--layer_loss_rows", type=positive_int, default=256,
+                        help="--keep_layers small|large: triples scored (the first N of the file)")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
     parser.add_argument("--onnx", action="store_true",
@@ -39,9 +57,22 @@ def main(argv=None) -> None:
     parser.add_argument("--max_length", type=positive_int, default=256,
                         help="--onnx: length of the sample inputs the export is checked on")
     args = parser.parse_args(argv)
+    if args.keep_layers in RULES and not args.layer_loss_triples:
+        parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
     try:
+        keep, note = args.keep_layers, None
+        if keep in RULES:
+            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind),
+                                      args.layer_loss_triples, args.layer_loss_rows,
+                                      max_length=min(args.max_length, 128))
+            chosen = choose(losses)
+            keep = chosen[args.keep_layers]
+            note = {"l3prune": {"rule": args.keep_layers, "losses": [round(x, 6) for x in losses],
+                                **chosen, "triples": args.layer_loss_triples, "rows": args.layer_loss_rows}}
+            print("L3Prune: task loss after each layer " + ", ".join(f"{i + 1}: {x:.4f}" for i, x in enumerate(losses))
+                  + f"; small = {chosen['small']}, large = {chosen['large']} layers: keeping {keep}")
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
-                                                args.keep_layers, args.model_kind)
+                                                keep, args.model_kind, note)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         if args.onnx:
             info = export_onnx(load_model(str(out)), out, args.max_length)

@@ -217,10 +217,11 @@ def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
          "pooling_mode_mean_sqrt_len_tokens": False}, indent=1))
 
 
-def keep_first_layers(loaded: LoadedModel, n: int) -> None:
-    """Layer dropping (L3Prune-style baseline): keep the first ``n`` transformer layers.
+def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> None:
+    """Layer dropping (the L3Prune baseline): keep the first ``n`` transformer layers.
 
-    The saved config then describes an ``n``-layer model, so the loader needs nothing else."""
+    The saved config then describes an ``n``-layer model, so the loader needs nothing else;
+    ``note`` (how n was chosen) goes into the pruning history beside it."""
     adapter = adapter_for(loaded.model.config)
     stack = layer_stack(loaded.model, adapter)
     if not 1 <= n <= len(stack):
@@ -232,12 +233,12 @@ def keep_first_layers(loaded: LoadedModel, n: int) -> None:
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
         setattr(state, name, getattr(state, name)[:n])
-    state.history.append({"keep_layers": n})
+    state.history.append({"keep_layers": n, **(note or {})})
 
 
 def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
                        overwrite: bool = False, keep_layers: int | None = None,
-                       kind: str | None = None) -> tuple[Path, int, int]:
+                       kind: str | None = None, keep_layers_note: dict | None = None) -> tuple[Path, int, int]:
     """Load a (masked) checkpoint, reshape it, save the compact model atomically.
 
     ``keep_layers`` also drops every layer after the first n (the layer-dropping baseline);
@@ -260,7 +261,7 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
     if keep_layers:
-        keep_first_layers(loaded, keep_layers)
+        keep_first_layers(loaded, keep_layers, keep_layers_note)
     state = reshape(loaded.model, loaded.state)
     after = sum(p.numel() for p in loaded.model.parameters())
     tmp = out.with_name(f".tmp-{out.name}")

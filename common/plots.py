@@ -39,15 +39,15 @@ from .rundir import METRICS_FILE
 
 METRIC = "ndcg@10"
 METRIC_LABEL = "NDCG@10"
-PRUNING_STAGES = ("heads", "ffn", "mixed")
+PRUNING_STAGES = ("heads", "ffn", "mixed", "l0")
 FORMATS = ("png", "svg")
 DPI = 150
 
 # One colour per stage (a method's colour is its stage's); runs beyond these take the rest.
 STAGE_COLORS = {"initial": "#444444", "heads": "tab:blue", "ffn": "tab:orange",
-                "mixed": "tab:green", "recover": "tab:cyan", "bm25": "tab:red", "base": "tab:purple"}
+                "mixed": "tab:green", "l0": "tab:olive", "recover": "tab:cyan", "bm25": "tab:red", "base": "tab:purple"}
 _SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:purple", "tab:gray")
-STAGE_MARKERS = {"initial": "o", "heads": "s", "ffn": "^", "mixed": "D", "base": "P",
+STAGE_MARKERS = {"initial": "o", "heads": "s", "ffn": "^", "mixed": "D", "l0": "*", "base": "P",
                  "reshaped": "v"}
 _SPARE_MARKERS = ("X", "p", "h", "<", ">", "8", "*")
 RESHAPE_SUFFIX = "+reshape"

@@ -65,7 +65,7 @@ from .io import atomic_output, atomic_write_text
 KEY = ("checkpoint", "topics")
 
 #: Display order of methods in the table; methods not listed follow alphabetically.
-METHOD_ORDER = ("bm25", "base", "initial", "heads", "ffn", "mixed", "recover", "reshaped")
+METHOD_ORDER = ("bm25", "base", "initial", "heads", "ffn", "mixed", "l0", "recover", "reshaped")
 
 MISSING = "–"
 

@@ -309,7 +309,16 @@ class Callback:
 
     def on_start(self, trainer: "Trainer") -> None: ...
 
+    def on_step_begin(self, trainer: "Trainer") -> None: ...
+
+    def extra_loss(self, trainer: "Trainer") -> tuple[torch.Tensor, dict] | None:
+        """A term added to this step's loss (and its logged parts), e.g. L0's Lagrangian."""
+        return None
+
     def on_step_end(self, trainer: "Trainer", batch: dict) -> None: ...
+
+    def save_files(self, trainer: "Trainer", directory: Path) -> None:
+        """Write the callback's own files into a checkpoint being written."""
 
     def state_dict(self) -> dict:
         return {}
@@ -517,6 +526,7 @@ class Trainer:
                                 f"{self.seen_pairs // n + len(triples)} rows; this stage needs "
                                 f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // n}")
             lr = self.lr()  # the LR this step uses
+            self.callback.on_step_begin(self)
             loss, parts = self._train_step(triples)
             self.step += 1
             self.seen_pairs += args.batch_size
@@ -556,14 +566,19 @@ class Trainer:
             student.inputs["teacher_scores"] = self._teacher_rows(len(rows))
         task = apply_loss(self.loss, student.inputs)
         if self.teacher is None or (self.teacher_scores is not None and not kind.distill_beside_scores):
-            self._update(task)
-            return task.item(), {}
-        with torch.no_grad():
-            teacher = kind.teacher_forward(self.teacher, rows, student)
-        distill = self.distill(*kind.distill_inputs(student, teacher, self.args.distill_target))
-        loss = kind.combine(task, distill, self.args)
+            loss, parts = task, {}
+        else:
+            with torch.no_grad():
+                teacher = kind.teacher_forward(self.teacher, rows, student)
+            distill = self.distill(*kind.distill_inputs(student, teacher, self.args.distill_target))
+            loss = kind.combine(task, distill, self.args)
+            parts = {kind.task_key: task.item(), "distill": distill.item()}
+        extra = self.callback.extra_loss(self)
+        if extra is not None:
+            parts = {"task_loss": loss.item(), **parts, **extra[1]}
+            loss = loss + extra[0]
         self._update(loss)
-        return loss.item(), {kind.task_key: task.item(), "distill": distill.item()}
+        return loss.item(), parts
 
     def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -640,6 +655,7 @@ class Trainer:
         save_model(self.model, self.tokenizer, self.state, tmp)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        self.callback.save_files(self, tmp)
         entry = {"seen_pairs": self.seen_pairs, "stage_pairs": self.stage_pairs,
                  "heads": self.state.total_heads, "ffn": self.state.total_ffn, **measures}
         self.metrics.append(entry)

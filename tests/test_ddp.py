@@ -37,6 +37,11 @@ def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> T
                      threads=1, head="segment_cosine" if kind.startswith("segment") else None)
     if kind == "initial":
         return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    if kind == "l0":
+        from common.l0 import L0Args, L0Callback
+
+        callback = L0Callback(L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2))
+        return Trainer(args, "l0", callback.schedule, callback)
     callback = PruneCallback("heads", PruneArgs(target_sparsity=0.25, score_fraction=1.0))
     return Trainer(args, "heads", callback.schedule, callback)
 
@@ -63,7 +68,7 @@ def model_dir(tmp_path_factory) -> str:
     return str(no_dropout_model(tmp_path_factory.mktemp("nodrop") / "m"))
 
 
-@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48), ("segment_heads", 48)])
+@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48), ("segment_heads", 48), ("l0", 48)])
 def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
     from conftest import write_toy_triples
 
@@ -85,6 +90,11 @@ def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
         assert [[(h["layer"], h["head"]) for h in e["heads"]] for e in ha] == \
                [[(h["layer"], h["head"]) for h in e["heads"]] for e in hb]
         assert [e["scored_pairs"] for e in ha] == [e["scored_pairs"] for e in hb]
+    if kind == "l0":  # the same gates on every rank: the same learned structure
+        pa = json.loads((single_end / "pruning.json").read_text())
+        pb = json.loads((ddp_end / "pruning.json").read_text())
+        assert pa["history"][-1]["l0"]["macs_ratio"] <= 0.5
+        assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
 
 
 def _resume_worker(rank: int, world: int, port: int, model: str, triples: str, out: str,

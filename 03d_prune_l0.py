@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Step 3d: learned structured pruning to a target with hard-concrete L0 gates (common.l0).
+
+Gates on every attention head, every FFN neuron and, per layer, the whole attention block and
+the whole FFN block learn beside the weights; a Lagrangian drives the expected cost
+(--target_macs_ratio: multiply-adds per --max_length sequence / the unpruned model's) or shape
+(--target_heads, --target_ffn per layer on average, --target_layers) to the target over
+--l0_warmup_fraction of the stage. The LR of the weights warms up (--warmup_fraction) and decays
+linearly. At the last step the gates become masks that meet the target exactly, their values
+folded into the weights: the last checkpoint is an ordinary masked one that 04_reshape.py
+reshapes. Intermediate checkpoints carry the gates (l0_gates.pt) for --resume (mode
+`continue`); their weights are not yet pruned. Distil from the unpruned model with --distill_from.
+
+  python 03d_prune_l0.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \\
+      --train_triples_file data/distill/triples.tsv --output_dir runs/l0 \\
+      --distill_from all-MiniLM-L6-v2 --distill_target embeddings --contrastive_weight 0 \\
+      --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
+"""
+from common.cli import parse, run_stage
+from common.l0 import L0Args, L0Callback
+from common.trainer import TrainArgs
+
+
+def main(argv=None) -> None:
+    def mode(parser):
+        parser.add_argument("mode", nargs="?", choices=["initial", "continue"], default="initial",
+                            help="initial (default): start this stage from --checkpoint_dir; "
+                                 "continue: resume it (the same as --resume)")
+    args, l0, positional = parse([TrainArgs, L0Args], __doc__, argv, extra=mode)
+    if positional.mode == "continue":
+        args.resume = True
+    callback = L0Callback(l0)
+    run_stage(args, "l0", callback.schedule, callback)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The matched-cost study (issue #17): every pruning method at the same multiply-add budget, with
+# the same pairs, the same distillation and the same recovery; DL20 and DL21 scored once, at the
+# end (REPORT=1). One arm per invocation, so that arms run two at a time at one thread each:
+#
+#   ARM=l0 RATIO=3 bash recipes/matched_cost.sh            # runs/matched/bi_l0_3x
+#   ARM=activation RATIO=3 bash recipes/matched_cost.sh    # ... beside it
+#   REPORT=1 bash recipes/matched_cost.sh                  # tables + one benchmark per arm
+#
+# Arms (KIND=bi: the packaged all-MiniLM-L6-v2 encoder; KIND=cross: the main job's initial
+# cross-encoder, INITIAL=<its checkpoint>), at RATIO = 2 or 3 (x fewer multiply-adds per
+# MAX_LENGTH-token sequence, common.cost):
+#   reference   03c, the reference study's criteria (head confidence, FFN L1), heads and FFN of
+#               all layers cut to 1/RATIO (72/RATIO heads, 1536/RATIO neurons per layer: exactly
+#               1/RATIO of the encoder's multiply-adds), 6 prune cycles
+#   activation  03c as reference, heads and neurons scored from activations
+#   l0          03d, hard-concrete gates with the cost target --target_macs_ratio 1/RATIO
+#               (Lagrangian over the first half of the stage; exact masks at the end)
+#   first_n     04 --keep_layers 6/RATIO (layer dropping: the first 3 or 2 layers)
+#   l3prune     04 --keep_layers $L3 (small, default, or large: common.l3prune, the task loss
+#               at each depth on the first 256 training triples); its cost is what it chooses
+# Every pruning stage (reference, activation, l0) trains PAIRS pairs while distilling the unpruned
+# model (bi: MSE to its embeddings; cross: MSE to its segment embeddings), is reshaped (04), then
+# recovers for RECOVERY_PAIRS pairs on the next triples of the stream (02 --stage recover, the same
+# distillation). Layer-dropping arms have no pruning stage: their recovery gets PAIRS +
+# RECOVERY_PAIRS pairs from the start of the stream, so every arm sees the same pairs.
+# Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
+# Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
+# THREADS (1), SEED (42). Outputs: runs/matched/<kind>_<arm>_<ratio>x/ (final.txt names the
+# recovered model), and with REPORT=1 runs/matched/results{,_dl21}.md and speedup.txt.
+source "$(dirname "$0")/lib.sh"
+KIND=${KIND:-bi}
+ROOT=${ROOT:-runs/matched}
+PAIRS=${PAIRS:-12288}
+RECOVERY_PAIRS=${RECOVERY_PAIRS:-12288}
+LR=${LR:-1e-4}
+BATCH=${BATCH:-32}
+MAX_LENGTH=${MAX_LENGTH:-128}
+THREADS=${THREADS:-1}
+SEED=${SEED:-42}
+L3=${L3:-small}
+DATA=${DATA:-data}
+latest() { $PY -m common.rundir latest "$1"; }
+if [ "$KIND" = bi ]; then
+  BASE=all-MiniLM-L6-v2; KIND_ARGS=(--model_kind bi); DISTILL=(--distill_target embeddings --contrastive_weight 0)
+else
+  BASE=${INITIAL:?KIND=cross needs INITIAL=(the initial checkpoint of the main job)}; KIND_ARGS=()
+  DISTILL=(--distill_target embeddings)
+fi
+[ -f "$DATA/distill/triples.tsv" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
+for year in dl20 dl21; do
+  [ -f "$DATA/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
+    --tag bm25 --output "$DATA/$year.bm25.candidates.parquet" --run_file "$DATA/$year.bm25.run"
+done
+COMMON=(--train_triples_file "$DATA/distill/triples.tsv" --distill_from "$BASE" "${DISTILL[@]}" --distill_weight 1
+        --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
+        --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
+
+if [ "${REPORT:-0}" = 1 ]; then
+  RES=(--max_length "$MAX_LENGTH" --threads 2)
+  mapfile -t FINALS < <(for f in "$ROOT"/*/final.txt; do [ -f "$f" ] && cat "$f"; done)
+  mapfile -t PRUNED < <(for f in "$ROOT"/*/pruned.txt; do [ -f "$f" ] && cat "$f"; done)
+  [ ${#FINALS[@]} -gt 0 ] || { echo "error: no finished arm in $ROOT (no */final.txt)" >&2; exit 1; }
+  rm -f "$ROOT"/results*.parquet "$ROOT"/results*.md
+  $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_latency "${RES[@]}" \
+    --candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20 \
+    --results "$ROOT/results.parquet" --table "$ROOT/results.md"
+  $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_costs "${RES[@]}" \
+    --candidates "$DATA/dl21.bm25.candidates.parquet" --qrels "$SHARED/dl21/qrels.txt" --topics dl21 \
+    --results "$ROOT/results_dl21.parquet" --table "$ROOT/results_dl21.md"
+  ENCODE=(); [ "$KIND" = bi ] && ENCODE=(--encode)
+  for model in "${FINALS[@]}"; do
+    $PY bench/speedup.py "${KIND_ARGS[@]}" --baseline "$BASE" --candidate "$model" "${ENCODE[@]}" \
+      --candidates "$DATA/dl20.bm25.candidates.parquet" --queries 5 --rounds 5 --max_length "$MAX_LENGTH" --threads 2
+  done | tee "$ROOT/speedup.txt"
+  cat "$ROOT/results.md" "$ROOT/results_dl21.md"
+  exit 0
+fi
+
+ARM=${ARM:?ARM=reference|activation|l0|first_n|l3prune}
+RATIO=${RATIO:?RATIO=2|3}
+case "$RATIO" in 2|3) ;; *) echo "error: RATIO must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
+NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_${L3}"
+RUN="$ROOT/$NAME"
+guard_run "$RUN"
+mkdir -p "$RUN"
+HEADS=$(( 72 / RATIO )); FFN=$(( 1536 / RATIO ))
+case "$ARM" in
+  reference|activation)
+    importance=confidence; [ "$ARM" = activation ] && importance=activation
+    $PY 03c_prune_mixed.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+      --importance "$importance" --exclude_layers "" --num_prune_cycles 6 --target_heads "$HEADS" --target_ffn "$FFN" \
+      --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
+    ;;
+  l0)
+    ratio=$($PY -c "print(1 / $RATIO)")
+    $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+      --target_macs_ratio "$ratio" --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
+    ;;
+  first_n|l3prune)
+    keep=$(( 6 / RATIO )); [ "$ARM" = l3prune ] && keep=$L3
+    $PY 04_reshape.py --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --keep_layers "$keep" --output_dir "$RUN/dropped" \
+      --layer_loss_triples "$DATA/distill/triples.tsv" --max_length "$MAX_LENGTH"
+    echo "$RUN/dropped" > "$RUN/pruned.txt"
+    $PY 02_train_initial.py --stage recover --checkpoint_dir "$RUN/dropped" --output_dir "$RUN/recover" \
+      --num_training_samples $(( PAIRS + RECOVERY_PAIRS )) --num_checkpoint_samples $(( (PAIRS + RECOVERY_PAIRS) / 4 )) \
+      --seen_pairs 0 "${COMMON[@]}"
+    latest "$RUN/recover" > "$RUN/final.txt"
+    echo "== $NAME done: $(cat "$RUN/final.txt")"
+    exit 0
+    ;;
+  *) echo "error: ARM must be reference, activation, l0, first_n or l3prune, got $ARM" >&2; exit 1 ;;
+esac
+PRUNED_CKPT=$(latest "$RUN/prune")
+$PY 04_reshape.py --checkpoint_dir "$PRUNED_CKPT"
+echo "$PRUNED_CKPT/reshaped" > "$RUN/pruned.txt"
+$PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED_CKPT/reshaped" --output_dir "$RUN/recover" \
+  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
+  --seen_pairs "$PAIRS" "${COMMON[@]}"
+latest "$RUN/recover" > "$RUN/final.txt"
+echo "== $NAME done: $(cat "$RUN/final.txt")"

@@ -1,0 +1,171 @@
+"""L0 gates (03d): expected cost, exact final masks, the Lagrangian, masked == reshaped, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.cost import analytic_macs
+from common.l0 import Gates, L0Args, L0Callback, deterministic, prob_nonzero, sample
+from common.modeling import load_model, reshape_checkpoint, score_pairs
+from common.surgery import PruningState
+from common.trainer import TrainArgs, Trainer
+
+QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
+PASSAGES = ["a cat is a small domesticated carnivorous mammal",
+            "mount everest is 8849 metres tall, the highest mountain above sea level",
+            "entropy is a measure of disorder in a system and of uncertainty",
+            "the stock market fell today", "bananas are yellow", "python is a language"]
+
+
+def toy_state(layers=3, heads=4, head_size=8, ffn=37) -> PruningState:
+    h = [list(range(heads)) for _ in range(layers)]
+    f = [list(range(ffn)) for _ in range(layers)]
+    return PruningState("bert", heads, head_size, ffn, h, f, [list(x) for x in h], [list(x) for x in f])
+
+
+def random_gates(seed=0, **kw) -> Gates:
+    state = toy_state()
+    state.kept_heads[2] = [0, 1]  # some units already dead: held shut
+    gates = Gates(state, 0.0, hidden=32, seq_len=16, num_labels=2, head="bert", **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 2)
+    return gates
+
+
+def test_hard_concrete_distribution():
+    log_alpha = torch.tensor([-3.0, 0.0, 1.0, 4.0])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(log_alpha, g) for _ in range(20000)])
+    assert draws.min() >= 0 and draws.max() <= 1
+    assert ((draws == 0).any(0) & (draws == 1).any(0)).all()  # exact zeros and ones occur
+    torch.testing.assert_close((draws > 0).float().mean(0), prob_nonzero(log_alpha), atol=0.01, rtol=0)
+    assert deterministic(torch.tensor([5.0]))[0] == 1 and deterministic(torch.tensor([-5.0]))[0] == 0
+
+
+def test_expected_cost_is_the_mean_cost_of_sampled_masks():
+    gates = random_gates()
+    g = torch.Generator().manual_seed(1)
+    costs = []
+    for _ in range(4000):
+        heads, ffn = gates.sampled_counts(g)
+        costs.append(analytic_macs(32, 8, heads.int().tolist(), ffn.int().tolist(), seq_len=16))
+    mc = torch.tensor(costs, dtype=torch.float64)
+    expected = float(gates.expected_macs().detach())
+    assert abs(mc.mean().item() - expected) < 3 * mc.std().item() / len(costs) ** 0.5 + 1e-6 * expected
+    # the formula is common.cost's: all gates open is the unpruned model's cost
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.fill_(40.0)
+    assert float(gates.expected_macs().detach()) == pytest.approx(
+        analytic_macs(32, 8, [4, 4, 2], [37, 37, 37], seq_len=16), rel=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.45, 0.7])
+def test_final_masks_meet_a_cost_target_exactly(ratio):
+    gates = random_gates()
+    heads, ffn = gates.final_masks(L0Args(target_macs_ratio=ratio))
+    cost = analytic_macs(32, 8, [len(h) for h in heads], [len(f) for f in ffn], seq_len=16)
+    target = ratio * gates.full_macs
+    all_neurons = sum(map(len, ffn)) == int(gates.ffn_alive.sum())
+    # within one neuron of the budget (one head, when every neuron is already kept)
+    assert cost <= target < cost + (gates.per_head if all_neurons else gates.per_neuron)
+    assert set(heads[2]) <= {0, 1}  # a dead unit never comes back
+
+
+def test_final_masks_meet_a_shape_target_exactly():
+    gates = random_gates()
+    heads, ffn = gates.final_masks(L0Args(target_heads=5, target_ffn=10, target_layers=2))
+    assert sum(map(len, heads)) == 5 and sum(map(len, ffn)) == 20
+    assert sum(1 for h, f in zip(heads, ffn) if h or f) <= 2
+    score = (deterministic(gates.head) * deterministic(gates.attn_block)[:, None]).detach()
+    kept = [float(score[i, h]) for i, hs in enumerate(heads) for h in hs]
+    with pytest.raises(ValueError, match="more than the model has"):
+        gates.final_masks(L0Args(target_heads=100))
+    assert kept  # the kept heads are the best-scoring of the kept layers
+    with pytest.raises(ValueError, match="either"):
+        L0Args(target_macs_ratio=0.5, target_heads=3)
+    with pytest.raises(ValueError, match="give a target"):
+        L0Args()
+
+
+def l0_args(tiny_models, triples, out, kind="cross", **kw) -> TrainArgs:
+    base = dict(train_triples_file=str(triples), output_dir=str(out), num_training_samples=64,
+                model_tag=str(tiny_models["bert"]), batch_size=8, max_length=32, learning_rate=1e-3,
+                seed=3, model_kind=kind)
+    if kind == "bi":
+        base.update(distill_from=str(tiny_models["bert"]), distill_target="embeddings",
+                    contrastive_weight=0.0)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def run_l0(tiny_models, triples, out, l0: L0Args, kind="cross", stop=None, **kw):
+    callback = L0Callback(l0)
+    trainer = Trainer(l0_args(tiny_models, triples, out, kind, **kw), "l0", callback.schedule, callback)
+    if stop:
+        trainer.total_steps = stop
+    return trainer, trainer.train()
+
+
+def records(out, event):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if f'"{event}"' in x]
+
+
+@pytest.mark.parametrize("kind", ["cross", "bi"])
+def test_l0_stage_meets_the_target_and_masked_equals_reshaped(kind, tiny_models, toy_triples, tmp_path):
+    l0 = L0Args(target_macs_ratio=0.4, l0_learning_rate=0.2, l0_warmup_fraction=0.5)
+    trainer, last = run_l0(tiny_models, toy_triples, tmp_path / "a", l0, kind)
+    info = json.loads((last / "pruning.json").read_text())
+    event = info["history"][-1]["l0"]
+    macs = analytic_macs(32, 8, info["heads_per_layer"], info["ffn_per_layer"], seq_len=32,
+                         num_labels=None if kind == "bi" else 2, head="none" if kind == "bi" else "bert")
+    full = analytic_macs(32, 8, [4] * 3, [37] * 3, seq_len=32,
+                         num_labels=None if kind == "bi" else 2, head="none" if kind == "bi" else "bert")
+    assert macs / full == pytest.approx(event["macs_ratio"], abs=1e-5) and macs <= 0.4 * full
+    assert not (last / "l0_gates.pt").exists()  # the last checkpoint is an ordinary masked one
+    masked = load_model(str(last))
+    a = score_pairs(masked.model, masked.tokenizer, QUERIES, PASSAGES, max_length=32)
+    out, _, _ = reshape_checkpoint(str(last))
+    reshaped = load_model(str(out))
+    assert reshaped.state.is_reshaped and reshaped.state.heads_per_layer == info["heads_per_layer"]
+    b = score_pairs(reshaped.model, reshaped.tokenizer, QUERIES, PASSAGES, max_length=32)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=0)
+    train = records(tmp_path / "a", "train")
+    assert all("lagrangian" in r and "expected_macs" in r for r in train)
+
+
+def test_lagrangian_moves_the_expected_cost_to_the_target(tiny_models, tmp_path):
+    from conftest import write_toy_triples
+
+    toy_triples = write_toy_triples(tmp_path / "t.tsv", n=128)
+    l0 = L0Args(target_macs_ratio=0.3, l0_learning_rate=0.3, l0_warmup_fraction=0.25)
+    run_l0(tiny_models, toy_triples, tmp_path / "a", l0, num_training_samples=256)
+    train = records(tmp_path / "a", "train")
+    first, last = train[0]["expected_macs"], train[-1]["expected_macs"]
+    assert first > 0.9 and abs(last - 0.3) < abs(first - 0.3) / 2
+    assert train[-1]["target_macs"] == pytest.approx(0.3)
+    # without the Lagrangian (target = start) the cost stays where it was
+    l0_off = L0Args(target_macs_ratio=0.999, l0_learning_rate=0.3, l0_warmup_fraction=0.25)
+    run_l0(tiny_models, toy_triples, tmp_path / "b", l0_off, num_training_samples=256)
+    assert records(tmp_path / "b", "train")[-1]["expected_macs"] > 0.8
+
+
+def test_l0_resume_equals_straight_run(tiny_models, toy_triples, tmp_path):
+    l0 = L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2)
+    _, straight = run_l0(tiny_models, toy_triples, tmp_path / "a", l0)
+    _, half = run_l0(tiny_models, toy_triples, tmp_path / "b", l0, stop=3, num_checkpoint_samples=24)
+    assert (half / "l0_gates.pt").exists()
+    _, end = run_l0(tiny_models, toy_triples, tmp_path / "b", l0, num_checkpoint_samples=24,
+                    checkpoint_dir=str(half))
+    assert end.name == straight.name
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    pa = json.loads((straight / "pruning.json").read_text())
+    pb = json.loads((end / "pruning.json").read_text())
+    assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
