@@ -42,6 +42,7 @@ with warnings.catch_warnings():  # fvcore scripts its focal loss at import; torc
     from fvcore.nn.jit_handles import get_shape
 
 from common.arch import adapter_for, dims, get_module, layer_stack
+from common.segment import is_segment
 
 # Operators that do no matrix-product multiply-adds: fvcore is told to ignore them (it would
 # otherwise warn about each one).
@@ -245,6 +246,7 @@ def architecture(model: nn.Module) -> dict:
             query = None
         heads.append(0 if query is None else query.out_features // head_size)
         ffn.append(get_module(layer, adapter.ffn_in).out_features)
+    bare = bare or is_segment(model)  # the segment head scores by a cosine: no head matmuls
     return dict(hidden=getattr(model.config, adapter.cfg_hidden), head_size=head_size,
                 heads_per_layer=heads, ffn_per_layer=ffn,
                 num_labels=None if bare else model.config.num_labels,

@@ -55,7 +55,7 @@ from torch import nn
 
 from common.argtypes import check_ranges
 from common.arch import adapter_for, get_module, layer_stack
-from common.cost import analytic_macs
+from common.cost import analytic_macs, architecture
 from common.schedules import WarmupLinear
 from common.surgery import PruningState, zero_dead_weights
 from common.trainer import Callback, Trainer
@@ -118,11 +118,12 @@ class Gates(nn.Module):
     """The log-alphas of one model (padded to the base config's head count and FFN width per
     layer; units not present or already dead are held shut by ``alive``)."""
 
-    def __init__(self, state: PruningState, init: float, hidden: int, seq_len: int,
-                 num_labels: int | None, head: str):
+    def __init__(self, state: PruningState, init: float, arch: dict, seq_len: int):
+        """``arch``: :func:`common.cost.architecture` of the model (its hidden size, head and
+        embedding projection: what 05 counts); ``seq_len``: the sequence the cost is of."""
         super().__init__()
         L, H, F = state.num_layers, state.num_heads, state.ffn_size
-        self.head_size, self.hidden, self.seq_len = state.head_size, hidden, seq_len
+        self.head_size, self.hidden, self.seq_len = state.head_size, arch["hidden"], seq_len
         self.head = nn.Parameter(torch.full((L, H), float(init)))
         self.ffn = nn.Parameter(torch.full((L, F), float(init)))
         self.attn_block = nn.Parameter(torch.full((L,), float(init)))
@@ -138,13 +139,17 @@ class Gates(nn.Module):
         self.present_heads = [list(p) for p in state.present_heads]
         self.present_ffn = [list(p) for p in state.present_ffn]
         # cost = base + per_head * heads + per_neuron * neurons (common.cost, linear in both)
-        kw = dict(seq_len=seq_len, num_labels=num_labels, head=head)
-        zeros = [0] * L
-        self.base_macs = analytic_macs(hidden, self.head_size, zeros, zeros, **kw)
-        self.per_head = analytic_macs(hidden, self.head_size, [1] + zeros[1:], zeros, **kw) - self.base_macs
-        self.per_neuron = analytic_macs(hidden, self.head_size, zeros, [1] + zeros[1:], **kw) - self.base_macs
-        self.full_macs = analytic_macs(hidden, self.head_size, [H] * L, [F] * L, **kw)
+        self.cost_kw = dict(seq_len=seq_len, num_labels=arch["num_labels"], head=arch["head"],
+                            embedding_size=arch.get("embedding_size"))
+        self.base_macs = self.analytic([0] * L, [0] * L)
+        self.per_head = self.analytic([1] + [0] * (L - 1), [0] * L) - self.base_macs
+        self.per_neuron = self.analytic([0] * L, [1] + [0] * (L - 1)) - self.base_macs
+        self.full_macs = self.analytic([H] * L, [F] * L)
         self.z: dict[str, torch.Tensor] | None = None  # this step's sampled gates
+
+    def analytic(self, heads_per_layer: list[int], ffn_per_layer: list[int]) -> int:
+        """:func:`common.cost.analytic_macs` of this model with the given widths."""
+        return analytic_macs(self.hidden, self.head_size, heads_per_layer, ffn_per_layer, **self.cost_kw)
 
     # -- gate values ---------------------------------------------------------------------
     def resample(self, generator: torch.Generator) -> None:
@@ -287,11 +292,7 @@ class L0Callback(Callback):
     # -- set-up and persistence ------------------------------------------------------------
     def on_start(self, trainer: Trainer) -> None:
         model, state = trainer.model, trainer.state
-        adapter = adapter_for(model.config)
-        hidden = getattr(model.config, adapter.cfg_hidden)
-        bare = trainer.kind == "bi"
-        self.gates = Gates(state, self.l0.gate_init, hidden, trainer.args.max_length,
-                           None if bare else 2, "none" if bare else "bert").to(trainer.device)
+        self.gates = Gates(state, self.l0.gate_init, architecture(model), trainer.args.max_length).to(trainer.device)
         names = self.constraints()
         self.lambdas = nn.Parameter(torch.zeros(len(names), 2, device=trainer.device))
         self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=self.l0.l0_learning_rate,
@@ -427,9 +428,7 @@ class L0Callback(Callback):
         keep_h, keep_f = [set(h) for h in heads], [set(f) for f in ffn]
         state.kept_heads = [[h for h in state.kept_heads[i] if h in keep_h[i]] for i in range(state.num_layers)]
         state.kept_ffn = [[n for n in state.kept_ffn[i] if n in keep_f[i]] for i in range(state.num_layers)]
-        macs = analytic_macs(gates.hidden, gates.head_size, state.heads_per_layer, state.ffn_per_layer,
-                             gates.seq_len, num_labels=None if trainer.kind == "bi" else 2,
-                             head="none" if trainer.kind == "bi" else "bert")
+        macs = gates.analytic(state.heads_per_layer, state.ffn_per_layer)
         event = {"seen_pairs": trainer.seen_pairs, "step": trainer.step, "l0": {
             "targets": self.targets(), "expected_at_end": expected, "macs_ratio": round(macs / gates.full_macs, 5),
             "lambdas": self.lambdas.detach().cpu().tolist(),

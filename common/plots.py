@@ -574,4 +574,68 @@ def make_all(runs_dir: str | os.PathLike = "runs",
     written += plot_performance_vs_seen_pairs(runs, results, out_dir, formats)
     written += plot_performance_vs_removed_flops(results, out_dir, formats)
     written += plot_ndcg_vs_latency(results, out_dir, formats)
+    written += plot_matched_cost(results, out_dir, formats)
     return written
+
+
+def arm_of(row: pd.Series) -> str:
+    """The study arm a row belongs to: the job of ``<job>/<run>`` names, else the directory
+    holding a model dir without checkpoints (``runs/matched/<arm>/dropped``)."""
+    run = str(row.get("run", ""))
+    if "/" in run and not run.startswith(("/", ".")) and run.count("/") == 1:
+        return run.split("/")[0]
+    return Path(str(row.get("checkpoint", run)).split("@")[0]).parent.name or run
+
+
+def plot_matched_cost(results: pd.DataFrame, out_dir: str | os.PathLike,
+                      formats: Iterable[str] = FORMATS, name: str = "matched_cost") -> list[Path]:
+    """The matched-cost study: NDCG@10 as a share of the unpruned model's against how many times
+    fewer multiply-adds, one marker per arm (filled: after recovery; hollow: before), a panel per
+    topic set. Drawn when the results hold recovered models of at least two arms."""
+    if results is None or not len(results) or "flops_macs" not in results:
+        _note(f"skipping {name}: no flops_macs in the results")
+        return []
+    methods = _methods(results)
+    base = results[methods == "base"]
+    usable = results[~_is_bm25(methods) & (methods != "base") & _numeric(results, METRIC).notna()].copy()
+    if not len(base) or not len(usable):
+        _note(f"skipping {name}: needs a base (unpruned) row and pruned rows")
+        return []
+    usable["arm"] = usable.apply(arm_of, axis=1)
+    recovered_rows = methods[usable.index].map(base_method) == "recover"
+    if usable.loc[recovered_rows, "arm"].nunique() < 2:
+        _note(f"skipping {name}: fewer than two recovered arms")
+        return []
+    flops = dict(zip(results["checkpoint"].astype(str).str.split("@").str[0], _numeric(results, "flops_macs")))
+    topics_list = [t for t in _topics(usable) if (base["topics"].astype(str) == t).any()]
+    fig, axes = _panels(len(topics_list))
+    arms = sorted(usable["arm"].unique())
+    colors = dict(zip(arms, _SPARE_COLORS * 3))
+    markers = dict(zip(arms, _SPARE_MARKERS * 3))
+    for ax, topics in zip(axes, topics_list):
+        ref = base[base["topics"].astype(str) == topics]
+        ref_ndcg = float(_numeric(ref, METRIC).iloc[-1])
+        ref_flops = max(flops.get(str(c).split("@")[0], float("nan")) for c in ref["checkpoint"])
+        rows = usable[usable["topics"].astype(str) == topics]
+        for arm in arms:
+            for recovered in (False, True):
+                sel = rows[(rows["arm"] == arm) & ((_methods(rows).map(base_method) == "recover") == recovered)]
+                if not len(sel):
+                    continue
+                x = [ref_flops / flops.get(str(c).split("@")[0], float("nan")) for c in sel["checkpoint"]]
+                y = _numeric(sel, METRIC) / ref_ndcg
+                ax.plot(x, y, linestyle="none", marker=markers[arm], markersize=9, color=colors[arm],
+                        markerfacecolor=colors[arm] if recovered else "none",
+                        label=arm if recovered else None)
+        ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
+        ax.set_xlabel("x fewer multiply-adds than the unpruned model (fvcore, per query)")
+        ax.set_ylabel(f"{METRIC_LABEL} / unpruned ({ref_ndcg:.4f})")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_title(_topic_title(topics), fontsize=11)
+        _grid(ax)
+        ax.legend(fontsize=8, loc="best", framealpha=0.9, title="arm (filled: recovered)", title_fontsize=8)
+    fig.suptitle(f"Matched-cost study: {METRIC_LABEL} vs. compute\n(hollow: before recovery)", fontsize=12)
+    try:
+        return save_figure(fig, out_dir, name, formats)
+    finally:
+        fig.clear()

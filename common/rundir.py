@@ -74,11 +74,14 @@ def is_run_artifact(path: str | Path) -> bool:
 
 
 def run_name(checkpoint: str | Path) -> str:
-    """The run directory's name (``runs/<run>/seen_.../[reshaped]``), else the argument."""
+    """The run directory's name with the directory that holds it (``runs/<job>/<run>/seen_.../
+    [reshaped]`` -> ``<job>/<run>``, so that stages of different jobs stay apart; a run right
+    under ``runs/`` is ``<run>``), else the argument."""
     path = Path(checkpoint)
     for part in (path, *path.parents):
         if seen_pairs_of(part) is not None:
-            return part.parent.name
+            run, job = part.parent.name, part.parent.parent.name
+            return run if job in ("", ".", "..", "runs") else f"{job}/{run}"
     return str(checkpoint)
 
 

@@ -27,7 +27,8 @@
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
 # Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
 # THREADS (1), SEED (42). Outputs: runs/matched/<kind>_<arm>_<ratio>x/ (final.txt names the
-# recovered model), and with REPORT=1 runs/matched/results{,_dl21}.md and speedup.txt.
+# recovered model), and with REPORT=1 runs/matched/results.md (DL20 and DL21), speedup.txt and
+# figures/matched_cost.png (06).
 source "$(dirname "$0")/lib.sh"
 KIND=${KIND:-bi}
 ROOT=${ROOT:-runs/matched}
@@ -62,18 +63,18 @@ if [ "${REPORT:-0}" = 1 ]; then
   mapfile -t PRUNED < <(for f in "$ROOT"/*/pruned.txt; do [ -f "$f" ] && cat "$f"; done)
   [ ${#FINALS[@]} -gt 0 ] || { echo "error: no finished arm in $ROOT (no */final.txt)" >&2; exit 1; }
   rm -f "$ROOT"/results*.parquet "$ROOT"/results*.md
-  $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_latency "${RES[@]}" \
-    --candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20 \
-    --results "$ROOT/results.parquet" --table "$ROOT/results.md"
-  $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_costs "${RES[@]}" \
-    --candidates "$DATA/dl21.bm25.candidates.parquet" --qrels "$SHARED/dl21/qrels.txt" --topics dl21 \
-    --results "$ROOT/results_dl21.parquet" --table "$ROOT/results_dl21.md"
+  for year in dl20 dl21; do  # one table: both topic sets, quality + fvcore multiply-adds (no timing)
+    $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_latency "${RES[@]}" \
+      --candidates "$DATA/$year.bm25.candidates.parquet" --qrels "$SHARED/$year/qrels.txt" --topics "$year" \
+      --results "$ROOT/results.parquet" --table "$ROOT/results.md"
+  done
+  $PY 06_plots.py --runs_dir "$ROOT" --results "$ROOT/results.parquet" --out_dir "$ROOT/figures"
   ENCODE=(); [ "$KIND" = bi ] && ENCODE=(--encode)
   for model in "${FINALS[@]}"; do
     $PY bench/speedup.py "${KIND_ARGS[@]}" --baseline "$BASE" --candidate "$model" "${ENCODE[@]}" \
       --candidates "$DATA/dl20.bm25.candidates.parquet" --queries 5 --rounds 5 --max_length "$MAX_LENGTH" --threads 2
   done | tee "$ROOT/speedup.txt"
-  cat "$ROOT/results.md" "$ROOT/results_dl21.md"
+  cat "$ROOT/results.md"
   exit 0
 fi
 

@@ -197,3 +197,24 @@ if __name__ == "__main__":  # render the synthetic figures somewhere to look at 
     synthetic_results(target / "runs" / "results.parquet")
     for p in plots.make_all(target / "runs", target / "runs" / "results.parquet", target):
         print(p)
+
+
+def test_matched_cost_figure(tmp_path):
+    """One marker per arm at its compute ratio and relative quality; skipped with one arm."""
+    import pandas as pd
+
+    rows = [dict(checkpoint="all-MiniLM-L6-v2", run="all-MiniLM-L6-v2", method="base", flops_macs=150e9)]
+    for arm, flops in (("bi_l0_3x", 50e9), ("bi_activation_3x", 50e9), ("bi_first_n_3x", 50e9)):
+        rows.append(dict(checkpoint=f"runs/matched/{arm}/prune/seen_000012288/reshaped", run=f"{arm}/prune",
+                         method="mixed+reshape", flops_macs=flops))
+        rows.append(dict(checkpoint=f"runs/matched/{arm}/recover/seen_000024576", run=f"{arm}/recover",
+                         method="recover+reshape", flops_macs=flops))
+    frame = pd.DataFrame([{**r, "topics": t, "ndcg@10": 0.6 - 0.01 * i} for t in ("dl20", "dl21")
+                          for i, r in enumerate(rows)])
+    assert plots.arm_of(frame.iloc[2]) == "bi_l0_3x"
+    assert plots.arm_of(pd.Series({"run": "/x/runs/matched/bi_first_n_3x/dropped",
+                                   "checkpoint": "/x/runs/matched/bi_first_n_3x/dropped"})) == "bi_first_n_3x"
+    written = plots.plot_matched_cost(frame, tmp_path, ["png"])
+    assert written == [tmp_path / "matched_cost.png"] and written[0].stat().st_size > 10_000
+    one_arm = frame[~frame["checkpoint"].str.contains("activation|first_n")]
+    assert plots.plot_matched_cost(one_arm, tmp_path / "none", ["png"]) == []
