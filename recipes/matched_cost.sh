@@ -25,6 +25,7 @@
 # distillation). Layer-dropping arms have no pruning stage: their recovery gets PAIRS +
 # RECOVERY_PAIRS pairs from the start of the stream, so every arm sees the same pairs.
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
+# CONTINUE=1 goes on with an arm that stopped: finished stages are kept, the next one starts.
 # Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
 # THREADS (1), SEED (42). Outputs: runs/matched/<kind>_<arm>_<ratio>x/ (final.txt names the
 # recovered model), and with REPORT=1 runs/matched/results.md (DL20 and DL21), speedup.txt and
@@ -83,19 +84,21 @@ RATIO=${RATIO:?RATIO=2|3}
 case "$RATIO" in 2|3) ;; *) echo "error: RATIO must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
 NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_${L3}"
 RUN="$ROOT/$NAME"
-guard_run "$RUN"
+# CONTINUE=1: keep $RUN and skip the stages that finished (a stage's last checkpoint is there)
+finished() { compgen -G "$1/seen_$(printf %09d "$2")*" > /dev/null; }
+if [ "${CONTINUE:-0}" != 1 ]; then guard_run "$RUN"; fi
 mkdir -p "$RUN"
 HEADS=$(( 72 / RATIO )); FFN=$(( 1536 / RATIO ))
 case "$ARM" in
   reference|activation)
     importance=confidence; [ "$ARM" = activation ] && importance=activation
-    $PY 03c_prune_mixed.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+    finished "$RUN/prune" "$PAIRS" || $PY 03c_prune_mixed.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
       --importance "$importance" --exclude_layers "" --num_prune_cycles 6 --target_heads "$HEADS" --target_ffn "$FFN" \
       --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
     ;;
   l0)
     ratio=$($PY -c "print(1 / $RATIO)")
-    $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+    finished "$RUN/prune" "$PAIRS" || $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
       --target_macs_ratio "$ratio" --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
     ;;
   first_n|l3prune)
@@ -113,7 +116,7 @@ case "$ARM" in
   *) echo "error: ARM must be reference, activation, l0, first_n or l3prune, got $ARM" >&2; exit 1 ;;
 esac
 PRUNED_CKPT=$(latest "$RUN/prune")
-$PY 04_reshape.py --checkpoint_dir "$PRUNED_CKPT"
+[ -f "$PRUNED_CKPT/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED_CKPT"
 echo "$PRUNED_CKPT/reshaped" > "$RUN/pruned.txt"
 $PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED_CKPT/reshaped" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
