@@ -65,7 +65,7 @@ if [ "${REPORT:-0}" = 1 ]; then
   [ ${#FINALS[@]} -gt 0 ] || { echo "error: no finished arm in $ROOT (no */final.txt)" >&2; exit 1; }
   rm -f "$ROOT"/results*.parquet "$ROOT"/results*.md
   for year in dl20 dl21; do  # one table: both topic sets, quality + fvcore multiply-adds (no timing)
-    $PY 05_eval_trec.py --checkpoint "$BASE" "${KIND_ARGS[@]}" "${PRUNED[@]}" "${FINALS[@]}" --no_latency "${RES[@]}" \
+    $PY 05_eval_trec.py --checkpoint "$BASE" "${PRUNED[@]}" "${FINALS[@]}" "${KIND_ARGS[@]}" --no_latency "${RES[@]}" \
       --candidates "$DATA/$year.bm25.candidates.parquet" --qrels "$SHARED/$year/qrels.txt" --topics "$year" \
       --results "$ROOT/results.parquet" --table "$ROOT/results.md"
   done
