@@ -216,6 +216,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16); None when
+    /proc/cpuinfo cannot say. Without it, bf16 autocast is emulated and much slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def library_versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -336,6 +346,11 @@ class Trainer:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.rank, self.world_size, self.device = init_distributed(args.device)
+        if args.precision == "bf16" and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+            log.warning("--precision bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag): "
+                        "autocast is emulated and trains many times slower than --precision fp32")
+            tqdm.write("warning: --precision bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): "
+                       "emulated, many times slower than --precision fp32")
         if args.batch_size % (args.group_size * self.world_size):
             raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
                              f"into whole rows of {args.group_size} passages over {self.world_size} processes")

@@ -145,3 +145,17 @@ def test_listwise_needs_matching_teacher_columns(tiny_models, tmp_path):
     with pytest.raises(DataError, match=r"bad.parquet.*missing \['teacher_2', 'teacher_3'\]"):
         Trainer(args_for(tiny_models["bert"], groups, tmp_path / "o", 16, group_size=4, batch_size=8,
                          distill_scores=str(bad), distill_loss="kl"), "initial", warmup_linear)
+
+
+def test_bf16_without_native_support_is_flagged(tiny_models, toy_triples, tmp_path, monkeypatch, capsys):
+    """bf16 autocast on a CPU without AVX512-BF16 / AMX is emulated (tens of times slower): said."""
+    import common.trainer as trainer_module
+    from common.schedules import WarmupLinear
+    from common.trainer import TrainArgs, Trainer
+
+    assert trainer_module.cpu_has_native_bf16() in (True, False, None)
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "o"), num_training_samples=8,
+                     model_tag=str(tiny_models["bert"]), batch_size=8, max_length=16, precision="bf16")
+    Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    assert "without native bf16" in capsys.readouterr().out
