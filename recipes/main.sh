@@ -54,15 +54,23 @@ TRAIN=(--train_triples_file "$DATA/distill_fused/triples.tsv" --distill_scores "
        --max_length "$MAX_LENGTH" --eval_candidates_file "$DATA/distill/holdout.candidates.parquet"
        --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 
+# bf16 autocast (the configs' precision) needs native bf16 (AVX512-BF16 / AMX); emulated it is tens
+# of times slower, so on such a CPU the training stages run in fp32 (and say so)
+PREC=()
+if ! $PY -c "import sys; from common.trainer import cpu_has_native_bf16 as f; sys.exit(f() is False)"; then
+  echo "note: this CPU has no native bf16: the training stages run with --precision fp32"
+  PREC=(--precision fp32)
+fi
+
 step "3/10 initial cross-encoder (segment-cosine head from the bi-encoder): $TRAIN_PAIRS pairs"
 $PY 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$RUN/initial" \
-  --num_training_samples "$TRAIN_PAIRS" --num_checkpoint_samples $(( TRAIN_PAIRS / 2 )) "${TRAIN[@]}"
+  --num_training_samples "$TRAIN_PAIRS" --num_checkpoint_samples $(( TRAIN_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
 INITIAL=$(latest "$RUN/initial")
 
 step "4/10 mixed pruning of all layers (heads + FFN, activation importance) while distilling: $PRUNE_PAIRS pairs"
 $PY 03c_prune_mixed.py initial --config recipes/config/main_prune.toml --checkpoint_dir "$INITIAL" \
   --distill_from "$INITIAL" --output_dir "$RUN/mixed" --num_training_samples "$PRUNE_PAIRS" \
-  --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}"
+  --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}"
 PRUNED=$(latest "$RUN/mixed")
 
 step "5/10 reshape the pruned model"
@@ -71,7 +79,7 @@ $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 step "6/10 recovery: the reshaped model goes on distilling the initial one: $RECOVERY_PAIRS pairs"
 $PY 02_train_initial.py --stage recover --config recipes/config/main_recover.toml \
   --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
-  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}"
+  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
 FINAL=$(latest "$RUN/recover")
 
 step "7/10 ship the recovered model: a self-contained dir with ONNX fp32 and int8 graphs (04 --onnx)"
