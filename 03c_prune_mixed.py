@@ -10,19 +10,14 @@ layer by L1 norm; targets by --target_sparsity or --target_heads/--target_ffn.
       --train_triples_file data/dl21.judged.triples.tsv --output_dir runs/mixed \
       --num_training_samples 4000 --num_prune_cycles 5 --target_heads 48 --target_ffn 768
 """
-from common.cli import parse, run_stage
+from common.cli import apply_mode, mode_positional, parse, run_stage
 from common.pruning import PruneArgs, PruneCallback
 from common.trainer import TrainArgs
 
 
 def main(argv=None) -> None:
-    def mode(parser):
-        parser.add_argument("mode", nargs="?", choices=["initial", "continue"], default="initial",
-                            help="initial (default): start this stage from --checkpoint_dir; "
-                                 "continue: resume it (the same as --resume)")
-    args, prune, positional = parse([TrainArgs, PruneArgs], __doc__, argv, extra=mode)
-    if positional.mode == "continue":
-        args.resume = True
+    args, prune, positional = parse([TrainArgs, PruneArgs], __doc__, argv, extra=mode_positional)
+    apply_mode(args, positional)
     callback = PruneCallback("mixed", prune)
     run_stage(args, "mixed", callback.schedule, callback)
 

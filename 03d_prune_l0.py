@@ -16,19 +16,14 @@ reshapes. Intermediate checkpoints carry the gates (l0_gates.pt) for --resume (m
       --distill_from all-MiniLM-L6-v2 --distill_target embeddings --contrastive_weight 0 \\
       --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
 """
-from common.cli import parse, run_stage
+from common.cli import apply_mode, mode_positional, parse, run_stage
 from common.l0 import L0Args, L0Callback
 from common.trainer import TrainArgs
 
 
 def main(argv=None) -> None:
-    def mode(parser):
-        parser.add_argument("mode", nargs="?", choices=["initial", "continue"], default="initial",
-                            help="initial (default): start this stage from --checkpoint_dir; "
-                                 "continue: resume it (the same as --resume)")
-    args, l0, positional = parse([TrainArgs, L0Args], __doc__, argv, extra=mode)
-    if positional.mode == "continue":
-        args.resume = True
+    args, l0, positional = parse([TrainArgs, L0Args], __doc__, argv, extra=mode_positional)
+    apply_mode(args, positional)
     callback = L0Callback(l0)
     run_stage(args, "l0", callback.schedule, callback)
 

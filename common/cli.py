@@ -99,6 +99,19 @@ def fail(err: Exception) -> None:
     sys.exit(f"error: {text}")
 
 
+def mode_positional(parser: argparse.ArgumentParser) -> None:
+    """The optional ``initial|continue`` positional of the pruning scripts (``parse(extra=...)``);
+    pass the parsed namespace to :func:`apply_mode`."""
+    parser.add_argument("mode", nargs="?", choices=["initial", "continue"], default="initial",
+                        help="initial (default): start this stage from --checkpoint_dir; "
+                             "continue: resume it (the same as --resume)")
+
+
+def apply_mode(args, positional) -> None:
+    if positional.mode == "continue":
+        args.resume = True
+
+
 def run_stage(args, stage: str, schedule, callback=None):
     """Train one stage (started or, with ``--resume``, resumed); print where the checkpoints went."""
     try:

@@ -182,3 +182,18 @@ def test_l0_resume_equals_straight_run(tiny_models, toy_triples, tmp_path):
     pa = json.loads((straight / "pruning.json").read_text())
     pb = json.loads((end / "pruning.json").read_text())
     assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+
+
+def test_script_refuses_two_kinds_of_target_in_one_error_line(tiny_models, toy_triples, tmp_path):
+    import importlib
+
+    script = importlib.import_module("03d_prune_l0")
+    base = ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(toy_triples),
+            "--output_dir", str(tmp_path / "o"), "--num_training_samples", "32", "--batch_size", "8"]
+    for extra, message in ((["--target_macs_ratio", "0.5", "--target_heads", "3"], "either"),
+                           ([], "give a target"), (["--target_macs_ratio", "1.5"], "target_macs_ratio")):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(base + extra)
+        text = str(exit_info.value.code)
+        assert text.startswith("error:") and message in text and "\n" not in text
+    assert not (tmp_path / "o").exists()  # nothing written
