@@ -27,12 +27,14 @@
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
 # CONTINUE=1 goes on with an arm that stopped: finished stages are kept, the next one starts.
 # Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
-# THREADS (1), SEED (42). Outputs: runs/matched/<kind>_<arm>_<ratio>x/ (final.txt names the
-# recovered model), and with REPORT=1 runs/matched/results.md (DL20 and DL21), speedup.txt and
-# figures/matched_cost.png (06).
+# THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16).
+# Outputs: $ROOT/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model; ROOT is
+# runs/matched for KIND=bi, runs/matched_cross for KIND=cross), and with REPORT=1
+# $ROOT/results.md (DL20 and DL21), speedup.txt and figures/ (06).
 source "$(dirname "$0")/lib.sh"
 KIND=${KIND:-bi}
-ROOT=${ROOT:-runs/matched}
+case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/matched_cross} ;;
+  *) echo "error: KIND must be bi or cross, got $KIND" >&2; exit 1 ;; esac
 PAIRS=${PAIRS:-12288}
 RECOVERY_PAIRS=${RECOVERY_PAIRS:-12288}
 LR=${LR:-1e-4}
@@ -40,6 +42,7 @@ BATCH=${BATCH:-32}
 MAX_LENGTH=${MAX_LENGTH:-128}
 THREADS=${THREADS:-1}
 SEED=${SEED:-42}
+PRECISION=${PRECISION:-fp32}
 L3=${L3:-small}
 DATA=${DATA:-data}
 latest() { $PY -m common.rundir latest "$1"; }
@@ -56,6 +59,7 @@ for year in dl20 dl21; do
 done
 COMMON=(--train_triples_file "$DATA/distill/triples.tsv" --distill_from "$BASE" "${DISTILL[@]}" --distill_weight 1
         --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
+        --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 
 if [ "${REPORT:-0}" = 1 ]; then
