@@ -31,7 +31,12 @@ from pathlib import Path
 from common import candidates, distill, training_data
 from common.argtypes import nonneg_int, positive_float, positive_int, unit_float
 from common.data import DataError
+from common.rank import AUTO, BACKENDS
 from common.training_data import DL20_QRELS
+
+BACKEND_CHOICES = (AUTO, *BACKENDS)
+BACKEND_HELP = ("the teacher's backend (common.rank); auto: the int8 ONNX export where the teacher dir "
+                "has one (04_reshape.py --onnx), else torch fp32")
 
 
 def cmd_json(a) -> None:
@@ -69,7 +74,7 @@ def cmd_mine(a) -> None:
 
 def cmd_teacher(a) -> None:
     n = distill.score_triples(a.triples, a.checkpoint, a.output, batch_size=a.batch_size,
-                              max_length=a.max_length, overwrite=a.overwrite)
+                              max_length=a.max_length, overwrite=a.overwrite, backend=a.backend)
     print(f"wrote {a.output}: {n} rows (row i = triple i of {a.triples})")
 
 
@@ -79,7 +84,7 @@ def cmd_distill(a) -> None:
                                       teacher=a.teacher, max_queries=a.max_queries,
                                       max_passages=a.max_passages, holdout=a.holdout,
                                       fusion_weight=a.fusion_weight, from_set=a.from_set,
-                                      overwrite=a.overwrite)
+                                      overwrite=a.overwrite, teacher_backend=a.teacher_backend)
     print(f"wrote {a.output_dir}: {stats}")
 
 
@@ -164,6 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", required=True, help="any checkpoint, tag or model dir")
     p.add_argument("--max_length", type=positive_int, default=256)
     p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=AUTO, help=BACKEND_HELP)
     outputs(p, run=False)
     p.set_defaults(func=cmd_teacher)
 
@@ -174,6 +180,7 @@ def main(argv=None) -> None:
     p.add_argument("--pairs_per_query", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--teacher", default="all-MiniLM-L6-v2")
+    p.add_argument("--teacher_backend", choices=BACKEND_CHOICES, default=AUTO, help=BACKEND_HELP)
     p.add_argument("--max_queries", type=positive_int, help="miniature set: at most N training "
                    "queries (DL21/DL22 topics first)")
     p.add_argument("--max_passages", type=positive_int, help="miniature set: the first N passages")

@@ -56,6 +56,7 @@ from common.evaluation import interpolate
 from common.first_stage import bm25_search, build_bm25_index
 from common.io import atomic_output, atomic_write_text, refuse_existing
 from common.modeling import load_model, score_pairs
+from common.rank import AUTO, Ranker, resolve_backend
 
 
 def _examples(items, limit: int = 5) -> str:
@@ -205,8 +206,13 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
                            seed: int = 42, teacher: str = "all-MiniLM-L6-v2",
                            teacher_max_length: int = 256, forbidden_qids: Iterable = (),
                            progress: bool = True, threads: int = 2,
-                           teacher_batch_size: int = 64, fusion_weight: float | None = None) -> dict:
+                           teacher_batch_size: int = 64, fusion_weight: float | None = None,
+                           teacher_backend: str = AUTO) -> dict:
     """Build BM25 candidates, teacher scores and teacher-ordered passage pairs (see module doc).
+
+    ``teacher_backend``: a ``common.rank`` backend; ``auto`` (the default everywhere) is the int8
+    ONNX export when the teacher dir has one (04_reshape.py --onnx), else torch fp32 (the
+    packaged encoder: the study's sets).
 
     ``queries`` is ``{qid: text}``, ``collection`` ``{docid: passage}``. Any qid in
     ``forbidden_qids`` (the evaluation topics) raises ``DataError`` before anything is
@@ -278,18 +284,27 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
 
     # 3. teacher scores: every distinct passage and query encoded once
     t0 = time.perf_counter()
-    model, tokenizer, pooling = load_encoder(teacher)
     docids = list(dict.fromkeys(cands["docid"]))
     qids = list(dict.fromkeys(cands["qid"]))
-    if progress:
-        print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
-              f"with {teacher} ({pooling} pooling)", flush=True)
-    p_emb = encode(model, tokenizer, [collection[d] for d in docids], pooling=pooling,
-                   max_length=teacher_max_length, batch_size=teacher_batch_size,
-                   progress=progress)
-    q_emb = encode(model, tokenizer, [queries[q] for q in qids], pooling=pooling,
-                   max_length=teacher_max_length, batch_size=teacher_batch_size,
-                   progress=progress)
+    backend = resolve_backend(teacher, teacher_backend)
+    stats["teacher_backend"] = backend
+    p_texts, q_texts = [collection[d] for d in docids], [queries[q] for q in qids]
+    if backend == "torch":  # the sets of record: sentence-transformers' own encoding path
+        model, tokenizer, pooling = load_encoder(teacher)
+        if progress:
+            print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
+                  f"with {teacher} ({pooling} pooling, torch fp32)", flush=True)
+        kw = dict(pooling=pooling, max_length=teacher_max_length, batch_size=teacher_batch_size,
+                  progress=progress)
+        p_emb, q_emb = encode(model, tokenizer, p_texts, **kw), encode(model, tokenizer, q_texts, **kw)
+    else:
+        ranker = Ranker.load(teacher, backend, max_length=teacher_max_length,
+                             batch_size=teacher_batch_size, kind="bi", threads=threads)
+        if progress:
+            print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
+                  f"with {teacher} ({backend})", flush=True)
+        p_emb = torch.from_numpy(ranker.encode(p_texts, progress))
+        q_emb = torch.from_numpy(ranker.encode(q_texts, progress))
     stats["seconds_encode"] = round(time.perf_counter() - t0, 2)
     stats["passages_encoded"] = len(docids)
     stats["queries_encoded"] = len(qids)
@@ -479,7 +494,7 @@ def build_default_set(output_dir, *, shared: str = DEFAULT_SHARED, k: int = 100,
                       pairs_per_query: int = 16, seed: int = 42, teacher: str = "all-MiniLM-L6-v2",
                       max_queries: int | None = None, max_passages: int | None = None,
                       holdout: int = 0, fusion_weight: float | None = None,
-                      from_set=None, overwrite: bool = False) -> dict:
+                      from_set=None, overwrite: bool = False, teacher_backend: str = AUTO) -> dict:
     """The embedded default distillation set (``embedded_default_sources``) in ``output_dir``,
     or, with ``from_set``, a fused-teacher copy of an existing set (``fuse_distillation_set``;
     needs ``fusion_weight``). ``max_passages`` / ``max_queries``: a miniature set (the first
@@ -505,7 +520,8 @@ def build_default_set(output_dir, *, shared: str = DEFAULT_SHARED, k: int = 100,
             queries.pop(qid, None)
     return build_distillation_set(queries, collection, output_dir, k=k,
                                   pairs_per_query=pairs_per_query, seed=seed, teacher=teacher,
-                                  forbidden_qids=forbidden, fusion_weight=fusion_weight)
+                                  forbidden_qids=forbidden, fusion_weight=fusion_weight,
+                                  teacher_backend=teacher_backend)
 
 
 def build_groups_file(candidates, output_dir, *, group_size: int = 8, groups_per_query: int = 4,
@@ -519,17 +535,23 @@ def build_groups_file(candidates, output_dir, *, group_size: int = 8, groups_per
 
 
 def score_triples(triples, checkpoint: str, output, *, batch_size: int = 64, max_length: int = 256,
-                  overwrite: bool = False) -> int:
+                  overwrite: bool = False, backend: str = AUTO, progress: bool = True) -> int:
     """Teacher scores of a triples file by any checkpoint, tag or model dir: a parquet of
-    ``teacher_pos, teacher_neg`` whose row i scores triple i (``--distill_scores``). Returns
-    the number of rows."""
+    ``teacher_pos, teacher_neg`` whose row i scores triple i (``--distill_scores``), on a
+    ``common.rank`` backend (``auto``: the int8 ONNX export where the dir has one, else torch
+    fp32). Returns the number of rows."""
     refuse_existing([output], overwrite, inputs=[triples])
     rows = list(TriplesStream(triples))
-    loaded = load_model(checkpoint)
     queries = [q for q, _p, _n in rows]
-    kw = dict(batch_size=batch_size, max_length=max_length, progress=True)
-    pos = score_pairs(loaded.model, loaded.tokenizer, queries, [p for _q, p, _n in rows], **kw)
-    neg = score_pairs(loaded.model, loaded.tokenizer, queries, [n for _q, _p, n in rows], **kw)
+    positives, negatives = [p for _q, p, _n in rows], [n for _q, _p, n in rows]
+    if resolve_backend(checkpoint, backend) == "torch":
+        loaded = load_model(checkpoint)
+        kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+        pos = score_pairs(loaded.model, loaded.tokenizer, queries, positives, **kw)
+        neg = score_pairs(loaded.model, loaded.tokenizer, queries, negatives, **kw)
+    else:
+        ranker = Ranker.load(checkpoint, backend, max_length=max_length, batch_size=batch_size)
+        pos, neg = ranker.score(queries, positives, progress), ranker.score(queries, negatives, progress)
     with atomic_output(output) as tmp:
         pd.DataFrame({"teacher_pos": pos, "teacher_neg": neg}).to_parquet(tmp, compression="zstd")
     return len(rows)

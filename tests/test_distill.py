@@ -228,6 +228,32 @@ def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher, ca
 
 
 @needs_shared
+@needs_pyserini
+def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tiny_sources, tiny_teacher):
+    """``auto`` is torch fp32 for a dir without an ONNX export (the packaged teacher: the
+    study's sets) and int8 for one with it; onnxruntime fp32 gives torch's teacher scores."""
+    from common.modeling import load_model, reshape_checkpoint
+    from common.onnx_export import export_onnx
+    root, stats = built
+    assert stats["teacher_backend"] == "torch"
+    shipped, _, _ = reshape_checkpoint(tiny_teacher, str(root / "teacher_shipped"), kind="bi")
+    export_onnx(load_model(str(shipped), kind="bi"), shipped, max_length=64)
+    queries, collection = tiny_sources
+    runs = {}
+    for backend in ("onnx", "auto"):
+        runs[backend] = build_distillation_set(queries, collection, root / f"onnx_{backend}", index_dir=root / "index",
+                                               k=30, pairs_per_query=8, seed=7, teacher=str(shipped),
+                                               progress=False, teacher_backend=backend)
+    assert runs["onnx"]["teacher_backend"] == "onnx" and runs["auto"]["teacher_backend"] == "onnx-int8"
+    ref = read_candidates(root / "a" / "candidates.parquet")
+    onnx = read_candidates(root / "onnx_onnx" / "candidates.parquet")
+    int8 = read_candidates(root / "onnx_auto" / "candidates.parquet")
+    assert list(onnx["docid"]) == list(ref["docid"])
+    np.testing.assert_allclose(onnx["teacher_score"], ref["teacher_score"], atol=1e-4)
+    assert not np.array_equal(int8["teacher_score"].to_numpy(), onnx["teacher_score"].to_numpy())
+
+
+@needs_shared
 def test_embedded_default_sources_exclude_dl20():
     queries, collection, forbidden = embedded_default_sources(str(SHARED))
     dl20 = set(read_candidates_json(SHARED / "dl20" / "bm25.json")["qid"])

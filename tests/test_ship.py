@@ -189,6 +189,30 @@ def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
                                   score_pairs(bi.model, bi.tokenizer, QUERIES, PASSAGES, batch_size=4))
 
 
+def test_teacher_scores_on_every_backend(tiny_models, tmp_path):
+    """01 teacher: torch is score_pairs bit for bit, onnxruntime fp32 within 1e-4 of it, and
+    ``auto`` takes the int8 export of a shipped dir."""
+    import pandas as pd
+
+    from common.distill import score_triples
+    out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
+    export_onnx(load_model(str(out)), out, max_length=64)
+    triples = tmp_path / "triples.tsv"
+    triples.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in zip(QUERIES, PASSAGES, PASSAGES[::-1])))
+    scores = {}
+    for backend in ("torch", "onnx", "onnx-int8", "auto"):
+        n = score_triples(triples, str(out), tmp_path / f"{backend}.parquet", batch_size=4,
+                          max_length=64, backend=backend, progress=False)
+        assert n == len(QUERIES)
+        scores[backend] = pd.read_parquet(tmp_path / f"{backend}.parquet")
+    loaded = load_model(str(out))
+    expected = score_pairs(loaded.model, loaded.tokenizer, QUERIES, PASSAGES, batch_size=4, max_length=64)
+    np.testing.assert_array_equal(scores["torch"]["teacher_pos"].to_numpy(), expected)
+    np.testing.assert_allclose(scores["onnx"].to_numpy(), scores["torch"].to_numpy(), atol=1e-4)
+    pd.testing.assert_frame_equal(scores["auto"], scores["onnx-int8"])
+    assert not scores["onnx-int8"].equals(scores["onnx"])
+
+
 def test_ranker_refuses_bad_input(tiny_models, tmp_path):
     loaded = load_model(str(tiny_models["bert"]))
     with pytest.raises(ValueError, match="backend must be one of"):
