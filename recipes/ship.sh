@@ -15,6 +15,8 @@
 # Outputs: $RUN/ (exported model dirs, results*.parquet/md, speedup.txt).
 # EVAL_ONLY=1: reuse the models of an earlier run in $RUN (no build), evaluate BACKENDS on DL20
 # and DL21_BACKENDS on DL21 (default: all four each), then the benchmarks.
+# BENCHMARKS=0: no benchmarks (when other jobs share the cores); BENCHMARKS=only: only the benchmarks of
+# the models already in $RUN (on a quiet machine).
 source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/ship}
 MAIN=${MAIN:-runs/main}
@@ -27,8 +29,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   EVAL=(); TIMING=(--repeats 3 --latency_queries 10); BENCH=(--queries 5 --rounds 5)
 fi
-BACKENDS=${BACKENDS:-torch torch-bf16 onnx onnx-int8}
-DL21_BACKENDS=${DL21_BACKENDS:-$BACKENDS}
+BACKENDS=${BACKENDS-torch torch-bf16 onnx onnx-int8}
+DL21_BACKENDS=${DL21_BACKENDS-$BACKENDS}
 KINDS=${KINDS:-cross bi}
 has() { [[ " $KINDS " == *" $1 "* ]]; }
 for kind in $KINDS; do
@@ -36,6 +38,9 @@ for kind in $KINDS; do
 done
 if [ -n "${BI_PRUNED:-}" ] && [ ! -d "$BI_PRUNED" ]; then echo "error: BI_PRUNED: no model dir $BI_PRUNED" >&2; exit 1; fi
 latest() { $PY -m common.rundir latest "$1"; }
+BENCHMARKS=${BENCHMARKS:-1}
+case "$BENCHMARKS" in 0|1|only) ;; *) echo "error: BENCHMARKS must be 0, 1 or only, got $BENCHMARKS" >&2; exit 1 ;; esac
+if [ "$BENCHMARKS" = only ]; then EVAL_ONLY=1; BACKENDS=""; DL21_BACKENDS=""; fi
 if [ "${EVAL_ONLY:-0}" != 1 ]; then
 guard_run "$RUN"
 mkdir -p "$RUN"
@@ -90,6 +95,7 @@ for backend in $DL21_BACKENDS; do
   done
 done
 
+[ "$BENCHMARKS" = 0 ] && { cat "$RUN"/results_*.md; exit 0; }
 # one benchmark per claim: alternating rounds in one process, real DL20 lengths
 B=(--candidates "$RUN/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --threads "$THREADS" "${BENCH[@]}")
 {
