@@ -55,7 +55,6 @@ from common.data import (DataError, TriplesStream, read_candidates_json, read_qr
 from common.evaluation import interpolate
 from common.first_stage import bm25_search, build_bm25_index
 from common.io import atomic_output, atomic_write_text, refuse_existing
-from common.modeling import load_model, score_pairs
 from common.rank import AUTO, Ranker, resolve_backend
 
 
@@ -289,20 +288,17 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     backend = resolve_backend(teacher, teacher_backend)
     stats["teacher_backend"] = backend
     p_texts, q_texts = [collection[d] for d in docids], [queries[q] for q in qids]
+    if progress:
+        print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
+              f"with {teacher} ({backend})", flush=True)
     if backend == "torch":  # the sets of record: sentence-transformers' own encoding path
         model, tokenizer, pooling = load_encoder(teacher)
-        if progress:
-            print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
-                  f"with {teacher} ({pooling} pooling, torch fp32)", flush=True)
         kw = dict(pooling=pooling, max_length=teacher_max_length, batch_size=teacher_batch_size,
                   progress=progress)
         p_emb, q_emb = encode(model, tokenizer, p_texts, **kw), encode(model, tokenizer, q_texts, **kw)
     else:
         ranker = Ranker.load(teacher, backend, max_length=teacher_max_length,
                              batch_size=teacher_batch_size, kind="bi", threads=threads)
-        if progress:
-            print(f"[distill] encoding {len(docids)} passages and {len(qids)} queries "
-                  f"with {teacher} ({backend})", flush=True)
         p_emb = torch.from_numpy(ranker.encode(p_texts, progress))
         q_emb = torch.from_numpy(ranker.encode(q_texts, progress))
     stats["seconds_encode"] = round(time.perf_counter() - t0, 2)
@@ -544,14 +540,9 @@ def score_triples(triples, checkpoint: str, output, *, batch_size: int = 64, max
     rows = list(TriplesStream(triples))
     queries = [q for q, _p, _n in rows]
     positives, negatives = [p for _q, p, _n in rows], [n for _q, _p, n in rows]
-    if resolve_backend(checkpoint, backend) == "torch":
-        loaded = load_model(checkpoint)
-        kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
-        pos = score_pairs(loaded.model, loaded.tokenizer, queries, positives, **kw)
-        neg = score_pairs(loaded.model, loaded.tokenizer, queries, negatives, **kw)
-    else:
-        ranker = Ranker.load(checkpoint, backend, max_length=max_length, batch_size=batch_size)
-        pos, neg = ranker.score(queries, positives, progress), ranker.score(queries, negatives, progress)
+    # the torch backend is score_pairs bit for bit (tests/test_ship.py)
+    ranker = Ranker.load(checkpoint, backend, max_length=max_length, batch_size=batch_size)
+    pos, neg = ranker.score(queries, positives, progress), ranker.score(queries, negatives, progress)
     with atomic_output(output) as tmp:
         pd.DataFrame({"teacher_pos": pos, "teacher_neg": neg}).to_parquet(tmp, compression="zstd")
     return len(rows)
