@@ -27,7 +27,11 @@
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
 # CONTINUE=1 goes on with an arm that stopped: finished stages are kept, the next one starts.
 # Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
-# THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16).
+# THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16),
+# LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
+# only: the main job's loss, recipes/config/main_prune.toml: margin-MSE to the BM25-fused teacher's
+# margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings).
+# Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
 # Outputs: $ROOT/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model; ROOT is
 # runs/matched for KIND=bi, runs/matched_cross for KIND=cross), and with REPORT=1
 # $ROOT/results.md (DL20 and DL21), speedup.txt and figures/ (06).
@@ -52,12 +56,24 @@ else
   BASE=${INITIAL:?KIND=cross needs INITIAL=(the initial checkpoint of the main job)}; KIND_ARGS=()
   DISTILL=(--distill_target embeddings)
 fi
+LOSS=${LOSS:-embeddings}
+TRIPLES="$DATA/distill/triples.tsv"; WEIGHT=1
+case "$LOSS" in
+  embeddings) ;;
+  main) [ "$KIND" = cross ] || { echo "error: LOSS=main is the cross-encoder's loss (KIND=cross)" >&2; exit 1; }
+        TRIPLES="$DATA/distill_fused/triples.tsv"; WEIGHT=10
+        DISTILL+=(--distill_scores "$DATA/distill_fused/teacher_scores.parquet" --distill_scale 5.4) ;;
+  *) echo "error: LOSS must be embeddings or main, got $LOSS" >&2; exit 1 ;;
+esac
 [ -f "$DATA/distill/triples.tsv" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
 for year in dl20 dl21; do
   [ -f "$DATA/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
     --tag bm25 --output "$DATA/$year.bm25.candidates.parquet" --run_file "$DATA/$year.bm25.run"
 done
-COMMON=(--train_triples_file "$DATA/distill/triples.tsv" --distill_from "$BASE" "${DISTILL[@]}" --distill_weight 1
+if [ "$LOSS" = main ] && [ ! -f "$DATA/distill_fused/teacher_scores.parquet" ]; then
+  $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 --output_dir "$DATA/distill_fused"
+fi
+COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" --distill_weight "$WEIGHT"
         --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
         --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
@@ -89,7 +105,10 @@ case "$RATIO" in 2|3) ;; *) echo "error: RATIO must be 2 or 3, got $RATIO" >&2; 
 NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_${L3}"
 RUN="$ROOT/$NAME"
 # CONTINUE=1: keep $RUN and skip the stages that finished (a stage's last checkpoint is there)
-finished() { compgen -G "$1/seen_$(printf %09d "$2")*" > /dev/null; }
+# (a stage that starts from BASE begins at BASE's seen pairs: 0 for the packaged encoder)
+seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
+BASE_SEEN=$(seen_of "$BASE")
+finished() { compgen -G "$1/seen_$(printf %09d $(( BASE_SEEN + $2 )))*" > /dev/null; }
 if [ "${CONTINUE:-0}" != 1 ]; then guard_run "$RUN"; fi
 mkdir -p "$RUN"
 HEADS=$(( 72 / RATIO )); FFN=$(( 1536 / RATIO ))
@@ -120,10 +139,11 @@ case "$ARM" in
   *) echo "error: ARM must be reference, activation, l0, first_n or l3prune, got $ARM" >&2; exit 1 ;;
 esac
 PRUNED_CKPT=$(latest "$RUN/prune")
+SEEN=$(seen_of "$PRUNED_CKPT")
 [ -f "$PRUNED_CKPT/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED_CKPT"
 echo "$PRUNED_CKPT/reshaped" > "$RUN/pruned.txt"
 $PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED_CKPT/reshaped" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
-  --seen_pairs "$PAIRS" "${COMMON[@]}"
+  --seen_pairs "$SEEN" "${COMMON[@]}"
 latest "$RUN/recover" > "$RUN/final.txt"
 echo "== $NAME done: $(cat "$RUN/final.txt")"

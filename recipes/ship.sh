@@ -6,7 +6,8 @@
 #          (default runs/main: run `bash recipes/main.sh` first), exported as they are (04 --onnx);
 #   bi:    the packaged all-MiniLM-L6-v2 encoder and a pruned one: the bi-encoder demo's pruning
 #          stage (03c, all six layers to 36 heads and FFN 640 in total, activation importance,
-#          embeddings distilled from the unpruned encoder) shortened to BI_PAIRS pairs, no recovery;
+#          embeddings distilled from the unpruned encoder) shortened to BI_PAIRS pairs, no recovery,
+#          trained at PRECISION (fp32; bf16 autocast only on a CPU with native bf16);
 #          or BI_PRUNED=<dir>, a pruned and recovered encoder (e.g. an arm of recipes/matched_cost.sh:
 #          BI_PRUNED=$(cat runs/matched/bi_reference_3x/final.txt)), exported as it is.
 # KINDS (default "cross bi"): the model kinds to ship (KINDS=bi needs no main job).
@@ -21,6 +22,7 @@ source "$(dirname "$0")/lib.sh"
 RUN=${RUN:-runs/ship}
 MAIN=${MAIN:-runs/main}
 BI_PAIRS=${BI_PAIRS:-8192}
+PRECISION=${PRECISION:-fp32}
 THREADS=${THREADS:-2}
 MAX_LENGTH=${MAX_LENGTH:-128}
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -69,7 +71,7 @@ if has bi; then
       --importance activation --exclude_layers "" \
       --num_training_samples "$BI_PAIRS" --num_checkpoint_samples $(( BI_PAIRS / 4 )) --num_prune_cycles 6 \
       --target_heads 36 --target_ffn 640 --learning_rate 1e-4 --batch_size 32 --max_length "$MAX_LENGTH" \
-      --seed 42 --threads "$THREADS" --eval_candidates_file data/distill/holdout.candidates.parquet \
+      --seed 42 --threads "$THREADS" --precision "$PRECISION" --eval_candidates_file data/distill/holdout.candidates.parquet \
       --eval_qrels_file data/distill/holdout.qrels.txt
     BI_PRUNED=$(latest "$RUN/bi_mixed")
   fi
