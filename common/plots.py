@@ -591,13 +591,16 @@ def plot_matched_cost(results: pd.DataFrame, out_dir: str | os.PathLike,
                       formats: Iterable[str] = FORMATS, name: str = "matched_cost") -> list[Path]:
     """The matched-cost study: NDCG@10 as a share of the unpruned model's against how many times
     fewer multiply-adds, one marker per arm (filled: after recovery; hollow: before), a panel per
-    topic set. Drawn when the results hold recovered models of at least two arms."""
+    topic set. The unpruned model is the ``base`` row (the packaged encoder of a bi-encoder
+    study), else the ``initial`` row (the fine-tuned cross-encoder a cross study prunes). Drawn
+    when the results hold recovered models of at least two arms."""
     if results is None or not len(results) or "flops_macs" not in results:
         _note(f"skipping {name}: no flops_macs in the results")
         return []
     methods = _methods(results)
-    base = results[methods == "base"]
-    usable = results[~_is_bm25(methods) & (methods != "base") & _numeric(results, METRIC).notna()].copy()
+    unpruned = "base" if (methods == "base").any() else "initial"
+    base = results[methods == unpruned]
+    usable = results[~_is_bm25(methods) & (methods != unpruned) & _numeric(results, METRIC).notna()].copy()
     if not len(base) or not len(usable):
         _note(f"skipping {name}: needs a base (unpruned) row and pruned rows")
         return []
@@ -617,6 +620,7 @@ def plot_matched_cost(results: pd.DataFrame, out_dir: str | os.PathLike,
         ref_ndcg = float(_numeric(ref, METRIC).iloc[-1])
         ref_flops = max(flops.get(str(c).split("@")[0], float("nan")) for c in ref["checkpoint"])
         rows = usable[usable["topics"].astype(str) == topics]
+        ratios = [1.0]
         for arm in arms:
             for recovered in (False, True):
                 sel = rows[(rows["arm"] == arm) & ((_methods(rows).map(base_method) == "recover") == recovered)]
@@ -624,10 +628,14 @@ def plot_matched_cost(results: pd.DataFrame, out_dir: str | os.PathLike,
                     continue
                 x = [ref_flops / flops.get(str(c).split("@")[0], float("nan")) for c in sel["checkpoint"]]
                 y = _numeric(sel, METRIC) / ref_ndcg
+                ratios += [r for r in x if np.isfinite(r)]
                 ax.plot(x, y, linestyle="none", marker=markers[arm], markersize=9, color=colors[arm],
                         markerfacecolor=colors[arm] if recovered else "none",
                         label=arm if recovered else None)
         ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
+        ax.plot([1.0], [1.0], linestyle="none", marker="o", markersize=7, color="#444444", label="unpruned")
+        ax.set_xlim(0.8, max(ratios) + 0.6)  # arms at one ratio would otherwise get a 1e-4-wide axis
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
         ax.set_xlabel("x fewer multiply-adds than the unpruned model (fvcore, per query)")
         ax.set_ylabel(f"{METRIC_LABEL} / unpruned ({ref_ndcg:.4f})")
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))

@@ -218,3 +218,7 @@ def test_matched_cost_figure(tmp_path):
     assert written == [tmp_path / "matched_cost.png"] and written[0].stat().st_size > 10_000
     one_arm = frame[~frame["checkpoint"].str.contains("activation|first_n")]
     assert plots.plot_matched_cost(one_arm, tmp_path / "none", ["png"]) == []
+    # a cross-encoder study: its unpruned model is the main job's initial model
+    cross = frame.replace({"method": {"base": "initial"}, "checkpoint": {"all-MiniLM-L6-v2": "runs/main/initial/seen_000002048"}})
+    written = plots.plot_matched_cost(cross, tmp_path / "cross", ["png"])
+    assert written == [tmp_path / "cross" / "matched_cost.png"] and written[0].stat().st_size > 10_000
