@@ -7,7 +7,9 @@ self-describing model (model.safetensors + config.json + tokenizer + pruning.jso
 common.load_model rebuilds without pickled modules, and that stock tools open without slimrank
 (modeling_slimrank.py + auto_map: AutoModelForSequenceClassification / AutoModel /
 sentence-transformers with trust_remote_code=True). --onnx also writes onnx/model.onnx and the
-int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx|onnx-int8.
+int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx|onnx-int8;
+with --calibration_triples (training-side triples, never evaluation topics) the int8 graph is
+quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer to fp32.
 
   python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
@@ -17,12 +19,16 @@ int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx
       --layer_loss_triples data/distill/triples.tsv --output_dir runs/l3prune_small  # L3Prune
   python 04_reshape.py --checkpoint_dir runs/main/initial/seen_000002048 \
       --output_dir runs/main/initial_export --onnx        # an unpruned model, exported as it is
+  python 04_reshape.py --checkpoint_dir runs/main/recover/seen_000020480_heads_054_ffn_04608 \
+      --output_dir runs/main/final --onnx --calibration_triples data/distill/triples.tsv
 """
 from __future__ import annotations
 
 import argparse
+from itertools import islice
 
 from common.cli import fail, positive_int
+from common.data import TriplesStream
 from common.l3prune import RULES, choose, layerwise_losses
 from common.modeling import load_model, reshape_checkpoint
 from common.onnx_export import export_onnx
@@ -56,10 +62,22 @@ def main(argv=None) -> None:
                         help="also export OUTPUT_DIR/onnx/model.onnx and model_int8.onnx")
     parser.add_argument("--max_length", type=positive_int, default=256,
                         help="--onnx: length of the sample inputs the export is checked on")
+    parser.add_argument("--calibration_triples",
+                        help="--onnx: training-side triples whose pairs calibrate the smoothing of the "
+                             "int8 graph (without it the int8 graph is quantized unsmoothed)")
+    parser.add_argument("--calibration_pairs", type=positive_int, default=256,
+                        help="--calibration_triples: pairs used (query + each passage of the first triples)")
     args = parser.parse_args(argv)
+    if args.calibration_triples and not args.onnx:
+        parser.error("--calibration_triples calibrates the int8 export: it needs --onnx")
     if args.keep_layers in RULES and not args.layer_loss_triples:
         parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
     try:
+        calibration = None  # read before anything is written: a bad file is an error, not a half export
+        if args.calibration_triples:
+            rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
+            pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
+            calibration = ([q for q, _ in pairs], [p for _, p in pairs])
         keep, note = args.keep_layers, None
         if keep in RULES:
             losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind),
@@ -75,7 +93,7 @@ def main(argv=None) -> None:
                                                 keep, args.model_kind, note)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         if args.onnx:
-            info = export_onnx(load_model(str(out)), out, args.max_length)
+            info = export_onnx(load_model(str(out)), out, args.max_length, calibration)
             print(f"wrote {out}/onnx: fp32 and int8 graphs (max |onnx - torch| on sample inputs: "
                   f"fp32 {info['onnx']['max_abs_diff_vs_torch']:.1e}, "
                   f"int8 {info['onnx-int8']['max_abs_diff_vs_torch']:.1e})")

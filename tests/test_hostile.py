@@ -114,6 +114,18 @@ def test_reshape_overwrite_never_removes_its_source(run, tmp_path):
     assert snapshot(ckpt / "reshaped") == kept
 
 
+def test_bad_calibration_triples_write_nothing(run, tmp_path):
+    """04 --onnx --calibration_triples reads the file before anything is written: a bad line is
+    one error line naming it, and no reshaped dir (nor half an export) appears."""
+    out, _ = run
+    bad = tmp_path / "calib.tsv"
+    bad.write_text("a query\ta passage\tanother\nonly one field\n")
+    target = tmp_path / "exported"
+    assert_refused(reshape, ["--checkpoint_dir", str(out / "seen_000000016"), "--output_dir", str(target),
+                             "--onnx", "--calibration_triples", str(bad)], str(bad), "line 2")
+    assert not target.exists()
+
+
 def test_resume_checks_its_arguments_and_state(run):
     out, triples = run
     half = out / "seen_000000008"

@@ -4,6 +4,7 @@ and scores through one ranking API on every backend."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from common.data import read_candidates_json
 from common.modeling import load_model, reshape_checkpoint, save_model, score_pairs
-from common.onnx_export import export_onnx
+from common.onnx_export import SMOOTH_ALPHA, activation_maxima, export_onnx, smoothed_copy
 from common.rank import BiRanker, CrossRanker, Ranker
 from common.surgery import zero_dead_weights
 from conftest import SHARED
@@ -171,6 +172,40 @@ def test_onnx_equals_torch_on_real_dl20_pairs(family, role, tiny_models, tmp_pat
     int8 = Ranker.load(str(out), "onnx-int8", max_length=128, batch_size=16).score(queries, passages)
     assert int8.shape == torch_scores.shape and np.isfinite(int8).all()
     assert not np.array_equal(int8, onnx_scores)  # it is the quantized graph
+
+
+def test_smoothed_int8_keeps_the_function_and_loses_less(tiny_models, tmp_path):
+    """SmoothQuant before int8: the smoothed model is the same function (1e-5), and on a model
+    with outlier activation channels (as trained BERTs have) its int8 scores stay closer to fp32
+    than the unsmoothed int8 graph's; export.json says which recipe made the int8 file."""
+    out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
+    loaded = load_model(str(out))
+    with torch.no_grad():  # three outlier channels in every layer's input, as trained BERTs have
+        for norm in (m for m in loaded.model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight[[3, 17, 29]] *= 8.0
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "outliers")
+    cands = read_candidates_json(SHARED / "dl20" / "bm25.json")
+    calib, held = cands.iloc[:64], cands.iloc[200:320]  # calibration and scoring pairs apart
+    maxima = activation_maxima(loaded, calib["query"].tolist(), calib["passage"].tolist(), 64)
+    assert len(maxima) >= 6 * 2  # every linear the pairs reach (q, k, v, out, FFN in / out, head)
+    smoothed = smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA)
+    queries, passages = held["query"].tolist(), held["passage"].tolist()
+    plain_scores = Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages)
+    loaded.model = smoothed
+    np.testing.assert_allclose(Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages),
+                               plain_scores, rtol=1e-5, atol=1e-5)  # scores near -50 here
+    errors = {}
+    for name, calibration in [("plain", None), ("smoothed", (calib["query"].tolist(), calib["passage"].tolist()))]:
+        export = tmp_path / name
+        shutil.copytree(tmp_path / "outliers", export)
+        info = export_onnx(load_model(str(export)), export, max_length=64, calibration=calibration)
+        assert ("smoothed" in info["onnx-int8"]["recipe"]) == (calibration is not None)
+        fp32 = Ranker.load(str(export), "onnx", max_length=64).score(queries, passages)
+        np.testing.assert_allclose(fp32, plain_scores, rtol=1e-5, atol=1e-4)
+        int8 = Ranker.load(str(export), "onnx-int8", max_length=64).score(queries, passages)
+        errors[name] = float(np.nan_to_num(np.abs(int8 - fp32), nan=np.inf).mean())  # a NaN score: inf
+    assert info["onnx-int8"]["smoothing"]["max_abs_diff_vs_torch_fp32"] <= 1e-4
+    assert np.isfinite(errors["smoothed"]) and errors["smoothed"] < 0.9 * errors["plain"], errors
 
 
 def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
