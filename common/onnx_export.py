@@ -154,8 +154,10 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
     if source != tmp / ONNX_FILES["onnx"]:
         source.unlink()
     diffs = {b: float(np.abs(OnnxRunner(tmp / f)(feed) - reference).max()) for b, f in ONNX_FILES.items()}
-    for what, diff in [("ONNX graph", diffs["onnx"])] + ([("smoothed graph", smoothing["max_abs_diff_vs_torch_fp32"])]
-                                                          if smoothing else []):
+    checks = {"ONNX graph": diffs["onnx"]}
+    if smoothing:
+        checks["smoothed graph"] = smoothing["max_abs_diff_vs_torch_fp32"]
+    for what, diff in checks.items():
         if not diff <= MAX_ABS_DIFF:
             shutil.rmtree(tmp)
             raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
