@@ -7,7 +7,7 @@ onnxruntime fp32 graph and with the int8 graph, and prints the mean per-query Ke
 the two and the mean overlap of their top 10. This is how the int8 recipe of
 ``common.onnx_export`` is chosen: never on an evaluation topic set.
 
-  python bench/int8_fidelity.py runs/main/final runs/int8/main_final_plain --queries 20 --threads 1
+  python bench/int8_fidelity.py runs/int8/cross_recovered_plain runs/int8/cross_recovered_smooth --queries 20 --threads 1
 """
 from __future__ import annotations
 
