@@ -135,40 +135,43 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     batch = sample_batch(loaded, max_length)
-    _export(loaded.model, batch, tmp / ONNX_FILES["onnx"])
     with torch.no_grad():
         reference = RankingOutput(loaded.model).eval()(**batch).numpy()
     feed = {k: v.numpy() for k, v in batch.items()}
+
+    def exported(module: nn.Module, path: Path, what: str) -> float:
+        """Export ``module`` to ``path``; its max |difference| from PyTorch, refused over the bound."""
+        _export(module, batch, path)
+        diff = float(np.abs(OnnxRunner(path)(feed) - reference).max())
+        if not diff <= MAX_ABS_DIFF:
+            shutil.rmtree(tmp)
+            raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
+                             f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
+        return diff
+
+    fp32_diff = exported(loaded.model, tmp / ONNX_FILES["onnx"], "ONNX graph")
     source, recipe = tmp / ONNX_FILES["onnx"], "dynamic int8, per-channel weights, " + "+".join(INT8_OPS) + " only"
     smoothing = None
     if calibration is not None:
         queries, passages = calibration
         maxima = activation_maxima(loaded, queries, passages, max_length)
         source = tmp / "smoothed.onnx"
-        _export(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA), batch, source)
-        recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"
         smoothing = {"alpha": SMOOTH_ALPHA, "calibration_pairs": len(queries), "linears": len(maxima),
-                     "max_abs_diff_vs_torch_fp32": float(np.abs(OnnxRunner(source)(feed) - reference).max())}
+                     "max_abs_diff_vs_torch_fp32": exported(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA),
+                                                            source, "smoothed graph")}
+        recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"
     quantize_dynamic(str(source), str(tmp / ONNX_FILES["onnx-int8"]),
                      weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=INT8_OPS)
-    if source != tmp / ONNX_FILES["onnx"]:
-        source.unlink()
-    diffs = {b: float(np.abs(OnnxRunner(tmp / f)(feed) - reference).max()) for b, f in ONNX_FILES.items()}
-    checks = {"ONNX graph": diffs["onnx"]}
     if smoothing:
-        checks["smoothed graph"] = smoothing["max_abs_diff_vs_torch_fp32"]
-    for what, diff in checks.items():
-        if not diff <= MAX_ABS_DIFF:
-            shutil.rmtree(tmp)
-            raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
-                             f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
+        source.unlink()  # only its int8 graph is kept
+    int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())
     info = {"inputs": list(batch), "output": "scores" if loaded.kind == "cross" else "normalised embeddings",
             "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "onnx": {"file": ONNX_FILES["onnx"], "recipe": "fp32 (TorchScript exporter)",
-                     "max_abs_diff_vs_torch": diffs["onnx"]},
+                     "max_abs_diff_vs_torch": fp32_diff},
             "onnx-int8": {"file": ONNX_FILES["onnx-int8"],
                           "recipe": recipe, "smoothing": smoothing,
-                          "max_abs_diff_vs_torch": diffs["onnx-int8"]}}
+                          "max_abs_diff_vs_torch": int8_diff}}
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     replace_dir(tmp, out)
     return info
