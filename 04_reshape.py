@@ -9,7 +9,8 @@ common.load_model rebuilds without pickled modules, and that stock tools open wi
 sentence-transformers with trust_remote_code=True). --onnx also writes onnx/model.onnx and the
 int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx|onnx-int8;
 with --calibration_triples (training-side triples, never evaluation topics) the int8 graph is
-quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer to fp32.
+quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer to fp32;
+--int8_keep_fp32 ROLE... leaves those projections of every layer in fp32 (e.g. ffn_out).
 
   python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
@@ -21,6 +22,8 @@ quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer
       --output_dir runs/main/initial_export --onnx        # an unpruned model, exported as it is
   python 04_reshape.py --checkpoint_dir runs/main/recover/seen_000020480_heads_054_ffn_04608 \
       --output_dir runs/main/final --onnx --calibration_triples data/distill/triples.tsv
+  python 04_reshape.py --checkpoint_dir runs/main/final --output_dir runs/main/final_keep \
+      --onnx --int8_keep_fp32 ffn_out               # int8, the FFN output projections in fp32
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from common.cli import fail, positive_int
 from common.data import TriplesStream
 from common.l3prune import RULES, choose, layerwise_losses
 from common.modeling import load_model, reshape_checkpoint
-from common.onnx_export import export_onnx
+from common.onnx_export import FP32_ROLES, export_onnx
 
 
 def layers_arg(value: str) -> str | int:
@@ -67,7 +70,12 @@ def main(argv=None) -> None:
                              "int8 graph (without it the int8 graph is quantized unsmoothed)")
     parser.add_argument("--calibration_pairs", type=positive_int, default=256,
                         help="--calibration_triples: pairs used (query + each passage of the first triples)")
+    parser.add_argument("--int8_keep_fp32", nargs="+", choices=FP32_ROLES, default=[], metavar="ROLE",
+                        help="--onnx: projections left in fp32 in every layer of the int8 graph "
+                             f"({', '.join(FP32_ROLES)}; default: every projection int8)")
     args = parser.parse_args(argv)
+    if args.int8_keep_fp32 and not args.onnx:
+        parser.error("--int8_keep_fp32 shapes the int8 export: it needs --onnx")
     if args.calibration_triples and not args.onnx:
         parser.error("--calibration_triples calibrates the int8 export: it needs --onnx")
     if args.keep_layers in RULES and not args.layer_loss_triples:
@@ -93,7 +101,8 @@ def main(argv=None) -> None:
                                                 keep, args.model_kind, note)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         if args.onnx:
-            info = export_onnx(load_model(str(out)), out, args.max_length, calibration)
+            info = export_onnx(load_model(str(out)), out, args.max_length, calibration,
+                               tuple(args.int8_keep_fp32))
             print(f"wrote {out}/onnx: fp32 and int8 graphs (max |onnx - torch| on sample inputs: "
                   f"fp32 {info['onnx']['max_abs_diff_vs_torch']:.1e}, "
                   f"int8 {info['onnx-int8']['max_abs_diff_vs_torch']:.1e})")

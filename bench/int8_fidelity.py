@@ -12,10 +12,14 @@ the two and the mean overlap of their top 10. This is how the int8 recipe of
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as bench/speedup.py
 
 from common.cli import fail, positive_int
 from common.rank import Ranker

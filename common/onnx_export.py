@@ -5,8 +5,11 @@ embeddings for a bi-encoder) with dynamic batch and sequence axes, so onnxruntim
 the torch backend computes; the export is checked against PyTorch on sample inputs before it is
 kept (``MAX_ABS_DIFF``). The int8 file is onnxruntime's dynamic quantization: int8 weights with
 one scale per output channel, activations quantized per batch at run time, only the MatMul
-weights (embeddings, layer norms and softmax stay fp32). ``export.json`` records the recipe,
-versions and measured differences. Everything is written to a temporary directory and renamed.
+weights (embeddings, layer norms and softmax stay fp32); ``keep_fp32`` leaves named projections
+(e.g. every layer's FFN output, ``ffn_out``) in fp32. Stock attention is traced in its eager form
+(``EXPORT_ATTENTION``): the same function, without the NaN guard PyTorch's SDPA exports over every
+attention score. ``export.json`` records the recipe, versions and measured differences.
+Everything is written to a temporary directory and renamed; on any failure nothing is left.
 
 With calibration pairs (training-side text, never evaluation topics), the int8 graph is made from
 a *smoothed* copy of the model first (SmoothQuant, Xiao et al. 2022): a BERT activation has a few
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -30,7 +34,9 @@ import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
+from transformers import PreTrainedModel
 
+from common.arch import adapter_for
 from common.modeling import LoadedModel, encode_pairs
 from common.rank import ONNX_FILES, OnnxRunner, Ranker, RankingOutput, onnx_inputs
 from common.rundir import onnx_dir, replace_dir
@@ -38,6 +44,11 @@ from common.rundir import onnx_dir, replace_dir
 OPSET = 17
 MAX_ABS_DIFF = 1e-4  # onnxruntime fp32 vs PyTorch fp32 on the sample inputs
 INT8_OPS = ["MatMul"]
+# attention as matmul + softmax in the graph: PyTorch's SDPA exports with an IsNaN/Where guard over
+# every (batch, head, query, key) score, which took a quarter of onnxruntime's time on CPU
+EXPORT_ATTENTION = "eager"
+# projections an int8 graph may keep in fp32 (``keep_fp32``): adapter roles (``common.arch``)
+FP32_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 SMOOTH_ALPHA = 0.8  # migration strength of the smoothing (0: none onto the weights, 1: all)
 SAMPLE_QUERIES = ["what is the boiling point of water at altitude",
                   "who wrote the declaration of independence", "symptoms of iron deficiency"]
@@ -110,68 +121,112 @@ def smoothed_copy(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: floa
 
 
 def _export(module: nn.Module, batch: dict, path: Path) -> None:
+    """Trace ``module`` with stock attention in its eager form (``EXPORT_ATTENTION``; the
+    segment head's attention switches to the same product form by itself, see
+    ``common.standalone.segment_attention``), then restore what each encoder had."""
     names = list(batch)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["output"] = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        # the TorchScript-based exporter: its graphs ran faster here than the dynamo exporter's
-        torch.onnx.export(RankingOutput(module).eval(), tuple(batch[n] for n in names), str(path),
-                          input_names=names, output_names=["output"], dynamic_axes=axes,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    switched = [m for m in module.modules() if isinstance(m, PreTrainedModel)
+                and m.config._attn_implementation == "sdpa"]
+    try:
+        for encoder in switched:
+            encoder.set_attn_implementation(EXPORT_ATTENTION)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            # the TorchScript-based exporter: its graphs ran faster here than the dynamo exporter's
+            torch.onnx.export(RankingOutput(module).eval(), tuple(batch[n] for n in names), str(path),
+                              input_names=names, output_names=["output"], dynamic_axes=axes,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    finally:
+        for encoder in switched:
+            encoder.set_attn_implementation("sdpa")
+
+
+def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) -> list[str]:
+    """The MatMul nodes of the exported graph that compute the projections ``roles`` of every
+    layer (the TorchScript exporter names a node after its module's path: ``/model/<path>/MatMul``,
+    ``model`` being ``RankingOutput``'s attribute). Each one must exist in the graph."""
+    import onnx
+
+    if not roles:
+        return []
+    adapter = adapter_for(loaded.model.config)
+    pattern = re.compile(rf"(^|\.){re.escape(adapter.layers)}\.\d+\."
+                         rf"({'|'.join(re.escape(getattr(adapter, r)) for r in roles)})$")
+    names = [name for name, module in loaded.model.named_modules()
+             if isinstance(module, nn.Linear) and pattern.search(name)]
+    nodes = ["/model/" + re.sub(r"\.(?!\d)", "/", name) + "/MatMul" for name in names]  # layer.0 stays one scope
+    present = {node.name for node in onnx.load(str(graph_path), load_external_data=False).graph.node}
+    missing = [n for n in nodes if n not in present]
+    if not nodes or missing:
+        raise ValueError(f"{graph_path}: no MatMul node for {missing or list(roles)}: the exporter's "
+                         "node names changed (common.onnx_export.fp32_nodes)")
+    return nodes
 
 
 def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 256,
-                calibration: tuple[list[str], list[str]] | None = None) -> dict:
+                calibration: tuple[list[str], list[str]] | None = None,
+                keep_fp32: tuple[str, ...] = ()) -> dict:
     """Write ``directory/onnx/`` (fp32 and int8 graphs + export.json); returns export.json.
     ``calibration``: (queries, passages) of training-side pairs: the int8 graph is quantized
-    from the smoothed model (module docstring); without it, from the model as it is."""
+    from the smoothed model (module docstring); without it, from the model as it is.
+    ``keep_fp32``: projections (``FP32_ROLES``) left in fp32 in every layer of the int8 graph."""
     if not loaded.state.is_reshaped:
         raise ValueError(f"{loaded.path}: a masked checkpoint: reshape it first (04_reshape.py)")
+    unknown = sorted(set(keep_fp32) - set(FP32_ROLES))
+    if unknown:
+        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; choose from {list(FP32_ROLES)}")
     directory = Path(directory)
     out = onnx_dir(directory)
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    batch = sample_batch(loaded, max_length)
-    with torch.no_grad():
-        reference = RankingOutput(loaded.model).eval()(**batch).numpy()
-    feed = {k: v.numpy() for k, v in batch.items()}
+    try:  # nothing half-written: the temporary directory goes on any failure
+        batch = sample_batch(loaded, max_length)
+        with torch.no_grad():
+            reference = RankingOutput(loaded.model).eval()(**batch).numpy()
+        feed = {k: v.numpy() for k, v in batch.items()}
 
-    def exported(module: nn.Module, path: Path, what: str) -> float:
-        """Export ``module`` to ``path``; its max |difference| from PyTorch, refused over the bound."""
-        _export(module, batch, path)
-        diff = float(np.abs(OnnxRunner(path)(feed) - reference).max())
-        if not diff <= MAX_ABS_DIFF:
-            shutil.rmtree(tmp)
-            raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
-                             f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
-        return diff
+        def exported(module: nn.Module, path: Path, what: str) -> float:
+            """Export ``module`` to ``path``; its max |difference| from PyTorch, refused over the bound."""
+            _export(module, batch, path)
+            diff = float(np.abs(OnnxRunner(path)(feed) - reference).max())
+            if not diff <= MAX_ABS_DIFF:
+                raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
+                                 f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
+            return diff
 
-    fp32_diff = exported(loaded.model, tmp / ONNX_FILES["onnx"], "ONNX graph")
-    source, recipe = tmp / ONNX_FILES["onnx"], "dynamic int8, per-channel weights, " + "+".join(INT8_OPS) + " only"
-    smoothing = None
-    if calibration is not None:
-        queries, passages = calibration
-        maxima = activation_maxima(loaded, queries, passages, max_length)
-        source = tmp / "smoothed.onnx"
-        smoothing = {"alpha": SMOOTH_ALPHA, "calibration_pairs": len(queries), "linears": len(maxima),
-                     "max_abs_diff_vs_torch_fp32": exported(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA),
-                                                            source, "smoothed graph")}
-        recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"
-    quantize_dynamic(str(source), str(tmp / ONNX_FILES["onnx-int8"]),
-                     weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=INT8_OPS)
-    if smoothing:
-        source.unlink()  # only its int8 graph is kept
-    int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())
-    info = {"inputs": list(batch), "output": "scores" if loaded.kind == "cross" else "normalised embeddings",
-            "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx": {"file": ONNX_FILES["onnx"], "recipe": "fp32 (TorchScript exporter)",
-                     "max_abs_diff_vs_torch": fp32_diff},
-            "onnx-int8": {"file": ONNX_FILES["onnx-int8"],
-                          "recipe": recipe, "smoothing": smoothing,
-                          "max_abs_diff_vs_torch": int8_diff}}
-    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        fp32_diff = exported(loaded.model, tmp / ONNX_FILES["onnx"], "ONNX graph")
+        source, recipe = tmp / ONNX_FILES["onnx"], "dynamic int8, per-channel weights, " + "+".join(INT8_OPS) + " only"
+        smoothing = None
+        if calibration is not None:
+            queries, passages = calibration
+            maxima = activation_maxima(loaded, queries, passages, max_length)
+            source = tmp / "smoothed.onnx"
+            smoothing = {"alpha": SMOOTH_ALPHA, "calibration_pairs": len(queries), "linears": len(maxima),
+                         "max_abs_diff_vs_torch_fp32": exported(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA),
+                                                                source, "smoothed graph")}
+            recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"
+        excluded = fp32_nodes(loaded, source, tuple(keep_fp32))
+        if excluded:
+            recipe += f", {'+'.join(keep_fp32)} kept in fp32 ({len(excluded)} MatMuls)"
+        quantize_dynamic(str(source), str(tmp / ONNX_FILES["onnx-int8"]), weight_type=QuantType.QInt8,
+                         per_channel=True, op_types_to_quantize=INT8_OPS, nodes_to_exclude=excluded)
+        if smoothing:
+            source.unlink()  # only its int8 graph is kept
+        int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())
+        info = {"inputs": list(batch), "output": "scores" if loaded.kind == "cross" else "normalised embeddings",
+                "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                "onnx": {"file": ONNX_FILES["onnx"], "recipe": f"fp32 (TorchScript exporter, {EXPORT_ATTENTION} attention)",
+                         "max_abs_diff_vs_torch": fp32_diff},
+                "onnx-int8": {"file": ONNX_FILES["onnx-int8"],
+                              "recipe": recipe, "smoothing": smoothing, "fp32_nodes": excluded,
+                              "max_abs_diff_vs_torch": int8_diff}}
+        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
     return info

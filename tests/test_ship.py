@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from common.data import read_candidates_json
 from common.modeling import load_model, reshape_checkpoint, save_model, score_pairs
@@ -172,6 +172,32 @@ def test_onnx_equals_torch_on_real_dl20_pairs(family, role, tiny_models, tmp_pat
     int8 = Ranker.load(str(out), "onnx-int8", max_length=128, batch_size=16).score(queries, passages)
     assert int8.shape == torch_scores.shape and np.isfinite(int8).all()
     assert not np.array_equal(int8, onnx_scores)  # it is the quantized graph
+
+
+@pytest.mark.parametrize("family,role", [("bert", "bi"), ("distilbert", "classifier")])
+def test_int8_keeps_the_named_projections_in_fp32(family, role, tiny_models, tmp_path):
+    """``keep_fp32``: exactly the named projection of every layer stays an fp32 MatMul, the rest
+    are quantized; the stock attention is traced in its eager form (no per-score IsNaN guard)
+    and the model gets its SDPA attention back; an unknown role writes nothing."""
+    import onnx
+
+    out = pruned_dir(tiny_models, family, role, tmp_path)
+    loaded = load_model(str(out))
+    with pytest.raises(ValueError, match="unknown projection"):
+        export_onnx(loaded, out, max_length=64, keep_fp32=("ffn_middle",))
+    assert not (out / "onnx").exists() and not list(out.glob(".tmp-*"))
+    info = export_onnx(loaded, out, max_length=64, keep_fp32=("ffn_out",))
+    assert all(m.config._attn_implementation == "sdpa" for m in loaded.model.modules()
+               if isinstance(m, PreTrainedModel))
+    layers = len(loaded.state.kept_heads)
+    kept = info["onnx-int8"]["fp32_nodes"]
+    assert len(kept) == layers and all(("ffn/lin2" if family == "distilbert" else "output/dense") in n for n in kept)
+    int8 = {n.name: n.op_type for n in onnx.load(str(out / "onnx" / "model_int8.onnx")).graph.node}
+    assert all(int8[n] == "MatMul" for n in kept)  # the excluded projections: plain fp32 MatMuls
+    quantized = [n for n, op in int8.items() if op in ("DynamicQuantizeMatMul", "MatMulInteger")]
+    assert len(quantized) >= 3 * layers  # q, k, v, attention output and FFN input stay int8
+    fp32_ops = {n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx")).graph.node}
+    assert "IsNaN" not in fp32_ops and info["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
 
 
 def test_smoothed_int8_keeps_the_function_and_loses_less(tiny_models, tmp_path):
