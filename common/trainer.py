@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -32,6 +33,7 @@ from common.argtypes import check_ranges
 from common.data import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.evaluation import evaluate_run
+from common.hidden import LayerOutputs, hidden_mse
 from common.io import atomic_write_text
 from common.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.kinds import KINDS
@@ -54,7 +56,7 @@ ARGUMENT_GROUPS = {
                      "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
                      "contrastive_weight"),
     "distillation": ("distill_from", "distill_target", "distill_weight", "distill_scores",
-                     "distill_scale", "distill_loss"),
+                     "distill_scale", "distill_loss", "distill_hidden"),
     "evaluation": ("eval_candidates_file", "eval_qrels_file", "eval_batch_size", "eval_max_queries"),
     "run": ("output_dir", "num_checkpoint_samples", "overwrite", "device", "precision", "threads",
             "log_every"),
@@ -101,6 +103,9 @@ class TrainArgs:
     distill_from: Optional[str] = field(default=None, metadata={
         "help": "teacher checkpoint: adds margin-MSE on (pos - neg) score margins"})
     distill_weight: float = 1.0
+    distill_hidden: float = field(default=0.0, metadata={
+        "help": "with --distill_from: weight of a layer-wise MSE between the student's and the "
+                "teacher's hidden states (layer i vs layer i, padding excluded; common.hidden)"})
     distill_scores: Optional[str] = field(default=None, metadata={
         "help": "teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
                 "margin-MSE to the teacher's margins instead of cross-entropy on labels"})
@@ -143,6 +148,7 @@ class TrainArgs:
         "threads": (1, None, False, False), "eval_batch_size": (1, None, False, False),
         "eval_max_queries": (1, None, False, False), "log_every": (1, None, False, False),
         "distill_weight": (0, None, False, False), "distill_scale": (0, None, True, False),
+        "distill_hidden": (0, None, False, False),
         "temperature": (0, None, True, False), "contrastive_weight": (0, None, False, False),
     }
 
@@ -171,6 +177,8 @@ class TrainArgs:
             raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.distill_hidden and not self.distill_from:
+            raise ValueError("--distill_hidden distils the hidden states of --distill_from: give it")
         if self.model_kind not in (None, *KINDS):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
         if self.head not in (None, *HEADS):
@@ -371,6 +379,9 @@ class Trainer:
         self.segment = is_segment(self.model)
         kind = KINDS[self.kind]
         kind.check_args(args, self.model)
+        if args.distill_hidden and args.distill_scores and not kind.distill_beside_scores:
+            raise ValueError(f"--distill_hidden: a {self.kind} model trained on --distill_scores "
+                             "does not run its --distill_from teacher")
         self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision)
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
@@ -575,7 +586,9 @@ class Trainer:
         plus, with --distill_from, the distillation loss (``self.distill``) to the teacher's
         counterpart, combined as the kind says (``common.kinds``)."""
         kind = self.training_kind
-        student = kind.forward(self.forward_model, rows, self.loss.inputs)
+        hidden = self.args.distill_hidden > 0
+        with LayerOutputs(self.model) if hidden else nullcontext() as student_layers:
+            student = kind.forward(self.forward_model, rows, self.loss.inputs)
         self._last_batch = student.batch
         if self.teacher_scores is not None:
             student.inputs["teacher_scores"] = self._teacher_rows(len(rows))
@@ -583,11 +596,15 @@ class Trainer:
         if self.teacher is None or (self.teacher_scores is not None and not kind.distill_beside_scores):
             loss, parts = task, {}
         else:
-            with torch.no_grad():
+            with torch.no_grad(), LayerOutputs(self.teacher) if hidden else nullcontext() as teacher_layers:
                 teacher = kind.teacher_forward(self.teacher, rows, student)
             distill = self.distill(*kind.distill_inputs(student, teacher, self.args.distill_target))
             loss = kind.combine(task, distill, self.args)
             parts = {kind.task_key: task.item(), "distill": distill.item()}
+            if hidden:
+                layers = hidden_mse(student_layers, teacher_layers)
+                loss = loss + self.args.distill_hidden * layers
+                parts["hidden"] = layers.item()
         extra = self.callback.extra_loss(self)
         if extra is not None:
             parts = {"task_loss": loss.item(), **parts, **extra[1]}
