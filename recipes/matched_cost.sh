@@ -31,6 +31,8 @@
 # LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
 # only: the main job's loss, recipes/config/main_prune.toml: margin-MSE to the BM25-fused teacher's
 # margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings).
+# HIDDEN (0): weight of the layer-wise hidden-state distillation to the same teacher
+# (--distill_hidden: student layer i vs teacher layer i, CoFi-style), in both stages.
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
 # Outputs: $ROOT/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model; ROOT is
 # runs/matched for KIND=bi, runs/matched_cross for KIND=cross), and with REPORT=1
@@ -77,6 +79,8 @@ COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" -
         --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
         --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
+HIDDEN=${HIDDEN:-0}
+[ "$HIDDEN" = 0 ] || COMMON+=(--distill_hidden "$HIDDEN")
 
 if [ "${REPORT:-0}" = 1 ]; then
   RES=(--max_length "$MAX_LENGTH" --threads 2)
