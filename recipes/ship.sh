@@ -59,11 +59,11 @@ done
 
 # the models, exported (04 --onnx: onnx/model.onnx, onnx/model_int8.onnx beside the weights)
 if has cross; then
-  $PY 04_reshape.py --checkpoint_dir "$CROSS_UNPRUNED" --output_dir "$RUN/cross_unpruned" --onnx --max_length "$MAX_LENGTH"
-  $PY 04_reshape.py --checkpoint_dir "$CROSS_PRUNED" --output_dir "$RUN/cross_pruned" --onnx --max_length "$MAX_LENGTH"
+  $PY 04_reshape.py --checkpoint_dir "$CROSS_UNPRUNED" --output_dir "$RUN/cross_unpruned" --onnx --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
+  $PY 04_reshape.py --checkpoint_dir "$CROSS_PRUNED" --output_dir "$RUN/cross_pruned" --onnx --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
 fi
 if has bi; then
-  $PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --output_dir "$RUN/bi_unpruned" --onnx --max_length "$MAX_LENGTH"
+  $PY 04_reshape.py --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi --output_dir "$RUN/bi_unpruned" --onnx --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
   if [ -z "${BI_PRUNED:-}" ]; then
     $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \
       --train_triples_file data/distill/triples.tsv --output_dir "$RUN/bi_mixed" \
@@ -75,7 +75,7 @@ if has bi; then
       --eval_qrels_file data/distill/holdout.qrels.txt
     BI_PRUNED=$(latest "$RUN/bi_mixed")
   fi
-  $PY 04_reshape.py --checkpoint_dir "$BI_PRUNED" --output_dir "$RUN/bi_pruned" --onnx --max_length "$MAX_LENGTH"
+  $PY 04_reshape.py --checkpoint_dir "$BI_PRUNED" --output_dir "$RUN/bi_pruned" --onnx --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
 fi
 fi
 
