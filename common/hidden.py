@@ -2,7 +2,8 @@
 
 While a model runs, :class:`LayerOutputs` records the hidden states each encoder layer returns
 (forward hooks on the adapter's layer stack, so every family and both kinds are covered without
-touching their forward code) and the attention mask of each call (a pre-hook on the base model).
+touching their forward code) and the attention mask of each call (a pre-hook on the base model;
+the segment head passes its segment ids instead, padding = -1).
 :func:`hidden_mse` compares a student's record with its teacher's on the same inputs: student
 layer ``i`` against teacher layer ``i`` (pruning keeps the hidden size and, when it drops layers,
 keeps the first ones, so no projection is needed), squared error per token over the hidden size,
@@ -31,6 +32,8 @@ class LayerOutputs:
     def __enter__(self) -> "LayerOutputs":
         def keep_mask(module, args, kwargs):
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            if mask is None and kwargs.get("segment_ids") is not None:
+                mask = kwargs["segment_ids"] >= 0  # the segment head marks padding -1 instead
             if mask is None:
                 raise ValueError("--distill_hidden: the model was called without an attention mask")
             self.masks.append(mask)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.hidden import LayerOutputs, hidden_mse
-from common.modeling import load_model, save_model
+from common.modeling import encode_pairs, load_model, save_model
 from common.schedules import WarmupLinear
 from common.trainer import TrainArgs, Trainer
 
@@ -54,6 +54,28 @@ def test_layer_outputs_are_the_hidden_states_and_padding_is_left_out(family, tin
     # padded positions do not count: garbage there leaves the measure unchanged
     s.states[2][0][0, batch["attention_mask"][0] == 0] += 100.0
     assert float(hidden_mse(s, t)) == pytest.approx(got, rel=1e-6)
+
+
+@pytest.mark.parametrize("head", ["segment_cosine", "classifier"])
+def test_cross_encoders_record_their_layers_too(head, tiny_models):
+    """The cross kinds: the segment head calls its encoder with segment ids (padding -1), the
+    monoBERT head with an attention mask; both give one record per layer and a zero error
+    against themselves."""
+    loaded = load_model(str(tiny_models["bert"]), head=head)
+    model = loaded.model.eval()
+    teacher = copy.deepcopy(model)
+    batch = encode_pairs(loaded.tokenizer, ["what is a cat", "q"], ["a cat is an animal with fur", "p"], 32, model)
+    with torch.no_grad(), LayerOutputs(model) as s, LayerOutputs(teacher) as t:
+        model(**batch)
+        teacher(**batch)
+    assert [len(x) for x in s.states] == [1, 1, 1] and float(hidden_mse(s, t)) == 0.0
+    assert int(s.masks[0].sum()) == int(batch["attention_mask"].sum())  # padding left out
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "layer.0." in n and p.ndim == 2).mul_(1.3)
+    with torch.no_grad(), LayerOutputs(model) as s, LayerOutputs(teacher) as t:
+        model(**batch)
+        teacher(**batch)
+    assert float(hidden_mse(s, t)) > 0
 
 
 def test_distill_hidden_pulls_the_student_toward_its_teacher(tiny_models, toy_triples, tmp_path):
