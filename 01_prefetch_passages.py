@@ -35,8 +35,8 @@ from common.rank import AUTO, BACKENDS
 from common.training_data import DL20_QRELS
 
 BACKEND_CHOICES = (AUTO, *BACKENDS)
-BACKEND_HELP = ("the teacher's backend (common.rank); auto: the int8 ONNX export where the teacher dir "
-                "has one (04_reshape.py --onnx), else torch fp32")
+BACKEND_HELP = ("the teacher's backend (common.rank); auto: for a dir shipped by 04_reshape.py --onnx "
+                "its fastest backend here (torch bf16 on a CPU with AMX, else its int8 export), else torch fp32")
 
 
 def cmd_json(a) -> None:

@@ -209,9 +209,9 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
                            teacher_backend: str = AUTO) -> dict:
     """Build BM25 candidates, teacher scores and teacher-ordered passage pairs (see module doc).
 
-    ``teacher_backend``: a ``common.rank`` backend; ``auto`` (the default everywhere) is the int8
-    ONNX export when the teacher dir has one (04_reshape.py --onnx), else torch fp32 (the
-    packaged encoder: the study's sets).
+    ``teacher_backend``: a ``common.rank`` backend; ``auto`` (the default everywhere): for a
+    teacher dir shipped by 04_reshape.py --onnx its fastest backend here (``resolve_backend``),
+    else torch fp32 (the packaged encoder: the study's sets, on every host).
 
     ``queries`` is ``{qid: text}``, ``collection`` ``{docid: passage}``. Any qid in
     ``forbidden_qids`` (the evaluation topics) raises ``DataError`` before anything is
@@ -534,8 +534,7 @@ def score_triples(triples, checkpoint: str, output, *, batch_size: int = 64, max
                   overwrite: bool = False, backend: str = AUTO, progress: bool = True) -> int:
     """Teacher scores of a triples file by any checkpoint, tag or model dir: a parquet of
     ``teacher_pos, teacher_neg`` whose row i scores triple i (``--distill_scores``), on a
-    ``common.rank`` backend (``auto``: the int8 ONNX export where the dir has one, else torch
-    fp32). Returns the number of rows."""
+    ``common.rank`` backend (``auto``: ``common.rank.resolve_backend``). Returns the number of rows."""
     refuse_existing([output], overwrite, inputs=[triples])
     rows = list(TriplesStream(triples))
     queries = [q for q, _p, _n in rows]

@@ -18,6 +18,7 @@ input order, ``rank`` sorts one query's passages.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from common.modeling import (LoadedModel, autocast_context, encode_pairs, load_m
                              pick_device, pooling_of, relevance_logit, sorted_batches)
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
-AUTO = "auto"  # onnx-int8 where the model dir has the export (it wins here), else torch fp32
+AUTO = "auto"  # a shipped dir's fastest backend on this CPU, else torch fp32 (resolve_backend)
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
@@ -222,11 +223,25 @@ class BiRanker(Ranker):
         return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (where PyTorch's bf16 matmuls run)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def resolve_backend(path: str | Path, backend: str) -> str:
-    """``auto``: the int8 ONNX export when ``path`` has one (04_reshape.py --onnx), else torch."""
+    """``auto``: for a shipped dir (one with an int8 export, 04_reshape.py --onnx) its fastest
+    backend within the quality budget on this CPU: torch bf16 autocast where the CPU has AMX,
+    else the int8 export (measured: results/ship_plan.md, default-1); for any other dir (the
+    packaged teacher, checkpoints) torch fp32, so teacher scores are the same on every host."""
     if backend != AUTO:
         return backend
-    return "onnx-int8" if (rundir.onnx_dir(path) / ONNX_FILES["onnx-int8"]).is_file() else "torch"
+    if not (rundir.onnx_dir(path) / ONNX_FILES["onnx-int8"]).is_file():
+        return "torch"
+    return "torch-bf16" if cpu_has_amx() else "onnx-int8"
 
 
 def onnx_inputs(loaded: LoadedModel) -> list[str]:

@@ -229,10 +229,14 @@ def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher, ca
 
 @needs_shared
 @needs_pyserini
-def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tiny_sources, tiny_teacher):
+def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tiny_sources, tiny_teacher,
+                                                                       monkeypatch):
     """``auto`` is torch fp32 for a dir without an ONNX export (the packaged teacher: the
-    study's sets) and int8 for one with it; onnxruntime fp32 gives torch's teacher scores."""
+    study's sets) and int8 for one with it (on a CPU without AMX; common.rank.resolve_backend);
+    onnxruntime fp32 gives torch's teacher scores."""
+    from common import rank
     from common.modeling import load_model, reshape_checkpoint
+    monkeypatch.setattr(rank, "cpu_has_amx", lambda: False)
     from common.onnx_export import export_onnx
     root, stats = built
     assert stats["teacher_backend"] == "torch"

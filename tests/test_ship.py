@@ -250,18 +250,21 @@ def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
                                   score_pairs(bi.model, bi.tokenizer, QUERIES, PASSAGES, batch_size=4))
 
 
-def test_teacher_scores_on_every_backend(tiny_models, tmp_path):
+@pytest.mark.parametrize("amx", [False, True])
+def test_teacher_scores_on_every_backend(amx, tiny_models, tmp_path, monkeypatch):
     """01 teacher: torch is score_pairs bit for bit, onnxruntime fp32 within 1e-4 of it, and
-    ``auto`` takes the int8 export of a shipped dir."""
+    ``auto`` takes a shipped dir's fastest backend: the int8 export, torch bf16 on an AMX CPU."""
     import pandas as pd
 
+    from common import rank
     from common.distill import score_triples
+    monkeypatch.setattr(rank, "cpu_has_amx", lambda: amx)
     out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
     export_onnx(load_model(str(out)), out, max_length=64)
     triples = tmp_path / "triples.tsv"
     triples.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in zip(QUERIES, PASSAGES, PASSAGES[::-1])))
     scores = {}
-    for backend in ("torch", "onnx", "onnx-int8", "auto"):
+    for backend in ("torch", "onnx", "onnx-int8", "torch-bf16", "auto"):
         n = score_triples(triples, str(out), tmp_path / f"{backend}.parquet", batch_size=4,
                           max_length=64, backend=backend, progress=False)
         assert n == len(QUERIES)
@@ -270,7 +273,8 @@ def test_teacher_scores_on_every_backend(tiny_models, tmp_path):
     expected = score_pairs(loaded.model, loaded.tokenizer, QUERIES, PASSAGES, batch_size=4, max_length=64)
     np.testing.assert_array_equal(scores["torch"]["teacher_pos"].to_numpy(), expected)
     np.testing.assert_allclose(scores["onnx"].to_numpy(), scores["torch"].to_numpy(), atol=1e-4)
-    pd.testing.assert_frame_equal(scores["auto"], scores["onnx-int8"])
+    pd.testing.assert_frame_equal(scores["auto"], scores["torch-bf16" if amx else "onnx-int8"])
+    assert rank.resolve_backend(tiny_models["bert"], "auto") == "torch"  # no export: fp32 everywhere
     assert not scores["onnx-int8"].equals(scores["onnx"])
 
 
