@@ -29,6 +29,7 @@ import statistics
 import time
 import warnings
 from collections import Counter
+from functools import lru_cache
 from math import prod
 from pathlib import Path
 from typing import Callable
@@ -377,6 +378,15 @@ def time_callable(fn: Callable[[], object], repeats: int, warmup: int,
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.fmean(times), statistics.stdev(times) if repeats > 1 else 0.0
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (``/proc/cpuinfo``), or None where it cannot be read."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:

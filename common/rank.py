@@ -18,7 +18,6 @@ input order, ``rank`` sorts one query's passages.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -223,13 +222,9 @@ class BiRanker(Ranker):
         return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 
 
-@lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX-BF16 tiles (where PyTorch's bf16 matmuls run)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    return "amx_bf16" in (cost.cpu_flags() or ())
 
 
 def resolve_backend(path: str | Path, backend: str) -> str:

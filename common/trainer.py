@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from common.argtypes import check_ranges
 from common.data import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
                          read_qrels, read_teacher_scores)
+from common.cost import cpu_flags
 from common.evaluation import evaluate_run
 from common.hidden import LayerOutputs, hidden_mse
 from common.io import atomic_write_text
@@ -227,11 +228,8 @@ def barrier() -> None:
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16); None when
     /proc/cpuinfo cannot say. Without it, bf16 autocast is emulated and much slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = cpu_flags()
+    return None if flags is None else ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def library_versions() -> dict:
