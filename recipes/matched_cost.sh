@@ -26,7 +26,7 @@
 # RECOVERY_PAIRS pairs from the start of the stream, so every arm sees the same pairs.
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
 # CONTINUE=1 goes on with an arm that stopped: finished stages are kept, the next one starts.
-# Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), BATCH (32), MAX_LENGTH (128),
+# Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), RECOVERY_LR (LR), BATCH (32), MAX_LENGTH (128),
 # THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16),
 # LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
 # only: the main job's loss, recipes/config/main_prune.toml: margin-MSE to the BM25-fused teacher's
@@ -44,6 +44,7 @@ case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/match
 PAIRS=${PAIRS:-12288}
 RECOVERY_PAIRS=${RECOVERY_PAIRS:-12288}
 LR=${LR:-1e-4}
+RECOVERY_LR=${RECOVERY_LR:-$LR}
 BATCH=${BATCH:-32}
 MAX_LENGTH=${MAX_LENGTH:-128}
 THREADS=${THREADS:-1}
@@ -148,6 +149,6 @@ SEEN=$(seen_of "$PRUNED_CKPT")
 echo "$PRUNED_CKPT/reshaped" > "$RUN/pruned.txt"
 $PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED_CKPT/reshaped" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
-  --seen_pairs "$SEEN" "${COMMON[@]}"
+  --seen_pairs "$SEEN" "${COMMON[@]}" --learning_rate "$RECOVERY_LR"
 latest "$RUN/recover" > "$RUN/final.txt"
 echo "== $NAME done: $(cat "$RUN/final.txt")"
