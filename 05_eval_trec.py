@@ -61,6 +61,10 @@ def main(argv=None) -> None:
     p.add_argument("--interpolate", type=unit_float, nargs="+", default=[], metavar="WEIGHT",
                    help="also evaluate weight*minmax(model) + (1-weight)*minmax(first stage) per query "
                         "(quality-only rows, method 'interpolate')")
+    p.add_argument("--query_encoder", metavar="MODEL",
+                   help="bi-encoders: embed the queries with this encoder (tag, hub name or path; "
+                        "e.g. the unpruned model beside a pruned passage encoder); rows are keyed "
+                        "<checkpoint>+queries:<MODEL>")
     p.add_argument("--model_kind", choices=["cross", "bi"],
                    help="for a plain model dir or tag (our checkpoints know their kind)")
     args = p.parse_args(argv)
@@ -82,7 +86,8 @@ def main(argv=None) -> None:
                 found = evaluate_model(target, args.candidates, args.qrels, args.topics,
                                        max_length=args.max_length, batch_size=args.batch_size,
                                        device=args.device, backend=args.backend, costs=costs,
-                                       kind=args.model_kind, interpolate_weights=tuple(args.interpolate))
+                                       kind=args.model_kind, interpolate_weights=tuple(args.interpolate),
+                                       query_encoder=args.query_encoder)
                 append_results(args.results, found)  # one at a time: a long sweep keeps its rows
                 rows.extend(found)
         if args.first_stage:

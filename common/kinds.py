@@ -118,11 +118,17 @@ class CrossKind(TrainingKind):
 class BiKind(TrainingKind):
     """Bi-encoder: in-batch contrastive on the query and passage embeddings (the task loss),
     distillation on the teacher's cosine scores or embeddings; with --distill_scores the task
-    loss alone (--distill_from is not used then)."""
+    loss alone (--distill_from is not used then).
+
+    With a query encoder (``--query_encoder``: ``query_encoder`` is set to that frozen model)
+    the student embeds passages only: the queries' embeddings come from the query encoder
+    without gradient, the scores are its queries against the student's passages, and embedding
+    distillation compares passage embeddings only (the student's queries are never used)."""
 
     name = "bi"
     task_key = "contrastive"
     distill_beside_scores = False
+    query_encoder: nn.Module | None = None
 
     @classmethod
     def check_args(cls, args, model):
@@ -147,7 +153,11 @@ class BiKind(TrainingKind):
 
     def forward(self, model, rows, wanted):
         queries, passages = self._texts(rows)
-        q, _ = self.embed(model, queries)
+        if self.query_encoder is None:
+            q, _ = self.embed(model, queries)
+        else:
+            with torch.no_grad():
+                q, _ = self.embed(self.query_encoder, queries)
         p, batch = self.embed(model, passages)
         inputs = {"query_embeddings": q, "passage_embeddings": p}
         if "scores" in wanted:
@@ -164,7 +174,7 @@ class BiKind(TrainingKind):
         q, p = student.inputs["query_embeddings"], student.inputs["passage_embeddings"]
         tq, tp = teacher["query_embeddings"], teacher["passage_embeddings"]
         if target == "embeddings":
-            return [q, p], [tq, tp]
+            return ([p], [tp]) if self.query_encoder is not None else ([q, p], [tq, tp])
         return pair_cosines(q, p), pair_cosines(tq, tp)
 
     def combine(self, task, distill, args):

@@ -11,7 +11,11 @@ files are written by ``04_reshape.py --onnx`` into ``<model dir>/onnx/`` (``comm
 
 Model kinds are classes: :class:`CrossRanker` scores a (query, passage) pair in one sequence
 (the model's own pair layout: the monoBERT template or the segment head's); :class:`BiRanker`
-embeds queries and passages alone and scores by cosine, each distinct text once. Both batch
+embeds queries and passages alone and scores by cosine, each distinct text once; a bi model
+whose config names a query encoder (``slimrank_query_encoder``: trained with
+``--query_encoder``, see ``common.kinds``) embeds its queries with that frozen encoder and only
+its passages itself (an asymmetric bi-encoder: a pruned passage encoder beside the unpruned query
+encoder whose embedding space it was trained to). Both batch
 length-sorted (``common.modeling.sorted_batches``) without gradients; ``score`` keeps the
 input order, ``rank`` sorts one query's passages.
 """
@@ -34,6 +38,17 @@ BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
 AUTO = "auto"  # a shipped dir's fastest backend on this CPU, else torch fp32 (resolve_backend)
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
+QUERY_ENCODER_FIELD = "slimrank_query_encoder"  # config.json of an asymmetric bi-encoder
+
+
+def query_encoder_of(loaded: LoadedModel) -> str | None:
+    """The encoder a bi model's queries go through (None: the model itself), as its config says:
+    a packaged tag, a hub name or a path (a relative path is tried against the model dir first)."""
+    name = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)
+    if not name:
+        return None
+    inside = Path(loaded.path, name)
+    return str(inside) if not Path(name).is_absolute() and inside.is_dir() else name
 
 
 def backend_for_precision(precision: str) -> str:
@@ -124,7 +139,10 @@ class Ranker:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, backend: str = "torch", *, max_length: int = 256,
-                    batch_size: int = 64, threads: int | None = None) -> "Ranker":
+                    batch_size: int = 64, threads: int | None = None,
+                    query_encoder: str | None = None) -> "Ranker":
+        """``query_encoder`` (bi only): embed the queries with this encoder instead of the one
+        the model's config names (or the model itself)."""
         backend = resolve_backend(loaded.path, backend)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -133,8 +151,21 @@ class Ranker:
         else:
             onnx_file = rundir.onnx_dir(loaded.path) / ONNX_FILES[backend]
             runner = OnnxRunner(onnx_file, threads)
-        ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind]
-        return ranker(loaded, runner, backend, max_length, batch_size)
+        ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind](loaded, runner, backend, max_length,
+                                                                      batch_size)
+        if query_encoder and loaded.kind != "bi":
+            raise ValueError(f"a query encoder is for bi-encoders; {loaded.path} is a {loaded.kind} model")
+        query_encoder = query_encoder or (query_encoder_of(loaded) if loaded.kind == "bi" else None)
+        if query_encoder:
+            # same torch precision as the passages; an ONNX passage side keeps the query
+            # encoder's own default (torch fp32 unless it is a shipped dir itself)
+            device = next(loaded.model.parameters()).device
+            ranker.query_ranker = Ranker.from_loaded(
+                load_model(query_encoder, device, kind="bi"),
+                backend if backend in TORCH_PRECISION else AUTO, max_length=max_length,
+                batch_size=batch_size, threads=threads, query_encoder=None)
+            ranker.query_encoder = query_encoder
+        return ranker
 
     def score(self, queries: list[str], passages: list[str], progress: bool = False) -> np.ndarray:
         """One score per (query, passage) pair, in the input order."""
@@ -184,6 +215,8 @@ class CrossRanker(Ranker):
 
 class BiRanker(Ranker):
     kind = "bi"
+    query_ranker: "BiRanker | None" = None  # embeds the queries when the model names a query encoder
+    query_encoder: str | None = None
 
     def sequences_per_query(self, n_pairs: int) -> int:
         return n_pairs + 1  # the passages and the query, each encoded alone
@@ -217,7 +250,7 @@ class BiRanker(Ranker):
         self._check(queries, passages)
         uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
         up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
-        q = torch.from_numpy(self.encode(list(uq), progress))
+        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress))
         p = torch.from_numpy(self.encode(list(up), progress))
         return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 

@@ -75,29 +75,35 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
                    backend: str = "torch", costs: CostOptions | None = None,
                    output_dir: str | None = None, kind: str | None = None,
-                   interpolate_weights: tuple[float, ...] = ()) -> list[dict]:
+                   interpolate_weights: tuple[float, ...] = (), query_encoder: str | None = None) -> list[dict]:
     """The model's row, then one quality-only row per interpolation weight (``interpolate``;
     run name ``<run>+<first stage>@<weight>``, method ``interpolate``). ``backend`` (see
     ``common.rank``) scores and is timed; a backend other than ``torch`` is part of the row's key
-    (``<checkpoint>@<backend>``) and of its run and per-query file names."""
+    (``<checkpoint>@<backend>``) and of its run and per-query file names. ``query_encoder``
+    (bi): embed the queries with that encoder instead (part of the row's key, ``+queries:<name>``);
+    a bi model whose config names a query encoder uses it either way, and its run name says so."""
     dev = pick_device(device)
     loaded = load_model(checkpoint, dev, kind=kind)
-    ranker = Ranker.from_loaded(loaded, backend, max_length=max_length, batch_size=batch_size)
+    ranker = Ranker.from_loaded(loaded, backend, max_length=max_length, batch_size=batch_size,
+                                query_encoder=query_encoder)
     backend = ranker.backend  # "auto" resolved
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
     scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist(), progress=True)
-    suffix = "" if backend == "torch" else f"@{backend}"
+    suffix = ("" if backend == "torch" else f"@{backend}") + (f"+queries:{query_encoder}" if query_encoder else "")
+    queries_note = f" [queries: {ranker.query_encoder}]" if getattr(ranker, "query_encoder", None) else ""
     reranked = candidates.assign(score=scores)
     run = candidates_to_run(reranked, "score")
     means, per_query = evaluate_run(run, qrels)
     ours = Path(loaded.path, rundir.PRUNING_FILE).exists()  # never write into a package or hub cache
     out = Path(output_dir) if output_dir else rundir.eval_dir(loaded.path)
+    files = suffix.replace(":", "_").replace("/", "_")
     if output_dir or ours:
-        write_trec_run(run, out / f"{topics}{suffix}.run", tag="slimrank")
-        per_query.to_csv(out / f"{topics}{suffix}.per_query.tsv", sep="\t", index=False)
-    row = {"checkpoint": f"{checkpoint}{suffix}", "run": rundir.run_name(checkpoint), "topics": topics,
+        write_trec_run(run, out / f"{topics}{files}.run", tag="slimrank")
+        per_query.to_csv(out / f"{topics}{files}.per_query.tsv", sep="\t", index=False)
+    row = {"checkpoint": f"{checkpoint}{suffix}", "run": rundir.run_name(checkpoint) + queries_note, "topics": topics,
+           "query_encoder": getattr(ranker, "query_encoder", None),
            **_describe(ranker), **describe_backend(loaded.path, backend), **means, **overlap}
     if is_segment(loaded.model):  # is it still a bi-encoder? (common.segment)
         first = candidates[candidates["qid"].isin(candidates["qid"].unique()[:CROSS_ATTENTION_QUERIES])]
@@ -131,7 +137,14 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
     per_sequence = cost.fvcore_macs(model, **one)
     macs = per_sequence * ranker.sequences_per_query(opts.n_pairs)
     params = cost.count_parameters(model)
-    row = {"flops_macs": macs, "macs_per_sequence": per_sequence,
+    extra = {}
+    query_ranker = getattr(ranker, "query_ranker", None)
+    if query_ranker is not None:  # the query's sequence goes through the query encoder
+        query_macs = cost.fvcore_macs(query_ranker.loaded.model.eval(), **one)
+        macs += query_macs - per_sequence
+        extra = {"query_encoder_macs_per_sequence": query_macs,
+                 "query_encoder_params": cost.count_parameters(query_ranker.loaded.model)["total"]}
+    row = {"flops_macs": macs, "macs_per_sequence": per_sequence, **extra,
            "params": params["total"], "encoder_params": params["encoder"],
            "machine": cost.machine_description(device), "torch_version": torch.__version__,
            "max_length": max_length}
@@ -156,14 +169,17 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
         real = torch.tensor(timings)
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
 
-    timed = Ranker.from_loaded(loaded, ranker.backend, max_length=max_length, batch_size=opts.n_pairs)
+    query_encoder = getattr(ranker, "query_encoder", None)
+    timed = Ranker.from_loaded(loaded, ranker.backend, max_length=max_length, batch_size=opts.n_pairs,
+                               query_encoder=query_encoder)
     row.update(timed.extra_costs(candidates, opts, device))  # bi: corpus-encoding throughput
     (w_mean, w_std), (r_mean, r_std) = time_regimes(timed)
     row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,
                 f"{prefix}_ms_real": r_mean, f"{prefix}_ms_real_std": r_std,
                 "latency_threads": torch.get_num_threads()})
     if opts.bf16:
-        bf16 = Ranker.from_loaded(loaded, "torch-bf16", max_length=max_length, batch_size=opts.n_pairs)
+        bf16 = Ranker.from_loaded(loaded, "torch-bf16", max_length=max_length, batch_size=opts.n_pairs,
+                                  query_encoder=query_encoder)
         (bw, bws), (br, brs) = time_regimes(bf16)
         row.update({f"{prefix}_bf16_ms_worst": bw, f"{prefix}_bf16_ms_worst_std": bws,
                     f"{prefix}_bf16_ms_real": br, f"{prefix}_bf16_ms_real_std": brs})

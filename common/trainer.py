@@ -39,7 +39,7 @@ from common.io import atomic_write_text
 from common.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.kinds import KINDS
 from common.modeling import PACKAGED_MODELS, load_model, pick_device, save_model
-from common.rank import Ranker, backend_for_precision
+from common.rank import QUERY_ENCODER_FIELD, Ranker, backend_for_precision, query_encoder_of
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
@@ -51,7 +51,7 @@ DEFAULT_DISTILL_LOSS = "margin_mse"
 # TrainArgs in the groups --help shows (every field in exactly one: a test checks); PruneArgs
 # is the group "pruning"
 ARGUMENT_GROUPS = {
-    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling"),
+    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder"),
     "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
     "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
                      "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
@@ -129,6 +129,11 @@ class TrainArgs:
                 "--learning_rate; they start shut at 0 and a gate of 1 is full attention)"})
     pooling: Optional[str] = field(default=None, metadata={
         "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
+    query_encoder: Optional[str] = field(default=None, metadata={
+        "help": "bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
+                "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
+                "into the model's config, so later stages, 05 and common.rank use it (a checkpoint "
+                "that names one keeps it)"})
     temperature: float = field(default=0.02, metadata={
         "help": "bi-encoder contrastive loss temperature (in-batch negatives)"})
     contrastive_weight: float = field(default=1.0, metadata={
@@ -180,6 +185,11 @@ class TrainArgs:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.distill_hidden and not self.distill_from:
             raise ValueError("--distill_hidden distils the hidden states of --distill_from: give it")
+        if self.query_encoder is not None and not self.query_encoder.strip():
+            raise ValueError("--query_encoder must name a model (tag, hub name or path)")
+        if self.query_encoder and self.distill_hidden:
+            raise ValueError("--distill_hidden compares the student's layers on queries and passages; "
+                             "with --query_encoder the student sees passages only: drop one of them")
         if self.model_kind not in (None, *KINDS):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
         if self.head not in (None, *HEADS):
@@ -381,6 +391,7 @@ class Trainer:
             raise ValueError(f"--distill_hidden: a {self.kind} model trained on --distill_scores "
                              "does not run its --distill_from teacher")
         self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision)
+        self._set_query_encoder(args)
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
@@ -463,6 +474,25 @@ class Trainer:
             shutil.rmtree(self.output_dir, ignore_errors=True)
             os.replace(self._backup, self.output_dir)
         self._backup = None
+
+    def _set_query_encoder(self, args: "TrainArgs") -> None:
+        """--query_encoder (bi only), or the one the checkpoint's config names: load it frozen
+        for the training forward and write it into the student's config (every checkpoint,
+        the in-training evaluation and later stages read it there)."""
+        saved = getattr(self.model.config, QUERY_ENCODER_FIELD, None)
+        if args.query_encoder and saved and args.query_encoder != saved:
+            raise ValueError(f"--query_encoder {args.query_encoder!r}: the checkpoint's queries are "
+                             f"embedded by {saved!r} (its config.json); a model keeps its query encoder")
+        name = args.query_encoder or saved
+        if not name:
+            return
+        if self.kind != "bi":
+            raise ValueError(f"--query_encoder is for bi-encoders; this is a {self.kind} model")
+        setattr(self.model.config, QUERY_ENCODER_FIELD, name)
+        path = query_encoder_of(self.loaded)
+        encoder = load_model(path, self.device, kind="bi").model.eval()
+        encoder.requires_grad_(False)
+        self.training_kind.query_encoder = encoder
 
     def _pick_losses(self) -> tuple[Loss, Loss | None]:
         """The task loss (on labels, or with --distill_scores the --distill_loss) and, with

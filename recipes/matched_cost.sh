@@ -31,6 +31,9 @@
 # LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
 # only: the main job's loss, recipes/config/main_prune.toml: margin-MSE to the BM25-fused teacher's
 # margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings).
+# QUERY_ENCODER (none; KIND=bi only): a frozen encoder embeds the queries (--query_encoder, e.g. the
+# packaged all-MiniLM-L6-v2) and the pruned model only the passages, in both stages; the models
+# name it in their config, so REPORT scores them that way (the unpruned row stays symmetric).
 # HIDDEN (0): weight of the layer-wise hidden-state distillation to the same teacher
 # (--distill_hidden: student layer i vs teacher layer i, CoFi-style), in both stages.
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
@@ -82,6 +85,10 @@ COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" -
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 HIDDEN=${HIDDEN:-0}
 [ "$HIDDEN" = 0 ] || COMMON+=(--distill_hidden "$HIDDEN")
+if [ -n "${QUERY_ENCODER:-}" ]; then
+  [ "$KIND" = bi ] || { echo "error: QUERY_ENCODER is for bi-encoders (KIND=bi)" >&2; exit 1; }
+  COMMON+=(--query_encoder "$QUERY_ENCODER")
+fi
 
 if [ "${REPORT:-0}" = 1 ]; then
   RES=(--max_length "$MAX_LENGTH" --threads 2)
