@@ -28,12 +28,13 @@ quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer
 from __future__ import annotations
 
 import argparse
+import json
 from itertools import islice
 
 from common.cli import fail, positive_int
 from common.data import TriplesStream
 from common.l3prune import RULES, choose, layerwise_losses
-from common.modeling import load_model, reshape_checkpoint
+from common.modeling import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
 from common.onnx_export import FP32_ROLES, export_onnx
 
 
@@ -100,6 +101,11 @@ def main(argv=None) -> None:
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
                                                 keep, args.model_kind, note)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
+        queries = json.loads((out / "config.json").read_text()).get(QUERY_ENCODER_FIELD)
+        if queries:
+            print(f"note: {out} embeds passages only; its queries go through {queries!r} ({QUERY_ENCODER_FIELD} "
+                  "in its config.json): slimrank's Ranker does so, a stock SentenceTransformer of this dir "
+                  "does not (encode the queries with that model)")
         if args.onnx:
             info = export_onnx(load_model(str(out)), out, args.max_length, calibration,
                                tuple(args.int8_keep_fp32))

@@ -25,8 +25,8 @@ import torch
 
 from common.cli import fail, nonneg_int, positive_int, unit_float
 from common.data import DataError
-from common.rank import AUTO, BACKENDS
-from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model
+from common.rank import AUTO, BACKENDS, resolve_backend
+from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
 from common.results import append_results, has_result, load_results, write_table
 
 
@@ -68,6 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--model_kind", choices=["cross", "bi"],
                    help="for a plain model dir or tag (our checkpoints know their kind)")
     args = p.parse_args(argv)
+    if args.query_encoder is not None and (args.first_stage or not args.query_encoder.strip()):
+        p.error("--query_encoder names the model that embeds a bi-encoder's queries "
+                + ("(not for --first_stage)" if args.first_stage else "(got an empty name)"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
         else:
             targets = args.checkpoint or [
                 str(c) for run in args.all_checkpoints for c in checkpoints_of(run)
-                if not has_result(args.results, str(c), args.topics)]
+                if not has_result(args.results, result_key(c, resolve_backend(c, args.backend), args.query_encoder),
+                                  args.topics)]
             costs = None if args.no_costs else CostOptions(
                 latency=not args.no_latency, repeats=args.repeats, warmup=args.warmup,
                 latency_queries=args.latency_queries, bf16=args.bf16_latency)

@@ -22,7 +22,8 @@ import torch
 
 from common.data import TriplesStream
 from common.kinds import KINDS
-from common.modeling import LoadedModel, keep_first_layers
+from common.modeling import LoadedModel, keep_first_layers, load_model
+from common.rank import check_query_encoder, query_encoder_of
 from common.trainer import TrainArgs, apply_loss
 
 RULES = ("small", "large")
@@ -40,6 +41,11 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
     device = next(loaded.model.parameters()).device
     losses = []
     depth = loaded.state.num_layers
+    queries = None  # an asymmetric bi-encoder: its queries go through its frozen query encoder
+    if loaded.kind == "bi" and query_encoder_of(loaded):
+        encoder = load_model(query_encoder_of(loaded), device, kind="bi")
+        check_query_encoder(loaded, encoder, query_encoder_of(loaded))
+        queries = encoder.model.eval()
     for k in range(1, depth + 1):
         cut = copy.copy(loaded)
         cut.model = copy.deepcopy(loaded.model)
@@ -48,6 +54,8 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
             keep_first_layers(cut, k)
         cut.model.eval()
         kind = KINDS[loaded.kind](cut.model, loaded.tokenizer, device, max_length, "fp32")
+        if queries is not None:
+            kind.query_encoder = queries
         loss = kind.label_loss(args, cut.model)
         total = count = 0
         for start in range(0, len(data), per_step):

@@ -48,6 +48,9 @@ def model_kind(model: nn.Module) -> str:
     return getattr(model.config, "slimrank_model_kind", "cross")
 
 
+QUERY_ENCODER_FIELD = "slimrank_query_encoder"  # config.json of an asymmetric bi-encoder (common.rank)
+
+
 def pooling_of(model: nn.Module) -> str:
     return getattr(model.config, "slimrank_pooling", "mean")
 
@@ -268,6 +271,9 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(loaded.model, loaded.tokenizer, state, tmp)
+    inner = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)  # a query encoder kept inside the dir
+    if inner and not Path(inner).is_absolute() and Path(loaded.path, inner).is_dir():
+        shutil.copytree(Path(loaded.path, inner), tmp / inner)
     if Path(checkpoint_dir, STATE_FILE).exists():
         shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,13 @@ from torch import nn
 
 from common import cost, rundir
 from common.biencoder import pool
-from common.modeling import (LoadedModel, autocast_context, encode_pairs, load_model, model_kind,
-                             pick_device, pooling_of, relevance_logit, sorted_batches)
+from common.modeling import (QUERY_ENCODER_FIELD, LoadedModel, autocast_context, encode_pairs, load_model,
+                             model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
 AUTO = "auto"  # a shipped dir's fastest backend on this CPU, else torch fp32 (resolve_backend)
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
-QUERY_ENCODER_FIELD = "slimrank_query_encoder"  # config.json of an asymmetric bi-encoder
 
 
 def query_encoder_of(loaded: LoadedModel) -> str | None:
@@ -49,6 +48,25 @@ def query_encoder_of(loaded: LoadedModel) -> str | None:
         return None
     inside = Path(loaded.path, name)
     return str(inside) if not Path(name).is_absolute() and inside.is_dir() else name
+
+
+def check_query_encoder(model: LoadedModel, encoder: LoadedModel, name: str) -> None:
+    """Refuse a query encoder whose query embeddings cannot meet ``model``'s passage embeddings:
+    training embeds the queries with the student's tokenizer and pooling and scoring with the
+    encoder's own, so both must agree, and so must the embedding width; an encoder that names a
+    query encoder itself (a chain) is refused too."""
+    where = f"query encoder {name!r} (--query_encoder, or {QUERY_ENCODER_FIELD} in {model.path}/config.json)"
+    if query_encoder_of(encoder):
+        raise ValueError(f"{where}: names a query encoder of its own ({query_encoder_of(encoder)!r}); "
+                         "name the model that embeds the queries directly")
+    width = [getattr(m.model.config, "hidden_size", None) for m in (model, encoder)]
+    if width[0] != width[1]:
+        raise ValueError(f"{where}: embeds in {width[1]} dimensions, the model in {width[0]}")
+    pooling = [pooling_of(m.model) for m in (model, encoder)]
+    if pooling[0] != pooling[1]:
+        raise ValueError(f"{where}: pools by {pooling[1]!r}, the model by {pooling[0]!r}")
+    if model.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+        raise ValueError(f"{where}: another tokenizer vocabulary than the model's")
 
 
 def backend_for_precision(precision: str) -> str:
@@ -160,8 +178,10 @@ class Ranker:
             # same torch precision as the passages; an ONNX passage side keeps the query
             # encoder's own default (torch fp32 unless it is a shipped dir itself)
             device = next(loaded.model.parameters()).device
+            encoder = load_model(query_encoder, device, kind="bi")
+            check_query_encoder(loaded, encoder, query_encoder)
             ranker.query_ranker = Ranker.from_loaded(
-                load_model(query_encoder, device, kind="bi"),
+                encoder,
                 backend if backend in TORCH_PRECISION else AUTO, max_length=max_length,
                 batch_size=batch_size, threads=threads, query_encoder=None)
             ranker.query_encoder = query_encoder

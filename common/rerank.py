@@ -71,6 +71,13 @@ def evaluate_first_stage(candidates_path: str, qrels_path: str, topics: str, nam
             "topics": topics, **means, **overlap}
 
 
+def result_key(checkpoint: str, backend: str, query_encoder: str | None = None) -> str:
+    """A model row's key in the results table: the checkpoint, ``@<backend>`` for a backend other
+    than torch fp32, ``+queries:<name>`` for an explicit query encoder."""
+    return (f"{checkpoint}" + ("" if backend == "torch" else f"@{backend}")
+            + (f"+queries:{query_encoder}" if query_encoder else ""))
+
+
 def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topics: str, *,
                    max_length: int = 256, batch_size: int = 64, device: str = "auto",
                    backend: str = "torch", costs: CostOptions | None = None,
@@ -91,7 +98,7 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     qrels = read_qrels(qrels_path)
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
     scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist(), progress=True)
-    suffix = ("" if backend == "torch" else f"@{backend}") + (f"+queries:{query_encoder}" if query_encoder else "")
+    suffix = result_key("", backend, query_encoder)
     queries_note = f" [queries: {ranker.query_encoder}]" if getattr(ranker, "query_encoder", None) else ""
     reranked = candidates.assign(score=scores)
     run = candidates_to_run(reranked, "score")

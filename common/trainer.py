@@ -39,7 +39,8 @@ from common.io import atomic_write_text
 from common.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.kinds import KINDS
 from common.modeling import PACKAGED_MODELS, load_model, pick_device, save_model
-from common.rank import QUERY_ENCODER_FIELD, Ranker, backend_for_precision, query_encoder_of
+from common.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
+                         query_encoder_of)
 from common.rundir import METRICS_FILE, STATE_FILE, checkpoint_name, is_run_artifact, replace_dir
 from common.segment import HEADS, is_segment
 from common.surgery import zero_dead_weights
@@ -480,7 +481,10 @@ class Trainer:
         for the training forward and write it into the student's config (every checkpoint,
         the in-training evaluation and later stages read it there)."""
         saved = getattr(self.model.config, QUERY_ENCODER_FIELD, None)
-        if args.query_encoder and saved and args.query_encoder != saved:
+
+        def where(name):  # a local dir by its absolute path, anything else by its name
+            return str(Path(name).resolve()) if Path(name).is_dir() else name
+        if args.query_encoder and saved and where(args.query_encoder) != where(query_encoder_of(self.loaded)):
             raise ValueError(f"--query_encoder {args.query_encoder!r}: the checkpoint's queries are "
                              f"embedded by {saved!r} (its config.json); a model keeps its query encoder")
         name = args.query_encoder or saved
@@ -490,9 +494,12 @@ class Trainer:
             raise ValueError(f"--query_encoder is for bi-encoders; this is a {self.kind} model")
         setattr(self.model.config, QUERY_ENCODER_FIELD, name)
         path = query_encoder_of(self.loaded)
-        encoder = load_model(path, self.device, kind="bi").model.eval()
-        encoder.requires_grad_(False)
-        self.training_kind.query_encoder = encoder
+        if Path(path).is_dir():  # a local dir: its absolute path, so every checkpoint finds it
+            setattr(self.model.config, QUERY_ENCODER_FIELD, str(Path(path).resolve()))
+        encoder = load_model(path, self.device, kind="bi")
+        check_query_encoder(self.loaded, encoder, name)
+        encoder.model.eval().requires_grad_(False)
+        self.training_kind.query_encoder = encoder.model
 
     def _pick_losses(self) -> tuple[Loss, Loss | None]:
         """The task loss (on labels, or with --distill_scores the --distill_loss) and, with

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import importlib
 import json
+from itertools import islice
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from common.data import TriplesStream
 from common.kinds import BiKind
+from common.l3prune import layerwise_losses
 from common.modeling import load_model, reshape_checkpoint, save_model
-from common.rank import QUERY_ENCODER_FIELD, Ranker
+from common.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder
 from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer
+from common.trainer import TrainArgs, Trainer, apply_loss
 
 QUERIES = ["what is a cat", "how tall is everest", "what is a cat"]
 PASSAGES = ["a cat is a small animal with fur", "mount everest is 8849 metres tall", "the stock market fell"]
@@ -172,3 +175,102 @@ def test_eval_rows_say_which_encoder_embedded_the_queries(tiny_models, tmp_path)
     assert query_macs > per_sequence  # the query encoder keeps all its layers
     assert asym["flops_macs"] - plain["flops_macs"] == query_macs - per_sequence
     assert f"[queries: {teacher}]" in (tmp_path / "r.md").read_text()
+
+
+def test_a_query_encoder_that_cannot_meet_the_passages_is_refused(tiny_models, toy_triples, tmp_path):
+    """Training embeds the queries with the student's tokenizer and pooling, scoring with the
+    encoder's own: another vocabulary, pooling or width is refused up front (trainer and ranker),
+    and so is an encoder that names a query encoder of its own (a chain)."""
+    teacher = str(tiny_models["bert"])
+    student = load_model(teacher, kind="bi")
+    check_query_encoder(student, load_model(teacher, kind="bi"), teacher)  # the same model: fine
+    cases = {"dimensions": lambda m: setattr(m.model.config, "hidden_size", 48),
+             "pools by": lambda m: setattr(m.model.config, "slimrank_pooling", "cls"),
+             "tokenizer vocabulary": lambda m: m.tokenizer.add_tokens(["zzqqxx"]),
+             "names a query encoder of its own": lambda m: setattr(m.model.config, QUERY_ENCODER_FIELD, teacher)}
+    for message, change in cases.items():
+        encoder = load_model(teacher, kind="bi")
+        change(encoder)
+        with pytest.raises(ValueError, match=message):
+            check_query_encoder(student, encoder, "x")
+    cls_pooled = load_model(teacher, kind="bi")  # the same refusal from a saved dir, in both places
+    setattr(cls_pooled.model.config, "slimrank_pooling", "cls")
+    save_model(cls_pooled.model, cls_pooled.tokenizer, cls_pooled.state, tmp_path / "cls")
+    with pytest.raises(ValueError, match="pools by 'cls'"):
+        Ranker.from_loaded(load_model(teacher, kind="bi"), query_encoder=str(tmp_path / "cls"))
+    with pytest.raises(ValueError, match="pools by 'cls'"):
+        Trainer(_args(_disturbed_student(tiny_models, tmp_path / "student"), tmp_path / "run", tiny_models,
+                      toy_triples, query_encoder=str(tmp_path / "cls")),
+                "initial", lambda t: WarmupLinear(t.total_steps, 1))
+
+
+def test_local_query_encoders_are_found_from_anywhere(tiny_models, toy_triples, tmp_path, monkeypatch):
+    """A query encoder named by a path relative to the working directory is written as an
+    absolute path (the checkpoints load from any directory), the same dir named relatively again
+    is not a conflict, and a query encoder kept inside a model dir is copied by reshaping."""
+    teacher = load_model(str(tiny_models["bert"]), kind="bi")
+    save_model(teacher.model, teacher.tokenizer, teacher.state, tmp_path / "encoders" / "q")
+    student = _disturbed_student(tiny_models, tmp_path / "student")
+    monkeypatch.chdir(tmp_path / "encoders")
+    final = Trainer(_args(student, tmp_path / "run", tiny_models, toy_triples, query_encoder="q"),
+                    "initial", lambda t: WarmupLinear(t.total_steps, 1)).train()
+    saved = json.loads((final / "config.json").read_text())[QUERY_ENCODER_FIELD]
+    assert saved == str((tmp_path / "encoders" / "q").resolve())
+    Trainer(_args(final, tmp_path / "again", tiny_models, toy_triples, query_encoder="q"),
+            "recover", lambda t: WarmupLinear(t.total_steps, 1))  # the same encoder: accepted
+    monkeypatch.chdir(tmp_path)
+    expected = Ranker.load(str(final)).score(QUERIES, PASSAGES)
+    # a self-contained dir: the encoder inside it, named relatively; reshaping keeps it inside
+    inside = load_model(str(final), kind="bi")
+    setattr(inside.model.config, QUERY_ENCODER_FIELD, "query_encoder")
+    save_model(inside.model, inside.tokenizer, inside.state, tmp_path / "packed")
+    save_model(teacher.model, teacher.tokenizer, teacher.state, tmp_path / "packed" / "query_encoder")
+    out, _, _ = reshape_checkpoint(str(tmp_path / "packed"), str(tmp_path / "packed_reshaped"))
+    assert (out / "query_encoder" / "config.json").is_file()
+    np.testing.assert_allclose(Ranker.load(str(out)).score(QUERIES, PASSAGES), expected, atol=1e-5)
+
+
+def test_eval_sweeps_know_the_asymmetric_rows(tiny_models, toy_triples, tmp_path):
+    """05 --all_checkpoints --query_encoder scores a checkpoint that has only a symmetric row and
+    skips one that has its asymmetric row; --query_encoder with --first_stage or empty is refused."""
+    evaluate = importlib.import_module("05_eval_trec").main
+    teacher = str(tiny_models["bert"])
+    Trainer(_args(_disturbed_student(tiny_models, tmp_path / "student"), tmp_path / "run", tiny_models,
+                  toy_triples, num_checkpoint_samples=32), "initial", lambda t: WarmupLinear(t.total_steps, 1)).train()
+    rows = [{"qid": q, "query": f"query {q}", "docid": f"d{q}{i}", "rank": i + 1, "first_stage_score": 10.0 - i,
+             "passage": f"passage {i} about topic {q}"} for q in ("1", "2") for i in range(3)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / "qrels.txt").write_text("".join(f"{q} 0 d{q}{i} {i % 3}\n" for q in ("1", "2") for i in range(3)))
+    common = ["--candidates", str(tmp_path / "c.parquet"), "--qrels", str(tmp_path / "qrels.txt"),
+              "--topics", "toy", "--results", str(tmp_path / "r.parquet"), "--table", str(tmp_path / "r.md"),
+              "--max_length", "32", "--no_costs", "--threads", "1", "--all_checkpoints", str(tmp_path / "run")]
+    evaluate(common)
+    evaluate([*common, "--query_encoder", teacher])
+    evaluate([*common, "--query_encoder", teacher])  # nothing new to score
+    keys = pd.read_parquet(tmp_path / "r.parquet")["checkpoint"].tolist()
+    assert len(keys) == 2 and len(set(keys)) == 2 and sum(k.endswith(f"+queries:{teacher}") for k in keys) == 1
+    for bad in (["--first_stage", "bm25", "--query_encoder", teacher], ["--checkpoint", teacher, "--query_encoder", " "]):
+        with pytest.raises(SystemExit):
+            evaluate(["--candidates", str(tmp_path / "c.parquet"), "--qrels", str(tmp_path / "qrels.txt"),
+                      "--topics", "toy", "--results", str(tmp_path / "bad.parquet"), *bad])
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_l3prune_scores_an_asymmetric_model_with_its_query_encoder(tiny_models, toy_triples, tmp_path):
+    """The layerwise losses of a model that names a query encoder are its queries' (the encoder's
+    embeddings against each cut of the passage encoder), not the symmetric model's."""
+    teacher = str(tiny_models["bert"])
+    named = _disturbed_student(tiny_models, tmp_path / "named", query_encoder=teacher)
+    plain = _disturbed_student(tiny_models, tmp_path / "plain")
+    asym = layerwise_losses(load_model(str(named)), str(toy_triples), rows=16, max_length=32)
+    sym = layerwise_losses(load_model(str(plain)), str(toy_triples), rows=16, max_length=32)
+    assert len(asym) == len(sym) == 3 and np.abs(np.subtract(asym, sym)).max() > 1e-4
+    # the same numbers by hand for the full depth: the teacher's queries, the student's passages
+    student = load_model(str(plain))
+    kind = BiKind(student.model.eval(), student.tokenizer, torch.device("cpu"), 32, "fp32")
+    kind.query_encoder = load_model(teacher, kind="bi").model.eval()
+    rows = list(islice(iter(TriplesStream(str(toy_triples))), 16))
+    loss = kind.label_loss(TrainArgs, kind.model)
+    with torch.no_grad():
+        by_hand = float(apply_loss(loss, kind.forward(kind.model, rows, loss.inputs).inputs))
+    assert abs(asym[-1] - by_hand) < 1e-5
