@@ -42,9 +42,10 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
     losses = []
     depth = loaded.state.num_layers
     queries = None  # an asymmetric bi-encoder: its queries go through its frozen query encoder
-    if loaded.kind == "bi" and query_encoder_of(loaded):
-        encoder = load_model(query_encoder_of(loaded), device, kind="bi")
-        check_query_encoder(loaded, encoder, query_encoder_of(loaded))
+    name = query_encoder_of(loaded) if loaded.kind == "bi" else None
+    if name:
+        encoder = load_model(name, device, kind="bi")
+        check_query_encoder(loaded, encoder, name)
         queries = encoder.model.eval()
     for k in range(1, depth + 1):
         cut = copy.copy(loaded)
