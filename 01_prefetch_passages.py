@@ -2,8 +2,8 @@
 """Step 1: candidate lists -> candidates parquet (+ first-stage TREC run), and training triples.
 
 Only the command line lives here; each subcommand is one call into common/: ``json``, ``trec``,
-``bm25`` -> common.candidates; ``triples``, ``mine`` -> common.training_data; ``teacher``,
-``distill``, ``groups`` -> common.distill. Existing outputs are refused unless --overwrite.
+``bm25`` -> common.data.candidates; ``triples``, ``mine`` -> common.data.triples; ``teacher``,
+``distill``, ``groups`` -> common.data.distill. Existing outputs are refused unless --overwrite.
 
 Subcommands:
   json     TREC DL candidate lists with passage text (the shared JSON form) -> parquet + run
@@ -28,14 +28,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import candidates, distill, training_data
-from common.argtypes import nonneg_int, positive_float, positive_int, unit_float
-from common.data import DataError
-from common.rank import AUTO, BACKENDS
-from common.training_data import DL20_QRELS
+from common.data import candidates
+from common.data import distill
+from common.data import triples as training_data
+from common.training.argtypes import nonneg_int, positive_float, positive_int, unit_float
+from common.data.formats import DataError
+from common.serving.rank import AUTO, BACKENDS
+from common.data.triples import DL20_QRELS
 
 BACKEND_CHOICES = (AUTO, *BACKENDS)
-BACKEND_HELP = ("the teacher's backend (common.rank); auto: for a dir shipped by 04_reshape.py --onnx "
+BACKEND_HELP = ("the teacher's backend (common.serving.rank); auto: for a dir shipped by 04_reshape.py --onnx "
                 "its fastest backend here (torch bf16 on a CPU with AMX, else its int8 export), else torch fp32")
 
 

@@ -13,8 +13,8 @@ decay), scaled from the paper's batch 128 / lr 3e-6 / 100k steps to small batche
       --eval_qrels_file ../shared/data/trec-dl/dl20/qrels.txt
 """
 from common.cli import parse, run_stage
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs
 
 
 def main(argv=None) -> None:

@@ -10,8 +10,8 @@ evenly and the LR restarts at its peak after every prune (cosine with hard resta
       --num_training_samples 4000 --target_sparsity 0.3 --learning_rate 7e-6
 """
 from common.cli import parse, run_stage
-from common.pruning import PruneArgs, PruneCallback
-from common.trainer import TrainArgs
+from common.pruning.cycles import PruneArgs, PruneCallback
+from common.training.loop import TrainArgs
 
 
 def main(argv=None) -> None:

@@ -11,8 +11,8 @@ layer by L1 norm; targets by --target_sparsity or --target_heads/--target_ffn.
       --num_training_samples 4000 --num_prune_cycles 5 --target_heads 48 --target_ffn 768
 """
 from common.cli import apply_mode, mode_positional, parse, run_stage
-from common.pruning import PruneArgs, PruneCallback
-from common.trainer import TrainArgs
+from common.pruning.cycles import PruneArgs, PruneCallback
+from common.training.loop import TrainArgs
 
 
 def main(argv=None) -> None:

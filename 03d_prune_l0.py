@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step 3d: learned structured pruning to a target with hard-concrete L0 gates (common.l0).
+"""Step 3d: learned structured pruning to a target with hard-concrete L0 gates (common.pruning.l0).
 
 Gates on every attention head, every FFN neuron and, per layer, the whole attention block and
 the whole FFN block learn beside the weights; a Lagrangian drives the expected cost
@@ -17,8 +17,8 @@ reshapes. Intermediate checkpoints carry the gates (l0_gates.pt) for --resume (m
       --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
 """
 from common.cli import apply_mode, mode_positional, parse, run_stage
-from common.l0 import L0Args, L0Callback
-from common.trainer import TrainArgs
+from common.pruning.l0 import L0Args, L0Callback
+from common.training.loop import TrainArgs
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@ self-describing model (model.safetensors + config.json + tokenizer + pruning.jso
 common.load_model rebuilds without pickled modules, and that stock tools open without slimrank
 (modeling_slimrank.py + auto_map: AutoModelForSequenceClassification / AutoModel /
 sentence-transformers with trust_remote_code=True). --onnx also writes onnx/model.onnx and the
-int8 onnx/model_int8.onnx (common.onnx_export), the files of 05's --backend onnx|onnx-int8;
+int8 onnx/model_int8.onnx (common.serving.onnx_export), the files of 05's --backend onnx|onnx-int8;
 with --calibration_triples (training-side triples, never evaluation topics) the int8 graph is
 quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer to fp32;
 --int8_keep_fp32 ROLE... leaves those projections of every layer in fp32 (e.g. ffn_out).
@@ -32,10 +32,10 @@ import json
 from itertools import islice
 
 from common.cli import fail, positive_int
-from common.data import TriplesStream
-from common.l3prune import RULES, choose, layerwise_losses
-from common.modeling import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
-from common.onnx_export import FP32_ROLES, export_onnx
+from common.data.formats import TriplesStream
+from common.pruning.l3prune import RULES, choose, layerwise_losses
+from common.models.loading import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
+from common.serving.onnx_export import FP32_ROLES, export_onnx
 
 
 def layers_arg(value: str) -> str | int:
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--keep_layers", type=layers_arg,
                         help="layer dropping: keep only the first N layers, or the L3Prune choice "
-                             "'small' / 'large' (common.l3prune: from the model's task loss at each "
+                             "'small' / 'large' (common.pruning.l3prune: from the model's task loss at each "
                              "depth on --layer_loss_triples)")
     parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
     parser.add_argument("--layer_loss_rows", type=positive_int, default=256,

@@ -24,10 +24,10 @@ import argparse
 import torch
 
 from common.cli import fail, nonneg_int, positive_int, unit_float
-from common.data import DataError
-from common.rank import AUTO, BACKENDS, resolve_backend
-from common.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
-from common.results import append_results, has_result, load_results, write_table
+from common.data.formats import DataError
+from common.serving.rank import AUTO, BACKENDS, resolve_backend
+from common.evaluation.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
+from common.evaluation.results import append_results, has_result, load_results, write_table
 
 
 def main(argv=None) -> None:
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=AUTO, choices=(AUTO, *BACKENDS),
-                   help="what scores and is timed (common.rank): torch fp32, torch under bf16/fp16 "
+                   help="what scores and is timed (common.serving.rank): torch fp32, torch under bf16/fp16 "
                         "autocast, or onnxruntime on the fp32 / int8 export of 04_reshape.py --onnx; "
                         "auto (default): for a model dir with that export its fastest backend here "
                         "(torch-bf16 on a CPU with AMX, else onnx-int8), else torch. "

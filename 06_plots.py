@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from common.plots import FORMATS, make_all  # noqa: E402
+from common.evaluation.plots import FORMATS, make_all  # noqa: E402
 
 
 def main(argv=None) -> None:

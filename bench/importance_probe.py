@@ -5,7 +5,7 @@ Scores heads and FFN neurons of the packaged all-MiniLM-L6-v2 bi-encoder on CALI
 (queries and passages of the distillation set), masks the lowest-scoring ones per layer in
 layers 1-5 (no training), and prints the mean cosine between masked and unmasked embeddings
 of HELD other texts, for the reference criteria (head confidence, FFN L1) and the activation
-criteria (``common.importance.ActivationImportance``):
+criteria (``common.pruning.importance.ActivationImportance``):
 
   python bench/importance_probe.py [--candidates data/distill/candidates.parquet] [--threads 1]
 """
@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.biencoder import encode
-from common.importance import ActivationImportance, HeadConfidence, ffn_l1_scores
-from common.modeling import load_model
+from common.models.encoders import encode
+from common.pruning.importance import ActivationImportance, HeadConfidence, ffn_l1_scores
+from common.models.loading import load_model
 
 
 def main(argv=None) -> None:

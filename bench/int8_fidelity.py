@@ -5,7 +5,7 @@ For each MODEL dir (exported by ``04_reshape.py --onnx``), scores the candidates
 training-side queries of a distillation set (not its held-out topics; no labels are read) with the
 onnxruntime fp32 graph and with the int8 graph, and prints the mean per-query Kendall tau between
 the two and the mean overlap of their top 10. This is how the int8 recipe of
-``common.onnx_export`` is chosen: never on an evaluation topic set.
+``common.serving.onnx_export`` is chosen: never on an evaluation topic set.
 
   python bench/int8_fidelity.py runs/int8/cross_recovered_plain runs/int8/cross_recovered_smooth --queries 20 --threads 1
 """
@@ -22,7 +22,7 @@ from scipy.stats import kendalltau
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as bench/speedup.py
 
 from common.cli import fail, positive_int
-from common.rank import Ranker
+from common.serving.rank import Ranker
 
 
 def fidelity(reference: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[float, float]:

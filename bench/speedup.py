@@ -4,7 +4,7 @@
 Both score the same inputs, alternating A, B, A, B ... so that machine load hits both alike;
 prints each one's mean ± std per query and the ratio of means with the spread of the per-round
 ratios. This is how speed claims in this project are made (no timed tests). A model is
-``PATH`` (torch fp32) or ``PATH@BACKEND`` with a backend of ``common.rank`` (``torch-bf16``,
+``PATH`` (torch fp32) or ``PATH@BACKEND`` with a backend of ``common.serving.rank`` (``torch-bf16``,
 ``onnx``, ``onnx-int8``: the ONNX files of ``04_reshape.py --onnx``).
 
   python bench/speedup.py --baseline runs/main/initial/seen_000002560 \
@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cost import machine_description, worst_case_inputs  # noqa: E402
-from common.data import read_candidates  # noqa: E402
-from common.rank import BACKENDS, Ranker  # noqa: E402
+from common.evaluation.cost import worst_case_inputs  # noqa: E402
+from common.hardware import machine_description  # noqa: E402
+from common.data.formats import read_candidates  # noqa: E402
+from common.serving.rank import BACKENDS, Ranker  # noqa: E402
 
 
 def model_and_backend(spec: str) -> tuple[str, str]:

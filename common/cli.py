@@ -8,10 +8,10 @@ from dataclasses import fields
 
 from transformers import HfArgumentParser
 
-from common.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
+from common.training.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
                              unit_float)  # (the scripts import them from here)
-from common.data import DataError
-from common.trainer import ARGUMENT_GROUPS, Trainer, check_start_or_resume
+from common.data.formats import DataError
+from common.training.loop import ARGUMENT_GROUPS, Trainer, check_start_or_resume
 
 CONFIG_HELP = ("--config FILE.toml: settings read first, one `name = value` per argument "
                "(recipes/config/*.toml); the command line overrides them")

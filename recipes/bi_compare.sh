@@ -19,7 +19,7 @@ for target in embeddings scores; do
     --importance activation --exclude_layers "" --num_training_samples "$PAIRS" --num_prune_cycles 6 \
     --target_heads 36 --target_ffn 640 --learning_rate 1e-4 --batch_size 32 --max_length 128 \
     --seed 42 --threads "$THREADS"
-  $PY 05_eval_trec.py --checkpoint "$($PY -m common.rundir latest "$RUN/$target")" \
+  $PY 05_eval_trec.py --checkpoint "$($PY -m common.layout latest "$RUN/$target")" \
     --candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.txt" --topics dl20 \
     --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length 128 --no_costs
 done

@@ -55,12 +55,12 @@ $PY 03c_prune_mixed.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi
   --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --num_prune_cycles 6 \
   --target_heads 36 --target_ffn 640 --learning_rate 1e-4 --batch_size 32 --max_length "$MAX_LENGTH" \
   --seed 42 --threads "$THREADS" "${MONITOR[@]}"
-PRUNED=$($PY -m common.rundir latest "$RUN/mixed")
+PRUNED=$($PY -m common.layout latest "$RUN/mixed")
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 recover "$PRUNED/reshaped" "$RUN/recover" --seen_pairs "$PAIRS"
-FINAL=$($PY -m common.rundir latest "$RUN/recover")
+FINAL=$($PY -m common.layout latest "$RUN/recover")
 wait "$KEEP3_PID" || { echo "error: the layer-dropping branch failed, see $RUN/keep3.log" >&2; exit 1; }
-KEEP3=$($PY -m common.rundir latest "$RUN/keep3_recover")
+KEEP3=$($PY -m common.layout latest "$RUN/keep3_recover")
 
 $PY 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi "${RES[@]}"
 $PY 05_eval_trec.py --checkpoint "$PRUNED/reshaped" "$FINAL" "$RUN/keep3" "$KEEP3" "${RES[@]}"

@@ -45,7 +45,7 @@ COMMON=(--model_tag all-MiniLM-L6-v2 --num_training_samples "$PAIRS" --num_check
         --learning_rate 3e-5 --batch_size 32 --max_length 128 --seed 42 --precision bf16 --threads "$THREADS")
 MARGIN=(--distill_scale 10)
 KL=(--group_size 8 --distill_loss kl --distill_scale 20)
-last() { $PY -m common.rundir latest "$1"; }
+last() { $PY -m common.layout latest "$1"; }
 
 $PY 02_train_initial.py "${COMMON[@]}" "${MARGIN[@]}" --train_triples_file data/distill/triples.tsv \
   --distill_scores data/distill/teacher_scores.parquet --output_dir "$RUN/margin_mse"

@@ -5,7 +5,7 @@
 # monitored on the 20 held-out DL21 topics; each checkpoint scored once on DL20 at the end
 # (bf16 autocast scoring, for time: every arm alike).
 #   classifier   the monoBERT 2-label head (fresh)
-#   segment      the segment-cosine head (common.segment: starts as the bi-encoder)
+#   segment      the segment-cosine head (common.models.segment: starts as the bi-encoder)
 #   segment_gate the same with the cross-segment gates at 100x the LR (3e-3), so that
 #                cross-attention can open within the budget if the loss wants it
 # Needs the main job's data (bash recipes/main.sh builds it). THREADS (default 1) per arm; the

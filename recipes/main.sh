@@ -36,7 +36,7 @@ guard_run "$RUN"
 mkdir -p "$DATA"
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
-latest() { $PY -m common.rundir latest "$1"; }
+latest() { $PY -m common.layout latest "$1"; }
 
 step "1/10 prefetch the DL20 evaluation candidates (BM25 top-100)"
 $PY 01_prefetch_passages.py json --input "$SHARED/dl20/bm25.json" --tag bm25 "${EVAL_SUBSET[@]}" \
@@ -58,7 +58,7 @@ TRAIN=(--train_triples_file "$DATA/distill_fused/triples.tsv" --distill_scores "
 # bf16 autocast (the configs' precision) needs native bf16 (AVX512-BF16 / AMX); emulated it is tens
 # of times slower, so on such a CPU the training stages run in fp32 (and say so)
 PREC=()
-if ! $PY -c "import sys; from common.trainer import cpu_has_native_bf16 as f; sys.exit(f() is False)"; then
+if ! $PY -c "import sys; from common.hardware import cpu_has_native_bf16 as f; sys.exit(f() is False)"; then
   echo "note: this CPU has no native bf16: the training stages run with --precision fp32"
   PREC=(--precision fp32)
 fi

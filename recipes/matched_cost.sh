@@ -9,7 +9,7 @@
 #
 # Arms (KIND=bi: the packaged all-MiniLM-L6-v2 encoder; KIND=cross: the main job's initial
 # cross-encoder, INITIAL=<its checkpoint>), at RATIO = 2 or 3 (x fewer multiply-adds per
-# MAX_LENGTH-token sequence, common.cost):
+# MAX_LENGTH-token sequence, common.evaluation.cost):
 #   reference   03c, the reference study's criteria (head confidence, FFN L1), heads and FFN of
 #               all layers cut to 1/RATIO (72/RATIO heads, 1536/RATIO neurons per layer: exactly
 #               1/RATIO of the encoder's multiply-adds), 6 prune cycles
@@ -17,7 +17,7 @@
 #   l0          03d, hard-concrete gates with the cost target --target_macs_ratio 1/RATIO
 #               (Lagrangian over the first half of the stage; exact masks at the end)
 #   first_n     04 --keep_layers 6/RATIO (layer dropping: the first 3 or 2 layers)
-#   l3prune     04 --keep_layers $L3 (small, default, or large: common.l3prune, the task loss
+#   l3prune     04 --keep_layers $L3 (small, default, or large: common.pruning.l3prune, the task loss
 #               at each depth on the first 256 training triples); its cost is what it chooses
 # Every pruning stage (reference, activation, l0) trains PAIRS pairs while distilling the unpruned
 # model (bi: MSE to its embeddings; cross: MSE to its segment embeddings), is reshaped (04), then
@@ -55,7 +55,7 @@ SEED=${SEED:-42}
 PRECISION=${PRECISION:-fp32}
 L3=${L3:-small}
 DATA=${DATA:-data}
-latest() { $PY -m common.rundir latest "$1"; }
+latest() { $PY -m common.layout latest "$1"; }
 if [ "$KIND" = bi ]; then
   BASE=all-MiniLM-L6-v2; KIND_ARGS=(--model_kind bi); DISTILL=(--distill_target embeddings --contrastive_weight 0)
 else

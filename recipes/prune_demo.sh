@@ -20,7 +20,7 @@ RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.
      --repeats 3 --latency_queries 5)
 PRUNED=()
 for kind in heads ffn mixed; do
-  last=$($PY -m common.rundir latest "$RUN/$kind")
+  last=$($PY -m common.layout latest "$RUN/$kind")
   $PY 04_reshape.py --checkpoint_dir "$last"
   PRUNED+=("$last/reshaped")
 done

@@ -11,7 +11,7 @@
 #          or BI_PRUNED=<dir>, a pruned and recovered encoder (e.g. an arm of recipes/matched_cost.sh:
 #          BI_PRUNED=$(cat runs/matched/bi_reference_3x/final.txt)), exported as it is.
 # KINDS (default "cross bi"): the model kinds to ship (KINDS=bi needs no main job).
-# Backends (common.rank): torch fp32, torch bf16 autocast, onnxruntime fp32, onnxruntime int8
+# Backends (common.serving.rank): torch fp32, torch bf16 autocast, onnxruntime fp32, onnxruntime int8
 # (dynamic, per-channel weights, MatMul only). Everything at THREADS threads (2), MAX_LENGTH 128.
 # Outputs: $RUN/ (exported model dirs, results*.parquet/md, speedup.txt).
 # EVAL_ONLY=1: reuse the models of an earlier run in $RUN (no build), evaluate BACKENDS on DL20
@@ -39,7 +39,7 @@ for kind in $KINDS; do
   case "$kind" in cross|bi) ;; *) echo "error: KINDS: unknown kind '$kind' (cross, bi)" >&2; exit 1 ;; esac
 done
 if [ -n "${BI_PRUNED:-}" ] && [ ! -d "$BI_PRUNED" ]; then echo "error: BI_PRUNED: no model dir $BI_PRUNED" >&2; exit 1; fi
-latest() { $PY -m common.rundir latest "$1"; }
+latest() { $PY -m common.layout latest "$1"; }
 BENCHMARKS=${BENCHMARKS:-1}
 case "$BENCHMARKS" in 0|1|only) ;; *) echo "error: BENCHMARKS must be 0, 1 or only, got $BENCHMARKS" >&2; exit 1 ;; esac
 if [ "$BENCHMARKS" = only ]; then EVAL_ONLY=1; BACKENDS=""; DL21_BACKENDS=""; fi

@@ -23,7 +23,7 @@ $PY 02_train_initial.py --model_tag all-MiniLM-L6-v2 --train_triples_file data/d
   --distill_scores data/distill/teacher_scores.parquet --distill_scale 10 \
   --output_dir "$RUN/distill" --num_training_samples "$STUDY_PAIRS" \
   --num_checkpoint_samples $(( STUDY_PAIRS / 4 )) --learning_rate 3e-5 "${EVAL[@]}"
-FINAL=$($PY -m common.rundir latest "$RUN/distill")
+FINAL=$($PY -m common.layout latest "$RUN/distill")
 if [ "$JUDGED_PAIRS" -gt 0 ]; then
   $PY 01_prefetch_passages.py json --input "$SHARED/dl21/bm25.json" --output data/dl21.bm25.candidates.parquet --overwrite
   $PY 01_prefetch_passages.py triples --candidates data/dl21.bm25.candidates.parquet \
@@ -32,7 +32,7 @@ if [ "$JUDGED_PAIRS" -gt 0 ]; then
   $PY 02_train_initial.py --model_tag "$FINAL" --train_triples_file data/dl21.judged.triples.tsv \
     --seen_pairs 0 --output_dir "$RUN/judged" --num_training_samples "$JUDGED_PAIRS" \
     --num_checkpoint_samples "$JUDGED_PAIRS" --learning_rate 1e-5 "${EVAL[@]}"
-  FINAL=$($PY -m common.rundir latest "$RUN/judged")
+  FINAL=$($PY -m common.layout latest "$RUN/judged")
 fi
 RES=(--candidates data/dl20.bm25.candidates.parquet --qrels "$SHARED/dl20/qrels.txt" --topics dl20
      --results "$RUN/results.parquet" --table "$RUN/results.md" --max_length "$MAX_LENGTH")

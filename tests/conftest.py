@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "trec-dl"
 
-from common.modeling import resolve_model_path  # noqa: E402
+from common.models.loading import resolve_model_path  # noqa: E402
 
 FAMILIES = ("bert", "distilbert", "roberta", "electra")
 

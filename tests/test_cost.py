@@ -18,11 +18,12 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
                           DistilBertConfig, ElectraConfig, RobertaConfig)
 from transformers.pytorch_utils import prune_linear_layer
 
-from common.arch import adapter_for, get_module, layer_stack, set_module
-# FlopCountAnalysis comes through common.cost, which imports fvcore without its deprecation noise.
-from common.cost import (FlopCountAnalysis, analytic_macs, architecture, check_unsupported,
+from common.models.arch import adapter_for, get_module, layer_stack, set_module
+# FlopCountAnalysis comes through common.evaluation.cost, which imports fvcore without its deprecation noise.
+from common.evaluation.cost import (FlopCountAnalysis, analytic_macs, architecture, check_unsupported,
                          count_parameters, dir_size_mb, flop_analysis, fvcore_macs,
-                         machine_description, time_callable, worst_case_inputs)
+                         time_callable, worst_case_inputs)
+from common.hardware import machine_description
 
 FAMILIES = ("bert", "distilbert", "roberta", "electra")
 IMPLS = ("sdpa", "eager")

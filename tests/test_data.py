@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.data import (
+from common.data.formats import (
     CANDIDATE_COLUMNS,
     DataError,
     MsMarcoV2Corpus,

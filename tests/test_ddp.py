@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.modeling import resolve_model_path
-from common.pruning import PruneArgs, PruneCallback
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer
+from common.models.loading import resolve_model_path
+from common.pruning.cycles import PruneArgs, PruneCallback
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs, Trainer
 
 
 def no_dropout_model(directory: Path) -> Path:
@@ -38,7 +38,7 @@ def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> T
     if kind == "initial":
         return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
     if kind == "l0":
-        from common.l0 import L0Args, L0Callback
+        from common.pruning.l0 import L0Args, L0Callback
 
         callback = L0Callback(L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2))
         return Trainer(args, "l0", callback.schedule, callback)

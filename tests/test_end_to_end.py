@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from common.data import read_candidates
-from common.modeling import load_model, score_pairs
+from common.data.formats import read_candidates
+from common.models.loading import load_model, score_pairs
 from conftest import SHARED
 
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not found")

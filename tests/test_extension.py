@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from common.importance import Importance, register_importance
-from common.losses import Loss, get_loss, register_loss
-from common.pruning import PruneArgs, PruneCallback
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer
+from common.pruning.importance import Importance, register_importance
+from common.training.losses import Loss, get_loss, register_loss
+from common.pruning.cycles import PruneArgs, PruneCallback
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs, Trainer
 
 
 # -- the toy loss: L1 between score margins (what --distill_loss offers is what takes these inputs)

@@ -1,4 +1,4 @@
-"""Tests of common.first_stage: BM25 with pyserini/Anserini, hard-negative mining.
+"""Tests of common.data.first_stage: BM25 with pyserini/Anserini, hard-negative mining.
 
 The JVM tests index the distinct passages of the shared DL20 candidate lists (the union of
 five systems' top-100 lists) and check BM25 recall@100 of the judged relevant passages
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.first_stage import (
+from common.data.first_stage import (
     CANDIDATE_COLUMNS,
     _iter_collection,
     build_bm25_index,

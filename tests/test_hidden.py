@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from common.hidden import LayerOutputs, hidden_mse
-from common.modeling import encode_pairs, load_model, save_model
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer
+from common.training.hidden import LayerOutputs, hidden_mse
+from common.models.loading import encode_pairs, load_model, save_model
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs, Trainer
 
 TEXTS = ["what is a cat", "mount everest is 8849 metres tall, the highest mountain above sea level"]
 

@@ -222,7 +222,7 @@ def test_checkpoint_without_pruning_json_is_refused(run):
 
 
 def test_bad_bytes_and_empty_fields_name_their_line(tmp_path):
-    from common.data import DataError, TriplesStream
+    from common.data.formats import DataError, TriplesStream
 
     path = tmp_path / "t.tsv"
     good = "q\tp\tn\n" * 3000  # more than one read-ahead buffer before the bad line

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.cost import analytic_macs
-from common.l0 import Gates, L0Args, L0Callback, deterministic, prob_nonzero, sample
-from common.modeling import load_model, reshape_checkpoint, score_pairs
-from common.surgery import PruningState
-from common.trainer import TrainArgs, Trainer
+from common.evaluation.cost import analytic_macs
+from common.pruning.l0 import Gates, L0Args, L0Callback, deterministic, prob_nonzero, sample
+from common.models.loading import load_model, reshape_checkpoint, score_pairs
+from common.models.structure import PruningState
+from common.training.loop import TrainArgs, Trainer
 
 QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
@@ -59,7 +59,7 @@ def test_expected_cost_is_the_mean_cost_of_sampled_masks():
     mc = torch.tensor(costs, dtype=torch.float64)
     expected = float(gates.expected_macs().detach())
     assert abs(mc.mean().item() - expected) < 3 * mc.std().item() / len(costs) ** 0.5 + 1e-6 * expected
-    # the formula is common.cost's: all gates open is the unpruned model's cost
+    # the formula is common.evaluation.cost's: all gates open is the unpruned model's cost
     with torch.no_grad():
         for p in gates.parameters():
             p.fill_(40.0)
@@ -121,13 +121,13 @@ def records(out, event):
 @pytest.mark.parametrize("kind,family", [("cross", "bert"), ("bi", "bert"), ("cross", "electra"),
                                          ("bi", "distilbert"), ("segment", "bert")])
 def test_l0_stage_meets_the_target_and_masked_equals_reshaped(kind, family, tiny_models, toy_triples, tmp_path):
-    from common.cost import architecture, fvcore_macs, worst_case_inputs
+    from common.evaluation.cost import architecture, fvcore_macs, worst_case_inputs
 
     l0 = L0Args(target_macs_ratio=0.4, l0_learning_rate=0.2, l0_warmup_fraction=0.5)
     kw = dict(model_tag=str(tiny_models[family]))
     if kind == "bi":
         kw["distill_from"] = str(tiny_models[family])
-    if kind == "segment":  # the main job's cross-encoder head (common.segment)
+    if kind == "segment":  # the main job's cross-encoder head (common.models.segment)
         kind, kw["head"] = "cross", "segment_cosine"
     trainer, last = run_l0(tiny_models, toy_triples, tmp_path / "a", l0, kind, **kw)
     info = json.loads((last / "pruning.json").read_text())

@@ -1,4 +1,4 @@
-"""Figures of common.plots / 06_plots.py from synthetic training logs and results."""
+"""Figures of common.evaluation.plots / 06_plots.py from synthetic training logs and results."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # also run as a script (see the end)
 
-from common import plots  # noqa: E402
-from common.results import append_results  # noqa: E402
+from common.evaluation import plots  # noqa: E402
+from common.evaluation.results import append_results  # noqa: E402
 
 NAMES = ("pruning_lr_schedule", "performance_vs_seen_pairs", "performance_vs_removed_flops",
          "ndcg_vs_latency")
@@ -25,7 +25,7 @@ def write_run(runs_dir: Path, stage: str, start: int, pairs: int, events: int, *
               remove_heads: int = 0, remove_ffn: int = 0, batch: int = 32,
               checkpoint_every: int = 1024, ndcg0: float = 0.60, ndcg_drop: float = 0.0,
               eval_set: bool = True) -> Path:
-    """A metrics.jsonl shaped like common.trainer's: train lines every step, prune lines at
+    """A metrics.jsonl shaped like common.training.loop's: train lines every step, prune lines at
     every cycle start (cosine LR restarts after each), checkpoint lines with NDCG@10."""
     run = runs_dir / stage
     run.mkdir(parents=True)

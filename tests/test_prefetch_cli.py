@@ -7,7 +7,7 @@ import importlib.util
 import pandas as pd
 import pytest
 
-from common.data import TriplesStream, read_candidates, read_qrels
+from common.data.formats import TriplesStream, read_candidates, read_qrels
 from conftest import SHARED
 
 prefetch = importlib.import_module("01_prefetch_passages").main

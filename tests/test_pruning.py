@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.importance import HeadConfidence, select_ffn, select_heads
-from common.modeling import encode_pairs, load_model, reshape_checkpoint, save_model, score_pairs
-from common.pruning import PruneArgs, PruneCallback, make_plan
-from common.surgery import PruningState, analytic_param_count, zero_dead_weights
-from common.trainer import TrainArgs, Trainer
+from common.pruning.importance import HeadConfidence, select_ffn, select_heads
+from common.models.loading import encode_pairs, load_model, reshape_checkpoint, save_model, score_pairs
+from common.pruning.cycles import PruneArgs, PruneCallback, make_plan
+from common.models.structure import PruningState, analytic_param_count, zero_dead_weights
+from common.training.loop import TrainArgs, Trainer
 
 QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
@@ -145,7 +145,7 @@ def test_plans():
 def test_last_cycle_takes_the_leftover_steps():
     """23 steps, 1 warmup step, 3 cycles of 7: the LR restarts at steps 1, 8 and 15 only; the
     last cycle stretches over the 8 steps left and decays to its floor at the very end."""
-    from common.schedules import CosineRestarts
+    from common.training.schedules import CosineRestarts
 
     lr = CosineRestarts(7, warmup_steps=1, min_ratio=0.1, cycles=3, total_steps=23)
     values = [lr(s) for s in range(23)]
@@ -212,7 +212,7 @@ def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tm
 def test_fvcore_counts_the_reshaped_model_analytically(family, tiny_models, tmp_path):
     """fvcore (with the SDPA handler) on a model reshaped by our surgery == the analytic count
     from pruning.json's per-layer heads and FFN widths."""
-    from common import cost
+    from common.evaluation import cost
 
     loaded = load_model(str(tiny_models[family]))
     prune_some(loaded.state)
@@ -235,8 +235,8 @@ def test_fvcore_counts_the_reshaped_model_analytically(family, tiny_models, tmp_
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_bi_encoder_prunes_reshapes_and_drops_layers(family, tiny_models, tmp_path):
     """The bi-encoder kind goes through the same adapter: masked == reshaped; layer dropping."""
-    from common import cost
-    from common.biencoder import encode
+    from common.evaluation import cost
+    from common.models.encoders import encode
 
     loaded = load_model(str(tiny_models[family]), kind="bi", pooling="mean")
     assert loaded.kind == "bi" and loaded.model is loaded.model.base_model
@@ -265,7 +265,7 @@ def test_bi_encoder_prunes_reshapes_and_drops_layers(family, tiny_models, tmp_pa
 
 
 def test_bi_encoder_training_resumes_exactly(tiny_models, toy_triples, tmp_path):
-    from common.schedules import WarmupLinear
+    from common.training.schedules import WarmupLinear
 
     def run(out, every=0, checkpoint_dir=None, stop=None):
         args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=32,
@@ -293,8 +293,8 @@ def test_activation_importance_finds_silent_units(tiny_models):
     """A head whose output-projection columns are zero and a neuron whose output column is zero
     write nothing into the residual stream: they score 0 and are the first selected; scores
     are keyed by original index, also after units were masked; counts survive flat()/load."""
-    from common.importance import ActivationImportance
-    from common.modeling import load_model
+    from common.pruning.importance import ActivationImportance
+    from common.models.loading import load_model
 
     loaded = load_model(str(tiny_models["bert"]))
     model, state = loaded.model, loaded.state
@@ -325,8 +325,8 @@ def test_activation_importance_finds_silent_units(tiny_models):
 def test_reshaped_bi_encoder_recovers_by_embedding_distillation(tiny_models, toy_triples, tmp_path):
     """A recovery stage on a reshaped bi-encoder: 02's loop trains the small model itself
     (its shapes stay), distilling the unpruned parent's embeddings, and moves closer to it."""
-    from common.biencoder import encode
-    from common.schedules import WarmupLinear
+    from common.models.encoders import encode
+    from common.training.schedules import WarmupLinear
 
     loaded = load_model(str(tiny_models["bert"]), kind="bi", pooling="mean")
     prune_some(loaded.state)

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from common.data import TriplesStream
-from common.kinds import BiKind
-from common.l3prune import layerwise_losses
-from common.modeling import load_model, reshape_checkpoint, save_model
-from common.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer, apply_loss
+from common.data.formats import TriplesStream
+from common.models.kinds import BiKind
+from common.pruning.l3prune import layerwise_losses
+from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.serving.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs, Trainer, apply_loss
 
 QUERIES = ["what is a cat", "how tall is everest", "what is a cat"]
 PASSAGES = ["a cat is a small animal with fur", "mount everest is 8849 metres tall", "the stock market fell"]

@@ -1,12 +1,12 @@
-"""Tests of common.results: the results parquet store and the generated markdown table."""
+"""Tests of common.evaluation.results: the results parquet store and the generated markdown table."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from common.evaluation import CONVENTIONS
-from common.results import (
+from common.evaluation.trec import CONVENTIONS
+from common.evaluation.results import (
     append_results,
     has_result,
     load_results,

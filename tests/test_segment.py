@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.biencoder import encode
-from common.cost import fvcore_macs, worst_case_inputs
-from common.modeling import (encode_pairs, load_model, reshape_checkpoint, save_model,
+from common.models.encoders import encode
+from common.evaluation.cost import fvcore_macs, worst_case_inputs
+from common.models.loading import (encode_pairs, load_model, reshape_checkpoint, save_model,
                              score_pairs)
-from common.pruning import PruneArgs, PruneCallback
-from common.schedules import WarmupLinear
-from common.segment import (SCALE_INIT, cross_attention_mass, encode_segment_pairs,
+from common.pruning.cycles import PruneArgs, PruneCallback
+from common.training.schedules import WarmupLinear
+from common.models.segment import (SCALE_INIT, cross_attention_mass, encode_segment_pairs,
                             segments_from_ids)
-from common.surgery import zero_dead_weights
-from common.trainer import TrainArgs, Trainer
+from common.models.structure import zero_dead_weights
+from common.training.loop import TrainArgs, Trainer
 from conftest import SHARED
 
 FAMILIES = ["bert", "distilbert", "roberta", "electra"]
@@ -29,7 +29,7 @@ PASSAGES = ["entropy is a measure of disorder in a system and of uncertainty",
 
 def test_step_zero_is_the_bi_encoder_on_real_pairs():
     """The fresh head scores DL20 pairs exactly as the packaged bi-encoder (cosine x scale)."""
-    from common.data import read_candidates_json
+    from common.data.formats import read_candidates_json
 
     cands = read_candidates_json(SHARED / "dl20" / "bm25.json").head(24)
     queries, passages = cands["query"].tolist(), cands["passage"].tolist()

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from common.data import read_candidates_json
-from common.modeling import load_model, reshape_checkpoint, save_model, score_pairs
-from common.onnx_export import SMOOTH_ALPHA, activation_maxima, export_onnx, smoothed_copy
-from common.rank import BiRanker, CrossRanker, Ranker
-from common.surgery import zero_dead_weights
+from common.data.formats import read_candidates_json
+from common.models.loading import load_model, reshape_checkpoint, save_model, score_pairs
+from common.serving.onnx_export import SMOOTH_ALPHA, activation_maxima, export_onnx, smoothed_copy
+from common.serving.rank import BiRanker, CrossRanker, Ranker
+from common.models.structure import zero_dead_weights
 from conftest import SHARED
 
 FAMILIES = ["bert", "distilbert", "roberta", "electra"]
@@ -256,8 +256,8 @@ def test_teacher_scores_on_every_backend(amx, tiny_models, tmp_path, monkeypatch
     ``auto`` takes a shipped dir's fastest backend: the int8 export, torch bf16 on an AMX CPU."""
     import pandas as pd
 
-    from common import rank
-    from common.distill import score_triples
+    from common.serving import rank
+    from common.data.distill import score_triples
     monkeypatch.setattr(rank, "cpu_has_amx", lambda: amx)
     out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
     export_onnx(load_model(str(out)), out, max_length=64)

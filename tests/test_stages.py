@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-from common.data import DataError
-from common.trainer import read_source_state
+from common.data.formats import DataError
+from common.training.loop import read_source_state
 
 
 def test_a_stage_may_start_from_a_packaged_tag_but_not_a_missing_dir(tmp_path):
@@ -54,8 +54,8 @@ def test_arguments_come_in_groups_and_from_config_files(tmp_path, capsys):
     from dataclasses import fields
 
     from common.cli import parse
-    from common.pruning import PruneArgs
-    from common.trainer import ARGUMENT_GROUPS, TrainArgs
+    from common.pruning.cycles import PruneArgs
+    from common.training.loop import ARGUMENT_GROUPS, TrainArgs
 
     grouped = [name for names in ARGUMENT_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(f.name for f in fields(TrainArgs))  # each in exactly one

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.data import DataError
-from common.schedules import WarmupLinear
-from common.trainer import TrainArgs, Trainer
+from common.data.formats import DataError
+from common.training.schedules import WarmupLinear
+from common.training.loop import TrainArgs, Trainer
 
 
 def warmup_linear(trainer):
@@ -96,7 +96,7 @@ def write_groups(tmp_path, rows: int = 24, n: int = 4):
     score -i, so the teacher's order is the file order."""
     import pandas as pd
 
-    from common.data import write_triples_tsv
+    from common.data.formats import write_triples_tsv
 
     groups = [(f"query {r} about topic {r % 5}", *[f"passage {r}.{i} text word{i}" for i in range(n)])
               for r in range(rows)]
@@ -149,9 +149,9 @@ def test_listwise_needs_matching_teacher_columns(tiny_models, tmp_path):
 
 def test_bf16_without_native_support_is_flagged(tiny_models, toy_triples, tmp_path, monkeypatch, capsys):
     """bf16 autocast on a CPU without AVX512-BF16 / AMX is emulated (tens of times slower): said."""
-    import common.trainer as trainer_module
-    from common.schedules import WarmupLinear
-    from common.trainer import TrainArgs, Trainer
+    import common.training.loop as trainer_module
+    from common.training.schedules import WarmupLinear
+    from common.training.loop import TrainArgs, Trainer
 
     assert trainer_module.cpu_has_native_bf16() in (True, False, None)
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)

@@ -1,0 +1,70 @@
+"""Training triples for ``02`` / ``03*``: from judged pools (``triples``) or mined hard negatives
+of a first-stage run (``mine``), the subcommands of ``01_prefetch_passages.py``. Training
+topics never overlap the evaluation topics unless ``allow_eval_overlap``."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from common.data import formats as data
+from common.data.first_stage import mine_hard_negatives
+from common.io import refuse_existing
+
+DL20_QRELS = "../shared/data/trec-dl/dl20/qrels.txt"  # the evaluation topics, refused by default
+Path_ = str | os.PathLike
+Report = Callable[[str], None]
+
+
+def check_eval_topics(train_qids: set, source: str, eval_candidates: Iterable[Path_] = (),
+                      eval_qrels: Path_ | None = DL20_QRELS, allow_eval_overlap: bool = False) -> None:
+    """Training topics (of ``source``) never overlap the evaluation topics: those of
+    ``eval_candidates`` and the judged qids of ``eval_qrels`` (default: DL20, the evaluation
+    set), unless ``allow_eval_overlap``."""
+    if allow_eval_overlap:
+        return
+    for path in eval_candidates:
+        data.check_disjoint(train_qids, set(data.read_candidates(path)["qid"]),
+                            f"training topics of {source} vs evaluation topics of {path} "
+                            "(--allow_eval_overlap to train on them anyway)")
+    if eval_qrels and Path(eval_qrels).is_file():
+        data.check_disjoint(train_qids, set(data.read_qrels(eval_qrels)),
+                            f"training topics of {source} vs judged topics of {eval_qrels} "
+                            "(--allow_eval_overlap to train on them anyway)")
+
+
+def triples_from_qrels(candidates: list[Path_], qrels: Path_, output: Path_, *, seed: int = 42,
+                       min_positive_grade: int = 2, negatives_per_positive: int = 4,
+                       include_unjudged: bool = False, eval_candidates: Iterable[Path_] = (),
+                       eval_qrels: Path_ | None = DL20_QRELS, allow_eval_overlap: bool = False,
+                       overwrite: bool = False, report: Report = print) -> None:
+    """Judged pools of ``candidates`` -> a triples TSV (``data.build_triples_from_qrels``)."""
+    refuse_existing([output], overwrite, inputs=[*candidates, qrels])
+    pools = pd.concat([data.read_candidates(p) for p in candidates], ignore_index=True)
+    judgements = data.read_qrels(qrels)
+    check_eval_topics(set(pools["qid"]), candidates, eval_candidates, eval_qrels, allow_eval_overlap)
+    triples = data.build_triples_from_qrels(
+        pools, judgements, seed=seed, min_positive_grade=min_positive_grade,
+        negatives_per_positive=negatives_per_positive, include_unjudged=include_unjudged)
+    n = data.write_triples_tsv(triples, output)
+    queries = len({q for q, _p, _n in triples})
+    report(f"wrote {output}: {n} triples ({2 * n} pairs) from {queries} queries")
+
+
+def mined_triples(candidates: Path_, qrels: Path_, output: Path_, *, negative_number: int = 7,
+                  range_for_sampling: str = "10-100", min_positive_grade: int = 2, seed: int = 42,
+                  eval_candidates: Iterable[Path_] = (), eval_qrels: Path_ | None = DL20_QRELS,
+                  allow_eval_overlap: bool = False, overwrite: bool = False,
+                  report: Report = print) -> None:
+    """Hard negatives from ranks a-b (``range_for_sampling``) of a first-stage candidates
+    parquet, judged passages excluded (``first_stage.mine_hard_negatives``)."""
+    refuse_existing([output], overwrite, inputs=[candidates, qrels])
+    pools = data.read_candidates(candidates)
+    check_eval_topics(set(pools["qid"]), candidates, eval_candidates, eval_qrels, allow_eval_overlap)
+    a, b = (int(x) for x in range_for_sampling.split("-"))
+    triples, stats = mine_hard_negatives(pools, data.read_qrels(qrels), negative_number, (a, b),
+                                         seed, min_positive_grade)
+    n = data.write_triples_tsv(triples, output)
+    report(f"wrote {output}: {n} triples; {stats}")

@@ -1,0 +1,55 @@
+"""The machine: CPU feature flags, native bf16 / AMX detection, and the one-line description
+of where a number was measured (every results row and benchmark footer carries it)."""
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (``/proc/cpuinfo``), or None where it cannot be read."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description(device: str | torch.device | None = None) -> str:
+    """One line describing where costs were measured.
+
+    CPU model (``/proc/cpuinfo`` when present, else ``platform``), logical CPU count,
+    ``torch.get_num_threads()``, the torch version and, when ``device`` is a CUDA device, its
+    name and the CUDA version.
+    """
+    parts = [f"CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs)",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    if device is not None and torch.device(device).type == "cuda":
+        parts.append(f"GPU: {torch.cuda.get_device_name(torch.device(device))} "
+                     f"(CUDA {torch.version.cuda})")
+    return "; ".join(parts)
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16); None when
+    /proc/cpuinfo cannot say. Without it, bf16 autocast is emulated and much slower than fp32."""
+    flags = cpu_flags()
+    return None if flags is None else ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (where PyTorch's bf16 matmuls run)."""
+    return "amx_bf16" in (cpu_flags() or ())

@@ -1,0 +1,115 @@
+"""The run directory: checkpoint names, listing, the latest checkpoint, where outputs go.
+
+A run (``runs/<run>/<stage dir>/``) holds one directory per checkpoint, named
+``seen_{pairs:09d}`` (training) or ``seen_{pairs:09d}_heads_{H:03d}_ffn_{F:05d}`` (pruning),
+plus ``metrics.jsonl``. A checkpoint's reshaped model goes to ``<checkpoint>/reshaped/``
+(:func:`reshaped_dir`), a model's evaluations to ``<model>/eval/`` (:func:`eval_dir`) and its
+ONNX exports to ``<model>/onnx/`` (:func:`onnx_dir`). Recipes ask for the newest checkpoint with
+``python -m common.layout latest RUN_DIR`` (by seen pairs, not by name order).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from common.io import replace_dir  # noqa: F401 (checkpoints and reshaped models are replaced with it)
+
+PREFIX = "seen_"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+PRUNING_FILE = "pruning.json"
+RESHAPED = "reshaped"
+EVAL = "eval"
+ONNX = "onnx"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+GATES_FILE = "l0_gates.pt"
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
+
+
+def rng_file(rank: int) -> str:
+    """Each DDP rank's RNG state (rank 0 keeps the single-process name)."""
+    return "rng.pt" if rank == 0 else f"rng_rank{rank}.pt"
+_NAME = re.compile(r"^seen_(\d+)(?:_heads_\d+_ffn_\d+)?$")
+
+
+def structure_tag(heads: int, ffn: int) -> str:
+    """The part of a pruning checkpoint's name that says what is left: heads and FFN neurons."""
+    return f"heads_{heads:03d}_ffn_{ffn:05d}"
+
+
+def checkpoint_name(seen_pairs: int, structure_tag: str | None = None) -> str:
+    """``seen_{pairs:09d}`` or ``seen_{pairs:09d}_{structure_tag}``; :func:`seen_pairs_of` parses it."""
+    name = f"{PREFIX}{seen_pairs:09d}"
+    return f"{name}_{structure_tag}" if structure_tag else name
+
+
+def reshaped_dir(checkpoint: str | Path) -> Path:
+    """Where ``04_reshape.py`` writes a checkpoint's reshaped model by default."""
+    return Path(checkpoint, RESHAPED)
+
+
+def eval_dir(model_dir: str | Path) -> Path:
+    """Where ``05_eval_trec.py`` writes a model's run files and per-query measures by default."""
+    return Path(model_dir, EVAL)
+
+
+def onnx_dir(model_dir: str | Path) -> Path:
+    """Where ``04_reshape.py --onnx`` writes a model's ONNX files (``common.serving.onnx_export``)."""
+    return Path(model_dir, ONNX)
+
+
+def seen_pairs_of(path: str | Path) -> int | None:
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run dir (temporary ``.tmp-*`` dirs excluded), oldest first."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and seen_pairs_of(p) is not None
+             and (p / PRUNING_FILE).exists()] if Path(run_dir).is_dir() else []
+    return sorted(found, key=lambda p: (seen_pairs_of(p), p.name))
+
+
+def latest(run_dir: str | Path) -> Path:
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (seen_*/ with {PRUNING_FILE})")
+    return found[-1]
+
+
+def is_run_artifact(path: str | Path) -> bool:
+    """What a training stage writes into its output dir: checkpoints (also half-written
+    ``.tmp-`` / replaced ``.old-`` ones) and the metrics log."""
+    name = Path(path).name
+    for prefix in (".tmp-", ".old-"):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    return seen_pairs_of(name) is not None or name == METRICS_FILE
+
+
+def run_name(checkpoint: str | Path) -> str:
+    """The run directory's name with the directory that holds it (``runs/<job>/<run>/seen_.../
+    [reshaped]`` -> ``<job>/<run>``, so that stages of different jobs stay apart; a run right
+    under ``runs/`` is ``<run>``), else the argument."""
+    path = Path(checkpoint)
+    for part in (path, *path.parents):
+        if seen_pairs_of(part) is not None:
+            run, job = part.parent.name, part.parent.parent.name
+            return run if job in ("", ".", "..", "runs") else f"{job}/{run}"
+    return str(checkpoint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "latest":
+        sys.exit("usage: python -m common.layout latest RUN_DIR")
+    try:
+        print(latest(argv[1]))
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Model kinds in training: each kind owns its training forward and its loss inputs.
+
+:class:`CrossKind` (one sequence per (query, passage) pair) and :class:`BiKind` (queries and
+passages embedded alone, cosine scores) tokenise a batch of training rows, run the student,
+and offer the tensors the losses of ``common.training.losses`` take (``Forward.inputs``); they run the
+teacher of ``--distill_from`` on the same rows, say which tensors that distillation compares,
+how the task and distillation losses combine, which task loss trains on labels, and which
+arguments the kind refuses. ``common.training.loop.Trainer`` calls this interface and never branches
+on the kind; scoring (evaluation, 05, bench) is ``common.serving.rank.Ranker``'s kind classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models.encoders import pool
+from common.training.losses import Loss, get_loss
+from common.models.loading import autocast_context, encode_pairs, pooling_of, relevance_logit
+from common.models.segment import is_segment
+
+
+def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+    """Bi-encoder scores ``(rows, 2)``: each query's dot product with its positive and its
+    negative (``passages`` holds them in that order, row by row)."""
+    return (queries[:, None, :] * passages.view(len(queries), 2, -1)).sum(-1)
+
+
+@dataclass
+class Forward:
+    """One forward pass over training rows: the loss inputs it offers, the tokenised batch the
+    pruning callback sees, and what the distillation needs of it (``extra``)."""
+
+    inputs: dict[str, torch.Tensor]
+    batch: dict
+    extra: dict
+
+
+class TrainingKind:
+    """The training side of a model kind, bound to the student's tokenizer and layout."""
+
+    name = ""
+    task_key = "task"  # the task loss's key in the logged train events
+    distill_beside_scores = True  # with --distill_scores, is --distill_from still trained on?
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int,
+                 precision: str):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_length, self.precision = max_length, precision
+
+    @classmethod
+    def check_args(cls, args, model: nn.Module) -> None:
+        """Refuse arguments this kind cannot train with (``ValueError``)."""
+
+    @classmethod
+    def label_loss(cls, args, model: nn.Module) -> Loss:
+        """The task loss without --distill_scores."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, rows: list[tuple[str, ...]], wanted: tuple[str, ...]) -> Forward:
+        """The student (``model``: the module that runs backward) on ``rows``; ``wanted``: the
+        task loss's inputs (a kind may skip the tensors nobody asks for)."""
+        raise NotImplementedError
+
+    def teacher_forward(self, teacher: nn.Module, rows: list[tuple[str, ...]], student: Forward) -> dict:
+        """The teacher on the same rows (called under ``torch.no_grad``)."""
+        raise NotImplementedError
+
+    def distill_inputs(self, student: Forward, teacher: dict, target: str) -> tuple:
+        """(student, teacher) arguments of the distillation loss for ``--distill_target``."""
+        raise NotImplementedError
+
+    def combine(self, task: torch.Tensor, distill: torch.Tensor, args) -> torch.Tensor:
+        return task + args.distill_weight * distill
+
+
+class CrossKind(TrainingKind):
+    """Cross-encoder: the task loss on the scores of each row's passages (or the 2-label
+    logits), distillation on the teacher's scores or (segment head) its segment embeddings."""
+
+    name = "cross"
+
+    @classmethod
+    def check_args(cls, args, model):
+        if args.distill_target == "embeddings" and not is_segment(model):
+            raise ValueError("--distill_target embeddings needs a bi-encoder or the segment_cosine head")
+
+    @classmethod
+    def label_loss(cls, args, model):
+        return get_loss("row_softmax" if is_segment(model) else "cross_entropy")
+
+    def forward(self, model, rows, wanted):
+        n = len(rows[0]) - 1
+        queries = [row[0] for row in rows for _ in range(n)]
+        passages = [x for row in rows for x in row[1:]]
+        batch = encode_pairs(self.tokenizer, queries, passages, self.max_length, self.model).to(self.device)
+        with autocast_context(self.device, self.precision):
+            output = model(**batch)
+        logits = output.logits.float()
+        student = relevance_logit(logits).view(len(rows), n)
+        return Forward({"logits": logits, "scores": student}, batch, {"output": output, "rows": n})
+
+    def teacher_forward(self, teacher, rows, student):
+        with autocast_context(self.device, self.precision):
+            return {"output": teacher(**student.batch)}
+
+    def distill_inputs(self, student, teacher, target):
+        if target == "embeddings":
+            keys = ("query_embeddings", "passage_embeddings")
+            return ([getattr(student.extra["output"], k) for k in keys],
+                    [getattr(teacher["output"], k) for k in keys])
+        scores = student.inputs["scores"]
+        return scores, relevance_logit(teacher["output"].logits.float()).view(*scores.shape)
+
+
+class BiKind(TrainingKind):
+    """Bi-encoder: in-batch contrastive on the query and passage embeddings (the task loss),
+    distillation on the teacher's cosine scores or embeddings; with --distill_scores the task
+    loss alone (--distill_from is not used then).
+
+    With a query encoder (``--query_encoder``: ``query_encoder`` is set to that frozen model)
+    the student embeds passages only: the queries' embeddings come from the query encoder
+    without gradient, the scores are its queries against the student's passages, and embedding
+    distillation compares passage embeddings only (the student's queries are never used)."""
+
+    name = "bi"
+    task_key = "contrastive"
+    distill_beside_scores = False
+    query_encoder: nn.Module | None = None
+
+    @classmethod
+    def check_args(cls, args, model):
+        if args.group_size != 2 or args.distill_loss != "margin_mse":
+            raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
+
+    @classmethod
+    def label_loss(cls, args, model):
+        return get_loss("in_batch_contrastive", temperature=args.temperature)
+
+    def embed(self, model: nn.Module, texts: list[str]) -> tuple[torch.Tensor, dict]:
+        """L2-normalised pooled embeddings (the student's pooling, also for the teacher)."""
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        with autocast_context(self.device, self.precision):
+            hidden = model(**batch).last_hidden_state
+        return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
+
+    @staticmethod
+    def _texts(rows):
+        return [q for q, _p, _n in rows], [x for _q, p, n in rows for x in (p, n)]
+
+    def forward(self, model, rows, wanted):
+        queries, passages = self._texts(rows)
+        if self.query_encoder is None:
+            q, _ = self.embed(model, queries)
+        else:
+            with torch.no_grad():
+                q, _ = self.embed(self.query_encoder, queries)
+        p, batch = self.embed(model, passages)
+        inputs = {"query_embeddings": q, "passage_embeddings": p}
+        if "scores" in wanted:
+            inputs["scores"] = pair_cosines(q, p)
+        return Forward(inputs, batch, {})
+
+    def teacher_forward(self, teacher, rows, student):
+        queries, passages = self._texts(rows)
+        tq, _ = self.embed(teacher, queries)
+        tp, _ = self.embed(teacher, passages)
+        return {"query_embeddings": tq, "passage_embeddings": tp}
+
+    def distill_inputs(self, student, teacher, target):
+        q, p = student.inputs["query_embeddings"], student.inputs["passage_embeddings"]
+        tq, tp = teacher["query_embeddings"], teacher["passage_embeddings"]
+        if target == "embeddings":
+            return ([p], [tp]) if self.query_encoder is not None else ([q, p], [tq, tp])
+        return pair_cosines(q, p), pair_cosines(tq, tp)
+
+    def combine(self, task, distill, args):
+        return args.contrastive_weight * task + args.distill_weight * distill
+
+
+KINDS: dict[str, type[TrainingKind]] = {"cross": CrossKind, "bi": BiKind}

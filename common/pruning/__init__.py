@@ -1,0 +1,1 @@
+"""Pruning policy (what to cut): importance scorers, prune cycles, L0 gates, L3Prune layer choice."""

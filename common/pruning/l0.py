@@ -1,0 +1,441 @@
+"""Learned structured pruning to a target (03d): hard-concrete L0 gates and a Lagrangian.
+
+Gates (Louizos, Welling & Kingma 2018, "Learning Sparse Neural Networks through L0
+Regularization"; as CoFi uses them for transformers, Xia et al. 2022). Every prunable unit
+has a log-alpha: each attention head, each FFN neuron, and per layer the whole attention
+block and the whole FFN block (a layer whose two block gates close vanishes). A training step
+draws one gate vector from the stretched hard-concrete distribution::
+
+    u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)        beta = 2/3, (gamma, zeta) = (-0.1, 1.1)
+
+so a gate is exactly 0 or 1 with positive probability, and ``P(z != 0) =
+sigmoid(log_alpha - beta * log(-gamma / zeta))``. In eval mode the gate is deterministic,
+``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``. The gates multiply the same
+activations the masks of ``common.models.structure`` zero (the input of the attention output
+projection, head by head; the input of the FFN output projection, neuron by neuron), so a
+closed gate is exactly a pruned unit and ``04_reshape.py`` needs nothing new.
+
+Cost. The expected number of live heads of layer l is ``P(attention block l) * sum_h P(head)``
+(the gates are independent), of FFN neurons likewise; the analytic multiply-add count of
+``common.evaluation.cost.analytic_macs`` is linear in both, so the expected cost of a sequence of
+``max_length`` tokens is that formula at the expected counts (a test checks it against the
+Monte Carlo mean of the sampled masks' costs). The target is a cost
+(``--target_macs_ratio``: expected MACs / the unpruned model's) or a shape
+(``--target_heads`` in total, ``--target_ffn`` neurons per kept layer on average,
+``--target_layers``).
+
+Lagrangian. For each constrained quantity c (a ratio to the unpruned model) and its target t,
+``lambda_1 * (c - t) + lambda_2 * (c - t) ** 2`` is added to the loss; the gates descend it, the
+multipliers ascend it (their own AdamW with ``maximize``), so the multipliers grow until the
+expected cost meets the target. t moves linearly from the stage's starting ratio to the target
+over ``--l0_warmup_fraction`` of the stage.
+
+End of the stage. The gates become masks that meet the target exactly: units are ranked by
+their deterministic gate (head gate x block gate); a shape target keeps the top-k of each kind
+(layers first); a cost target splits the budget between heads and neurons as the expected
+gates do and fills it greedily, to within one neuron's cost. The kept units' deterministic
+gate values are folded into the output projections' columns (exact: W (g * x) = (W diag g) x),
+the gates removed, and the checkpoint is an ordinary masked one.
+
+Noise comes from a generator seeded by (seed, step): every DDP rank draws the same gates, a
+resumed stage the same as an unbroken one. Gates, multipliers and their optimizer state are
+saved in each checkpoint (``l0_gates.pt``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from common.training.argtypes import check_ranges
+from common.models.arch import adapter_for, get_module, layer_stack
+from common.evaluation.cost import analytic_macs, architecture
+from common.training.schedules import WarmupLinear
+from common.models.structure import PruningState, zero_dead_weights
+from common.layout import GATES_FILE
+from common.training.loop import Callback, Trainer
+
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(gate != 0) of the stretched hard-concrete distribution."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(log_alpha.device)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+@dataclass
+class L0Args:
+    argument_group = "l0 gates"  # (not a field) the --help group of these arguments
+    target_macs_ratio: Optional[float] = field(default=None, metadata={
+        "help": "cost target: expected multiply-adds per sequence (common.evaluation.cost, at --max_length) "
+                "/ the unpruned model's, e.g. 0.33"})
+    target_heads: Optional[int] = field(default=None, metadata={"help": "shape target: heads kept in total"})
+    target_ffn: Optional[int] = field(default=None, metadata={
+        "help": "shape target: FFN neurons kept per layer on average (total / kept layers)"})
+    target_layers: Optional[int] = field(default=None, metadata={
+        "help": "shape target: layers kept (the others lose all heads and neurons)"})
+    l0_warmup_fraction: float = field(default=0.5, metadata={
+        "help": "share of the stage over which the target moves from the start to its value"})
+    l0_learning_rate: float = field(default=0.05, metadata={
+        "help": "AdamW LR of the gates' log-alphas and of the Lagrange multipliers"})
+    gate_init: float = field(default=3.0, metadata={
+        "help": "initial log-alpha (3: every gate starts open, P(z = 1) ~ 0.9)"})
+
+    RANGES = {"target_macs_ratio": (0, 1, True, True), "target_heads": (0, None, False, False),
+              "target_ffn": (0, None, False, False), "target_layers": (1, None, False, False),
+              "l0_warmup_fraction": (0, 1, False, False), "l0_learning_rate": (0, None, True, False)}
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        check_ranges(self, self.RANGES)
+        shape = (self.target_heads, self.target_ffn, self.target_layers)
+        if self.target_macs_ratio is not None and any(v is not None for v in shape):
+            raise ValueError("give either --target_macs_ratio (a cost) or --target_heads/--target_ffn/"
+                             "--target_layers (a shape), not both")
+        if self.target_macs_ratio is None and all(v is None for v in shape):
+            raise ValueError("give a target: --target_macs_ratio, or --target_heads/--target_ffn/--target_layers")
+
+
+class Gates(nn.Module):
+    """The log-alphas of one model (padded to the base config's head count and FFN width per
+    layer; units not present or already dead are held shut by ``alive``)."""
+
+    def __init__(self, state: PruningState, init: float, arch: dict, seq_len: int):
+        """``arch``: :func:`common.evaluation.cost.architecture` of the model (its hidden size, head and
+        embedding projection: what 05 counts); ``seq_len``: the sequence the cost is of."""
+        super().__init__()
+        L, H, F = state.num_layers, state.num_heads, state.ffn_size
+        self.head_size, self.hidden, self.seq_len = state.head_size, arch["hidden"], seq_len
+        self.head = nn.Parameter(torch.full((L, H), float(init)))
+        self.ffn = nn.Parameter(torch.full((L, F), float(init)))
+        self.attn_block = nn.Parameter(torch.full((L,), float(init)))
+        self.ffn_block = nn.Parameter(torch.full((L,), float(init)))
+        # physical position -> original index, per layer; alive over the padded original indices
+        head_alive = torch.zeros(L, H)
+        ffn_alive = torch.zeros(L, F)
+        for i in range(L):
+            head_alive[i, state.kept_heads[i]] = 1.0
+            ffn_alive[i, state.kept_ffn[i]] = 1.0
+        self.register_buffer("head_alive", head_alive, persistent=False)
+        self.register_buffer("ffn_alive", ffn_alive, persistent=False)
+        self.present_heads = [list(p) for p in state.present_heads]
+        self.present_ffn = [list(p) for p in state.present_ffn]
+        # cost = base + per_head * heads + per_neuron * neurons (common.evaluation.cost, linear in both)
+        self.cost_kw = dict(seq_len=seq_len, num_labels=arch["num_labels"], head=arch["head"],
+                            embedding_size=arch.get("embedding_size"))
+        self.base_macs = self.analytic([0] * L, [0] * L)
+        self.per_head = self.analytic([1] + [0] * (L - 1), [0] * L) - self.base_macs
+        self.per_neuron = self.analytic([0] * L, [1] + [0] * (L - 1)) - self.base_macs
+        self.full_macs = self.analytic([H] * L, [F] * L)
+        self.z: dict[str, torch.Tensor] | None = None  # this step's sampled gates
+
+    def analytic(self, heads_per_layer: list[int], ffn_per_layer: list[int]) -> int:
+        """:func:`common.evaluation.cost.analytic_macs` of this model with the given widths."""
+        return analytic_macs(self.hidden, self.head_size, heads_per_layer, ffn_per_layer, **self.cost_kw)
+
+    # -- gate values ---------------------------------------------------------------------
+    def resample(self, generator: torch.Generator) -> None:
+        self.z = {name: sample(getattr(self, name), generator)
+                  for name in ("head", "ffn", "attn_block", "ffn_block")}
+
+    def values(self, training: bool) -> dict[str, torch.Tensor]:
+        if training:
+            if self.z is None:
+                raise RuntimeError("gates used in training before resample()")
+            return self.z
+        return {name: deterministic(getattr(self, name)) for name in ("head", "ffn", "attn_block", "ffn_block")}
+
+    def head_factor(self, layer: int, training: bool) -> torch.Tensor:
+        """Per physical input column of the attention output projection of ``layer``."""
+        z = self.values(training)
+        g = (z["head"][layer] * self.head_alive[layer])[self.present_heads[layer]] * z["attn_block"][layer]
+        return g.repeat_interleave(self.head_size)
+
+    def ffn_factor(self, layer: int, training: bool) -> torch.Tensor:
+        z = self.values(training)
+        return (z["ffn"][layer] * self.ffn_alive[layer])[self.present_ffn[layer]] * z["ffn_block"][layer]
+
+    # -- expectations ----------------------------------------------------------------------
+    def expected_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected live heads and FFN neurons per layer (differentiable)."""
+        heads = prob_nonzero(self.attn_block) * (prob_nonzero(self.head) * self.head_alive).sum(1)
+        ffn = prob_nonzero(self.ffn_block) * (prob_nonzero(self.ffn) * self.ffn_alive).sum(1)
+        return heads, ffn
+
+    def expected_layers(self) -> torch.Tensor:
+        return ((prob_nonzero(self.attn_block) + prob_nonzero(self.ffn_block)) / 2).sum()
+
+    def macs(self, heads, ffn) -> torch.Tensor | float:
+        return self.base_macs + self.per_head * heads.sum() + self.per_neuron * ffn.sum()
+
+    def expected_macs(self) -> torch.Tensor:
+        return self.macs(*self.expected_counts())
+
+    def sampled_counts(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live heads and neurons per layer of one draw of the gates (z != 0)."""
+        with torch.no_grad():
+            z = {name: sample(getattr(self, name), generator) > 0
+                 for name in ("head", "ffn", "attn_block", "ffn_block")}
+            heads = z["attn_block"].float() * (z["head"].float() * self.head_alive).sum(1)
+            ffn = z["ffn_block"].float() * (z["ffn"].float() * self.ffn_alive).sum(1)
+        return heads, ffn
+
+    # -- the end of the stage --------------------------------------------------------------
+    @torch.no_grad()
+    def final_masks(self, args: L0Args) -> tuple[list[list[int]], list[list[int]]]:
+        """Kept original head and neuron indices per layer, meeting the target exactly."""
+        L = self.head.shape[0]
+        det = {name: deterministic(getattr(self, name)) for name in ("head", "ffn", "attn_block", "ffn_block")}
+        head_score = det["head"] * det["attn_block"][:, None] + 1e-6 * prob_nonzero(self.head)
+        ffn_score = det["ffn"] * det["ffn_block"][:, None] + 1e-6 * prob_nonzero(self.ffn)
+        head_ok, ffn_ok = self.head_alive.bool().clone(), self.ffn_alive.bool().clone()
+        if args.target_macs_ratio is not None:
+            budget = args.target_macs_ratio * self.full_macs - self.base_macs
+            e_heads, e_ffn = (c.sum().item() for c in self.expected_counts())
+            head_cost, ffn_cost = e_heads * self.per_head, e_ffn * self.per_neuron
+            share = head_cost / (head_cost + ffn_cost) if head_cost + ffn_cost > 0 else 0.0
+            k_heads = min(int(head_ok.sum()), max(0, math.floor(budget * share / self.per_head)))
+            k_ffn = min(int(ffn_ok.sum()), max(0, math.floor((budget - k_heads * self.per_head) / self.per_neuron)))
+            if k_ffn == int(ffn_ok.sum()):  # every neuron fits: give the rest of the budget to heads
+                k_heads = min(int(head_ok.sum()), math.floor((budget - k_ffn * self.per_neuron) / self.per_head))
+        else:
+            if args.target_layers is not None:
+                if args.target_layers > L:
+                    raise ValueError(f"--target_layers {args.target_layers} > the model's {L} layers")
+                layer_score = (det["attn_block"] + det["ffn_block"]) / 2 + 1e-6 * (
+                    prob_nonzero(self.attn_block) + prob_nonzero(self.ffn_block))
+                dropped = torch.argsort(layer_score, descending=True)[args.target_layers:]
+                head_ok[dropped] = False
+                ffn_ok[dropped] = False
+            k_heads = int(head_ok.sum()) if args.target_heads is None else args.target_heads
+            k_ffn = int(ffn_ok.sum()) if args.target_ffn is None else args.target_ffn * (args.target_layers or L)
+            if k_heads > int(head_ok.sum()) or k_ffn > int(ffn_ok.sum()):
+                raise ValueError(f"the target ({k_heads} heads, {k_ffn} FFN neurons) is more than the "
+                                 f"model has ({int(head_ok.sum())}, {int(ffn_ok.sum())})")
+        heads = _top(head_score, head_ok, k_heads)
+        ffn = _top(ffn_score, ffn_ok, k_ffn)
+        return heads, ffn
+
+
+def _top(score: torch.Tensor, allowed: torch.Tensor, k: int) -> list[list[int]]:
+    """The k highest-scoring allowed (layer, unit) positions, as sorted unit lists per layer."""
+    flat = torch.where(allowed, score, torch.full_like(score, -1.0)).flatten()
+    chosen = torch.argsort(flat, descending=True, stable=True)[:k]
+    width = score.shape[1]
+    kept: list[list[int]] = [[] for _ in range(score.shape[0])]
+    for index in chosen.tolist():
+        kept[index // width].append(index % width)
+    return [sorted(k_) for k_ in kept]
+
+
+class GateHooks:
+    """Forward pre-hooks multiplying the two output projections' inputs by the gates."""
+
+    def __init__(self, model: nn.Module, gates: Gates):
+        adapter = adapter_for(model.config)
+        self._handles = []
+        for i, layer in enumerate(layer_stack(model, adapter)):
+            self._handles.append(get_module(layer, adapter.attn_out).register_forward_pre_hook(
+                self._hook(gates.head_factor, i)))
+            self._handles.append(get_module(layer, adapter.ffn_out).register_forward_pre_hook(
+                self._hook(gates.ffn_factor, i)))
+
+    @staticmethod
+    def _hook(factor, index: int):
+        def hook(module, args):
+            g = factor(index, module.training)
+            return (args[0] * g.to(device=args[0].device, dtype=args[0].dtype),) + args[1:]
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def lagrangian(c: torch.Tensor, t: float, lambdas: torch.Tensor) -> torch.Tensor:
+    return lambdas[0] * (c - t) + lambdas[1] * (c - t) ** 2
+
+
+class L0Callback(Callback):
+    """03d: gates in the forward pass, the Lagrangian beside the loss, masks at the end."""
+
+    def __init__(self, l0: L0Args):
+        self.l0 = l0
+        self.gates: Gates | None = None
+        self.hooks: GateHooks | None = None
+        self.lambdas: nn.Parameter | None = None
+        self.start: dict[str, float] = {}
+        self.finished = False
+
+    def schedule(self, trainer: Trainer) -> WarmupLinear:
+        return WarmupLinear(trainer.total_steps, round(trainer.args.warmup_fraction * trainer.total_steps))
+
+    # -- set-up and persistence ------------------------------------------------------------
+    def on_start(self, trainer: Trainer) -> None:
+        model, state = trainer.model, trainer.state
+        self.gates = Gates(state, self.l0.gate_init, architecture(model), trainer.args.max_length).to(trainer.device)
+        names = self.constraints()
+        self.lambdas = nn.Parameter(torch.zeros(len(names), 2, device=trainer.device))
+        self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=self.l0.l0_learning_rate,
+                                                weight_decay=0.0)
+        self.lambda_optimizer = torch.optim.AdamW([self.lambdas], lr=self.l0.l0_learning_rate,
+                                                  weight_decay=0.0, maximize=True)
+        with torch.no_grad():
+            self.start = {name: float(value) for name, value in self.quantities().items()}
+        if trainer.resuming:
+            self._load(Path(trainer.args.checkpoint_dir), trainer.device)
+        self.hooks = GateHooks(model, self.gates)
+        self.warmup_steps = round(self.l0.l0_warmup_fraction * trainer.total_steps)
+        self.final_step = trainer.total_steps  # the gates become masks after this step
+
+    def constraints(self) -> list[str]:
+        if self.l0.target_macs_ratio is not None:
+            return ["macs"]
+        return [name for name, value in (("heads", self.l0.target_heads), ("ffn", self.l0.target_ffn),
+                                         ("layers", self.l0.target_layers)) if value is not None]
+
+    def quantities(self) -> dict[str, torch.Tensor]:
+        """Each constrained quantity as a ratio to the unpruned model (differentiable)."""
+        g = self.gates
+        L, H = g.head.shape
+        F = g.ffn.shape[1]
+        heads, ffn = g.expected_counts()
+        out = {}
+        for name in self.constraints():
+            if name == "macs":
+                out[name] = g.macs(heads, ffn) / g.full_macs
+            elif name == "heads":
+                out[name] = heads.sum() / (L * H)
+            elif name == "ffn":
+                out[name] = ffn.sum() / (L * F)
+            else:
+                out[name] = g.expected_layers() / L
+        return out
+
+    def targets(self) -> dict[str, float]:
+        g, a = self.gates, self.l0
+        L, H = g.head.shape
+        F = g.ffn.shape[1]
+        final = {"macs": a.target_macs_ratio, "heads": (a.target_heads or 0) / (L * H),
+                 "ffn": (a.target_ffn or 0) * (a.target_layers or L) / (L * F), "layers": (a.target_layers or 0) / L}
+        return {name: final[name] for name in self.constraints()}
+
+    def target_at(self, step: int) -> dict[str, float]:
+        frac = 1.0 if self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
+        return {name: self.start[name] + (t - self.start[name]) * frac for name, t in self.targets().items()}
+
+    def state_dict(self) -> dict:
+        return {"kind": "l0", "targets": self.targets() if self.gates else {}, "finished": self.finished}
+
+    def load_state_dict(self, data: dict) -> None:
+        if data.get("kind") != "l0":
+            raise ValueError(f"checkpoint was made by a {data.get('kind')!r} pruning stage, this script "
+                             "prunes with L0 gates")
+        self.finished = bool(data.get("finished"))
+        if self.finished:
+            raise ValueError("this checkpoint ends its L0 stage (its gates are masks now): nothing to resume")
+
+    def save_files(self, trainer: Trainer, directory: Path) -> None:
+        if self.finished or self.gates is None:
+            return
+        torch.save({"gates": self.gates.state_dict(), "lambdas": self.lambdas.detach().cpu(),
+                    "gate_optimizer": self.gate_optimizer.state_dict(),
+                    "lambda_optimizer": self.lambda_optimizer.state_dict(), "start": self.start},
+                   directory / GATES_FILE)
+
+    def _load(self, directory: Path, device) -> None:
+        path = directory / GATES_FILE
+        try:
+            data = torch.load(path, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing: the L0 stage cannot be resumed") from None
+        self.gates.load_state_dict(data["gates"])
+        with torch.no_grad():
+            self.lambdas.copy_(data["lambdas"].to(device))
+        self.gate_optimizer.load_state_dict(data["gate_optimizer"])
+        self.lambda_optimizer.load_state_dict(data["lambda_optimizer"])
+        self.start = dict(data["start"])
+
+    # -- the loop --------------------------------------------------------------------------
+    def on_step_begin(self, trainer: Trainer) -> None:
+        generator = torch.Generator().manual_seed(trainer.args.seed * 1_000_003 + trainer.step)
+        self.gates.resample(generator)
+
+    def extra_loss(self, trainer: Trainer) -> tuple[torch.Tensor, dict]:
+        self._scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0
+        values, targets = self.quantities(), self.target_at(trainer.step)
+        term = sum(lagrangian(values[n], targets[n], self.lambdas[i]) for i, n in enumerate(values))
+        parts = {"lagrangian": float(term.detach())}
+        for name in values:
+            parts[f"expected_{name}"] = round(float(values[name].detach()), 5)
+            parts[f"target_{name}"] = round(targets[name], 5)
+        return term, parts
+
+    def on_step_end(self, trainer: Trainer, batch: dict) -> None:
+        params = [*self.gates.parameters(), self.lambdas]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if self._scale != 1.0:
+                p.grad.div_(self._scale)
+        if trainer.world_size > 1 and dist.is_initialized():
+            for p in self.gates.parameters():  # the task loss's gate gradients differ by shard
+                dist.all_reduce(p.grad)
+                p.grad.div_(trainer.world_size)
+        if all(torch.isfinite(p.grad).all() for p in params):
+            self.gate_optimizer.step()
+            self.lambda_optimizer.step()
+        self.gate_optimizer.zero_grad(set_to_none=True)
+        self.lambda_optimizer.zero_grad(set_to_none=True)
+        self.gates.z = None
+        if trainer.step == self.final_step:
+            self.finish(trainer)
+
+    def finish(self, trainer: Trainer) -> None:
+        """Gates -> exact masks; kept gate values folded into the weights; gates removed."""
+        gates, state = self.gates, trainer.state
+        heads, ffn = gates.final_masks(self.l0)
+        factors = [(gates.head_factor(i, False), gates.ffn_factor(i, False)) for i in range(state.num_layers)]
+        with torch.no_grad():
+            expected = {name: round(float(v), 5) for name, v in self.quantities().items()}
+        self.hooks.remove()
+        adapter = adapter_for(trainer.model.config)
+        with torch.no_grad():
+            for i, layer in enumerate(layer_stack(trainer.model, adapter)):
+                head_f, ffn_f = factors[i]
+                attn_out, ffn_out = get_module(layer, adapter.attn_out), get_module(layer, adapter.ffn_out)
+                attn_out.weight.mul_(head_f.to(attn_out.weight)[None, :])
+                ffn_out.weight.mul_(ffn_f.to(ffn_out.weight)[None, :])
+        keep_h, keep_f = [set(h) for h in heads], [set(f) for f in ffn]
+        state.kept_heads = [[h for h in state.kept_heads[i] if h in keep_h[i]] for i in range(state.num_layers)]
+        state.kept_ffn = [[n for n in state.kept_ffn[i] if n in keep_f[i]] for i in range(state.num_layers)]
+        macs = gates.analytic(state.heads_per_layer, state.ffn_per_layer)
+        event = {"seen_pairs": trainer.seen_pairs, "step": trainer.step, "l0": {
+            "targets": self.targets(), "expected_at_end": expected, "macs_ratio": round(macs / gates.full_macs, 5),
+            "lambdas": self.lambdas.detach().cpu().tolist(),
+            "heads_per_layer": state.heads_per_layer, "ffn_per_layer": state.ffn_per_layer}}
+        state.history.append(event)
+        trainer.masks.refresh()
+        zero_dead_weights(trainer.model, state, trainer.optimizer)
+        self.finished = True
+        trainer.log_event("prune", lr=trainer.lr(), macs_ratio=event["l0"]["macs_ratio"],
+                          heads_per_layer=state.heads_per_layer, ffn_per_layer=state.ffn_per_layer)

@@ -1,0 +1,77 @@
+"""L3Prune layer selection (Thennal, Fischer & Biemann 2024, "Large Language Models Are
+Overparameterized Text Encoders"): how many of the first layers to keep, chosen from the
+unpruned model's loss at every depth.
+
+For each depth k = 1..L the model cut after layer k (the layer-dropping baseline's model,
+``common.models.loading.keep_first_layers``: the kind's own pooling and head on the k-th layer's
+output) is scored with the kind's task loss on labels (cross-encoder: cross-entropy of the
+2-label head or the segment head's row softmax; bi-encoder: in-batch contrastive over the
+positives and negatives) on the first ``rows`` training triples, no gradient. The two
+configurations, as we read the paper: ``large`` keeps the depth with the lowest loss (the
+global minimum; the shallower one on a tie), ``small`` the first local minimum (the first depth
+whose loss is not above the next one's). A model whose loss falls all the way down (a model
+already trained for the task) keeps every layer in both.
+"""
+from __future__ import annotations
+
+import copy
+from itertools import islice
+from types import SimpleNamespace
+
+import torch
+
+from common.data.formats import TriplesStream
+from common.models.kinds import KINDS
+from common.models.loading import LoadedModel, keep_first_layers, load_model
+from common.serving.rank import check_query_encoder, query_encoder_of
+from common.training.loop import TrainArgs, apply_loss
+
+RULES = ("small", "large")
+
+
+@torch.no_grad()
+def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, batch_size: int = 32,
+                     max_length: int = 128) -> list[float]:
+    """Mean task loss of the model cut after each layer (index k-1: the first k layers)."""
+    data = list(islice(iter(TriplesStream(triples_file)), rows))
+    if not data:
+        raise ValueError(f"{triples_file}: no triples")
+    per_step = max(1, batch_size // 2)
+    args = SimpleNamespace(temperature=TrainArgs.temperature)
+    device = next(loaded.model.parameters()).device
+    losses = []
+    depth = loaded.state.num_layers
+    queries = None  # an asymmetric bi-encoder: its queries go through its frozen query encoder
+    name = query_encoder_of(loaded) if loaded.kind == "bi" else None
+    if name:
+        encoder = load_model(name, device, kind="bi")
+        check_query_encoder(loaded, encoder, name)
+        queries = encoder.model.eval()
+    for k in range(1, depth + 1):
+        cut = copy.copy(loaded)
+        cut.model = copy.deepcopy(loaded.model)
+        cut.state = copy.deepcopy(loaded.state)
+        if k < depth:
+            keep_first_layers(cut, k)
+        cut.model.eval()
+        kind = KINDS[loaded.kind](cut.model, loaded.tokenizer, device, max_length, "fp32")
+        if queries is not None:
+            kind.query_encoder = queries
+        loss = kind.label_loss(args, cut.model)
+        total = count = 0
+        for start in range(0, len(data), per_step):
+            chunk = data[start:start + per_step]
+            forward = kind.forward(cut.model, chunk, loss.inputs)
+            total += float(apply_loss(loss, forward.inputs)) * len(chunk)
+            count += len(chunk)
+        losses.append(total / count)
+    return losses
+
+
+def choose(losses: list[float]) -> dict[str, int]:
+    """``{"small": layers, "large": layers}`` from the loss of each depth."""
+    if not losses:
+        raise ValueError("no layer losses")
+    large = min(range(len(losses)), key=lambda i: (losses[i], i)) + 1
+    small = next((i + 1 for i in range(len(losses) - 1) if losses[i] <= losses[i + 1]), len(losses))
+    return {"small": small, "large": large}

@@ -1,0 +1,1 @@
+"""Serving: the Ranker on every backend, ONNX export and int8."""

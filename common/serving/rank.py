@@ -1,0 +1,308 @@
+"""The ranking API: one entry point for scoring with any model kind on any backend.
+
+    from common.serving.rank import Ranker
+    ranker = Ranker.load("runs/main/final", backend="onnx-int8")
+    ranker.rank("what is a cat", ["a cat is an animal", "the stock market fell"])
+    # -> [(0, 8.97), (1, 0.12)]: (index into the passages, score), best first
+
+Backends (``BACKENDS``): ``torch`` (fp32), ``torch-bf16`` / ``torch-fp16`` (autocast), ``onnx``
+(onnxruntime, fp32) and ``onnx-int8`` (onnxruntime, dynamically quantized weights); the two ONNX
+files are written by ``04_reshape.py --onnx`` into ``<model dir>/onnx/`` (``common.serving.onnx_export``).
+
+Model kinds are classes: :class:`CrossRanker` scores a (query, passage) pair in one sequence
+(the model's own pair layout: the monoBERT template or the segment head's); :class:`BiRanker`
+embeds queries and passages alone and scores by cosine, each distinct text once; a bi model
+whose config names a query encoder (``slimrank_query_encoder``: trained with
+``--query_encoder``, see ``common.models.kinds``) embeds its queries with that frozen encoder and only
+its passages itself (an asymmetric bi-encoder: a pruned passage encoder beside the unpruned query
+encoder whose embedding space it was trained to). Both batch
+length-sorted (``common.models.loading.sorted_batches``) without gradients; ``score`` keeps the
+input order, ``rank`` sorts one query's passages.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.evaluation import cost
+from common import layout
+from common.layout import ONNX_FILES
+from common.hardware import cpu_has_amx
+from common.models.encoders import pool
+from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, autocast_context, encode_pairs, load_model,
+                             model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
+
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
+AUTO = "auto"  # a shipped dir's fastest backend on this CPU, else torch fp32 (resolve_backend)
+TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
+
+
+def query_encoder_of(loaded: LoadedModel) -> str | None:
+    """The encoder a bi model's queries go through (None: the model itself), as its config says:
+    a packaged tag, a hub name or a path (a relative path is tried against the model dir first)."""
+    name = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)
+    if not name:
+        return None
+    inside = Path(loaded.path, name)
+    return str(inside) if not Path(name).is_absolute() and inside.is_dir() else name
+
+
+def check_query_encoder(model: LoadedModel, encoder: LoadedModel, name: str) -> None:
+    """Refuse a query encoder whose query embeddings cannot meet ``model``'s passage embeddings:
+    training embeds the queries with the student's tokenizer and pooling and scoring with the
+    encoder's own, so both must agree, and so must the embedding width; an encoder that names a
+    query encoder itself (a chain) is refused too."""
+    where = f"query encoder {name!r} (--query_encoder, or {QUERY_ENCODER_FIELD} in {model.path}/config.json)"
+    if query_encoder_of(encoder):
+        raise ValueError(f"{where}: names a query encoder of its own ({query_encoder_of(encoder)!r}); "
+                         "name the model that embeds the queries directly")
+    width = [getattr(m.model.config, "hidden_size", None) for m in (model, encoder)]
+    if width[0] != width[1]:
+        raise ValueError(f"{where}: embeds in {width[1]} dimensions, the model in {width[0]}")
+    pooling = [pooling_of(m.model) for m in (model, encoder)]
+    if pooling[0] != pooling[1]:
+        raise ValueError(f"{where}: pools by {pooling[1]!r}, the model by {pooling[0]!r}")
+    if model.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+        raise ValueError(f"{where}: another tokenizer vocabulary than the model's")
+
+
+def backend_for_precision(precision: str) -> str:
+    """The torch backend of a training precision (fp32, bf16, fp16)."""
+    return {p: b for b, p in TORCH_PRECISION.items()}[precision]
+
+
+class RankingOutput(nn.Module):
+    """What a ranker needs from a model, as one module (the graph ONNX export traces): the
+    relevance score of each pair (cross) or the L2-normalised pooled embedding of each text (bi)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.kind = model_kind(model)
+        self.pooling = pooling_of(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if self.kind == "bi":
+            encoder = getattr(self.model, "base_model", self.model)
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+            return F.normalize(pool(hidden, attention_mask, self.pooling).float(), p=2, dim=-1)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        return relevance_logit(logits).float()
+
+
+class TorchRunner:
+    """Runs :class:`RankingOutput` in PyTorch (fp32, or under bf16/fp16 autocast)."""
+
+    def __init__(self, loaded: LoadedModel, precision: str = "fp32"):
+        self.output = RankingOutput(loaded.model)
+        self.device = next(loaded.model.parameters()).device
+        self.precision = precision
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> np.ndarray:
+        """Scores in eval mode; a model in training mode (evaluation during training) is put
+        back in it afterwards."""
+        batch = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
+        was_training = self.output.model.training
+        if was_training:
+            self.output.model.eval()
+        try:
+            with autocast_context(self.device, self.precision):
+                return self.output(**batch).float().cpu().numpy()
+        finally:
+            if was_training:
+                self.output.model.train()
+
+
+class OnnxRunner:
+    """Runs an exported ``model.onnx`` / ``model_int8.onnx`` in onnxruntime (CPU)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime  # imported here: only the ONNX backends need it (a large import)
+
+        if not path.is_file():
+            raise ValueError(f"{path}: no ONNX export (run 04_reshape.py --onnx on {path.parent.parent})")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: dict) -> np.ndarray:
+        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
+        return self.session.run(None, feed)[0]
+
+
+class Ranker:
+    """Tokenise, batch and score with one runner; :meth:`load` picks the kind's class."""
+
+    kind = ""
+    default_head = None  # the head a results row names when the config names none
+
+    def __init__(self, loaded: LoadedModel, runner, backend: str, max_length: int = 256,
+                 batch_size: int = 64):
+        self.loaded, self.tokenizer, self.runner = loaded, loaded.tokenizer, runner
+        self.backend, self.max_length, self.batch_size = backend, max_length, batch_size
+
+    @classmethod
+    def load(cls, path: str, backend: str = "torch", *, max_length: int = 256, batch_size: int = 64,
+             device: str = "cpu", kind: str | None = None, threads: int | None = None) -> "Ranker":
+        return cls.from_loaded(load_model(path, pick_device(device), kind=kind), backend,
+                               max_length=max_length, batch_size=batch_size, threads=threads)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, backend: str = "torch", *, max_length: int = 256,
+                    batch_size: int = 64, threads: int | None = None,
+                    query_encoder: str | None = None) -> "Ranker":
+        """``query_encoder`` (bi only): embed the queries with this encoder instead of the one
+        the model's config names (or the model itself)."""
+        backend = resolve_backend(loaded.path, backend)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend in TORCH_PRECISION:
+            runner = TorchRunner(loaded, TORCH_PRECISION[backend])
+        else:
+            onnx_file = layout.onnx_dir(loaded.path) / ONNX_FILES[backend]
+            runner = OnnxRunner(onnx_file, threads)
+        ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind](loaded, runner, backend, max_length,
+                                                                      batch_size)
+        if query_encoder and loaded.kind != "bi":
+            raise ValueError(f"a query encoder is for bi-encoders; {loaded.path} is a {loaded.kind} model")
+        query_encoder = query_encoder or (query_encoder_of(loaded) if loaded.kind == "bi" else None)
+        if query_encoder:
+            # same torch precision as the passages; an ONNX passage side keeps the query
+            # encoder's own default (torch fp32 unless it is a shipped dir itself)
+            device = next(loaded.model.parameters()).device
+            encoder = load_model(query_encoder, device, kind="bi")
+            check_query_encoder(loaded, encoder, query_encoder)
+            ranker.query_ranker = Ranker.from_loaded(
+                encoder,
+                backend if backend in TORCH_PRECISION else AUTO, max_length=max_length,
+                batch_size=batch_size, threads=threads, query_encoder=None)
+            ranker.query_encoder = query_encoder
+        return ranker
+
+    def score(self, queries: list[str], passages: list[str], progress: bool = False) -> np.ndarray:
+        """One score per (query, passage) pair, in the input order."""
+        raise NotImplementedError
+
+    def run(self, batch: dict) -> np.ndarray:
+        """The runner on one ready batch (e.g. worst-case cost inputs)."""
+        return self.runner(batch)
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        """Encoder sequences one query with ``n_pairs`` candidates costs (MACs of a query)."""
+        raise NotImplementedError
+
+    def extra_costs(self, candidates, opts, device: torch.device) -> dict:
+        """Kind-specific cost columns of a results row (``opts``: ``common.evaluation.rerank.CostOptions``)."""
+        return {}
+
+    def rank(self, query: str, passages: list[str], top_k: int | None = None) -> list[tuple[int, float]]:
+        """``(passage index, score)`` pairs, best first (ties keep the input order)."""
+        scores = self.score([query] * len(passages), list(passages))
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [(int(i), float(scores[i])) for i in order]
+
+    def _check(self, queries, passages) -> None:
+        if isinstance(queries, str) or isinstance(passages, str):
+            raise TypeError("queries and passages must be lists of strings")
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+
+
+class CrossRanker(Ranker):
+    kind = "cross"
+    default_head = "classifier"
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        return n_pairs  # one (query, passage) sequence per candidate
+
+    def score(self, queries, passages, progress: bool = False) -> np.ndarray:
+        self._check(queries, passages)
+        features = encode_pairs(self.tokenizer, list(queries), list(passages), self.max_length,
+                                self.loaded.model, padding=False)
+        scores = np.empty(len(queries), dtype=np.float32)
+        for idx, batch in sorted_batches(self.tokenizer, features, self.batch_size, progress):
+            scores[idx] = self.runner(dict(batch))
+        return scores
+
+
+class BiRanker(Ranker):
+    kind = "bi"
+    query_ranker: "BiRanker | None" = None  # embeds the queries when the model names a query encoder
+    query_encoder: str | None = None
+
+    def sequences_per_query(self, n_pairs: int) -> int:
+        return n_pairs + 1  # the passages and the query, each encoded alone
+
+    def extra_costs(self, candidates, opts, device, passages: int = 1000) -> dict:
+        """Corpus-encoding throughput (what indexing costs): passages/s over the first
+        ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
+        texts = list(dict.fromkeys(candidates["passage"]))[:passages]
+        encoder = Ranker.from_loaded(self.loaded, self.backend, max_length=self.max_length, batch_size=64)
+        mean_ms, std_ms = cost.time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
+                                             min(opts.warmup, 1), device)
+        return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
+                "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
+                "encode_passages": len(texts)}
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """L2-normalised embeddings ``[len(texts), dim]`` (float32)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        features = self.tokenizer([str(t) for t in texts], truncation=True, max_length=self.max_length)
+        features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = None
+        for idx, batch in sorted_batches(self.tokenizer, features, self.batch_size, progress, "encoding"):
+            emb = self.runner(dict(batch))
+            if out is None:
+                out = np.empty((len(texts), emb.shape[-1]), dtype=np.float32)
+            out[idx] = emb
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+    def score(self, queries, passages, progress: bool = False) -> np.ndarray:
+        self._check(queries, passages)
+        uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
+        up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
+        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress))
+        p = torch.from_numpy(self.encode(list(up), progress))
+        return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
+
+
+def resolve_backend(path: str | Path, backend: str) -> str:
+    """``auto``: for a shipped dir (one with an int8 export, 04_reshape.py --onnx) its fastest
+    backend within the quality budget on this CPU: torch bf16 autocast where the CPU has AMX,
+    else the int8 export (on AMX, bf16 autocast measured 1.4-1.9x faster than the int8 graph); for any other dir (the
+    packaged teacher, checkpoints) torch fp32, so teacher scores are the same on every host."""
+    if backend != AUTO:
+        return backend
+    if not (layout.onnx_dir(path) / ONNX_FILES["onnx-int8"]).is_file():
+        return "torch"
+    return "torch-bf16" if cpu_has_amx() else "onnx-int8"
+
+
+def onnx_inputs(loaded: LoadedModel) -> list[str]:
+    """The inputs the exported graph takes: token types only where the model uses them (the
+    monoBERT pair template of a family that has them)."""
+    names = ["input_ids", "attention_mask"]
+    uses_types = (loaded.kind == "cross" and getattr(loaded.model.config, "slimrank_head", None) is None
+                  and "token_type_ids" in loaded.tokenizer.model_input_names
+                  and getattr(loaded.model.config, "type_vocab_size", 1) > 1)
+    return names + (["token_type_ids"] if uses_types else [])
+
+
+def describe_backend(path: str | Path, backend: str) -> dict:
+    """What the results table says about a backend (the quantization recipe of an int8 file)."""
+    info = {"backend": backend}
+    meta = layout.onnx_dir(path) / "export.json"
+    if backend.startswith("onnx") and meta.is_file():
+        info["export"] = json.loads(meta.read_text()).get(backend, {}).get("recipe", "")
+    return info

@@ -1,0 +1,56 @@
+"""Checks of numeric arguments: argparse types and the range check of the dataclass arguments.
+
+Kept apart from ``common.cli`` (which runs the trainer) so that the argument dataclasses of
+``common.training.loop`` and ``common.pruning.cycles`` can use them without an import cycle.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the flag is named in argparse's error line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1] (weights, fractions)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
+
+
+def check_ranges(args, ranges: dict[str, tuple]) -> None:
+    """Numeric arguments within their ranges: ``{field: (low, high, low_open, high_open)}``,
+    ``None`` for an unbounded side; an unset (None) optional argument is not checked. Raises
+    ``ValueError`` naming the flag."""
+    for name, (low, high, low_open, high_open) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value != value:  # NaN
+            raise ValueError(f"--{name} must be a number, got {value}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise ValueError(f"--{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
