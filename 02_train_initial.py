@@ -13,13 +13,14 @@ decay), scaled from the paper's batch 128 / lr 3e-6 / 100k steps to small batche
       --eval_qrels_file ../shared/data/trec-dl/dl20/qrels.txt
 """
 from common.cli import parse, run_stage
+from common.layout import TRAINING_STAGES
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs
 
 
 def main(argv=None) -> None:
     def stage(parser):
-        parser.add_argument("--stage", choices=["initial", "recover"], default="initial",
+        parser.add_argument("--stage", choices=TRAINING_STAGES, default="initial",
                             help="recover: train a pruned (reshaped) model further; its checkpoints "
                                  "are named with their structure and tabled as 'recover'")
     args, extra = parse([TrainArgs], __doc__, argv, extra=stage)

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from common.io import replace_dir  # noqa: F401 (checkpoints and reshaped models are replaced with it)
 
+# The training stages, in pipeline order: the stage a checkpoint's trainer_state.json names, the
+# method of its results row, the stage dirs of the recipes. Every listing of stages uses these.
+PRUNING_STAGES = ("heads", "ffn", "mixed", "l0")
+TRAINING_STAGES = ("initial", "recover")
+STAGE_ORDER = ("initial",) + PRUNING_STAGES + ("recover",)
 PREFIX = "seen_"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"

@@ -274,3 +274,25 @@ def test_l3prune_scores_an_asymmetric_model_with_its_query_encoder(tiny_models, 
     with torch.no_grad():
         by_hand = float(apply_loss(loss, kind.forward(kind.model, rows, loss.inputs).inputs))
     assert abs(asym[-1] - by_hand) < 1e-5
+
+
+def test_an_evaluation_loads_the_query_encoder_once(tiny_models, tmp_path, monkeypatch):
+    """Scoring, both latency regimes and the bf16 timing of one 05 row share one query encoder
+    (loaded from disk once per process, not once per Ranker)."""
+    from common.serving import rank
+    evaluate = importlib.import_module("05_eval_trec").main
+    teacher = str(tiny_models["bert"])
+    student, _, _ = reshape_checkpoint(teacher, str(tmp_path / "two"), keep_layers=2, kind="bi")
+    rows = [{"qid": q, "query": f"query {q}", "docid": f"d{q}{i}", "rank": i + 1, "first_stage_score": 10.0 - i,
+             "passage": f"passage {i} about topic {q}"} for q in ("1", "2") for i in range(3)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / "qrels.txt").write_text("".join(f"{q} 0 d{q}{i} {i % 3}\n" for q in ("1", "2") for i in range(3)))
+    loads = []
+    real_load = rank.load_model
+    monkeypatch.setattr(rank, "load_model", lambda path, *a, **k: loads.append(str(path)) or real_load(path, *a, **k))
+    rank._query_encoder.cache_clear()
+    evaluate(["--checkpoint", str(student), "--query_encoder", teacher, "--candidates", str(tmp_path / "c.parquet"),
+              "--qrels", str(tmp_path / "qrels.txt"), "--topics", "toy", "--results", str(tmp_path / "r.parquet"),
+              "--max_length", "32", "--threads", "1", "--repeats", "1", "--latency_queries", "1", "--bf16_latency"])
+    assert loads.count(str(tiny_models["bert"].resolve())) == 1
+    assert len(pd.read_parquet(tmp_path / "r.parquet")) == 1

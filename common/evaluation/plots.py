@@ -35,11 +35,10 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from common.io import atomic_output
 from common.evaluation.results import load_results
-from common.layout import METRICS_FILE, STATE_FILE
+from common.layout import METRICS_FILE, PRUNING_STAGES, STAGE_ORDER, STATE_FILE
 
 METRIC = "ndcg@10"
 METRIC_LABEL = "NDCG@10"
-PRUNING_STAGES = ("heads", "ffn", "mixed", "l0")
 FORMATS = ("png", "svg")
 DPI = 150
 
@@ -106,8 +105,7 @@ def run_stage(frame: pd.DataFrame) -> str:
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:
-    order = ("initial",) + PRUNING_STAGES
-    return (order.index(stage) if stage in order else len(order), stage)
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
 
 
 def _by_stage(runs: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -264,7 +262,7 @@ def method_style(method: str) -> dict:
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
-    rank = {m: i for i, m in enumerate(("initial", "heads", "ffn", "mixed", "reshaped", "base"))}
+    rank = {m: i for i, m in enumerate(STAGE_ORDER + ("reshaped", "base"))}
     return sorted(set(methods), key=lambda m: (rank.get(base_method(m), 99), base_method(m),
                                                m.endswith(RESHAPE_SUFFIX), m))
 

@@ -179,8 +179,7 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)
 
     query_encoder = getattr(ranker, "query_encoder", None)
-    timed = Ranker.from_loaded(loaded, ranker.backend, max_length=max_length, batch_size=opts.n_pairs,
-                               query_encoder=query_encoder)
+    timed = ranker.with_batch_size(opts.n_pairs)
     row.update(timed.extra_costs(candidates, opts, device))  # bi: corpus-encoding throughput
     (w_mean, w_std), (r_mean, r_std) = time_regimes(timed)
     row.update({f"{prefix}_ms_worst": w_mean, f"{prefix}_ms_worst_std": w_std,

@@ -61,11 +61,12 @@ import pandas as pd
 
 from common.evaluation.trec import CONVENTIONS
 from common.io import atomic_output, atomic_write_text
+from common.layout import STAGE_ORDER
 
 KEY = ("checkpoint", "topics")
 
 #: Display order of methods in the table; methods not listed follow alphabetically.
-METHOD_ORDER = ("bm25", "base", "initial", "heads", "ffn", "mixed", "l0", "recover", "reshaped")
+METHOD_ORDER = ("bm25", "base") + STAGE_ORDER + ("reshaped",)
 
 MISSING = "–"
 

@@ -21,7 +21,9 @@ input order, ``rank`` sorts one query's passages.
 """
 from __future__ import annotations
 
+import copy
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,15 @@ class OnnxRunner:
         return self.session.run(None, feed)[0]
 
 
+@lru_cache(maxsize=4)
+def _query_encoder(name: str, device: str) -> LoadedModel:
+    """A frozen query encoder, loaded once per process and device (every evaluation of a run, and
+    every in-training evaluation, embeds its queries with the same weights)."""
+    encoder = load_model(name, device, kind="bi")
+    encoder.model.eval().requires_grad_(False)
+    return encoder
+
+
 class Ranker:
     """Tokenise, batch and score with one runner; :meth:`load` picks the kind's class."""
 
@@ -180,13 +191,22 @@ class Ranker:
             # same torch precision as the passages; an ONNX passage side keeps the query
             # encoder's own default (torch fp32 unless it is a shipped dir itself)
             device = next(loaded.model.parameters()).device
-            encoder = load_model(query_encoder, device, kind="bi")
+            local = Path(query_encoder).expanduser()
+            encoder = _query_encoder(str(local.resolve()) if local.is_dir() else query_encoder, str(device))
             check_query_encoder(loaded, encoder, query_encoder)
             ranker.query_ranker = Ranker.from_loaded(
                 encoder,
                 backend if backend in TORCH_PRECISION else AUTO, max_length=max_length,
                 batch_size=batch_size, threads=threads, query_encoder=None)
             ranker.query_encoder = query_encoder
+        return ranker
+
+    def with_batch_size(self, batch_size: int) -> "Ranker":
+        """The same ranker (same runner, same query encoder) scoring ``batch_size`` at a time."""
+        ranker = copy.copy(self)
+        ranker.batch_size = batch_size
+        if getattr(self, "query_ranker", None) is not None:
+            ranker.query_ranker = self.query_ranker.with_batch_size(batch_size)
         return ranker
 
     def score(self, queries: list[str], passages: list[str], progress: bool = False) -> np.ndarray:
