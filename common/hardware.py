@@ -1,9 +1,12 @@
-"""The machine: CPU feature flags, native bf16 / AMX detection, and the one-line description
-of where a number was measured (every results row and benchmark footer carries it)."""
+"""The machine: CPU feature flags, native bf16 / AMX detection, the one-line description of where a
+number was measured (every results row and benchmark footer carries it), and timing on a device."""
 import os
 import platform
+import statistics
+import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,3 +56,35 @@ def cpu_has_native_bf16() -> bool | None:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX-BF16 tiles (where PyTorch's bf16 matmuls run)."""
     return "amx_bf16" in (cpu_flags() or ())
+
+
+def time_callable(fn: Callable[[], object], repeats: int, warmup: int,
+                  device: str | torch.device) -> tuple[float, float]:
+    """(mean, standard deviation) in milliseconds of ``repeats`` calls of ``fn()``.
+
+    ``warmup`` untimed calls come first. Each call is timed alone with ``time.perf_counter``;
+    on a CUDA device, ``torch.cuda.synchronize(device)`` runs before and after each call so the
+    time covers the queued kernels. Only ``device`` is synchronised: ``fn`` must do its work
+    there (inputs already on it). The standard deviation is the sample one (0 for one repeat).
+    ``fn`` decides about gradients (wrap it in ``torch.inference_mode()`` for inference).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("need repeats >= 1 and warmup >= 0")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"timing supports cpu and cuda devices, got {device}")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.fmean(times), statistics.stdev(times) if repeats > 1 else 0.0

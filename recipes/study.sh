@@ -13,11 +13,12 @@ MAX_LENGTH=${MAX_LENGTH:-128}
 guard_run "$RUN"
 
 [ -f data/distill/teacher_scores.parquet ] || \
-  $PY 01_prefetch_passages.py distill --output_dir data/distill --shared "$SHARED" --overwrite
+  $PY 01_prefetch_passages.py distill --output_dir data/distill --shared "$SHARED" --holdout 20 --overwrite
 $PY 01_prefetch_passages.py json --input "$SHARED/dl20/bm25.json" --output data/dl20.bm25.candidates.parquet \
   --run_file data/dl20.bm25.run --tag bm25 --overwrite
-EVAL=(--eval_candidates_file data/dl20.bm25.candidates.parquet --eval_qrels_file "$SHARED/dl20/qrels.txt"
-      --eval_max_queries 20 --max_length "$MAX_LENGTH" --batch_size 32 --seed 42 --precision bf16)
+# monitored on the 20 held-out training-side (DL21) topics of data/distill, never on DL20
+EVAL=(--eval_candidates_file data/distill/holdout.candidates.parquet --eval_qrels_file data/distill/holdout.qrels.txt
+      --max_length "$MAX_LENGTH" --batch_size 32 --seed 42 --precision bf16)
 
 $PY 02_train_initial.py --model_tag all-MiniLM-L6-v2 --train_triples_file data/distill/triples.tsv \
   --distill_scores data/distill/teacher_scores.parquet --distill_scale 10 \
@@ -27,7 +28,7 @@ FINAL=$($PY -m common.layout latest "$RUN/distill")
 if [ "$JUDGED_PAIRS" -gt 0 ]; then
   $PY 01_prefetch_passages.py json --input "$SHARED/dl21/bm25.json" --output data/dl21.bm25.candidates.parquet --overwrite
   $PY 01_prefetch_passages.py triples --candidates data/dl21.bm25.candidates.parquet \
-    --qrels "$SHARED/dl21/qrels.txt" --eval_candidates data/dl20.bm25.candidates.parquet \
+    --qrels "$SHARED/dl21/qrels.txt" --eval_candidates data/dl20.bm25.candidates.parquet data/distill/holdout.candidates.parquet \
     --output data/dl21.judged.triples.tsv --overwrite
   $PY 02_train_initial.py --model_tag "$FINAL" --train_triples_file data/dl21.judged.triples.tsv \
     --seen_pairs 0 --output_dir "$RUN/judged" --num_training_samples "$JUDGED_PAIRS" \

@@ -22,8 +22,8 @@ from common.models.arch import adapter_for, get_module, layer_stack, set_module
 # FlopCountAnalysis comes through common.evaluation.cost, which imports fvcore without its deprecation noise.
 from common.evaluation.cost import (FlopCountAnalysis, analytic_macs, architecture, check_unsupported,
                          count_parameters, dir_size_mb, flop_analysis, fvcore_macs,
-                         time_callable, worst_case_inputs)
-from common.hardware import machine_description
+                         worst_case_inputs)
+from common.hardware import machine_description, time_callable
 
 FAMILIES = ("bert", "distilbert", "roberta", "electra")
 IMPLS = ("sdpa", "eager")

@@ -23,11 +23,11 @@ from common.data.formats import (
     read_candidates_json,
     read_qrels,
     read_queries_tsv,
-    read_trec_run,
     validate_candidates,
     write_candidates,
     write_triples_tsv,
 )
+from common.data.trec import read_trec_run
 
 TREC_DL = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl"
 needs_trec_dl = pytest.mark.skipif(not TREC_DL.is_dir(), reason=f"{TREC_DL} not available")

@@ -324,7 +324,7 @@ def test_fused_teacher_set_reorders_by_the_interpolation(built, tmp_path):
     """fuse_distillation_set: teacher_score = w minmax(cosine) + (1-w) minmax(BM25) per query,
     the cosine kept, pairs ordered by the fused score; w=1 keeps the cosine's order."""
     from common.data.distill import fuse_distillation_set
-    from common.evaluation.trec import interpolate
+    from common.data.trec import interpolate
 
     src = built[0] / "a"
     stats = fuse_distillation_set(src, tmp_path / "fused", 0.5, pairs_per_query=6, seed=3)

@@ -1,4 +1,4 @@
-"""Tests of common.evaluation.trec: TREC DL conventions and agreement with published BM25 figures."""
+"""Tests of common.data.trec: TREC DL conventions and agreement with published BM25 figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.evaluation.trec import (
+from common.data.trec import (
     CONVENTIONS,
     MEASURES,
     evaluate_run,
@@ -215,7 +215,7 @@ def test_interpolation_with_the_first_stage():
     """Per-query min-max of both scores, then weight * model + (1 - weight) * first stage."""
     import pandas as pd
 
-    from common.evaluation.trec import interpolate
+    from common.data.trec import interpolate
 
     cands = pd.DataFrame({"qid": ["a", "a", "a", "b", "b"], "docid": list("xyzuv"),
                           "first_stage_score": [10.0, 5.0, 0.0, 3.0, 3.0]})

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.data.formats import TriplesStream
-from common.models.kinds import BiKind
+from common.training.kinds import BiKind
 from common.pruning.l3prune import layerwise_losses
 from common.models.loading import load_model, reshape_checkpoint, save_model
 from common.serving.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from common.evaluation.trec import CONVENTIONS
+from common.data.trec import CONVENTIONS
 from common.evaluation.results import (
     append_results,
     has_result,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from common.data import formats as data
-from common.evaluation.trec import write_trec_run
+from common.data.trec import read_trec_run, write_trec_run
 from common.data.first_stage import bm25_search, build_bm25_index
 from common.io import atomic_output, refuse_existing
 
@@ -59,7 +59,7 @@ def from_trec(run: Path_, queries: Path_, output: Path_, corpus_v2: Path_ | None
     """A TREC run hydrated with query text and passages from the MS MARCO v2 corpus
     (``corpus_v2``) or a v1 ``collection.tsv``."""
     refuse_existing([output, run_file], overwrite, inputs=[run, queries, corpus_v2, collection])
-    ranking = data.read_trec_run(run)
+    ranking = read_trec_run(run)
     texts = data.read_queries_tsv(queries)
     if corpus_v2:
         corpus = data.MsMarcoV2Corpus(corpus_v2, cache_dir=cache_dir)

@@ -31,7 +31,7 @@ final list is shuffled with ``random.Random(seed)``.
 
 Teacher fusion (``fusion_weight`` w): the teacher score becomes
 ``w * minmax(cosine) + (1 - w) * minmax(BM25)`` within each query's candidates
-(``common.evaluation.trec.interpolate``, the same interpolation ``05_eval_trec.py --interpolate``
+(``common.data.trec.interpolate``, the same interpolation ``05_eval_trec.py --interpolate``
 measures); the cosine stays in ``teacher_cosine``. ``fuse_distillation_set`` re-derives a
 fused set from an existing one's ``candidates.parquet`` without re-encoding anything.
 ``build_listwise_groups`` derives listwise groups (query + n passages) the same way.
@@ -52,7 +52,7 @@ import torch
 from common.models.encoders import encode, load_encoder
 from common.data.formats import (DataError, TriplesStream, read_candidates_json, read_qrels,
                          read_queries_tsv, write_candidates, write_triples_tsv)
-from common.evaluation.trec import interpolate
+from common.data.trec import interpolate
 from common.data.first_stage import bm25_search, build_bm25_index
 from common.io import atomic_output, atomic_write_text, refuse_existing
 from common.serving.rank import AUTO, Ranker, resolve_backend

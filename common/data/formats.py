@@ -173,33 +173,6 @@ def read_candidates_json(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def read_trec_run(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a TREC run (``qid Q0 docid rank score tag``, plain or .gz), in file order.
-
-    Returns columns ``qid`` (str), ``docid`` (str), ``rank`` (int32), ``score`` (float64).
-    A line without six fields or with a non-numeric rank/score raises ``DataError``
-    with its line number."""
-    qids, docids, ranks, scores = [], [], [], []
-    for line_number, line in _iter_lines(path):
-        fields = line.split()
-        try:
-            if len(fields) != 6:
-                raise ValueError(f"expected 6 fields 'qid Q0 docid rank score tag', got {len(fields)}")
-            rank, score = int(fields[3]), float(fields[4])
-        except ValueError as e:
-            raise DataError(f"{path}: line {line_number}: malformed run line ({e}): {line!r}") from e
-        qids.append(fields[0])
-        docids.append(fields[2])
-        ranks.append(rank)
-        scores.append(score)
-    return pd.DataFrame({
-        "qid": pd.array(qids, dtype="str"),
-        "docid": pd.array(docids, dtype="str"),
-        "rank": np.array(ranks, dtype=np.int32),
-        "score": np.array(scores, dtype=np.float64),
-    })
-
-
 def read_queries_tsv(path: str | os.PathLike) -> dict[str, str]:
     """Read ``qid<TAB>query`` lines (plain or .gz) into ``{qid: query}``.
 

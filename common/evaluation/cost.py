@@ -15,7 +15,7 @@ products appear as ``aten::matmul`` and fvcore's own handler counts them; both g
 total. Any operator left without a handler that looks like a matrix product raises an error
 instead of being skipped.
 
-Latency. :func:`time_callable` times a callable on one device with ``time.perf_counter``,
+Latency. :func:`common.hardware.time_callable` times a callable on one device with ``time.perf_counter``,
 synchronising CUDA around every call; :func:`worst_case_inputs` builds the synthetic batch
 (every pair exactly ``max_length`` tokens, no padding) that latency and MACs are measured on;
 :func:`common.hardware.machine_description` records the hardware the numbers belong to.
@@ -23,13 +23,10 @@ synchronising CUDA around every call; :func:`worst_case_inputs` builds the synth
 from __future__ import annotations
 
 import re
-import statistics
-import time
 import warnings
 from collections import Counter
 from math import prod
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -345,33 +342,3 @@ def _tokenized_worst_case(tokenizer, n_pairs: int, max_length: int, generator: t
     return batch
 
 
-def time_callable(fn: Callable[[], object], repeats: int, warmup: int,
-                  device: str | torch.device) -> tuple[float, float]:
-    """(mean, standard deviation) in milliseconds of ``repeats`` calls of ``fn()``.
-
-    ``warmup`` untimed calls come first. Each call is timed alone with ``time.perf_counter``;
-    on a CUDA device, ``torch.cuda.synchronize(device)`` runs before and after each call so the
-    time covers the queued kernels. Only ``device`` is synchronised: ``fn`` must do its work
-    there (inputs already on it). The standard deviation is the sample one (0 for one repeat).
-    ``fn`` decides about gradients (wrap it in ``torch.inference_mode()`` for inference).
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError("need repeats >= 1 and warmup >= 0")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"timing supports cpu and cuda devices, got {device}")
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.fmean(times), statistics.stdev(times) if repeats > 1 else 0.0

@@ -14,9 +14,9 @@ import torch
 
 from common.evaluation import cost
 from common import layout
-from common.hardware import machine_description
+from common.hardware import machine_description, time_callable
 from common.data.formats import DataError, candidates_to_run, read_candidates, read_qrels
-from common.evaluation.trec import evaluate_run, interpolate, write_trec_run
+from common.data.trec import evaluate_run, interpolate, write_trec_run
 from common.models.loading import load_model, pick_device
 from common.serving.rank import Ranker, describe_backend
 from common.models.segment import is_segment, mean_cross_attention
@@ -169,11 +169,11 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
 
     def time_regimes(timed: Ranker) -> tuple[tuple[float, float], tuple[float, float]]:
         inputs = {k: v for k, v in worst.items() if k in getattr(timed.runner, "inputs", worst)}
-        w = cost.time_callable(lambda: timed.run(inputs), opts.repeats, opts.warmup, device)
+        w = time_callable(lambda: timed.run(inputs), opts.repeats, opts.warmup, device)
         timings = []
         for group in groups:
             q, p = group["query"].tolist(), group["passage"].tolist()
-            mean, _std = cost.time_callable(lambda: timed.score(q, p), opts.repeats, opts.warmup, device)
+            mean, _std = time_callable(lambda: timed.score(q, p), opts.repeats, opts.warmup, device)
             timings.append(mean)
         real = torch.tensor(timings)
         return w, (float(real.mean()), float(real.std()) if len(timings) > 1 else 0.0)

@@ -22,7 +22,7 @@ Expected columns (all optional except the key):
 ``heads``, ``ffn``     total kept attention heads / FFN neurons (int)
 ``heads_per_layer``,   kept per layer, comma-separated (``"12,11,12,..."``)
 ``ffn_per_layer``
-``ndcg@10``,           measures of :func:`common.evaluation.trec.evaluate_run`
+``ndcg@10``,           measures of :func:`common.data.trec.evaluate_run`
 ``map@100``,
 ``rr@10``,
 ``recall@100``
@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.evaluation.trec import CONVENTIONS
+from common.data.trec import CONVENTIONS
 from common.io import atomic_output, atomic_write_text
 from common.layout import STAGE_ORDER
 

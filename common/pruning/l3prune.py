@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from common.data.formats import TriplesStream
-from common.models.kinds import KINDS
+from common.training.kinds import KINDS
 from common.models.loading import LoadedModel, keep_first_layers, load_model
 from common.serving.rank import check_query_encoder, query_encoder_of
 from common.training.loop import TrainArgs, apply_loss

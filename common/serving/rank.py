@@ -13,7 +13,7 @@ Model kinds are classes: :class:`CrossRanker` scores a (query, passage) pair in 
 (the model's own pair layout: the monoBERT template or the segment head's); :class:`BiRanker`
 embeds queries and passages alone and scores by cosine, each distinct text once; a bi model
 whose config names a query encoder (``slimrank_query_encoder``: trained with
-``--query_encoder``, see ``common.models.kinds``) embeds its queries with that frozen encoder and only
+``--query_encoder``, see ``common.training.kinds``) embeds its queries with that frozen encoder and only
 its passages itself (an asymmetric bi-encoder: a pruned passage encoder beside the unpruned query
 encoder whose embedding space it was trained to). Both batch
 length-sorted (``common.models.loading.sorted_batches``) without gradients; ``score`` keeps the
@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.evaluation import cost
 from common import layout
 from common.layout import ONNX_FILES
-from common.hardware import cpu_has_amx
+from common.hardware import cpu_has_amx, time_callable
 from common.models.encoders import pool
 from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, autocast_context, encode_pairs, load_model,
                              model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
@@ -268,7 +267,7 @@ class BiRanker(Ranker):
         ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
         texts = list(dict.fromkeys(candidates["passage"]))[:passages]
         encoder = Ranker.from_loaded(self.loaded, self.backend, max_length=self.max_length, batch_size=64)
-        mean_ms, std_ms = cost.time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
+        mean_ms, std_ms = time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
                                              min(opts.warmup, 1), device)
         return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
                 "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,

@@ -33,11 +33,11 @@ from common.training.argtypes import check_ranges
 from common.data.formats import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
-from common.evaluation.trec import evaluate_run
+from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
 from common.io import atomic_write_text
 from common.training.losses import Loss, get_loss, loss_class, score_distillation_losses
-from common.models.kinds import KINDS
+from common.training.kinds import KINDS
 from common.models.loading import PACKAGED_MODELS, load_model, pick_device, save_model
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
@@ -613,7 +613,7 @@ class Trainer:
         """One optimizer step: the task loss (``self.loss``: the --distill_loss to the teacher
         scores of --distill_scores, else the kind's loss on labels) on the kind's forward pass,
         plus, with --distill_from, the distillation loss (``self.distill``) to the teacher's
-        counterpart, combined as the kind says (``common.models.kinds``)."""
+        counterpart, combined as the kind says (``common.training.kinds``)."""
         kind = self.training_kind
         hidden = self.args.distill_hidden > 0
         with LayerOutputs(self.model) if hidden else nullcontext() as student_layers:
@@ -665,7 +665,7 @@ class Trainer:
         return record
 
     def evaluate(self) -> dict:
-        """Re-rank the eval candidates; TREC DL measures (see common.evaluation.trec)."""
+        """Re-rank the eval candidates; TREC DL measures (see common.data.trec)."""
         if not self.args.eval_candidates_file:
             return {}
         if self._eval_data is None:

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import pytrec_eval
 
+from common.data.formats import DataError, _iter_lines
 from common.io import atomic_output, atomic_write_text  # noqa: F401 (atomic_write_text: imported from here)
 
 MEASURES = ("ndcg@10", "map@100", "rr@10", "recall@100")
@@ -203,6 +204,33 @@ def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
         return ((frame[column] - low) / (high - low).where(high > low)).fillna(0.0)
     fused = weight * minmax("model") + (1 - weight) * minmax("first")
     return pd.Series(fused.to_numpy(), index=candidates.index)
+
+
+def read_trec_run(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a TREC run (``qid Q0 docid rank score tag``, plain or .gz), in file order.
+
+    Returns columns ``qid`` (str), ``docid`` (str), ``rank`` (int32), ``score`` (float64).
+    A line without six fields or with a non-numeric rank/score raises ``DataError``
+    with its line number."""
+    qids, docids, ranks, scores = [], [], [], []
+    for line_number, line in _iter_lines(path):
+        fields = line.split()
+        try:
+            if len(fields) != 6:
+                raise ValueError(f"expected 6 fields 'qid Q0 docid rank score tag', got {len(fields)}")
+            rank, score = int(fields[3]), float(fields[4])
+        except ValueError as e:
+            raise DataError(f"{path}: line {line_number}: malformed run line ({e}): {line!r}") from e
+        qids.append(fields[0])
+        docids.append(fields[2])
+        ranks.append(rank)
+        scores.append(score)
+    return pd.DataFrame({
+        "qid": pd.array(qids, dtype="str"),
+        "docid": pd.array(docids, dtype="str"),
+        "rank": np.array(ranks, dtype=np.int32),
+        "score": np.array(scores, dtype=np.float64),
+    })
 
 
 def write_trec_run(
