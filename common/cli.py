@@ -14,7 +14,7 @@ from common.data.formats import DataError
 from common.training.loop import ARGUMENT_GROUPS, Trainer, check_start_or_resume
 
 CONFIG_HELP = ("--config FILE.toml: settings read first, one `name = value` per argument "
-               "(recipes/config/*.toml); the command line overrides them")
+               "(recipes/config/<study>/*.toml); the command line overrides them")
 
 
 def parse(dataclasses: list, doc: str, argv=None, extra=None):

@@ -50,7 +50,7 @@ step "2/10 distillation set with held-out DL21 topics (20), and its BM25-fused t
   $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 \
     --output_dir "$DATA/distill_fused" --overwrite
 
-# settings of each training stage: recipes/config/main_{initial,prune,recover}.toml; here, paths
+# settings of each training stage: recipes/config/main/{initial,prune,recover}.toml; here, paths
 # and sizes (which SMOKE changes)
 TRAIN=(--train_triples_file "$DATA/distill_fused/triples.tsv" --distill_scores "$DATA/distill_fused/teacher_scores.parquet"
        --max_length "$MAX_LENGTH" --eval_candidates_file "$DATA/distill/holdout.candidates.parquet"
@@ -65,12 +65,12 @@ if ! $PY -c "import sys; from common.hardware import cpu_has_native_bf16 as f; s
 fi
 
 step "3/10 initial cross-encoder (segment-cosine head from the bi-encoder): $TRAIN_PAIRS pairs"
-$PY 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$RUN/initial" \
+$PY 02_train_initial.py --config recipes/config/main/initial.toml --output_dir "$RUN/initial" \
   --num_training_samples "$TRAIN_PAIRS" --num_checkpoint_samples $(( TRAIN_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
 INITIAL=$(latest "$RUN/initial")
 
 step "4/10 mixed pruning of all layers (heads + FFN, activation importance) while distilling: $PRUNE_PAIRS pairs"
-$PY 03c_prune_mixed.py initial --config recipes/config/main_prune.toml --checkpoint_dir "$INITIAL" \
+$PY 03c_prune_mixed.py initial --config recipes/config/main/prune.toml --checkpoint_dir "$INITIAL" \
   --distill_from "$INITIAL" --output_dir "$RUN/mixed" --num_training_samples "$PRUNE_PAIRS" \
   --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}"
 PRUNED=$(latest "$RUN/mixed")
@@ -79,7 +79,7 @@ step "5/10 reshape the pruned model"
 $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 
 step "6/10 recovery: the reshaped model goes on distilling the initial one: $RECOVERY_PAIRS pairs"
-$PY 02_train_initial.py --stage recover --config recipes/config/main_recover.toml \
+$PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
   --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
 FINAL=$(latest "$RUN/recover")

@@ -29,7 +29,7 @@
 # Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), RECOVERY_LR (LR), BATCH (32), MAX_LENGTH (128),
 # THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16),
 # LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
-# only: the main job's loss, recipes/config/main_prune.toml: margin-MSE to the BM25-fused teacher's
+# only: the main job's loss, recipes/config/main/prune.toml: margin-MSE to the BM25-fused teacher's
 # margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings).
 # QUERY_ENCODER (none; KIND=bi only): a frozen encoder embeds the queries (--query_encoder, e.g. the
 # packaged all-MiniLM-L6-v2) and the pruned model only the passages, in both stages; the models
