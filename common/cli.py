@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tomllib
-from dataclasses import fields
 
 from transformers import HfArgumentParser
 
-from common.training.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
-                             unit_float)  # (the scripts import them from here)
+from common.training.argtypes import (DECLARATION_KEYS, argument_groups, check_ranges, nonneg_int,  # noqa: F401
+                                      positive_float, positive_int, unit_float)  # (scripts import them from here)
 from common.data.formats import DataError
-from common.training.loop import ARGUMENT_GROUPS, Trainer, check_start_or_resume
+from common.training.loop import Trainer
+from common.training.resume import check_start_or_resume
 
 CONFIG_HELP = ("--config FILE.toml: settings read first, one `name = value` per argument "
                "(recipes/config/<study>/*.toml); the command line overrides them")
@@ -21,12 +22,11 @@ def parse(dataclasses: list, doc: str, argv=None, extra=None):
     """Dataclass arguments (tevatron style) in argument groups, each validated once here (its
     ``validate()``); ``extra(parser)`` may add positionals; ``--config FILE.toml`` supplies
     settings the command line overrides. A bad value exits with one ``error:`` line."""
-    parser = HfArgumentParser(dataclasses, description=doc, epilog=CONFIG_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = dict(ARGUMENT_GROUPS)
-    for dc in dataclasses:  # a dataclass of its own group (PruneArgs: "pruning")
-        if getattr(dc, "argument_group", None):
-            groups[dc.argument_group] = tuple(f.name for f in fields(dc))
+    parser = DeclaredArgumentParser(dataclasses, description=doc, epilog=CONFIG_HELP,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for dc in dataclasses:  # each field declares its group (common.training.argtypes.arg)
+        groups.update(argument_groups(dc))
     group_arguments(parser, groups)
     if extra:
         extra(parser)
@@ -44,6 +44,17 @@ def parse(dataclasses: list, doc: str, argv=None, extra=None):
             except ValueError as err:
                 fail(err)
     return objs
+
+
+class DeclaredArgumentParser(HfArgumentParser):
+    """HfArgumentParser over fields declared with ``common.training.argtypes.arg``: the keys that
+    argparse does not know (group, bounds, resume rule) are dropped before it sees a field."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        plain = copy.copy(field)
+        plain.metadata = {k: v for k, v in field.metadata.items() if k not in DECLARATION_KEYS}
+        HfArgumentParser._parse_dataclass_field(parser, plain)
 
 
 def group_arguments(parser: argparse.ArgumentParser, groups: dict) -> None:

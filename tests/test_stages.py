@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from common.data.formats import DataError
-from common.training.loop import read_source_state
+from common.training.resume import read_source_state
 
 
 def test_a_stage_may_start_from_a_packaged_tag_but_not_a_missing_dir(tmp_path):
@@ -50,15 +50,46 @@ def test_start_or_resume_is_said_not_guessed(script, extra, tiny_models, toy_tri
     assert "--resume" in str(exit_.value) and "not a training checkpoint" in str(exit_.value)
 
 
+def capture_help(parse, dataclasses, capsys) -> str:
+    with pytest.raises(SystemExit):
+        parse(dataclasses, "", ["--help"])
+    return capsys.readouterr().out
+
+
+def test_declared_ranges_choices_and_resume_rules():
+    """One declaration per argument (argtypes.arg): its range, choices and resume rule are checked
+    from it, for objects built in code as for the command line."""
+    from common.pruning.l0 import L0Args
+    from common.training.args import RESUME_MAY_CHANGE, TrainArgs
+
+    base = dict(train_triples_file="t.tsv", output_dir="o", num_training_samples=64, model_tag="m")
+    TrainArgs(**base).validate()
+    for bad, flag in (({"precision": "fp8"}, "--precision"), ({"model_kind": "poly"}, "--model_kind"),
+                      ({"group_size": 1}, "--group_size"), ({"learning_rate": float("inf")}, "--learning_rate"),
+                      ({"warmup_fraction": float("nan")}, "--warmup_fraction")):
+        with pytest.raises(ValueError, match=flag):
+            TrainArgs(**base, **bad).validate()
+    with pytest.raises(ValueError, match="--gate_init"):
+        L0Args(target_macs_ratio=0.5, gate_init=float("nan"))
+    assert {"threads", "device", "output_dir"} <= RESUME_MAY_CHANGE
+    assert not {"learning_rate", "precision", "distill_from", "max_length"} & RESUME_MAY_CHANGE
+
+
 def test_arguments_come_in_groups_and_from_config_files(tmp_path, capsys):
     from dataclasses import fields
 
     from common.cli import parse
     from common.pruning.cycles import PruneArgs
-    from common.training.loop import ARGUMENT_GROUPS, TrainArgs
+    from common.pruning.l0 import L0Args
+    from common.training.argtypes import argument_groups
+    from common.training.args import ARGUMENT_GROUPS, TrainArgs
 
-    grouped = [name for names in ARGUMENT_GROUPS.values() for name in names]
-    assert sorted(grouped) == sorted(f.name for f in fields(TrainArgs))  # each in exactly one
+    for dc in (TrainArgs, PruneArgs, L0Args):  # every field declares its group (argtypes.arg)
+        grouped = [name for names in argument_groups(dc).values() for name in names]
+        assert sorted(grouped) == sorted(f.name for f in fields(dc))
+    assert ARGUMENT_GROUPS == argument_groups(TrainArgs)
+    help_text = capture_help(parse, [TrainArgs, PruneArgs], capsys)
+    assert "optimisation:" in help_text and "pruning:" in help_text and "--bounds" not in help_text
     config = tmp_path / "stage.toml"
     config.write_text('learning_rate = 3e-5\nexclude_layers = ""\ntarget_heads = 9\nprecision = "bf16"\n'
                       'overwrite = true\n')
@@ -76,9 +107,9 @@ def test_arguments_come_in_groups_and_from_config_files(tmp_path, capsys):
     assert "missing.toml" in str(exit_.value)
 
 
-@pytest.mark.parametrize("script,config", [("02_train_initial", "main_initial"),
-                                           ("03c_prune_mixed", "main_prune"),
-                                           ("02_train_initial", "main_recover")])
+@pytest.mark.parametrize("script,config", [("02_train_initial", "main/initial"),
+                                           ("03c_prune_mixed", "main/prune"),
+                                           ("02_train_initial", "main/recover")])
 def test_the_main_jobs_config_files_hold_only_arguments_of_their_script(script, config):
     import tomllib
 
@@ -89,8 +120,8 @@ def test_the_main_jobs_config_files_hold_only_arguments_of_their_script(script, 
     parser_of = {}
 
     def capture(dataclasses, doc, argv=None, extra=None):  # the script's own parser, not run
-        from transformers import HfArgumentParser
-        parser = HfArgumentParser(dataclasses)
+        from common.cli import DeclaredArgumentParser
+        parser = DeclaredArgumentParser(dataclasses)
         if extra:
             extra(parser)
         parser_of["p"] = parser

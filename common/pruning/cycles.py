@@ -12,54 +12,50 @@ appended to the pruning history.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
-from common.training.argtypes import check_ranges
+from common.training.argtypes import arg, check_declared
 from common.pruning.importance import Importance, get_importance, importance_names, select_ffn, select_heads
 from common.training.schedules import CosineRestarts
 from common.models.structure import PruningState, zero_dead_weights
-from common.training.loop import Callback, Trainer, all_reduce_sum
+from common.training.distributed import all_reduce_sum
+from common.training.loop import Callback, Trainer
 
 
 @dataclass
 class PruneArgs:
-    argument_group = "pruning"  # (not a field) the --help group of these arguments
-    target_sparsity: Optional[float] = field(default=None, metadata={
-        "help": "share of the prunable heads/neurons to remove by the end"})
-    num_prune_cycles: Optional[int] = field(default=None, metadata={
-        "help": "prune events (03b/03c); 03a prunes one head per cycle"})
-    target_heads: Optional[int] = field(default=None, metadata={"help": "03c: total heads to keep"})
-    target_ffn: Optional[int] = field(default=None, metadata={"help": "03c: FFN width to keep per prunable layer"})
-    num_warmup_samples: int = field(default=0, metadata={"help": "pairs trained before the first cycle"})
-    score_fraction: float = field(default=0.2, metadata={"help": "head scoring window: last share of each cycle"})
-    exclude_layers: str = field(default="0", metadata={"help": "comma-separated layers never pruned ('' for none)"})
-    allow_empty_layers: bool = field(default=False, metadata={"help": "a layer may lose all its heads/neurons"})
-    scope: str = field(default="layer", metadata={"help": "FFN selection: per layer or global"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "LR at the end of a cycle / peak"})
-    importance: str = field(default="confidence", metadata={
-        "help": f"pruning criterion, one of {', '.join(importance_names())}: 'confidence' (alias "
-                "'reference'): head confidence + FFN L1 (the study's criteria); 'activation': both "
-                "scored from activations over the scoring window; 'l1': weight norms "
-                "(see common.pruning.importance)"})
-
-    RANGES = {  # (low, high, low_open, high_open): common.cli.check_ranges
-        "target_sparsity": (0, 1, True, True), "num_prune_cycles": (1, None, False, False),
-        "target_heads": (0, None, False, False), "target_ffn": (0, None, False, False),
-        "num_warmup_samples": (0, None, False, False), "score_fraction": (0, 1, True, False),
-        "min_lr_ratio": (0, 1, False, False),
-    }
+    target_sparsity: Optional[float] = arg(None, group="pruning", bounds=(0, 1, True, True),
+        help="share of the prunable heads/neurons to remove by the end")
+    num_prune_cycles: Optional[int] = arg(None, group="pruning", bounds=(1, None, False, False),
+        help="prune events (03b/03c); 03a prunes one head per cycle")
+    target_heads: Optional[int] = arg(None, group="pruning", bounds=(0, None, False, False),
+        help="03c: total heads to keep")
+    target_ffn: Optional[int] = arg(None, group="pruning", bounds=(0, None, False, False),
+        help="03c: FFN width to keep per prunable layer")
+    num_warmup_samples: int = arg(0, group="pruning", bounds=(0, None, False, False),
+        help="pairs trained before the first cycle")
+    score_fraction: float = arg(0.2, group="pruning", bounds=(0, 1, True, False),
+        help="head scoring window: last share of each cycle")
+    exclude_layers: str = arg("0", group="pruning", help="comma-separated layers never pruned ('' for none)")
+    allow_empty_layers: bool = arg(False, group="pruning", help="a layer may lose all its heads/neurons")
+    scope: str = arg("layer", group="pruning", choices=("layer", "global"), help="FFN selection: per layer or global")
+    min_lr_ratio: float = arg(0.0, group="pruning", bounds=(0, 1, False, False),
+        help="LR at the end of a cycle / peak")
+    importance: str = arg("confidence", group="pruning",
+        help=f"pruning criterion, one of {', '.join(importance_names())}: 'confidence' (alias "
+             "'reference'): head confidence + FFN L1 (the study's criteria); 'activation': both "
+             "scored from activations over the scoring window; 'l1': weight norms "
+             "(see common.pruning.importance)")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        check_ranges(self, self.RANGES)
+        check_declared(self)
         if self.importance not in importance_names():
             raise ValueError(f"--importance must be one of {', '.join(importance_names())}, "
                              f"got {self.importance!r}")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"--scope must be layer or global, got {self.scope!r}")
         try:
             self.excluded()
         except ValueError:

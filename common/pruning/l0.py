@@ -45,7 +45,7 @@ saved in each checkpoint (``l0_gates.pt``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.training.argtypes import check_ranges
+from common.training.argtypes import arg, check_declared
 from common.models.arch import adapter_for, get_module, layer_stack
 from common.evaluation.cost import analytic_macs, architecture
 from common.training.schedules import WarmupLinear
@@ -81,31 +81,27 @@ def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) ->
 
 @dataclass
 class L0Args:
-    argument_group = "l0 gates"  # (not a field) the --help group of these arguments
-    target_macs_ratio: Optional[float] = field(default=None, metadata={
-        "help": "cost target: expected multiply-adds per sequence (common.evaluation.cost, at --max_length) "
-                "/ the unpruned model's, e.g. 0.33"})
-    target_heads: Optional[int] = field(default=None, metadata={"help": "shape target: heads kept in total"})
-    target_ffn: Optional[int] = field(default=None, metadata={
-        "help": "shape target: FFN neurons kept per layer on average (total / kept layers)"})
-    target_layers: Optional[int] = field(default=None, metadata={
-        "help": "shape target: layers kept (the others lose all heads and neurons)"})
-    l0_warmup_fraction: float = field(default=0.5, metadata={
-        "help": "share of the stage over which the target moves from the start to its value"})
-    l0_learning_rate: float = field(default=0.05, metadata={
-        "help": "AdamW LR of the gates' log-alphas and of the Lagrange multipliers"})
-    gate_init: float = field(default=3.0, metadata={
-        "help": "initial log-alpha (3: every gate starts open, P(z = 1) ~ 0.9)"})
-
-    RANGES = {"target_macs_ratio": (0, 1, True, True), "target_heads": (0, None, False, False),
-              "target_ffn": (0, None, False, False), "target_layers": (1, None, False, False),
-              "l0_warmup_fraction": (0, 1, False, False), "l0_learning_rate": (0, None, True, False)}
+    target_macs_ratio: Optional[float] = arg(None, group="l0 gates", bounds=(0, 1, True, True),
+        help="cost target: expected multiply-adds per sequence (common.evaluation.cost, at --max_length) "
+             "/ the unpruned model's, e.g. 0.33")
+    target_heads: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
+        help="shape target: heads kept in total")
+    target_ffn: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
+        help="shape target: FFN neurons kept per layer on average (total / kept layers)")
+    target_layers: Optional[int] = arg(None, group="l0 gates", bounds=(1, None, False, False),
+        help="shape target: layers kept (the others lose all heads and neurons)")
+    l0_warmup_fraction: float = arg(0.5, group="l0 gates", bounds=(0, 1, False, False),
+        help="share of the stage over which the target moves from the start to its value")
+    l0_learning_rate: float = arg(0.05, group="l0 gates", bounds=(0, None, True, False),
+        help="AdamW LR of the gates' log-alphas and of the Lagrange multipliers")
+    gate_init: float = arg(3.0, group="l0 gates", bounds=(None, None, False, False),
+        help="initial log-alpha (3: every gate starts open, P(z = 1) ~ 0.9)")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        check_ranges(self, self.RANGES)
+        check_declared(self)
         shape = (self.target_heads, self.target_ffn, self.target_layers)
         if self.target_macs_ratio is not None and any(v is not None for v in shape):
             raise ValueError("give either --target_macs_ratio (a cost) or --target_heads/--target_ffn/"

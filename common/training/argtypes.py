@@ -1,4 +1,5 @@
-"""Checks of numeric arguments: argparse types and the range check of the dataclass arguments.
+"""Arguments: argparse types, the range check, and :func:`arg`, the one declaration of a field of
+an argument dataclass (help, group, range, choices, resume rule).
 
 Kept apart from ``common.cli`` (which runs the trainer) so that the argument dataclasses of
 ``common.training.loop`` and ``common.pruning.cycles`` can use them without an import cycle.
@@ -6,6 +7,8 @@ Kept apart from ``common.cli`` (which runs the trainer) so that the argument dat
 from __future__ import annotations
 
 import argparse
+import math
+from dataclasses import MISSING, field, fields
 
 
 def positive_int(text: str) -> int:
@@ -46,11 +49,58 @@ def check_ranges(args, ranges: dict[str, tuple]) -> None:
         value = getattr(args, name)
         if value is None:
             continue
-        if value != value:  # NaN
-            raise ValueError(f"--{name} must be a number, got {value}")
+        if not math.isfinite(value):  # NaN, inf
+            raise ValueError(f"--{name} must be a finite number, got {value}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
             lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
             hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
             raise ValueError(f"--{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+
+
+# -- one declaration per argument -----------------------------------------------------------------
+# An argument dataclass declares each field once with :func:`arg`: its default, help, --help group,
+# numeric range, choices and whether a resumed stage may change it. The argument groups, the range
+# and choice checks and the resume rule are read from these declarations (:func:`declared`), never
+# listed a second time. The extra keys are stripped before argparse sees the field (common.cli).
+DECLARATION_KEYS = ("group", "bounds", "resume_may_change")
+
+
+def arg(default=MISSING, *, help: str | None = None, group: str | None = None,
+        bounds: tuple | None = None, choices: tuple | None = None, resume_may_change: bool = False,
+        default_factory=MISSING):
+    """A dataclass field with its whole declaration. ``bounds``: ``(low, high, low_open,
+    high_open)`` (``None`` for an unbounded side; see :func:`check_ranges`); ``choices``: the
+    allowed values (argparse refuses others; :func:`check_declared` too, for objects built in
+    code); ``resume_may_change``: a resumed stage may give another value (every other argument
+    must equal the checkpoint's)."""
+    metadata = {"group": group, "bounds": bounds, "resume_may_change": resume_may_change}
+    if help is not None:
+        metadata["help"] = help
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def declared(cls, key: str) -> dict:
+    """``{field name: its declared value of key}`` for the fields that declare one, in order."""
+    return {f.name: f.metadata[key] for f in fields(cls) if f.metadata.get(key) not in (None, False)}
+
+
+def argument_groups(cls) -> dict[str, tuple[str, ...]]:
+    """``{group: field names}`` in declaration order (the --help groups)."""
+    groups: dict[str, list[str]] = {}
+    for name, group in declared(cls, "group").items():
+        groups.setdefault(group, []).append(name)
+    return {group: tuple(names) for group, names in groups.items()}
+
+
+def check_declared(args) -> None:
+    """The declared ranges and choices of ``args`` (a dataclass instance); ``ValueError`` naming
+    the flag. Unset (None) optional arguments are not checked."""
+    check_ranges(args, declared(type(args), "bounds"))
+    for name, choices in declared(type(args), "choices").items():
+        value = getattr(args, name)
+        if value is not None and value not in choices:
+            raise ValueError(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -13,309 +13,39 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-import transformers
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from common.training.argtypes import check_ranges
-from common.data.formats import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
+from common.training.args import TrainArgs
+from common.training.distributed import all_reduce_sum, barrier, init_distributed
+from common.training.resume import (check_no_eval_overlap, check_resume_args, library_versions, read_source_state)
+from common.data.formats import (DataError, TriplesStream, candidates_to_run, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
 from common.io import atomic_write_text
-from common.training.losses import Loss, get_loss, loss_class, score_distillation_losses
+from common.training.losses import Loss, get_loss
 from common.training.kinds import KINDS
-from common.models.loading import PACKAGED_MODELS, load_model, pick_device, save_model
+from common.models.loading import load_model, save_model
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
                            replace_dir, rng_file)
-from common.models.segment import HEADS, is_segment
+from common.models.segment import is_segment
 from common.models.structure import zero_dead_weights
 
 log = logging.getLogger("slimrank")
-DEFAULT_DISTILL_LOSS = "margin_mse"
-
-
-# TrainArgs in the groups --help shows (every field in exactly one: a test checks); PruneArgs
-# is the group "pruning"
-ARGUMENT_GROUPS = {
-    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder"),
-    "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
-    "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
-                     "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
-                     "contrastive_weight"),
-    "distillation": ("distill_from", "distill_target", "distill_weight", "distill_scores",
-                     "distill_scale", "distill_loss", "distill_hidden"),
-    "evaluation": ("eval_candidates_file", "eval_qrels_file", "eval_batch_size", "eval_max_queries"),
-    "run": ("output_dir", "num_checkpoint_samples", "overwrite", "device", "precision", "threads",
-            "log_every"),
-}
-
-
-@dataclass
-class TrainArgs:
-    """Arguments shared by 02_train_initial.py and the 03* pruning scripts."""
-
-    train_triples_file: str = field(metadata={"help": "query<TAB>positive<TAB>negative TSV"})
-    output_dir: str = field(metadata={"help": "checkpoints go to output_dir/seen_.../"})
-    num_training_samples: int = field(metadata={"help": "pairs to train in this stage"})
-    num_checkpoint_samples: int = field(default=0, metadata={
-        "help": "checkpoint every N pairs (0: only at the end); a multiple of batch_size"})
-    model_tag: Optional[str] = field(default=None, metadata={
-        "help": "start model: local dir, hub name or packaged tag (all-MiniLM-L6-v2)"})
-    checkpoint_dir: Optional[str] = field(default=None, metadata={
-        "help": "the model to start this stage from (a checkpoint of an earlier stage, a model dir "
-                "or tag), or with --resume a checkpoint of this stage to resume"})
-    resume: bool = field(default=False, metadata={
-        "help": "resume --checkpoint_dir, a checkpoint of this stage (exactly: optimizer, "
-                "scheduler, RNG and data position); without it a stage always starts"})
-    eval_candidates_file: Optional[str] = field(default=None, metadata={
-        "help": "candidates parquet re-ranked at every checkpoint (NDCG@10 to metrics.jsonl)"})
-    eval_qrels_file: Optional[str] = field(default=None, metadata={"help": "qrels of the eval topics"})
-    learning_rate: float = field(default=7e-6, metadata={"help": "peak LR"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per optimizer step (even)"})
-    warmup_fraction: float = field(default=0.1, metadata={"help": "linear warmup share (02)"})
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_length: int = field(default=256, metadata={"help": "tokens per pair; the passage is truncated"})
-    seed: int = 42
-    seen_pairs: Optional[int] = field(default=None, metadata={
-        "help": "pairs of the triples stream already used (default: from the checkpoint)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 (autocast) or fp16 (CUDA)"})
-    threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads"})
-    eval_batch_size: int = 64
-    eval_max_queries: Optional[int] = field(default=None, metadata={
-        "help": "evaluate checkpoints on the first N eval queries only (cheaper monitoring; "
-                "05_eval_trec.py reports the full set)"})
-    log_every: int = field(default=1, metadata={"help": "log to metrics.jsonl every N steps"})
-    distill_from: Optional[str] = field(default=None, metadata={
-        "help": "teacher checkpoint: adds margin-MSE on (pos - neg) score margins"})
-    distill_weight: float = 1.0
-    distill_hidden: float = field(default=0.0, metadata={
-        "help": "with --distill_from: weight of a layer-wise MSE between the student's and the "
-                "teacher's hidden states (layer i vs layer i, padding excluded; common.training.hidden)"})
-    distill_scores: Optional[str] = field(default=None, metadata={
-        "help": "teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
-                "margin-MSE to the teacher's margins instead of cross-entropy on labels"})
-    distill_scale: float = field(default=1.0, metadata={"help": "teacher scores are multiplied by this"})
-    distill_loss: str = field(default="margin_mse", metadata={
-        "help": "with --distill_scores: 'margin_mse' (pairs) or 'kl' (listwise: KL from the "
-                "softmax of the scaled teacher scores over each row's passages to the student's), "
-                "or any loss registered in common.training.losses that takes scores and teacher scores"})
-    group_size: int = field(default=2, metadata={
-        "help": "passages per training row: 2 = (query, pos, neg) triples; n > 2 = listwise "
-                "groups (query + n passages; --distill_scores with teacher_0..teacher_{n-1}, "
-                "--distill_loss kl); --batch_size counts (query, passage) pairs either way"})
-    model_kind: Optional[str] = field(default=None, metadata={
-        "help": "cross (default) or bi, for a fresh start; checkpoints know their kind"})
-    head: Optional[str] = field(default=None, metadata={
-        "help": "cross-encoder head for a fresh start: classifier (monoBERT, 2 labels; default) or "
-                "segment_cosine (starts as the model's own bi-encoder: common.models.segment)"})
-    gate_learning_rate: Optional[float] = field(default=None, metadata={
-        "help": "segment_cosine head: peak LR of the cross-segment attention gates (default: "
-                "--learning_rate; they start shut at 0 and a gate of 1 is full attention)"})
-    pooling: Optional[str] = field(default=None, metadata={
-        "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
-    query_encoder: Optional[str] = field(default=None, metadata={
-        "help": "bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
-                "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
-                "into the model's config, so later stages, 05 and common.serving.rank use it (a checkpoint "
-                "that names one keeps it)"})
-    temperature: float = field(default=0.02, metadata={
-        "help": "bi-encoder contrastive loss temperature (in-batch negatives)"})
-    contrastive_weight: float = field(default=1.0, metadata={
-        "help": "bi-encoder: weight of the in-batch contrastive loss (0: distillation only)"})
-    distill_target: str = field(default="scores", metadata={
-        "help": "with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
-    allow_eval_overlap: bool = field(default=False, metadata={
-        "help": "train even though some training queries are queries of --eval_candidates_file "
-                "(refused by default: monitoring on training queries is no held-out measure)"})
-
-    RANGES = {  # (low, high, low_open, high_open): common.cli.check_ranges
-        "num_training_samples": (0, None, True, False), "num_checkpoint_samples": (0, None, False, False),
-        "learning_rate": (0, None, True, False), "gate_learning_rate": (0, None, True, False),
-        "batch_size": (0, None, True, False), "warmup_fraction": (0, 1, False, True),
-        "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, True, False),
-        "max_length": (4, None, False, False), "seen_pairs": (0, None, False, False),
-        "threads": (1, None, False, False), "eval_batch_size": (1, None, False, False),
-        "eval_max_queries": (1, None, False, False), "log_every": (1, None, False, False),
-        "distill_weight": (0, None, False, False), "distill_scale": (0, None, True, False),
-        "distill_hidden": (0, None, False, False),
-        "temperature": (0, None, True, False), "contrastive_weight": (0, None, False, False),
-    }
-
-    def validate(self) -> None:
-        check_ranges(self, self.RANGES)
-        if self.group_size < 2:
-            raise ValueError(f"--group_size must be >= 2, got {self.group_size}")
-        if self.batch_size < self.group_size or self.batch_size % self.group_size:
-            raise ValueError(f"--batch_size ({self.batch_size} pairs) must be a multiple of "
-                             f"--group_size ({self.group_size})")
-        if self.distill_loss not in score_distillation_losses():
-            raise ValueError(f"--distill_loss must be one of {', '.join(score_distillation_losses())}, "
-                             f"got {self.distill_loss!r}")
-        if self.distill_loss != DEFAULT_DISTILL_LOSS and not self.distill_scores:
-            raise ValueError(f"--distill_loss {self.distill_loss} needs --distill_scores")
-        if self.group_size > 2 and not (self.distill_scores and loss_class(self.distill_loss).listwise):
-            raise ValueError("--group_size > 2 trains listwise: give --distill_scores and a listwise "
-                             "--distill_loss (kl)")
-        if self.num_training_samples % self.batch_size:
-            raise ValueError(f"--num_training_samples ({self.num_training_samples}) must be a "
-                             f"multiple of --batch_size ({self.batch_size})")
-        if self.num_checkpoint_samples % self.batch_size:
-            raise ValueError(f"--num_checkpoint_samples ({self.num_checkpoint_samples}) must be "
-                             f"a multiple of --batch_size ({self.batch_size})")
-        if self.model_tag is None and self.checkpoint_dir is None:
-            raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.distill_hidden and not self.distill_from:
-            raise ValueError("--distill_hidden distils the hidden states of --distill_from: give it")
-        if self.query_encoder is not None and not self.query_encoder.strip():
-            raise ValueError("--query_encoder must name a model (tag, hub name or path)")
-        if self.query_encoder and self.distill_hidden:
-            raise ValueError("--distill_hidden compares the student's layers on queries and passages; "
-                             "with --query_encoder the student sees passages only: drop one of them")
-        if self.model_kind not in (None, *KINDS):
-            raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
-        if self.head not in (None, *HEADS):
-            raise ValueError(f"--head must be one of {HEADS}, got {self.head!r}")
-        if self.distill_target not in ("scores", "embeddings"):
-            raise ValueError(f"--distill_target must be scores or embeddings, got {self.distill_target!r}")
-        if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
-            raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
-
-
-# -- torch.distributed: one process per device under `torchrun`; nothing changes without it -----
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Start the process group when launched by torchrun: NCCL on CUDA, gloo on CPU."""
-    rank, world, local = distributed_env()
-    device = pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a list of floats over ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def library_versions() -> dict:
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def read_trainer_state(directory: str | Path) -> dict | None:
-    path = Path(directory, STATE_FILE)
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(state, dict) or not {"stage", "seen_pairs", "step", "args"} <= set(state):
-        raise DataError(f"{path}: not a trainer state (needs stage, seen_pairs, step, args)")
-    return state
-
-
-def read_source_state(directory: str | Path) -> dict | None:
-    """The trainer state of a start/resume checkpoint: None for a plain model dir or a packaged
-    tag (``all-MiniLM-L6-v2``); an error for a missing directory, and for a training checkpoint
-    (it has optimizer.pt) whose trainer_state.json is gone."""
-    if str(directory) in PACKAGED_MODELS:
-        return None
-    if not Path(directory).exists():
-        raise DataError(f"--checkpoint_dir {directory}: no such directory "
-                        f"(nor a packaged model tag: {sorted(PACKAGED_MODELS)})")
-    state = read_trainer_state(directory)
-    if state is None and Path(directory, OPTIMIZER_FILE).exists():
-        raise DataError(f"{directory}: {STATE_FILE} is missing: a training checkpoint cannot be "
-                        "resumed or continued without it")
-    return state
-
-
-def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
-    """Training queries (the first field of every line) must not be evaluation queries."""
-    evaluated = set(read_candidates(candidates_file)["query"].astype(str).str.strip())
-    with open_text(triples_file) as f:
-        shared = {q for q in (line.split("\t", 1)[0].strip() for line in f) if q in evaluated}
-    if shared:
-        raise DataError(f"{triples_file}: {len(shared)} training queries are queries of "
-                        f"{candidates_file} (e.g. {sorted(shared)[0]!r}); monitor on held-out "
-                        "queries, or pass --allow_eval_overlap to train anyway")
-
-
-# TrainArgs fields a resumed stage may change; every other one must equal the checkpoint's
-RESUME_MAY_CHANGE = frozenset({
-    "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
-    "eval_batch_size", "eval_max_queries", "threads", "device", "log_every", "overwrite",
-    "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling",
-    "resume"})  # the checkpoint knows these
-
-
-def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
-    """Start vs resume is said, never guessed: ``--resume`` needs a checkpoint of this stage,
-    and a checkpoint of this stage is not silently resumed (nor restarted) without it."""
-    source = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
-    source_stage = (source or {}).get("stage")
-    if args.resume and source_stage != stage:
-        what = f"a checkpoint of stage {source_stage!r}" if source_stage else "not a training checkpoint"
-        raise DataError(f"--resume: --checkpoint_dir {args.checkpoint_dir} is {what}, not of this "
-                        f"stage ({stage!r}); drop --resume to start this stage from it")
-    if not args.resume and source_stage == stage:
-        raise DataError(f"--checkpoint_dir {args.checkpoint_dir} is a checkpoint of this stage "
-                        f"({stage!r}): pass --resume to resume it")
-
-
-def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:
-    if not Path(checkpoint_dir, OPTIMIZER_FILE).exists():
-        raise DataError(f"{checkpoint_dir} has no optimizer.pt (a reshaped model?): it cannot be "
-                        "resumed; start a new stage from it instead")
-    saved = state.get("args", {})
-    changed = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
-    if changed:
-        raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
-                         "(these must match the checkpoint's trainer_state.json)")
-
-
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Call ``loss`` on the tensors it names (``loss.inputs``) out of what the step offers."""
     missing = [k for k in loss.inputs if k not in inputs]

@@ -1,0 +1,44 @@
+"""torch.distributed: one process per device under ``torchrun`` (NCCL on CUDA, gloo on CPU);
+nothing changes without it."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from common.models.loading import pick_device
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun: NCCL on CUDA, gloo on CPU."""
+    rank, world, local = distributed_env()
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of floats over ranks (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,88 @@
+"""What a stage checks before it starts or resumes: the trainer state of its source checkpoint,
+start vs resume said (never guessed), the arguments a resume must keep, no evaluation queries
+among the training queries."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+
+from common.data.formats import DataError, open_text, read_candidates
+from common.layout import OPTIMIZER_FILE, STATE_FILE
+from common.models.loading import PACKAGED_MODELS
+from common.training.args import RESUME_MAY_CHANGE, TrainArgs
+
+
+def library_versions() -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def read_trainer_state(directory: str | Path) -> dict | None:
+    path = Path(directory, STATE_FILE)
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(state, dict) or not {"stage", "seen_pairs", "step", "args"} <= set(state):
+        raise DataError(f"{path}: not a trainer state (needs stage, seen_pairs, step, args)")
+    return state
+
+
+def read_source_state(directory: str | Path) -> dict | None:
+    """The trainer state of a start/resume checkpoint: None for a plain model dir or a packaged
+    tag (``all-MiniLM-L6-v2``); an error for a missing directory, and for a training checkpoint
+    (it has optimizer.pt) whose trainer_state.json is gone."""
+    if str(directory) in PACKAGED_MODELS:
+        return None
+    if not Path(directory).exists():
+        raise DataError(f"--checkpoint_dir {directory}: no such directory "
+                        f"(nor a packaged model tag: {sorted(PACKAGED_MODELS)})")
+    state = read_trainer_state(directory)
+    if state is None and Path(directory, OPTIMIZER_FILE).exists():
+        raise DataError(f"{directory}: {STATE_FILE} is missing: a training checkpoint cannot be "
+                        "resumed or continued without it")
+    return state
+
+
+def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
+    """Training queries (the first field of every line) must not be evaluation queries."""
+    evaluated = set(read_candidates(candidates_file)["query"].astype(str).str.strip())
+    with open_text(triples_file) as f:
+        shared = {q for q in (line.split("\t", 1)[0].strip() for line in f) if q in evaluated}
+    if shared:
+        raise DataError(f"{triples_file}: {len(shared)} training queries are queries of "
+                        f"{candidates_file} (e.g. {sorted(shared)[0]!r}); monitor on held-out "
+                        "queries, or pass --allow_eval_overlap to train anyway")
+
+
+def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
+    """Start vs resume is said, never guessed: ``--resume`` needs a checkpoint of this stage,
+    and a checkpoint of this stage is not silently resumed (nor restarted) without it."""
+    source = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
+    source_stage = (source or {}).get("stage")
+    if args.resume and source_stage != stage:
+        what = f"a checkpoint of stage {source_stage!r}" if source_stage else "not a training checkpoint"
+        raise DataError(f"--resume: --checkpoint_dir {args.checkpoint_dir} is {what}, not of this "
+                        f"stage ({stage!r}); drop --resume to start this stage from it")
+    if not args.resume and source_stage == stage:
+        raise DataError(f"--checkpoint_dir {args.checkpoint_dir} is a checkpoint of this stage "
+                        f"({stage!r}): pass --resume to resume it")
+
+
+def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:
+    if not Path(checkpoint_dir, OPTIMIZER_FILE).exists():
+        raise DataError(f"{checkpoint_dir} has no optimizer.pt (a reshaped model?): it cannot be "
+                        "resumed; start a new stage from it instead")
+    saved = state.get("args", {})
+    changed = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
+                         "(these must match the checkpoint's trainer_state.json)")
