@@ -421,6 +421,8 @@ def validate_candidates(df: pd.DataFrame, source: str) -> None:
     Checked: the schema columns exist; no duplicate (qid, docid); no missing or blank
     passage or query text; one query text per qid; ranks >= 1. Rows are never dropped."""
     _require_columns(df, CANDIDATE_COLUMNS, source)
+    if not len(df):
+        raise DataError(f"{source}: no candidates (an empty list): nothing to rank")
     problems = []
 
     duplicated = df.duplicated(["qid", "docid"], keep="first")

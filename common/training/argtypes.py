@@ -41,16 +41,51 @@ def unit_float(text: str) -> float:
 def check_ranges(args, ranges: dict[str, tuple]) -> None:
     """Numeric arguments within their ranges: ``{field: (low, high, low_open, high_open)}``,
     ``None`` for an unbounded side; an unset (None) optional argument is not checked. Raises
-    ``ValueError`` naming the flag."""
+    ``ValueError`` naming the flag. Every float field of a dataclass ``args`` must be finite
+    (NaN or inf is refused whether or not the field has a range: new arguments inherit it)."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(args):
+        for f in dataclasses.fields(args):
+            value = getattr(args, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
     for name, (low, high, low_open, high_open) in ranges.items():
         value = getattr(args, name)
         if value is None:
             continue
-        if value != value:  # NaN
-            raise ValueError(f"--{name} must be a number, got {value}")
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, inf
+            raise ValueError(f"--{name} must be a finite number, got {value}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
             lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
             hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
             raise ValueError(f"--{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+
+
+def repeated_option(argv: list[str]) -> str | None:
+    """The first ``--flag`` given twice in ``argv`` (``--flag value`` or ``--flag=value``), else
+    None: a second value would silently replace the first."""
+    seen = set()
+    for item in argv:
+        if item == "--":
+            break
+        if item.startswith("--"):
+            flag = item.split("=", 1)[0]
+            if flag in seen:
+                return flag
+            seen.add(flag)
+    return None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing an option given twice (argparse keeps the last)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flag = repeated_option(argv)
+    if flag:
+        parser.error(f"{flag} is given twice: give each option once")
+    return parser.parse_args(argv)

@@ -35,7 +35,7 @@ from common.data.formats import (DataError, TriplesStream, candidates_to_run, op
 from common.hardware import cpu_has_native_bf16
 from common.evaluation.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
-from common.io import atomic_write_text
+from common.io import DirLock, atomic_write_text, refuse_foreign
 from common.training.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.models.kinds import KINDS
 from common.models.loading import PACKAGED_MODELS, load_model, pick_device, save_model
@@ -282,6 +282,37 @@ def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
                         "queries, or pass --allow_eval_overlap to train anyway")
 
 
+def check_teacher_rows(scores_file: str, rows: int, triples_file: str) -> None:
+    """Row i of the teacher scores scores line i of the training file: the counts must match
+    (checked before training, not when the stream runs out of scores mid-stage)."""
+    with open_text(triples_file) as f:
+        lines = sum(1 for line in f if line.strip())
+    if rows != lines:
+        raise DataError(f"--distill_scores {scores_file} has {rows} rows but --train_triples_file "
+                        f"{triples_file} has {lines} lines: row i scores line i, so they must match")
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` of each line of ``metrics.jsonl``. A truncated last line (a run killed
+    while writing it) is dropped with a note; a bad line before it is an error naming the line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "seen_pairs" not in record:
+                raise ValueError("no seen_pairs")
+        except ValueError as err:
+            if number == len(lines):
+                tqdm.write(f"note: {path} line {number}: truncated (a killed run's last line), dropped")
+                continue
+            raise DataError(f"{path} line {number}: not a metrics record ({err})") from None
+        out.append((line, record))
+    return out
+
+
 # TrainArgs fields a resumed stage may change; every other one must equal the checkpoint's
 RESUME_MAY_CHANGE = frozenset({
     "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
@@ -304,13 +335,24 @@ def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
                         f"({stage!r}): pass --resume to resume it")
 
 
-def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:
+def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str,
+                      stage_args: dict | None = None) -> None:
+    """Every argument that shapes the stage equals the checkpoint's: the training arguments
+    (but ``RESUME_MAY_CHANGE``) and the stage's own (``Callback.stage_args``: pruning targets,
+    gate settings), which the checkpoint keeps under ``stage_args``."""
     if not Path(checkpoint_dir, OPTIMIZER_FILE).exists():
         raise DataError(f"{checkpoint_dir} has no optimizer.pt (a reshaped model?): it cannot be "
                         "resumed; start a new stage from it instead")
     saved = state.get("args", {})
     changed = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
                if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    saved_stage = state.get("stage_args")
+    if stage_args and saved_stage is None:
+        raise DataError(f"{checkpoint_dir}/{STATE_FILE} does not record this stage's arguments "
+                        f"({', '.join('--' + k for k in stage_args)}): they cannot be checked, so it "
+                        "cannot be resumed; start a new stage from it instead")
+    changed += [f"--{k} {saved_stage.get(k)!r} -> {v!r}" for k, v in (stage_args or {}).items()
+                if saved_stage.get(k) != v]
     if changed:
         raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
                          "(these must match the checkpoint's trainer_state.json)")
@@ -327,6 +369,15 @@ def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class Callback:
     """Hooks the loop calls; pruning implements them (``common.pruning.cycles.PruneCallback``)."""
+
+    def stage_args(self) -> dict:
+        """The stage's own arguments (e.g. pruning targets): saved in every checkpoint and
+        compared on resume like the training arguments."""
+        return {}
+
+    def check(self, trainer: "Trainer") -> None:
+        """Refuse arguments the loaded model cannot meet (e.g. a target beyond its shape):
+        called once the model is loaded, before anything is written or trained."""
 
     def on_start(self, trainer: "Trainer") -> None: ...
 
@@ -362,13 +413,16 @@ class Trainer:
                         "autocast is emulated and trains many times slower than --precision fp32")
             tqdm.write("warning: --precision bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): "
                        "emulated, many times slower than --precision fp32")
+        if args.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"--precision fp16 needs a CUDA device (this run is on {self.device.type}): "
+                             "use fp32 or bf16")
         if args.batch_size % (args.group_size * self.world_size):
             raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
                              f"into whole rows of {args.group_size} passages over {self.world_size} processes")
         source_state = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
         self.resuming = bool(source_state and source_state["stage"] == stage)
         if self.resuming:
-            check_resume_args(args, source_state, args.checkpoint_dir)
+            check_resume_args(args, source_state, args.checkpoint_dir, self.callback.stage_args())
         self.output_dir = Path(args.output_dir)
         self._backup: Path | None = None
 
@@ -390,6 +444,8 @@ class Trainer:
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
+        self._refuse_inputs_in_output()
+        self.callback.check(self)
         # the module that runs forward/backward: DDP averages gradients over ranks
         self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
                                                       self.device.type == "cuda" else None)
@@ -399,13 +455,22 @@ class Trainer:
         self.teacher_scores = None  # (rows, group_size), already multiplied by distill_scale
         if args.distill_scores:
             self.teacher_scores = read_teacher_scores(args.distill_scores, args.group_size) * args.distill_scale
+            check_teacher_rows(args.distill_scores, len(self.teacher_scores), args.train_triples_file)
         if args.eval_candidates_file and not args.allow_eval_overlap:
             check_no_eval_overlap(args.train_triples_file, args.eval_candidates_file)
         # every input is loaded: only now may an old output dir be moved aside
+        self._lock: DirLock | None = None
         if self.is_main:
             self._prepare_output_dir()
         barrier()
+        try:
+            self._set_up_training(args, schedule, source_state)
+        except BaseException:
+            self._release()
+            self._finish_backup(ok=False)
+            raise
 
+    def _set_up_training(self, args: TrainArgs, schedule, source_state: dict | None) -> None:
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
         if self.resuming:
@@ -432,11 +497,9 @@ class Trainer:
                  "--model_tag": a.model_tag if a.model_tag and Path(a.model_tag).exists() else None}
         return {flag: Path(v).resolve() for flag, v in named.items() if v}
 
-    def _prepare_output_dir(self) -> None:
-        """Refuse an output dir that is, holds or lies inside an input; with --overwrite, move
-        an old run aside (``.<name>.replaced``) and delete it only once this stage has ended
-        (a failed stage puts it back). Only run artifacts may be in the way: anything else in
-        the old dir is an error, never deleted."""
+    def _refuse_inputs_in_output(self) -> bool:
+        """Refuse an output dir that is or holds an input; True when it holds the checkpoint
+        this stage resumes (its own run dir)."""
         out = self.output_dir
         real = out.resolve()
         inside = self.resuming and Path(self.args.checkpoint_dir).resolve().parent == real
@@ -446,19 +509,32 @@ class Trainer:
             if path == real or real in path.parents:
                 raise ValueError(f"--output_dir {out} holds the input {flag} {path}: choose another "
                                  "output dir")
+        return inside
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse an output dir that is, holds or lies inside an input; with --overwrite, move
+        an old run aside (``.<name>.replaced``) and delete it only once this stage has ended
+        (a failed stage puts it back). Only run artifacts may be in the way: anything else in
+        the old dir is an error, never deleted."""
+        out = self.output_dir
+        inside = self._refuse_inputs_in_output()
+        lock = DirLock(out)
+        lock.check()  # another process's run (or a killed one's) is never moved aside nor joined
         if out.exists() and any(out.iterdir()) and not inside:
             if not self.args.overwrite:
                 raise FileExistsError(f"output_dir {out} is not empty (use --overwrite to replace it)")
-            foreign = sorted(p.name for p in out.iterdir() if not is_run_artifact(p))
-            if foreign:
-                raise FileExistsError(f"--overwrite refuses to delete {out}: it holds files this "
-                                      f"script did not write: {', '.join(foreign[:5])}")
+            refuse_foreign(out, is_run_artifact)
             self._backup = out.with_name(f".{out.name}.replaced")
             if self._backup.exists():  # left by an overwrite that was killed: never delete it
                 raise FileExistsError(f"{self._backup} holds the run an interrupted --overwrite set "
                                       f"aside: restore it or remove it, then re-run")
             os.replace(out, self._backup)
         out.mkdir(parents=True, exist_ok=True)
+        self._lock = lock.acquire()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _finish_backup(self, ok: bool) -> None:
         if not (self.is_main and self._backup and self._backup.exists()):
@@ -539,8 +615,8 @@ class Trainer:
         # drop log lines past this checkpoint (from a run that went on before it stopped)
         metrics_path = self.output_dir / METRICS_FILE
         if self.is_main and metrics_path.exists():
-            keep = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
+            keep = [line for line, record in read_metrics(metrics_path)
+                    if record["seen_pairs"] <= self.seen_pairs]
             atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
 
     # -- the loop --------------------------------------------------------------------------
@@ -559,8 +635,10 @@ class Trainer:
         try:
             last = self._train()
         except BaseException:
+            self._release()
             self._finish_backup(ok=False)
             raise
+        self._release()
         self._finish_backup(ok=True)
         return last
 
@@ -712,6 +790,16 @@ class Trainer:
         return final
 
     def _write_checkpoint(self, tmp: Path, final: Path, started: float) -> None:
+        try:  # a failed write (a full or read-only disk) leaves no half checkpoint behind
+            measures = self._write_checkpoint_files(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
+        tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
+
+    def _write_checkpoint_files(self, tmp: Path, final: Path) -> dict:
         measures = self.evaluate()
         save_model(self.model, self.tokenizer, self.state, tmp)
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -723,9 +811,8 @@ class Trainer:
         state = {"stage": self.stage, "seen_pairs": self.seen_pairs, "step": self.step,
                  "base_model": self.base_model, "args": asdict(self.args),
                  "versions": library_versions(), "metrics": self.metrics,
-                 "callback": self.callback.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "callback": self.callback.state_dict(), "stage_args": self.callback.stage_args(),
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         replace_dir(tmp, final)
-        self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
-        tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
+        return measures
