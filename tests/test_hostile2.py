@@ -194,6 +194,7 @@ def test_an_option_given_twice_is_an_error(tiny_models, tmp_path, capsys):
     args = ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", "x.tsv", "--output_dir",
             str(tmp_path / "o"), "--num_training_samples", "8", *A]
     assert_refused(train, [*args, "--learning_rate", "1e-3", "--learning_rate=1e-4"], "--learning_rate", "twice")
+    assert_refused(train, [*args, "--learning_rate", "1e-3", "--learning-rate", "1e-4"], "--learning-rate", "twice")
     config = tmp_path / "c.toml"
     config.write_text("learning_rate = 1e-3\nlearning_rate = 1e-4\n")
     assert_refused(train, [*args, "--config", str(config)], str(config))
@@ -239,6 +240,18 @@ def test_shape_targets_beyond_the_model_are_refused_before_training(target, tiny
     assert not (tmp_path / "o").exists()
 
 
+def test_pruning_plans_beyond_the_model_are_refused_before_training(tiny_models, tmp_path):
+    prune_mixed = importlib.import_module("03c_prune_mixed").main
+    args = ["initial", "--model_tag", str(tiny_models["bert"]), "--train_triples_file",
+            str(write_toy_triples(tmp_path / "t.tsv", 8)), "--output_dir", str(tmp_path / "o"),
+            "--num_training_samples", "16", "--num_prune_cycles", "1", *A]
+    assert_refused(prune_mixed, [*args, "--target_heads", "99", "--target_ffn", "8"], "--target_heads 99",
+                   "more than the model has")
+    assert_refused(prune_mixed, [*args, "--target_heads", "4", "--target_ffn", "8", "--exclude_layers", "0,7"],
+                   "--exclude_layers")
+    assert not (tmp_path / "o").exists()
+
+
 def test_teacher_scores_must_have_one_row_per_triple(tiny_models, tmp_path):
     triples = write_toy_triples(tmp_path / "t.tsv", 16)
     for rows in (17, 15):
@@ -268,6 +281,17 @@ def test_an_empty_candidate_list_writes_nothing(tmp_path):
     out = tmp_path / "c.parquet"
     assert_refused(prefetch, ["json", "--input", str(empty), "--output", str(out)], "no candidates")
     assert not out.exists()
+    no_triples = tmp_path / "t.tsv"
+    no_triples.write_text("")
+    scores = tmp_path / "s.parquet"
+    assert_refused(prefetch, ["teacher", "--triples", str(no_triples), "--checkpoint", "all-MiniLM-L6-v2",
+                              "--output", str(scores)], "no triples")
+    assert not scores.exists()
+    from common.data.formats import DataError, write_triples_tsv
+
+    with pytest.raises(DataError, match="no rows"):
+        write_triples_tsv([], tmp_path / "w.tsv")
+    assert not list(tmp_path.glob("*w.tsv*"))
 
 
 def test_calibration_on_evaluation_queries_is_refused_and_the_source_recorded(run, tmp_path):
@@ -298,6 +322,10 @@ def test_fp16_and_missing_devices_are_refused(tiny_models, tmp_path):
         assert_refused(train, [*args, "--device", "cuda"], "--device cuda", "not available")
     assert_refused(train, [*args, "--device", "gpu7"], "--device 'gpu7'")
     assert not (tmp_path / "o").exists()
+    from common.serving.rank import Ranker
+
+    with pytest.raises(ValueError, match="torch-fp16 needs a CUDA device"):
+        Ranker.load(str(tiny_models["bert"]), "torch-fp16", device="cpu")
 
 
 # -- tracebacks -> one error line --------------------------------------------------------------

@@ -586,6 +586,8 @@ def write_triples_tsv(triples: Iterable[tuple[str, ...]], path: str | os.PathLik
                                     f"(a query and {passages} passages): {triple!r:.200}")
                 f.write("\t".join(fields) + "\n")
                 count += 1
+            if not count:
+                raise DataError(f"{path}: no rows to write (an empty list): nothing written")
     return count
 
 

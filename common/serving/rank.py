@@ -173,6 +173,10 @@ class Ranker:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend in TORCH_PRECISION:
+            device = next(loaded.model.parameters()).device
+            if backend == "torch-fp16" and device.type != "cuda":
+                raise ValueError(f"backend torch-fp16 needs a CUDA device (the model is on {device.type}): "
+                                 "use torch, torch-bf16 or an ONNX backend")
             runner = TorchRunner(loaded, TORCH_PRECISION[backend])
         else:
             onnx_file = layout.onnx_dir(loaded.path) / ONNX_FILES[backend]

@@ -66,17 +66,18 @@ def check_ranges(args, ranges: dict[str, tuple]) -> None:
 
 
 def repeated_option(argv: list[str]) -> str | None:
-    """The first ``--flag`` given twice in ``argv`` (``--flag value`` or ``--flag=value``), else
-    None: a second value would silently replace the first."""
+    """The first ``--flag`` given twice in ``argv`` (``--flag value``, ``--flag=value``, or its
+    ``--flag-name`` spelling), else None: a second value would silently replace the first."""
     seen = set()
     for item in argv:
         if item == "--":
             break
         if item.startswith("--"):
             flag = item.split("=", 1)[0]
-            if flag in seen:
+            name = "--" + flag[2:].replace("-", "_")  # --gate-init is --gate_init
+            if name in seen:
                 return flag
-            seen.add(flag)
+            seen.add(name)
     return None
 
 

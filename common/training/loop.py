@@ -436,6 +436,10 @@ class Trainer:
         self.segment = is_segment(self.model)
         kind = KINDS[self.kind]
         kind.check_args(args, self.model)
+        specials = self.tokenizer.num_special_tokens_to_add(pair=self.kind == "cross")
+        if args.max_length <= specials:
+            raise ValueError(f"--max_length {args.max_length} leaves no room for text: this model's "
+                             f"tokenizer adds {specials} special tokens per sequence")
         if args.distill_hidden and args.distill_scores and not kind.distill_beside_scores:
             raise ValueError(f"--distill_hidden: a {self.kind} model trained on --distill_scores "
                              "does not run its --distill_from teacher")
