@@ -780,13 +780,17 @@ class Trainer:
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         barrier()
-        tmp.mkdir(parents=True, exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.scaler.is_enabled():
             rng["scaler"] = self.scaler.state_dict()
-        torch.save(rng, tmp / self._rng_file())
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            torch.save(rng, tmp / self._rng_file())
+        except BaseException:  # a full or read-only disk: no half checkpoint left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         barrier()  # every rank's RNG state is in tmp before rank 0 renames it
         if self.is_main:
             self._write_checkpoint(tmp, final, started)
