@@ -31,7 +31,7 @@ from pathlib import Path
 from common.data import candidates
 from common.data import distill
 from common.data import triples as training_data
-from common.training.argtypes import nonneg_int, positive_float, positive_int, unit_float
+from common.training.argtypes import nonneg_int, parse_args, positive_float, positive_int, unit_float
 from common.data.formats import DataError
 from common.serving.rank import AUTO, BACKENDS
 from common.data.triples import DL20_QRELS
@@ -208,10 +208,10 @@ def main(argv=None) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_groups)
 
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         args.func(args)
-    except (DataError, FileExistsError, ValueError) as err:
+    except (DataError, OSError, ValueError) as err:
         sys.exit(f"error: {' '.join(str(err).split())}")
 
 

@@ -31,8 +31,9 @@ import argparse
 import json
 from itertools import islice
 
-from common.cli import fail, positive_int
+from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
+from common.data.triples import DL20_TOPICS, check_text_queries
 from common.pruning.l3prune import RULES, choose, layerwise_losses
 from common.models.loading import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
 from common.serving.onnx_export import FP32_ROLES, export_onnx
@@ -71,10 +72,15 @@ def main(argv=None) -> None:
                              "int8 graph (without it the int8 graph is quantized unsmoothed)")
     parser.add_argument("--calibration_pairs", type=positive_int, default=256,
                         help="--calibration_triples: pairs used (query + each passage of the first triples)")
+    parser.add_argument("--eval_topics", nargs="*", default=[DL20_TOPICS], metavar="FILE",
+                        help="--calibration_triples: evaluation topics (candidates parquet or shared JSON) "
+                             "whose queries calibration may not use (default: DL20; none: give no file)")
+    parser.add_argument("--allow_eval_overlap", action="store_true",
+                        help="calibrate on evaluation queries anyway (the int8 numbers are then not held out)")
     parser.add_argument("--int8_keep_fp32", nargs="+", choices=FP32_ROLES, default=[], metavar="ROLE",
                         help="--onnx: projections left in fp32 in every layer of the int8 graph "
                              f"({', '.join(FP32_ROLES)}; default: every projection int8)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.int8_keep_fp32 and not args.onnx:
         parser.error("--int8_keep_fp32 shapes the int8 export: it needs --onnx")
     if args.calibration_triples and not args.onnx:
@@ -87,6 +93,8 @@ def main(argv=None) -> None:
             rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
             pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
             calibration = ([q for q, _ in pairs], [p for _, p in pairs])
+            check_text_queries(calibration[0], f"--calibration_triples {args.calibration_triples}",
+                               args.eval_topics, args.allow_eval_overlap)
         keep, note = args.keep_layers, None
         if keep in RULES:
             losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind),
@@ -98,8 +106,16 @@ def main(argv=None) -> None:
                                 **chosen, "triples": args.layer_loss_triples, "rows": args.layer_loss_rows}}
             print("L3Prune: task loss after each layer " + ", ".join(f"{i + 1}: {x:.4f}" for i, x in enumerate(losses))
                   + f"; small = {chosen['small']}, large = {chosen['large']} layers: keeping {keep}")
+        exported = {}
+
+        def export(directory):  # into the new model dir, before it replaces an old one
+            exported.update(export_onnx(load_model(str(directory)), directory, args.max_length, calibration,
+                                        tuple(args.int8_keep_fp32), calibration_source=args.calibration_triples))
+        inputs = {"--calibration_triples": args.calibration_triples, "--layer_loss_triples": args.layer_loss_triples,
+                  **{"--eval_topics": t for t in args.eval_topics if t}}
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
-                                                keep, args.model_kind, note)
+                                                keep, args.model_kind, note, inputs=inputs,
+                                                finish=export if args.onnx else None)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         queries = json.loads((out / "config.json").read_text()).get(QUERY_ENCODER_FIELD)
         if queries:
@@ -107,8 +123,7 @@ def main(argv=None) -> None:
                   "in its config.json): slimrank's Ranker does so, a stock SentenceTransformer of this dir "
                   "does not (encode the queries with that model)")
         if args.onnx:
-            info = export_onnx(load_model(str(out)), out, args.max_length, calibration,
-                               tuple(args.int8_keep_fp32))
+            info = exported
             print(f"wrote {out}/onnx: fp32 and int8 graphs (max |onnx - torch| on sample inputs: "
                   f"fp32 {info['onnx']['max_abs_diff_vs_torch']:.1e}, "
                   f"int8 {info['onnx-int8']['max_abs_diff_vs_torch']:.1e})")

@@ -23,8 +23,9 @@ import argparse
 
 import torch
 
-from common.cli import fail, nonneg_int, positive_int, unit_float
+from common.cli import fail, nonneg_int, parse_args, positive_int, unit_float
 from common.data.formats import DataError
+from common.io import refuse_inputs
 from common.serving.rank import AUTO, BACKENDS, resolve_backend
 from common.evaluation.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
 from common.evaluation.results import append_results, has_result, load_results, write_table
@@ -67,12 +68,19 @@ def main(argv=None) -> None:
                         "<checkpoint>+queries:<MODEL>")
     p.add_argument("--model_kind", choices=["cross", "bi"],
                    help="for a plain model dir or tag (our checkpoints know their kind)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.query_encoder is not None and (args.first_stage or not args.query_encoder.strip()):
         p.error("--query_encoder names the model that embeds a bi-encoder's queries "
                 + ("(not for --first_stage)" if args.first_stage else "(got an empty name)"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    inputs = {"--candidates": args.candidates, "--qrels": args.qrels, "--query_encoder": args.query_encoder,
+              **{"--checkpoint": c for c in args.checkpoint or []}, **{"--all_checkpoints": r for r in args.all_checkpoints or []}}
+    try:  # an output that is an input (or the other output) is refused before anything runs
+        refuse_inputs({"--results": args.results}, inputs)
+        refuse_inputs({"--table": args.table}, {**inputs, "--results": args.results})
+    except ValueError as err:
+        fail(err)
 
     try:
         if args.first_stage:

@@ -9,7 +9,8 @@ import tomllib
 from transformers import HfArgumentParser
 
 from common.training.argtypes import (DECLARATION_KEYS, argument_groups, check_ranges, nonneg_int,  # noqa: F401
-                                      positive_float, positive_int, unit_float)  # (scripts import them from here)
+                                      parse_args, positive_float, positive_int, repeated_option,
+                                      unit_float)  # (scripts import them from here)
 from common.data.formats import DataError
 from common.training.loop import Trainer
 from common.training.resume import check_start_or_resume
@@ -30,7 +31,12 @@ def parse(dataclasses: list, doc: str, argv=None, extra=None):
     group_arguments(parser, groups)
     if extra:
         extra(parser)
-    argv = with_config(parser, list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    twice = repeated_option(argv)
+    if twice:
+        fail(ValueError(f"{twice} is given twice: give each option once (a --config file's "
+                        "settings may be overridden on the command line)"))
+    argv = with_config(parser, argv)
     try:
         *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # raised by a dataclass's __post_init__
@@ -129,7 +135,7 @@ def run_stage(args, stage: str, schedule, callback=None):
         check_start_or_resume(args, stage)
         trainer = Trainer(args, stage, schedule, callback)
         last = trainer.train()
-    except (DataError, FileExistsError, ValueError) as err:
+    except (DataError, OSError, ValueError) as err:  # OSError: a full or read-only disk, a lock
         fail(err)
     print(f"[{stage}] {trainer.seen_pairs} pairs seen; last checkpoint: {last}; "
           f"log: {trainer.output_dir / 'metrics.jsonl'}")

@@ -83,3 +83,107 @@ def refuse_existing(outputs: Iterable[str | os.PathLike | None], overwrite: bool
     existing = [str(p) for p in outputs if _occupied(p)]
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)} (use --overwrite)")
+
+
+def refuse_inputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Raise ``ValueError`` for an output (``{flag: path}``) that is, or is a directory holding,
+    one of ``inputs`` (``{flag: path}``): writing or replacing it would destroy that input.
+    Flags name both sides in the message; ``None`` paths are skipped."""
+    sources = {flag: Path(p).resolve() for flag, p in inputs.items() if p}
+    for out_flag, out in outputs.items():
+        if not out:
+            continue
+        real = Path(out).resolve()
+        for flag, source in sources.items():
+            if real == source or real in source.parents:
+                raise ValueError(f"{out_flag} {out} is or holds the input {flag} {source}: "
+                                 "choose another output")
+
+
+def refuse_foreign(directory: str | os.PathLike, is_ours, flag: str = "--output_dir") -> None:
+    """Raise ``FileExistsError`` if ``directory`` holds anything ``is_ours(path)`` does not
+    claim: --overwrite replaces what a script wrote, never a file it did not write."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    foreign = sorted(p.name for p in directory.iterdir() if not is_ours(p))
+    if foreign:
+        raise FileExistsError(f"--overwrite refuses to delete {flag} {directory}: it holds files this "
+                              f"script did not write: {', '.join(foreign[:5])}")
+
+
+@contextmanager
+def temporary_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A fresh ``.tmp-<name>`` directory beside ``final`` (a stale one from a killed run is
+    removed first); on any error it is removed, so a failed write (a full or read-only disk)
+    leaves nothing behind. The caller moves it onto ``final`` (:func:`replace_dir`)."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    _remove(tmp)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+LOCK_FILE = ".slimrank.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class DirLock:
+    """One writer per directory: ``<dir>/.slimrank.lock`` holds the writer's pid. A lock whose
+    process is alive is refused; a stale one (its process is gone) is named, never taken
+    silently: the message says how to remove it. Released by :meth:`release` (and at exit)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / LOCK_FILE
+        self.held = False
+
+    def check(self) -> None:
+        """Raise ``FileExistsError`` if the directory is locked (held or stale)."""
+        if not self.path.exists():
+            return
+        try:
+            pid = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid is not None and _alive(pid):
+            raise FileExistsError(f"{self.path.parent} is in use by process {pid} (lock file {self.path}): "
+                                  "one process writes a run directory at a time")
+        raise FileExistsError(f"{self.path.parent} has a stale lock {self.path} (process {pid} is gone: a "
+                              f"run that was killed); check that nothing writes there, then remove it: "
+                              f"rm {self.path}")
+
+    def acquire(self) -> "DirLock":
+        import atexit
+
+        self.check()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            self.check()
+            raise
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        self.held = True
+        atexit.register(self.release)
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.path.unlink(missing_ok=True)

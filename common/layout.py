@@ -94,6 +94,24 @@ def is_run_artifact(path: str | Path) -> bool:
     return seen_pairs_of(name) is not None or name == METRICS_FILE
 
 
+# what a model dir written by slimrank holds (save_model, the tokenizer's files, 04 --onnx)
+MODEL_DIR_FILES = frozenset({
+    "config.json", WEIGHTS_FILE, PRUNING_FILE, STATE_FILE, "modeling_slimrank.py", "modules.json",
+    "sentence_bert_config.json", "1_Pooling", "2_Normalize", ONNX, "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja"})
+
+
+def is_model_artifact(path: str | Path) -> bool:
+    """What ``04_reshape.py`` writes into its output dir (and may replace with --overwrite):
+    the files of a saved model, its ONNX export, half-written ``.tmp-`` / ``.old-`` copies.
+    Anything else there (evaluations in ``eval/``, a user's notes, an input) is not its own."""
+    name = Path(path).name
+    for prefix in (".tmp-", ".old-"):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    return name in MODEL_DIR_FILES
+
+
 def run_name(checkpoint: str | Path) -> str:
     """The run directory's name with the directory that holds it (``runs/<job>/<run>/seen_.../
     [reshaped]`` -> ``<job>/<run>``, so that stages of different jobs stay apart; a run right

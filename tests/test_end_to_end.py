@@ -80,8 +80,9 @@ def test_pipeline_on_minilm(tmp_path):
     # quality only (--no_costs) still runs on the requested threads; no cost columns are filled
     before = torch.get_num_threads()
     try:
-        script("05_eval_trec")(["--checkpoint", str(initial), *common_eval, "--no_costs", "--threads", "1",
-                                "--results", str(runs / "quality.parquet"), "--table", str(runs / "quality.md")])
+        own = {"--results": str(runs / "quality.parquet"), "--table": str(runs / "quality.md")}
+        quality_eval = [own.get(common_eval[i - 1], a) if i else a for i, a in enumerate(common_eval)]
+        script("05_eval_trec")(["--checkpoint", str(initial), *quality_eval, "--no_costs", "--threads", "1"])
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -537,6 +537,8 @@ def score_triples(triples, checkpoint: str, output, *, batch_size: int = 64, max
     ``common.serving.rank`` backend (``auto``: ``common.serving.rank.resolve_backend``). Returns the number of rows."""
     refuse_existing([output], overwrite, inputs=[triples])
     rows = list(TriplesStream(triples))
+    if not rows:
+        raise DataError(f"{triples}: no triples: nothing to score")
     queries = [q for q, _p, _n in rows]
     positives, negatives = [p for _q, p, _n in rows], [n for _q, _p, n in rows]
     # the torch backend is score_pairs bit for bit (tests/test_ship.py)

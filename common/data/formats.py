@@ -394,6 +394,8 @@ def validate_candidates(df: pd.DataFrame, source: str) -> None:
     Checked: the schema columns exist; no duplicate (qid, docid); no missing or blank
     passage or query text; one query text per qid; ranks >= 1. Rows are never dropped."""
     _require_columns(df, CANDIDATE_COLUMNS, source)
+    if not len(df):
+        raise DataError(f"{source}: no candidates (an empty list): nothing to rank")
     problems = []
 
     duplicated = df.duplicated(["qid", "docid"], keep="first")
@@ -557,6 +559,8 @@ def write_triples_tsv(triples: Iterable[tuple[str, ...]], path: str | os.PathLik
                                     f"(a query and {passages} passages): {triple!r:.200}")
                 f.write("\t".join(fields) + "\n")
                 count += 1
+            if not count:
+                raise DataError(f"{path}: no rows to write (an empty list): nothing written")
     return count
 
 

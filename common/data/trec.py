@@ -188,12 +188,24 @@ def evaluate_run(
     return means, frame
 
 
+def check_fusable(candidates: pd.DataFrame, source: str = "the candidates") -> None:
+    """Score interpolation needs a finite first-stage score on every candidate: a missing one
+    would be scaled to 0 and the fused row would silently be the model's ranking."""
+    first = pd.to_numeric(candidates["first_stage_score"], errors="coerce").astype("float64")
+    bad = ~np.isfinite(first.to_numpy())
+    if bad.any():
+        qids = list(dict.fromkeys(candidates["qid"].to_numpy()[bad]))[:3]
+        raise ValueError(f"{source}: {int(bad.sum())} candidates without a finite first_stage_score "
+                         f"(qids e.g. {qids}): --interpolate needs the first stage's scores")
+
+
 def interpolate(candidates: pd.DataFrame, scores, weight: float) -> pd.Series:
     """Per-query score interpolation with the first stage, the usual BM25 fusion:
     ``weight * minmax(model) + (1 - weight) * minmax(first_stage_score)``, each min-max scaled
     to [0, 1] within the query's candidates (a query whose scores are all equal gets 0)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"interpolation weight must be in [0, 1], got {weight}")
+    check_fusable(candidates)
     frame = pd.DataFrame({"qid": candidates["qid"].to_numpy(),
                           "model": pd.Series(scores, dtype="float64").to_numpy(),
                           "first": candidates["first_stage_score"].astype("float64").to_numpy()})

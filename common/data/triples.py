@@ -35,6 +35,28 @@ def check_eval_topics(train_qids: set, source: str, eval_candidates: Iterable[Pa
                             "(--allow_eval_overlap to train on them anyway)")
 
 
+DL20_TOPICS = "../shared/data/trec-dl/dl20/bm25.json"  # the evaluation queries (text), refused by default
+
+
+def check_text_queries(queries: Iterable[str], source: str, eval_topics: Iterable[Path_] = (DL20_TOPICS,),
+                       allow_eval_overlap: bool = False) -> None:
+    """Queries given as text (calibration or training triples) are none of the evaluation
+    queries of ``eval_topics`` (candidates parquet or the shared JSON lists; a default file that
+    is absent is skipped), compared after whitespace and case folding, unless ``allow_eval_overlap``."""
+    if allow_eval_overlap:
+        return
+    ours = {" ".join(str(q).lower().split()) for q in queries}
+    for path in eval_topics:
+        if not path or (str(path) == DL20_TOPICS and not Path(path).is_file()):
+            continue
+        frame = (data.read_candidates_json(path) if str(path).endswith((".json", ".json.gz"))
+                 else data.read_candidates(path))
+        shared = sorted(ours & {" ".join(str(q).lower().split()) for q in frame["query"].unique()})
+        if shared:
+            raise data.DataError(f"{source}: {len(shared)} queries are evaluation queries of {path} (e.g. "
+                            f"{shared[0]!r}): use training-side text, or pass --allow_eval_overlap")
+
+
 def triples_from_qrels(candidates: list[Path_], qrels: Path_, output: Path_, *, seed: int = 42,
                        min_positive_grade: int = 2, negatives_per_positive: int = 4,
                        include_unjudged: bool = False, eval_candidates: Iterable[Path_] = (),

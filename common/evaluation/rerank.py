@@ -16,7 +16,7 @@ from common.evaluation import cost
 from common import layout
 from common.hardware import machine_description, time_callable
 from common.data.formats import DataError, candidates_to_run, read_candidates, read_qrels
-from common.data.trec import evaluate_run, interpolate, write_trec_run
+from common.data.trec import check_fusable, evaluate_run, interpolate, write_trec_run
 from common.models.loading import load_model, pick_device
 from common.serving.rank import Ranker, describe_backend
 from common.models.segment import is_segment, mean_cross_attention
@@ -99,6 +99,8 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     candidates = read_candidates(candidates_path)
     qrels = read_qrels(qrels_path)
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
+    if interpolate_weights:  # refused before the model scores, not after
+        check_fusable(candidates, candidates_path)
     scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist(), progress=True)
     suffix = result_key("", backend, query_encoder)
     queries_note = f" [queries: {ranker.query_encoder}]" if getattr(ranker, "query_encoder", None) else ""
@@ -195,7 +197,12 @@ def measure_costs(ranker: Ranker, candidates: pd.DataFrame, max_length: int,
 
 
 def checkpoints_of(run_dir: str) -> list[Path]:
-    """Every checkpoint below a run directory (``seen_*`` and their ``reshaped`` children)."""
+    """Every checkpoint below a run directory (``seen_*`` and their ``reshaped`` children); a
+    run dir that does not exist, or holds no checkpoint, is an error (not an empty sweep)."""
+    if not Path(run_dir).is_dir():
+        raise ValueError(f"--all_checkpoints {run_dir}: no such directory")
+    if not layout.checkpoints(run_dir):
+        raise ValueError(f"--all_checkpoints {run_dir}: no checkpoint in it (seen_*/ with {layout.PRUNING_FILE})")
     found = []
     for path in layout.checkpoints(run_dir):
         found.append(path)

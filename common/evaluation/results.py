@@ -174,7 +174,16 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         return pd.DataFrame({k: pd.Series(dtype="str") for k in KEY})
-    return pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:  # not a parquet file at all (pyarrow raises its own types)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a results table (unreadable as parquet: {first})") from None
+    missing = [k for k in KEY if k not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a results table (no {', '.join(missing)} column; has "
+                         f"{', '.join(map(str, df.columns[:6]))}): give the results parquet 05 writes")
+    return df
 
 
 def append_results(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -> pd.DataFrame:

@@ -143,8 +143,8 @@ def load_encoder(path_or_tag: str, device: str | torch.device = "cpu"):
     The pooling comes from the directory's sentence-transformers config (see module doc)."""
     path = resolve_model_path(path_or_tag)
     pooling = read_pooling(path)
-    model = AutoModel.from_pretrained(path).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, trust_remote_code=False).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer, pooling
 
 

@@ -26,14 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
 from common.models import standalone
 from common.models.arch import adapter_for, layer_stack, set_module
 from common.models.encoders import encode, read_pooling
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
-from common.io import atomic_write_text
-from common.layout import PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, reshaped_dir, replace_dir
+from common.io import atomic_write_text, refuse_foreign, refuse_inputs, temporary_dir
+from common.layout import (PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, is_model_artifact, reshaped_dir,
+                           replace_dir)
 from common.models.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.models.structure import Masks, PruningState, reshape, restructure_for_loading, standalone_layout
 
@@ -102,7 +103,7 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
     if head not in (None, *HEADS):
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if Path(path, PRUNING_FILE).exists():
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         for name in STOCK_FIELDS:  # our structure comes from pruning.json, our classes from here
             if hasattr(config, name):
                 delattr(config, name)
@@ -122,23 +123,67 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
             model = SegmentCrossEncoder(model)
         weights = load_file(os.path.join(path, WEIGHTS_FILE))
         model.load_state_dict(weights, strict=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
             raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if kind == "bi" or head == "segment_cosine":
-            model = AutoModel.from_pretrained(path)
+            model, info = AutoModel.from_pretrained(path, trust_remote_code=False, output_loading_info=True)
+            check_weights_found(model, info, path)
             model.config.slimrank_pooling = pooling or read_pooling(path)
             if kind == "cross":
                 model = SegmentCrossEncoder(model, tokenizer.sep_token_id)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=NUM_LABELS, trust_remote_code=False, output_loading_info=True)
+            check_weights_found(model, info, path)
         model.config.slimrank_model_kind = kind
         state = PruningState.full(model.config)
     model.to(device)
     return LoadedModel(model, tokenizer, state, Masks(model, state), path)
+
+
+def check_weights_found(model: nn.Module, info: dict, path: str) -> None:
+    """Refuse weights that do not belong to the architecture ``config.json`` declares: an
+    encoder weight the file lacks would be left at its random initialisation (only a fresh
+    head, and a pooler, may be missing), so the model would silently not be the one named."""
+    base = getattr(model, "base_model_prefix", "")
+    names = {n for n, _ in model.named_parameters()}
+    encoder = {n for n in names if not base or n.startswith(base + ".") or not hasattr(model, base)}
+    missing = [k for k in info.get("missing_keys", []) if k in encoder and "pooler" not in k]
+    if missing:
+        model_type = getattr(model.config, "model_type", "?")
+        unexpected = list(info.get("unexpected_keys", []))
+        raise ValueError(f"{path}: its weights do not match its config.json (model_type {model_type!r}): "
+                         f"{len(missing)} of {len(encoder)} encoder weights missing (e.g. {missing[0]!r})"
+                         + (f", {len(unexpected)} unexpected (e.g. {unexpected[0]!r})" if unexpected else "")
+                         + ": it would run with random weights")
+
+
+def config_path(model_dir: str | Path, name: str, field: str) -> str:
+    """A model named by a model dir's config.json: a relative path resolves inside ``model_dir``
+    (symlinks followed) or is refused, unless it is a packaged tag or a hub name (``org/name``,
+    no ``..``); an absolute path must be a model dir (config.json). A config never leads a read,
+    or a copy, out of its directory through ``..`` or a link."""
+    name = str(name)
+    if Path(name).is_absolute():
+        if not Path(name, "config.json").is_file():
+            raise ValueError(f"{model_dir}/config.json: {field} {name!r} is not a model directory")
+        return name
+    root = Path(model_dir).resolve()
+    inside = (root / name).resolve()
+    if inside == root or root in inside.parents:
+        if inside.is_dir():
+            return str(Path(model_dir, name))
+    elif (root / name).exists() or ".." in Path(name).parts:
+        raise ValueError(f"{model_dir}/config.json: {field} {name!r} leads outside the model directory: "
+                         "refused (name a packaged tag, a hub name, or a directory inside the model dir)")
+    if name in PACKAGED_MODELS or (name.count("/") <= 1 and not name.startswith((".", "~"))):
+        return name  # a packaged tag or a hub name
+    raise ValueError(f"{model_dir}/config.json: {field} {name!r} is neither a directory inside the model "
+                     "dir, nor a packaged tag or hub name")
 
 
 def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str | Path) -> None:
@@ -241,7 +286,8 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
 
 def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
                        overwrite: bool = False, keep_layers: int | None = None,
-                       kind: str | None = None, keep_layers_note: dict | None = None) -> tuple[Path, int, int]:
+                       kind: str | None = None, keep_layers_note: dict | None = None,
+                       inputs: dict | None = None, finish=None) -> tuple[Path, int, int]:
     """Load a (masked) checkpoint, reshape it, save the compact model atomically.
 
     ``keep_layers`` also drops every layer after the first n (the layer-dropping baseline);
@@ -249,6 +295,10 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
 
     The source's trainer_state.json is copied for provenance (seen pairs, args, metrics);
     optimizer and RNG states are not: a reshaped model is for inference or a new stage.
+    ``inputs`` (``{flag: path}``): other inputs the output dir may not be or hold. With
+    ``overwrite`` an old output dir is replaced only if it holds nothing but what this writes
+    (:func:`common.layout.is_model_artifact`), and only once the new one is complete:
+    ``finish(tmp)`` (e.g. the ONNX export) runs on the new dir before the rename.
     Returns (output dir, parameters before, parameters after).
     """
     if output_dir is None and not Path(checkpoint_dir).is_dir():
@@ -258,8 +308,11 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
         source, target = Path(checkpoint_dir).resolve(), out.resolve()
         if target == source or target in source.parents:
             raise ValueError(f"--output_dir {out} is or holds the source checkpoint {checkpoint_dir}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty (use --overwrite)")
+    refuse_inputs({"--output_dir": out}, inputs or {})
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty (use --overwrite)")
+        refuse_foreign(out, lambda p: is_model_artifact(p) or p.name == _inner_encoder(out))
     loaded = load_model(checkpoint_dir, kind=kind)  # a bad source fails here, before any change
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
@@ -267,18 +320,28 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
         keep_first_layers(loaded, keep_layers, keep_layers_note)
     state = reshape(loaded.model, loaded.state)
     after = sum(p.numel() for p in loaded.model.parameters())
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(loaded.model, loaded.tokenizer, state, tmp)
     inner = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)  # a query encoder kept inside the dir
-    if inner and not Path(inner).is_absolute() and Path(loaded.path, inner).is_dir():
-        shutil.copytree(Path(loaded.path, inner), tmp / inner)
-    if Path(checkpoint_dir, STATE_FILE).exists():
-        shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, out)  # the new model is complete: only now does the old one go
+    if inner:
+        inner_path = Path(config_path(loaded.path, inner, QUERY_ENCODER_FIELD))
+    with temporary_dir(out) as tmp:  # a failed write (disk full) leaves no .tmp- behind
+        save_model(loaded.model, loaded.tokenizer, state, tmp)
+        if inner and not Path(inner).is_absolute() and inner_path.is_dir():
+            shutil.copytree(inner_path, tmp / inner)
+        if Path(checkpoint_dir, STATE_FILE).exists():
+            shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
+        if finish is not None:
+            finish(tmp)
+        replace_dir(tmp, out)  # the new model is complete: only now does the old one go
     return out, before, after
+
+
+def _inner_encoder(model_dir: Path) -> str | None:
+    """The directory name of a query encoder kept inside ``model_dir`` (its config.json)."""
+    try:
+        name = json.loads(Path(model_dir, "config.json").read_text()).get(QUERY_ENCODER_FIELD)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(name).parts[0] if isinstance(name, str) and name and not Path(name).is_absolute() else None
 
 
 def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length: int,
@@ -287,10 +350,38 @@ def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length:
     truncating only the passage, or the segment layout (``common.models.segment``)."""
     if model is not None and is_segment(model):
         return encode_segment_pairs(tokenizer, queries, passages, max_length, padding=padding)
+    long = long_queries(tokenizer, queries, max_length)
+    if not long:
+        if not padding:
+            return tokenizer(queries, passages, truncation="only_second", max_length=max_length)
+        return tokenizer(queries, passages, truncation="only_second", max_length=max_length,
+                         padding=True, return_tensors="pt")
+    # a query that leaves no room for its passage: that pair is truncated longest-first (query
+    # and passage cut to about half each), deterministically; every other pair as above
+    rest = [i for i in range(len(queries)) if i not in long]
+    parts = [(sorted(long), "longest_first"), (rest, "only_second")]
+    features: dict[str, list] = {}
+    for rows, strategy in parts:
+        if not rows:
+            continue
+        encoded = tokenizer([queries[i] for i in rows], [passages[i] for i in rows],
+                            truncation=strategy, max_length=max_length)
+        for key, values in encoded.items():
+            column = features.setdefault(key, [None] * len(queries))
+            for i, value in zip(rows, values):
+                column[i] = value
     if not padding:
-        return tokenizer(queries, passages, truncation="only_second", max_length=max_length)
-    return tokenizer(queries, passages, truncation="only_second", max_length=max_length,
-                     padding=True, return_tensors="pt")
+        return BatchEncoding(features)
+    return tokenizer.pad(features, return_tensors="pt")
+
+
+def long_queries(tokenizer, queries: list[str], max_length: int) -> set[int]:
+    """Indices of the queries too long to leave a pair at least one passage token within
+    ``max_length`` (each distinct query is tokenised once)."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1
+    distinct = list(dict.fromkeys(queries))
+    lengths = dict(zip(distinct, map(len, tokenizer(distinct, add_special_tokens=False)["input_ids"])))
+    return {i for i, q in enumerate(queries) if lengths[q] > room}
 
 
 def relevance_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -355,6 +446,19 @@ def bi_score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: li
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else CPU) or a torch device name; a device this machine
+    does not have is a ``ValueError`` naming it (not a traceback from the first tensor moved)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {name!r}: not a device name ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r}")
+    return device

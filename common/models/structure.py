@@ -208,11 +208,15 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
     adapter = adapter_for(model.config)
     for i, layer in enumerate(layer_stack(model, adapter)):
         rows = (heads_idx[i][:, None] * head_size + torch.arange(head_size)).flatten()
-        for path in (adapter.query, adapter.key, adapter.value):
-            set_module(layer, path, prune_linear_layer(get_module(layer, path), rows, dim=0))
-        set_module(layer, adapter.attn_out,
-                   prune_linear_layer(get_module(layer, adapter.attn_out), rows, dim=1))
         attention = get_module(layer, adapter.attention)
+        # an attention block emptied by an earlier reshape has no projections left to slice
+        # (reshaping a reshaped dir again, e.g. 04 --onnx on a shipped model)
+        emptied = isinstance(attention, EmptySelfAttention)
+        for path in () if emptied else (adapter.query, adapter.key, adapter.value):
+            set_module(layer, path, prune_linear_layer(get_module(layer, path), rows, dim=0))
+        if not (emptied and adapter.attn_out_inside_attention):
+            set_module(layer, adapter.attn_out,
+                       prune_linear_layer(get_module(layer, adapter.attn_out), rows, dim=1))
         if len(heads_idx[i]) == 0 and not isinstance(attention, EmptySelfAttention):
             if adapter.attn_out_inside_attention:
                 out_name = adapter.attn_out.rpartition(".")[2]

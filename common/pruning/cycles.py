@@ -133,6 +133,27 @@ class PruneCallback(Callback):
         self.scorer: Importance | None = None  # made for the model in on_start
         self._pending_scorer: dict | None = None
 
+    def stage_args(self) -> dict:
+        return {"prune_kind": self.kind, **asdict(self.prune)}
+
+    def check(self, trainer: Trainer) -> None:
+        """Targets beyond the model, and a plan the stage cannot hold, are refused before
+        anything is written (a resumed stage keeps its saved plan)."""
+        state, p = trainer.state, self.prune
+        if p.target_heads is not None and p.target_heads > state.total_heads:
+            raise ValueError(f"--target_heads {p.target_heads} is more than the model has "
+                             f"({state.total_heads} heads)")
+        if p.target_ffn is not None and p.target_ffn > state.ffn_size:
+            raise ValueError(f"--target_ffn {p.target_ffn} is more than the model's FFN width "
+                             f"({state.ffn_size} neurons per layer)")
+        bad = sorted(i for i in p.excluded() if not 0 <= i < state.num_layers)
+        if bad:
+            raise ValueError(f"--exclude_layers {p.exclude_layers}: the model has layers 0..{state.num_layers - 1}")
+        if not trainer.resuming:
+            args = trainer.args
+            self.plan = make_plan(self.kind, p, state, args.num_training_samples // args.batch_size,
+                                  args.batch_size)
+
     def schedule(self, trainer: Trainer) -> CosineRestarts:
         """The plan is made from the stage's starting structure (restored on resume)."""
         if self.plan is None:

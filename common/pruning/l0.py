@@ -45,7 +45,7 @@ saved in each checkpoint (``l0_gates.pt``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -282,6 +282,22 @@ class L0Callback(Callback):
         self.start: dict[str, float] = {}
         self.finished = False
 
+    def stage_args(self) -> dict:
+        return asdict(self.l0)
+
+    def check(self, trainer: Trainer) -> None:
+        """A shape target beyond the model is refused before the stage trains (not at its end)."""
+        state, a = trainer.state, self.l0
+        if a.target_layers is not None and a.target_layers > state.num_layers:
+            raise ValueError(f"--target_layers {a.target_layers} is more than the model has "
+                             f"({state.num_layers} layers)")
+        if a.target_heads is not None and a.target_heads > state.total_heads:
+            raise ValueError(f"--target_heads {a.target_heads} is more than the model has "
+                             f"({state.total_heads} heads)")
+        if a.target_ffn is not None and a.target_ffn * (a.target_layers or state.num_layers) > state.total_ffn:
+            raise ValueError(f"--target_ffn {a.target_ffn} per layer is more than the model has "
+                             f"({state.total_ffn} FFN neurons in {state.num_layers} layers)")
+
     def schedule(self, trainer: Trainer) -> WarmupLinear:
         return WarmupLinear(trainer.total_steps, round(trainer.args.warmup_fraction * trainer.total_steps))
 
@@ -364,12 +380,20 @@ class L0Callback(Callback):
             data = torch.load(path, map_location=device, weights_only=True)
         except FileNotFoundError:
             raise ValueError(f"{path}: missing: the L0 stage cannot be resumed") from None
-        self.gates.load_state_dict(data["gates"])
-        with torch.no_grad():
-            self.lambdas.copy_(data["lambdas"].to(device))
-        self.gate_optimizer.load_state_dict(data["gate_optimizer"])
-        self.lambda_optimizer.load_state_dict(data["lambda_optimizer"])
-        self.start = dict(data["start"])
+        except Exception as err:  # corrupt file, refused pickle
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path}: unreadable or unsafe: {first}") from None
+        try:
+            self.gates.load_state_dict(data["gates"])
+            with torch.no_grad():
+                self.lambdas.copy_(data["lambdas"].to(device))
+            self.gate_optimizer.load_state_dict(data["gate_optimizer"])
+            self.lambda_optimizer.load_state_dict(data["lambda_optimizer"])
+            self.start = {str(k): float(v) for k, v in dict(data["start"]).items()}
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path}: not the gates of an L0 stage of this model ({type(err).__name__}: "
+                             f"{first})") from None
 
     # -- the loop --------------------------------------------------------------------------
     def on_step_begin(self, trainer: Trainer) -> None:

@@ -156,8 +156,11 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
                          rf"({'|'.join(re.escape(getattr(adapter, r)) for r in roles)})$")
     names = [name for name, module in loaded.model.named_modules()
              if isinstance(module, nn.Linear) and pattern.search(name)]
-    nodes = ["/model/" + re.sub(r"\.(?!\d)", "/", name) + "/MatMul" for name in names]  # layer.0 stays one scope
+    scopes = ["/model/" + re.sub(r"\.(?!\d)", "/", name) for name in names]  # layer.0 stays one scope
     present = {node.name for node in onnx.load(str(graph_path), load_external_data=False).graph.node}
+    # a smoothed graph (SmoothedLinear) names the projection's MatMul one scope deeper: .../linear/MatMul
+    nodes = [next((n for n in (f"{s}/MatMul", f"{s}/linear/MatMul") if n in present), f"{s}/MatMul")
+             for s in scopes]
     missing = [n for n in nodes if n not in present]
     if not nodes or missing:
         raise ValueError(f"{graph_path}: no MatMul node for {missing or list(roles)}: the exporter's "
@@ -167,11 +170,12 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
 
 def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 256,
                 calibration: tuple[list[str], list[str]] | None = None,
-                keep_fp32: tuple[str, ...] = ()) -> dict:
+                keep_fp32: tuple[str, ...] = (), calibration_source: str | None = None) -> dict:
     """Write ``directory/onnx/`` (fp32 and int8 graphs + export.json); returns export.json.
     ``calibration``: (queries, passages) of training-side pairs: the int8 graph is quantized
     from the smoothed model (module docstring); without it, from the model as it is.
-    ``keep_fp32``: projections (``FP32_ROLES``) left in fp32 in every layer of the int8 graph."""
+    ``keep_fp32``: projections (``FP32_ROLES``) left in fp32 in every layer of the int8 graph.
+    ``calibration_source``: where the calibration pairs came from (recorded in export.json)."""
     if not loaded.state.is_reshaped:
         raise ValueError(f"{loaded.path}: a masked checkpoint: reshape it first (04_reshape.py)")
     unknown = sorted(set(keep_fp32) - set(FP32_ROLES))
@@ -206,6 +210,7 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
             maxima = activation_maxima(loaded, queries, passages, max_length)
             source = tmp / "smoothed.onnx"
             smoothing = {"alpha": SMOOTH_ALPHA, "calibration_pairs": len(queries), "linears": len(maxima),
+                         "calibration_source": str(Path(calibration_source).resolve()) if calibration_source else None,
                          "max_abs_diff_vs_torch_fp32": exported(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA),
                                                                 source, "smoothed graph")}
             recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"

@@ -35,7 +35,7 @@ from common import layout
 from common.layout import ONNX_FILES
 from common.hardware import cpu_has_amx, time_callable
 from common.models.encoders import pool
-from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, autocast_context, encode_pairs, load_model,
+from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, autocast_context, encode_pairs, load_model,
                              model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
@@ -49,8 +49,7 @@ def query_encoder_of(loaded: LoadedModel) -> str | None:
     name = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)
     if not name:
         return None
-    inside = Path(loaded.path, name)
-    return str(inside) if not Path(name).is_absolute() and inside.is_dir() else name
+    return config_path(loaded.path, name, QUERY_ENCODER_FIELD)
 
 
 def check_query_encoder(model: LoadedModel, encoder: LoadedModel, name: str) -> None:
@@ -158,6 +157,13 @@ class Ranker:
 
     def __init__(self, loaded: LoadedModel, runner, backend: str, max_length: int = 256,
                  batch_size: int = 64):
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        specials = loaded.tokenizer.num_special_tokens_to_add(pair=loaded.kind == "cross")
+        if max_length <= specials + (loaded.kind == "cross"):
+            raise ValueError(f"max_length {max_length} leaves no room for text: this model's "
+                             f"tokenizer adds {specials} special tokens per sequence")
         self.loaded, self.tokenizer, self.runner = loaded, loaded.tokenizer, runner
         self.backend, self.max_length, self.batch_size = backend, max_length, batch_size
 
@@ -177,6 +183,10 @@ class Ranker:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend in TORCH_PRECISION:
+            device = next(loaded.model.parameters()).device
+            if backend == "torch-fp16" and device.type != "cuda":
+                raise ValueError(f"backend torch-fp16 needs a CUDA device (the model is on {device.type}): "
+                                 "use torch, torch-bf16 or an ONNX backend")
             runner = TorchRunner(loaded, TORCH_PRECISION[backend])
         else:
             onnx_file = layout.onnx_dir(loaded.path) / ONNX_FILES[backend]
@@ -225,14 +235,26 @@ class Ranker:
         return {}
 
     def rank(self, query: str, passages: list[str], top_k: int | None = None) -> list[tuple[int, float]]:
-        """``(passage index, score)`` pairs, best first (ties keep the input order)."""
+        """``(passage index, score)`` pairs, best first (ties keep the input order); the best
+        ``top_k`` (>= 1) only when given; no passages, no pairs."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        if isinstance(passages, (str, bytes)) or not hasattr(passages, "__len__"):
+            raise TypeError(f"passages must be a list of strings, got {type(passages).__name__}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a whole number >= 1 (or None for all), got {top_k!r}")
+        if not len(passages):
+            return []
         scores = self.score([query] * len(passages), list(passages))
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [(int(i), float(scores[i])) for i in order]
 
     def _check(self, queries, passages) -> None:
-        if isinstance(queries, str) or isinstance(passages, str):
-            raise TypeError("queries and passages must be lists of strings")
+        if isinstance(queries, (str, bytes)) or isinstance(passages, (str, bytes)):
+            raise TypeError("queries and passages must be lists of strings, not a single string")
+        bad = next((x for x in (*queries, *passages) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise TypeError(f"queries and passages must be strings, got a {type(bad).__name__}: {bad!r}")
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
 
@@ -246,6 +268,8 @@ class CrossRanker(Ranker):
 
     def score(self, queries, passages, progress: bool = False) -> np.ndarray:
         self._check(queries, passages)
+        if not len(queries):
+            return np.empty(0, dtype=np.float32)
         features = encode_pairs(self.tokenizer, list(queries), list(passages), self.max_length,
                                 self.loaded.model, padding=False)
         scores = np.empty(len(queries), dtype=np.float32)
@@ -289,6 +313,8 @@ class BiRanker(Ranker):
 
     def score(self, queries, passages, progress: bool = False) -> np.ndarray:
         self._check(queries, passages)
+        if not len(queries):
+            return np.empty(0, dtype=np.float32)
         uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
         up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
         q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, field, fields, is_dataclass
 
 
 def positive_int(text: str) -> int:
@@ -44,7 +44,13 @@ def unit_float(text: str) -> float:
 def check_ranges(args, ranges: dict[str, tuple]) -> None:
     """Numeric arguments within their ranges: ``{field: (low, high, low_open, high_open)}``,
     ``None`` for an unbounded side; an unset (None) optional argument is not checked. Raises
-    ``ValueError`` naming the flag."""
+    ``ValueError`` naming the flag. Every float field of a dataclass ``args`` must be finite
+    (NaN or inf is refused whether or not the field has a range: new arguments inherit it)."""
+    if is_dataclass(args):
+        for f in fields(args):
+            value = getattr(args, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
     for name, (low, high, low_open, high_open) in ranges.items():
         value = getattr(args, name)
         if value is None:
@@ -104,3 +110,28 @@ def check_declared(args) -> None:
         value = getattr(args, name)
         if value is not None and value not in choices:
             raise ValueError(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+def repeated_option(argv: list[str]) -> str | None:
+    """The first ``--flag`` given twice in ``argv`` (``--flag value``, ``--flag=value``, or its
+    ``--flag-name`` spelling), else None: a second value would silently replace the first."""
+    seen = set()
+    for item in argv:
+        if item == "--":
+            break
+        if item.startswith("--"):
+            flag = item.split("=", 1)[0]
+            name = "--" + flag[2:].replace("-", "_")  # --gate-init is --gate_init
+            if name in seen:
+                return flag
+            seen.add(name)
+    return None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing an option given twice (argparse keeps the last)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flag = repeated_option(argv)
+    if flag:
+        parser.error(f"{flag} is given twice: give each option once")
+    return parser.parse_args(argv)

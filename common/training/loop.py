@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from common.training.args import TrainArgs
 from common.training.distributed import all_reduce_sum, barrier, init_distributed
-from common.training.resume import (check_no_eval_overlap, check_resume_args, library_versions, read_source_state)
+from common.training.resume import (check_no_eval_overlap, check_resume_args, check_teacher_rows, library_versions,
+                                    read_metrics, read_source_state)
 from common.data.formats import (DataError, TriplesStream, candidates_to_run, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
-from common.io import atomic_write_text
+from common.io import DirLock, atomic_write_text, refuse_foreign
 from common.training.losses import Loss, get_loss
 from common.training.kinds import KINDS
 from common.models.loading import load_model, save_model
@@ -57,6 +58,15 @@ def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class Callback:
     """Hooks the loop calls; pruning implements them (``common.pruning.cycles.PruneCallback``)."""
+
+    def stage_args(self) -> dict:
+        """The stage's own arguments (e.g. pruning targets): saved in every checkpoint and
+        compared on resume like the training arguments."""
+        return {}
+
+    def check(self, trainer: "Trainer") -> None:
+        """Refuse arguments the loaded model cannot meet (e.g. a target beyond its shape):
+        called once the model is loaded, before anything is written or trained."""
 
     def on_start(self, trainer: "Trainer") -> None: ...
 
@@ -92,13 +102,16 @@ class Trainer:
                         "autocast is emulated and trains many times slower than --precision fp32")
             tqdm.write("warning: --precision bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): "
                        "emulated, many times slower than --precision fp32")
+        if args.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"--precision fp16 needs a CUDA device (this run is on {self.device.type}): "
+                             "use fp32 or bf16")
         if args.batch_size % (args.group_size * self.world_size):
             raise ValueError(f"--batch_size {args.batch_size} (the global batch, in pairs) must split "
                              f"into whole rows of {args.group_size} passages over {self.world_size} processes")
         source_state = read_source_state(args.checkpoint_dir) if args.checkpoint_dir else None
         self.resuming = bool(source_state and source_state["stage"] == stage)
         if self.resuming:
-            check_resume_args(args, source_state, args.checkpoint_dir)
+            check_resume_args(args, source_state, args.checkpoint_dir, self.callback.stage_args())
         self.output_dir = Path(args.output_dir)
         self._backup: Path | None = None
 
@@ -112,6 +125,10 @@ class Trainer:
         self.segment = is_segment(self.model)
         kind = KINDS[self.kind]
         kind.check_args(args, self.model)
+        specials = self.tokenizer.num_special_tokens_to_add(pair=self.kind == "cross")
+        if args.max_length <= specials:
+            raise ValueError(f"--max_length {args.max_length} leaves no room for text: this model's "
+                             f"tokenizer adds {specials} special tokens per sequence")
         if args.distill_hidden and args.distill_scores and not kind.distill_beside_scores:
             raise ValueError(f"--distill_hidden: a {self.kind} model trained on --distill_scores "
                              "does not run its --distill_from teacher")
@@ -120,6 +137,8 @@ class Trainer:
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
         self.masks = loaded.masks
+        self._refuse_inputs_in_output()
+        self.callback.check(self)
         # the module that runs forward/backward: DDP averages gradients over ranks
         self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
                                                       self.device.type == "cuda" else None)
@@ -129,13 +148,22 @@ class Trainer:
         self.teacher_scores = None  # (rows, group_size), already multiplied by distill_scale
         if args.distill_scores:
             self.teacher_scores = read_teacher_scores(args.distill_scores, args.group_size) * args.distill_scale
+            check_teacher_rows(args.distill_scores, len(self.teacher_scores), args.train_triples_file)
         if args.eval_candidates_file and not args.allow_eval_overlap:
             check_no_eval_overlap(args.train_triples_file, args.eval_candidates_file)
         # every input is loaded: only now may an old output dir be moved aside
+        self._lock: DirLock | None = None
         if self.is_main:
             self._prepare_output_dir()
         barrier()
+        try:
+            self._set_up_training(args, schedule, source_state)
+        except BaseException:
+            self._release()
+            self._finish_backup(ok=False)
+            raise
 
+    def _set_up_training(self, args: TrainArgs, schedule, source_state: dict | None) -> None:
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
         if self.resuming:
@@ -162,11 +190,9 @@ class Trainer:
                  "--model_tag": a.model_tag if a.model_tag and Path(a.model_tag).exists() else None}
         return {flag: Path(v).resolve() for flag, v in named.items() if v}
 
-    def _prepare_output_dir(self) -> None:
-        """Refuse an output dir that is, holds or lies inside an input; with --overwrite, move
-        an old run aside (``.<name>.replaced``) and delete it only once this stage has ended
-        (a failed stage puts it back). Only run artifacts may be in the way: anything else in
-        the old dir is an error, never deleted."""
+    def _refuse_inputs_in_output(self) -> bool:
+        """Refuse an output dir that is or holds an input; True when it holds the checkpoint
+        this stage resumes (its own run dir)."""
         out = self.output_dir
         real = out.resolve()
         inside = self.resuming and Path(self.args.checkpoint_dir).resolve().parent == real
@@ -176,19 +202,32 @@ class Trainer:
             if path == real or real in path.parents:
                 raise ValueError(f"--output_dir {out} holds the input {flag} {path}: choose another "
                                  "output dir")
+        return inside
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse an output dir that is, holds or lies inside an input; with --overwrite, move
+        an old run aside (``.<name>.replaced``) and delete it only once this stage has ended
+        (a failed stage puts it back). Only run artifacts may be in the way: anything else in
+        the old dir is an error, never deleted."""
+        out = self.output_dir
+        inside = self._refuse_inputs_in_output()
+        lock = DirLock(out)
+        lock.check()  # another process's run (or a killed one's) is never moved aside nor joined
         if out.exists() and any(out.iterdir()) and not inside:
             if not self.args.overwrite:
                 raise FileExistsError(f"output_dir {out} is not empty (use --overwrite to replace it)")
-            foreign = sorted(p.name for p in out.iterdir() if not is_run_artifact(p))
-            if foreign:
-                raise FileExistsError(f"--overwrite refuses to delete {out}: it holds files this "
-                                      f"script did not write: {', '.join(foreign[:5])}")
+            refuse_foreign(out, is_run_artifact)
             self._backup = out.with_name(f".{out.name}.replaced")
             if self._backup.exists():  # left by an overwrite that was killed: never delete it
                 raise FileExistsError(f"{self._backup} holds the run an interrupted --overwrite set "
                                       f"aside: restore it or remove it, then re-run")
             os.replace(out, self._backup)
         out.mkdir(parents=True, exist_ok=True)
+        self._lock = lock.acquire()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _finish_backup(self, ok: bool) -> None:
         if not (self.is_main and self._backup and self._backup.exists()):
@@ -269,8 +308,8 @@ class Trainer:
         # drop log lines past this checkpoint (from a run that went on before it stopped)
         metrics_path = self.output_dir / METRICS_FILE
         if self.is_main and metrics_path.exists():
-            keep = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["seen_pairs"] <= self.seen_pairs]
+            keep = [line for line, record in read_metrics(metrics_path)
+                    if record["seen_pairs"] <= self.seen_pairs]
             atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
 
     # -- the loop --------------------------------------------------------------------------
@@ -289,8 +328,10 @@ class Trainer:
         try:
             last = self._train()
         except BaseException:
+            self._release()
             self._finish_backup(ok=False)
             raise
+        self._release()
         self._finish_backup(ok=True)
         return last
 
@@ -428,13 +469,17 @@ class Trainer:
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         barrier()
-        tmp.mkdir(parents=True, exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.scaler.is_enabled():
             rng["scaler"] = self.scaler.state_dict()
-        torch.save(rng, tmp / self._rng_file())
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            torch.save(rng, tmp / self._rng_file())
+        except BaseException:  # a full or read-only disk: no half checkpoint left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         barrier()  # every rank's RNG state is in tmp before rank 0 renames it
         if self.is_main:
             self._write_checkpoint(tmp, final, started)
@@ -442,6 +487,16 @@ class Trainer:
         return final
 
     def _write_checkpoint(self, tmp: Path, final: Path, started: float) -> None:
+        try:  # a failed write (a full or read-only disk) leaves no half checkpoint behind
+            measures = self._write_checkpoint_files(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
+        tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
+
+    def _write_checkpoint_files(self, tmp: Path, final: Path) -> dict:
         measures = self.evaluate()
         save_model(self.model, self.tokenizer, self.state, tmp)
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -453,9 +508,8 @@ class Trainer:
         state = {"stage": self.stage, "seen_pairs": self.seen_pairs, "step": self.step,
                  "base_model": self.base_model, "args": asdict(self.args),
                  "versions": library_versions(), "metrics": self.metrics,
-                 "callback": self.callback.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "callback": self.callback.state_dict(), "stage_args": self.callback.stage_args(),
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         replace_dir(tmp, final)
-        self.log_event("checkpoint", path=str(final), seconds=round(time.time() - started, 1), **measures)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in measures.items())
-        tqdm.write(f"[{self.stage}] checkpoint {final} {shown}")
+        return measures

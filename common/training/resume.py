@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 from common.data.formats import DataError, open_text, read_candidates
 from common.layout import OPTIMIZER_FILE, STATE_FILE
@@ -76,13 +77,55 @@ def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
                         f"({stage!r}): pass --resume to resume it")
 
 
-def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str) -> None:
+def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str,
+                      stage_args: dict | None = None) -> None:
+    """Every argument that shapes the stage equals the checkpoint's: the training arguments
+    (but ``RESUME_MAY_CHANGE``) and the stage's own (``Callback.stage_args``: pruning targets,
+    gate settings), which the checkpoint keeps under ``stage_args``."""
     if not Path(checkpoint_dir, OPTIMIZER_FILE).exists():
         raise DataError(f"{checkpoint_dir} has no optimizer.pt (a reshaped model?): it cannot be "
                         "resumed; start a new stage from it instead")
     saved = state.get("args", {})
     changed = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
                if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    saved_stage = state.get("stage_args")
+    if stage_args and saved_stage is None:
+        raise DataError(f"{checkpoint_dir}/{STATE_FILE} does not record this stage's arguments "
+                        f"({', '.join('--' + k for k in stage_args)}): they cannot be checked, so it "
+                        "cannot be resumed; start a new stage from it instead")
+    changed += [f"--{k} {saved_stage.get(k)!r} -> {v!r}" for k, v in (stage_args or {}).items()
+                if saved_stage.get(k) != v]
     if changed:
         raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
                          "(these must match the checkpoint's trainer_state.json)")
+
+
+def check_teacher_rows(scores_file: str, rows: int, triples_file: str) -> None:
+    """Row i of the teacher scores scores line i of the training file: the counts must match
+    (checked before training, not when the stream runs out of scores mid-stage)."""
+    with open_text(triples_file) as f:
+        lines = sum(1 for line in f if line.strip())
+    if rows != lines:
+        raise DataError(f"--distill_scores {scores_file} has {rows} rows but --train_triples_file "
+                        f"{triples_file} has {lines} lines: row i scores line i, so they must match")
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` of each line of ``metrics.jsonl``. A truncated last line (a run killed
+    while writing it) is dropped with a note; a bad line before it is an error naming the line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "seen_pairs" not in record:
+                raise ValueError("no seen_pairs")
+        except ValueError as err:
+            if number == len(lines):
+                tqdm.write(f"note: {path} line {number}: truncated (a killed run's last line), dropped")
+                continue
+            raise DataError(f"{path} line {number}: not a metrics record ({err})") from None
+        out.append((line, record))
+    return out
