@@ -6,6 +6,7 @@ import sys
 import tomllib
 from dataclasses import fields
 
+import torch.distributed as dist
 from transformers import HfArgumentParser
 
 from common.training.argtypes import (check_ranges, nonneg_int, positive_float, positive_int,  # noqa: F401
@@ -120,6 +121,9 @@ def run_stage(args, stage: str, schedule, callback=None):
         last = trainer.train()
     except (DataError, FileExistsError, ValueError) as err:
         fail(err)
+    finally:  # a torchrun process group (NCCL / gloo) ends with the stage
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(f"[{stage}] {trainer.seen_pairs} pairs seen; last checkpoint: {last}; "
           f"log: {trainer.output_dir / 'metrics.jsonl'}")
     return last
