@@ -6,8 +6,8 @@
 #      its weights restored to fp32 from the fp16 copy that travels;
 #   2. runs the CUDA tests (tests/test_cuda.py, pytest -m cuda);
 #   3. a short real run on the packaged model at 128 tokens, on gpu_data/ (bench/gpu_wheels.sh):
-#      02 (bf16 autocast, main_initial.toml, 2,048 pairs of DL21 triples) -> 02 again in fp32 for
-#      its throughput (1,024 pairs) -> 03c (main_prune.toml: 54 heads, FFN 768, distilling the
+#      02 (bf16 autocast, main_initial.toml, 2,048 pairs of DL21 triples) -> 02 again in fp32 and
+#      with --group_by_length for their throughput (1,024 pairs each) -> 03c (main_prune.toml: 54 heads, FFN 768, distilling the
 #      initial model, 4,096 pairs) -> 04 -> 05 on DL20 (BM25 top-100) of the initial and the
 #      pruned model, GPU latency per query of 100 candidates in fp32 and bf16;
 #   4. writes the table (bench/gpu_table.py).
@@ -128,6 +128,9 @@ INITIAL=$(latest "$WORK/initial" 2>/dev/null)
 run 90 "3/6 02 again in fp32, for its throughput: $FP32_PAIRS pairs" \
   "$PY" 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$WORK/initial_fp32" \
   --num_training_samples "$FP32_PAIRS" "${TRAIN[@]}" --precision fp32
+run 90 "3/6 02 again with --group_by_length (as the first run otherwise), for its throughput: $FP32_PAIRS pairs" \
+  "$PY" 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$WORK/initial_grouped" \
+  --num_training_samples "$FP32_PAIRS" "${TRAIN[@]}" "${PREC[@]}" --group_by_length
 PRUNED=""
 if [ -n "$INITIAL" ]; then
   run 180 "4/6 03c mixed pruning (main_prune.toml: 54 heads, FFN 768) distilling the initial model: $PRUNE_PAIRS pairs" \
@@ -148,7 +151,7 @@ if [ ${#MODELS[@]} -gt 0 ]; then
     "$PY" 05_eval_trec.py --checkpoint "${MODELS[@]}" "${RES[@]}" "${TIMING[@]}" --bf16_latency
 fi
 RUNS=()
-for r in initial initial_fp32 mixed; do [ -f "$WORK/$r/metrics.jsonl" ] && RUNS+=("$WORK/$r"); done
+for r in initial initial_fp32 initial_grouped mixed; do [ -f "$WORK/$r/metrics.jsonl" ] && RUNS+=("$WORK/$r"); done
 if [ -f "$OUT/results.parquet" ] && [ ${#RUNS[@]} -gt 0 ]; then
   run 90 "the table -> $OUT/gpu_results.md" "$PY" bench/gpu_table.py --results "$OUT/results.parquet" \
     --runs "${RUNS[@]}" --output "$OUT/gpu_results.md" --metrics_out "$OUT/train_metrics.jsonl"

@@ -3,10 +3,7 @@
 autocast, unpruned vs pruned) from 05's results parquet, and training pairs/s of each stage
 from its metrics.jsonl.
 
-Training throughput: (pairs between the first and the last train event) / (seconds between
-them, less the checkpoint writes in between); the first step (kernel selection, allocator
-warm-up) is left out. The precision is the stage's own (trainer_state.json of its last
-checkpoint).
+Training throughput: common.training.loop.training_throughput (the first step left out).
 
   python bench/gpu_table.py --results OUT/results.parquet --runs RUN/initial RUN/mixed \
       --output OUT/gpu_results.md --metrics_out OUT/train_metrics.jsonl
@@ -14,7 +11,6 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -23,29 +19,7 @@ from common import layout
 from common.cli import fail
 from common.data.formats import DataError
 from common.io import atomic_write_text
-
-
-def training_rate(run_dir: Path) -> dict:
-    """Pairs/s of one stage's run dir, with its precision, device and pairs."""
-    path = run_dir / layout.METRICS_FILE
-    if not path.exists():
-        raise DataError(f"{path}: missing (did the stage run?)")
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [e for e in events if e["event"] == "train" and "elapsed_s" in e]
-    if len(train) < 2:
-        raise DataError(f"{path}: {len(train)} train events with elapsed_s; pairs/s needs 2 or more")
-    first, last = train[0], train[-1]
-    saving = sum(e.get("seconds", 0.0) for e in events if e["event"] == "checkpoint"
-                 and first["stage_pairs"] <= e["stage_pairs"] < last["stage_pairs"])
-    seconds = last["elapsed_s"] - first["elapsed_s"] - saving
-    pairs = last["stage_pairs"] - first["stage_pairs"]
-    checkpoints = layout.checkpoints(run_dir)
-    state = json.loads((checkpoints[-1] / layout.STATE_FILE).read_text()) if checkpoints else {}
-    args = state.get("args", {})
-    return {"stage": f"{first['stage']} ({run_dir.name})", "precision": args.get("precision", "?"),
-            "device": state.get("distributed", {}).get("device", "?"), "batch": args.get("batch_size"),
-            "max_length": args.get("max_length"), "pairs timed": pairs,
-            "pairs/s": round(pairs / seconds, 1) if seconds > 0 else float("nan")}
+from common.training.loop import training_throughput
 
 
 def latency_rows(results: pd.DataFrame) -> list[dict]:
@@ -81,7 +55,7 @@ def main(argv=None) -> None:
     try:
         results = pd.read_parquet(args.results)
         machines = sorted({str(m) for m in results.get("machine", pd.Series(dtype=str)).dropna()})
-        training = [training_rate(Path(r)) for r in args.runs]
+        training = [training_throughput(Path(r)) for r in args.runs]
     except (DataError, OSError, ValueError, KeyError) as err:
         fail(err)
     latency = latency_rows(results)

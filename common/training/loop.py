@@ -6,7 +6,10 @@ count pairs. Checkpoints (``output_dir/seen_{pairs:09d}[_heads_H_ffn_F]/``) hold
 (safetensors, base config, tokenizer, pruning.json), ``optimizer.pt``, ``scheduler.pt``,
 ``rng.pt`` and ``trainer_state.json``; they are written to a temporary directory and renamed.
 Resuming from one continues with the next unseen triple, the same LR and the same RNG
-stream, so N pairs + resume + N pairs equals 2N pairs straight.
+stream, so N pairs + resume + N pairs equals 2N pairs straight. With ``--group_by_length`` the
+rows come in batches of similar length in a seeded order (``common.data.formats.TrainingBatches``),
+which a resumed stage recomputes: the same equality holds. Train events log ``elapsed_s``, the
+seconds since the process's loop began (``training_throughput``: pairs/s).
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from common.training.argtypes import check_ranges
-from common.data.formats import (DataError, TriplesStream, candidates_to_run, open_text, read_candidates,
+from common.data.formats import (DataError, TrainingBatches, candidates_to_run, open_text, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.evaluation.trec import evaluate_run
@@ -41,8 +43,8 @@ from common.models.kinds import KINDS
 from common.models.loading import PACKAGED_MODELS, load_model, pick_device, save_model
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
-from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
-                           replace_dir, rng_file)
+from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, checkpoints,
+                           is_run_artifact, replace_dir, rng_file)
 from common.models.segment import HEADS, is_segment
 from common.models.structure import zero_dead_weights
 
@@ -54,7 +56,8 @@ DEFAULT_DISTILL_LOSS = "margin_mse"
 # is the group "pruning"
 ARGUMENT_GROUPS = {
     "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder"),
-    "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
+    "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "group_by_length",
+             "allow_eval_overlap"),
     "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
                      "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
                      "contrastive_weight"),
@@ -143,6 +146,10 @@ class TrainArgs:
     distill_target: str = field(default="scores", metadata={
         "help": "with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batches of rows of similar length (less padding): windows of 32 batches sorted by "
+                "length, batch order shuffled by --seed; deterministic and exactly resumable "
+                "(common.data.formats.TrainingBatches)"})
     allow_eval_overlap: bool = field(default=False, metadata={
         "help": "train even though some training queries are queries of --eval_candidates_file "
                 "(refused by default: monitoring on training queries is no held-out measure)"})
@@ -275,6 +282,33 @@ def read_source_state(directory: str | Path) -> dict | None:
         raise DataError(f"{directory}: {STATE_FILE} is missing: a training checkpoint cannot be "
                         "resumed or continued without it")
     return state
+
+
+def training_throughput(run_dir: str | Path) -> dict:
+    """Pairs/s of one stage's run dir from its metrics.jsonl: (pairs between the first and the
+    last train event) / (their ``elapsed_s`` apart, less the checkpoint writes in between); the
+    first step (kernel selection, allocator warm-up) is left out. With the stage's precision,
+    device, batch size and max_length (trainer_state.json of its last checkpoint)."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        raise DataError(f"{path}: missing (did the stage run?)")
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [e for e in events if e["event"] == "train" and "elapsed_s" in e]
+    if len(train) < 2:
+        raise DataError(f"{path}: {len(train)} train events with elapsed_s; pairs/s needs 2 or more")
+    first, last = train[0], train[-1]
+    saving = sum(e.get("seconds", 0.0) for e in events if e["event"] == "checkpoint"
+                 and first["stage_pairs"] <= e["stage_pairs"] < last["stage_pairs"])
+    seconds = last["elapsed_s"] - first["elapsed_s"] - saving
+    pairs = last["stage_pairs"] - first["stage_pairs"]
+    saved = checkpoints(run_dir)
+    state = json.loads((saved[-1] / STATE_FILE).read_text()) if saved else {}
+    args = state.get("args", {})
+    return {"stage": f"{first['stage']} ({run_dir.name})", "precision": args.get("precision", "?"),
+            "device": state.get("distributed", {}).get("device", "?"), "batch": args.get("batch_size"),
+            "max_length": args.get("max_length"), "pairs timed": pairs,
+            "pairs/s": round(pairs / seconds, 1) if seconds > 0 else float("nan")}
 
 
 def check_no_eval_overlap(triples_file: str, candidates_file: str) -> None:
@@ -573,19 +607,25 @@ class Trainer:
     def _train(self) -> Path | None:
         args = self.args
         n = args.group_size
-        triples_per_step = args.batch_size // n // self.world_size  # this rank's share of rows
-        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // n,
-                                    rank=self.rank, world_size=self.world_size, passages=n))
+        rows_per_step = args.batch_size // n  # global; rank r trains rows r, r + world, ... of each
+        source = TrainingBatches(args.train_triples_file, start_row=self.seen_pairs // n - self.step * rows_per_step,
+                                 rows_per_batch=rows_per_step, passages=n, group_by_length=args.group_by_length,
+                                 seed=args.seed, skip_batches=self.step)
+        batches = iter(source)
         bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
                    desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
         last_checkpoint = None
         self.model.train()
+        started = time.perf_counter()  # train events log the seconds since (elapsed_s: pairs/s)
         while self.step < self.total_steps:
-            triples = list(islice(stream, triples_per_step))
-            if len(triples) < triples_per_step:
+            batch = next(batches, [])
+            if len(batch) < rows_per_step:
                 raise DataError(f"{args.train_triples_file}: the training stream ended after "
-                                f"{self.seen_pairs // n + len(triples)} rows; this stage needs "
+                                f"{source.rows_read} rows; this stage needs "
                                 f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // n}")
+            mine = batch[self.rank::self.world_size]
+            self._row_indices = [index for index, _ in mine]  # the teacher scores' rows
+            triples = [row for _, row in mine]
             lr = self.lr()  # the LR this step uses
             self.callback.on_step_begin(self)
             loss, parts = self._train_step(triples)
@@ -595,7 +635,7 @@ class Trainer:
             if self.step % args.log_every == 0 or self.step == self.total_steps:
                 if self.world_size > 1:
                     loss = all_reduce_sum([loss], self.device)[0] / self.world_size
-                self.log_event("train", loss=loss, lr=lr, **parts)
+                self.log_event("train", loss=loss, lr=lr, elapsed_s=round(time.perf_counter() - started, 4), **parts)
             bar.update(args.batch_size)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                             heads=self.state.total_heads, ffn=self.state.total_ffn)
@@ -606,13 +646,12 @@ class Trainer:
         return last_checkpoint
 
     def _teacher_rows(self, n: int) -> torch.Tensor:
-        """Teacher scores of this rank's rows, ``(n, group_size)``: global rows first + rank +
-        k * world_size (row i of the parquet belongs to row i of the training file)."""
-        first = self.seen_pairs // self.args.group_size + self.rank
-        rows = torch.arange(first, first + n * self.world_size, self.world_size)
-        if int(rows[-1]) >= len(self.teacher_scores):
+        """Teacher scores of this rank's ``n`` rows of this step, ``(n, group_size)`` (row i of
+        the parquet belongs to row i of the training file)."""
+        rows = torch.tensor(self._row_indices[:n])
+        if int(rows.max()) >= len(self.teacher_scores):
             raise DataError(f"{self.args.distill_scores}: {len(self.teacher_scores)} rows, "
-                            f"fewer than the training rows used ({int(rows[-1]) + 1})")
+                            f"fewer than the training rows used ({int(rows.max()) + 1})")
         return self.teacher_scores[rows].to(self.device)
 
     def _train_step(self, rows: list[tuple[str, ...]]) -> tuple[float, dict]:
