@@ -29,11 +29,11 @@ LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 if [ "$DRY_RUN" = 1 ]; then
-  PY=${PY:-.venv/bin/python}; DEVICE=cpu; MAX_LENGTH=32; TRAIN_PAIRS=64; FP32_PAIRS=64; PRUNE_PAIRS=160
+  PY=${PY:-.venv/bin/python}; DEVICE=cpu; MAX_LENGTH=32; TRAIN_PAIRS=64; FP32_PAIRS=64; PRUNE_PAIRS=192; PRUNE_EVERY=96
   EVAL_QUERIES=2; TIMING=(--repeats 1 --warmup 0 --latency_queries 1); PREC=(--precision fp32)
   export SLIMRANK_TEST_DEVICE=cpu  # the CUDA tests run their logic on the CPU
 else
-  PY=${PY:-python3}; DEVICE=cuda; MAX_LENGTH=128; TRAIN_PAIRS=2048; FP32_PAIRS=1024; PRUNE_PAIRS=4096
+  PY=${PY:-python3}; DEVICE=cuda; MAX_LENGTH=128; TRAIN_PAIRS=2048; FP32_PAIRS=1024; PRUNE_PAIRS=4096; PRUNE_EVERY=1024
   EVAL_QUERIES=0; TIMING=(--repeats 5 --warmup 2 --latency_queries 10); PREC=()  # the configs' bf16
 fi
 start=$(date +%s)
@@ -136,7 +136,7 @@ if [ -n "$INITIAL" ]; then
   run 180 "4/6 03c mixed pruning (main_prune.toml: 54 heads, FFN 768) distilling the initial model: $PRUNE_PAIRS pairs" \
     "$PY" 03c_prune_mixed.py initial --config recipes/config/main_prune.toml --checkpoint_dir "$INITIAL" \
     --distill_from "$INITIAL" --output_dir "$WORK/mixed" --num_training_samples "$PRUNE_PAIRS" \
-    --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}" \
+    --num_checkpoint_samples "$PRUNE_EVERY" "${TRAIN[@]}" "${PREC[@]}" \
     && PRUNED=$(latest "$WORK/mixed") \
     && run 60 "5/6 04 reshape" "$PY" 04_reshape.py --checkpoint_dir "$PRUNED"
 fi
@@ -156,5 +156,6 @@ if [ -f "$OUT/results.parquet" ] && [ ${#RUNS[@]} -gt 0 ]; then
   run 90 "the table -> $OUT/gpu_results.md" "$PY" bench/gpu_table.py --results "$OUT/results.parquet" \
     --runs "${RUNS[@]}" --output "$OUT/gpu_results.md" --metrics_out "$OUT/train_metrics.jsonl"
 fi
+rm -f "$OUT/results.parquet.lock"  # 05's append lock: not a result (at most 8 files come back)
 step "done in $(( $(date +%s) - start ))s: $failed failed step(s); checkpoints in $WORK; outputs in $OUT"
 exit "$failed"
