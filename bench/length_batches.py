@@ -2,7 +2,7 @@
 """Training pairs/s with and without --group_by_length, on a small sample of a training file.
 
 For each setting: the share of the tokens of the batches that is padding (the tokenizer on the
-exact batches the stage would train, no model run), then a short 02 stage (Trainer) whose
+exact batches a stage would train, over --padding_pairs; no model run), then a short 02 stage (Trainer) whose
 pairs/s come from its metrics.jsonl (common.training.loop.training_throughput: the first step
 left out). The two stages alternate over --rounds, each in its own temporary output dir, so
 that a machine's drift hits both alike. Quality is not measured here.
@@ -27,13 +27,14 @@ from common.training.schedules import WarmupLinear
 
 
 def padding_share(args, grouped: bool) -> float:
-    """Padded / all tokens over the batches of ``args.pairs`` pairs (cross-encoder layout)."""
+    """Padded / all tokens over the first batches of ``args.padding_pairs`` pairs (cross-encoder
+    layout; whole windows of --group_by_length give its real effect)."""
     tokenizer = load_model(args.model, "cpu", kind="cross").tokenizer
     rows_per_batch = args.batch_size // 2
     batches = TrainingBatches(args.triples, start_row=0, rows_per_batch=rows_per_batch,
                               group_by_length=grouped, seed=args.seed)
     real = padded = 0
-    for _, batch in zip(range(args.pairs // args.batch_size), batches):
+    for _, batch in zip(range(args.padding_pairs // args.batch_size), batches):
         queries = [row[0] for _, row in batch for _ in range(2)]
         passages = [p for _, row in batch for p in row[1:]]
         mask = encode_pairs(tokenizer, queries, passages, args.max_length)["attention_mask"]
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     p.add_argument("--triples", required=True, help="query<TAB>positive<TAB>negative (plain or .gz)")
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--pairs", type=positive_int, default=256, help="pairs per stage (a multiple of --batch_size)")
+    p.add_argument("--padding_pairs", type=positive_int, default=2048,
+                   help="pairs the padding share is measured on (tokenizer only)")
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--max_length", type=positive_int, default=128)
     p.add_argument("--rounds", type=positive_int, default=1)

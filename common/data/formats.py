@@ -646,6 +646,12 @@ class TriplesStream:
 LENGTH_WINDOW_BATCHES = 32  # --group_by_length: batches per window of rows sorted by length
 
 
+def row_length(row: tuple[str, ...]) -> int:
+    """Characters of a training row's longest pair (query + its longest passage): every pair of
+    a row goes into the same batch, so the longest sets how far the others are padded."""
+    return len(row[0]) + max(len(p) for p in row[1:])
+
+
 class TrainingBatches:
     """The global training batches of a stage: lists of ``(row index, row)`` of
     ``rows_per_batch`` rows from a triples/groups file, starting at row ``start_row`` (the
@@ -653,8 +659,8 @@ class TrainingBatches:
 
     In file order by default. With ``group_by_length`` the stage's rows are read in windows of
     ``LENGTH_WINDOW_BATCHES`` batches (window k: rows ``start_row + k * window`` onwards); a
-    window's rows are sorted by length (characters of the query and its passages; ties in file
-    order), cut into batches of similar length (little padding), and the batches taken in an
+    window's rows are sorted by length (``row_length``: characters of the query and its longest
+    passage; ties in file order), cut into batches of similar length (little padding), and the batches taken in an
     order shuffled by a generator seeded with (seed, k). So the order is a function of the
     file, the stage's first row, the batch size and the seed alone: a resumed stage recomputes
     the window it stopped in and skips the batches already trained. Every row of a window is
@@ -713,7 +719,7 @@ class TrainingBatches:
     def window_batches(self, block: list[tuple[int, tuple[str, ...]]], k: int) -> list[list]:
         """Window ``k``'s batches: by length, in a seeded order; a short last batch (the file
         ended) comes last."""
-        ordered = sorted(block, key=lambda item: (sum(len(field) for field in item[1]), item[0]))
+        ordered = sorted(block, key=lambda item: (row_length(item[1]), item[0]))
         size = self.rows_per_batch
         full = [ordered[i:i + size] for i in range(0, len(ordered) - size + 1, size)]
         rest = ordered[len(full) * size:]
