@@ -10,11 +10,16 @@ linearly. At the last step the gates become masks that meet the target exactly, 
 folded into the weights: the last checkpoint is an ordinary masked one that 04_reshape.py
 reshapes. Intermediate checkpoints carry the gates (l0_gates.pt) for --resume (mode
 `continue`); their weights are not yet pruned. Distil from the unpruned model with --distill_from.
+--l0_init importance starts the gates from activation importance (at the target's expected cost,
+or --l0_init_cost full); --target_ramp 0.2 reaches the target in the first 20 % of the stage and
+holds the expected cost on that schedule.
 
   python 03d_prune_l0.py initial --checkpoint_dir all-MiniLM-L6-v2 --model_kind bi \\
       --train_triples_file data/distill/triples.tsv --output_dir runs/l0 \\
       --distill_from all-MiniLM-L6-v2 --distill_target embeddings --contrastive_weight 0 \\
       --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
+  python 03d_prune_l0.py initial ... --target_macs_ratio 0.33 --l0_init importance \
+      --l0_init_cost full --target_ramp 0.2          # warm start, target reached by 20 %
 """
 from common.cli import apply_mode, mode_positional, parse, run_stage
 from common.pruning.l0 import L0Args, L0Callback

@@ -6,6 +6,7 @@ import copy
 import sys
 import tomllib
 
+import torch.distributed as dist
 from transformers import HfArgumentParser
 
 from common.training.argtypes import (DECLARATION_KEYS, argument_groups, check_ranges, nonneg_int,  # noqa: F401
@@ -137,6 +138,9 @@ def run_stage(args, stage: str, schedule, callback=None):
         last = trainer.train()
     except (DataError, OSError, ValueError) as err:  # OSError: a full or read-only disk, a lock
         fail(err)
+    finally:  # a torchrun process group (NCCL / gloo) ends with the stage
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(f"[{stage}] {trainer.seen_pairs} pairs seen; last checkpoint: {last}; "
           f"log: {trainer.output_dir / 'metrics.jsonl'}")
     return last

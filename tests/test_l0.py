@@ -197,3 +197,84 @@ def test_script_refuses_two_kinds_of_target_in_one_error_line(tiny_models, toy_t
         text = str(exit_info.value.code)
         assert text.startswith("error:") and message in text and "\n" not in text
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_importance_init_ranks_the_gates_and_starts_at_the_target(tiny_models, toy_triples, tmp_path):
+    """--l0_init importance: head and neuron log-alphas follow the activation importance of the
+    stage's first pairs (rank for rank, INIT_SPREAD apart), and the expected cost starts at the
+    target (--l0_init_cost target) or where the constant start is (full)."""
+    from common.pruning.importance import ActivationImportance
+    from common.pruning.l0 import INIT_SPREAD
+
+    def started(out, **kw):
+        callback = L0Callback(L0Args(target_macs_ratio=0.4, l0_init_pairs=32, **kw))
+        trainer = Trainer(l0_args(tiny_models, toy_triples, tmp_path / out), "l0", callback.schedule, callback)
+        return trainer, callback
+
+    trainer, callback = started("a", l0_init="importance")
+    assert callback.start["macs"] == pytest.approx(0.4, abs=1e-4)
+    assert callback.gates.ratio_with_offset(0.0) == pytest.approx(0.4, abs=1e-4)
+    # the same scores, computed here: rank order of the log-alphas is the importance order
+    from common.data.formats import TriplesStream
+    rows = list(TriplesStream(toy_triples))[:16]
+    scorer = ActivationImportance(trainer.state)
+    callback.hooks.remove()  # the gates off: the model the importance was scored on
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for i in range(0, 16, 4):
+            scorer.observe(model, trainer.training_kind.forward(model, rows[i:i + 4], ()).batch)
+    for scores, log_alpha in ((scorer.head_scores(), callback.gates.head), (scorer.ffn_scores(), callback.gates.ffn)):
+        scores, log_alpha = torch.tensor(scores).flatten(), log_alpha.detach().flatten()
+        assert torch.equal(torch.argsort(scores, stable=True), torch.argsort(log_alpha, stable=True))
+        assert float(log_alpha.max() - log_alpha.min()) == pytest.approx(INIT_SPREAD, abs=1e-4)
+    _, constant = started("b")
+    _, full = started("c", l0_init="importance", l0_init_cost="full")
+    assert full.start["macs"] == pytest.approx(constant.start["macs"], abs=1e-4) and constant.start["macs"] > 0.9
+
+
+def test_target_ramp_reaches_the_target_by_the_end_of_the_ramp(tiny_models, tmp_path):
+    """--target_ramp 0.2 from the full cost: the expected cost is within 1 % of the target from
+    the end of the ramp on (the train event after it logs the cost the next update starts
+    from); the Lagrangian alone (--l0_warmup_fraction 0.2) is still far from it there."""
+    from conftest import write_toy_triples
+
+    triples = write_toy_triples(tmp_path / "t.tsv", n=128)
+    ramp = L0Args(target_macs_ratio=0.4, l0_learning_rate=0.05, l0_init="importance", l0_init_cost="full",
+                  target_ramp=0.2)
+    trainer, last = run_l0(tiny_models, triples, tmp_path / "ramp", ramp, num_training_samples=160)
+    train = records(tmp_path / "ramp", "train")
+    end = round(0.2 * trainer.total_steps)  # step index where the target is reached
+    assert train[0]["expected_macs"] > 0.9 and train[end]["target_macs"] == pytest.approx(0.4)
+    for record in train[end:]:
+        assert abs(record["expected_macs"] - 0.4) <= 0.01 * 0.4, record
+    # in between, the cost follows the ramp's schedule
+    for record in train[1:end]:
+        assert record["expected_macs"] == pytest.approx(record["target_macs"], abs=1e-3)
+    lagging = L0Args(target_macs_ratio=0.4, l0_learning_rate=0.05, l0_warmup_fraction=0.2)
+    run_l0(tiny_models, triples, tmp_path / "plain", lagging, num_training_samples=160)
+    assert abs(records(tmp_path / "plain", "train")[end]["expected_macs"] - 0.4) > 0.01 * 0.4
+    assert json.loads((last / "pruning.json").read_text())["history"][-1]["l0"]["macs_ratio"] <= 0.4
+
+
+def test_importance_init_and_ramp_resume_exactly(tiny_models, toy_triples, tmp_path):
+    l0 = L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2, l0_init="importance", l0_init_cost="full",
+                target_ramp=0.2, l0_init_pairs=32)
+    _, straight = run_l0(tiny_models, toy_triples, tmp_path / "a", l0)
+    _, half = run_l0(tiny_models, toy_triples, tmp_path / "b", l0, stop=3, num_checkpoint_samples=24)
+    _, end = run_l0(tiny_models, toy_triples, tmp_path / "b", l0, num_checkpoint_samples=24,
+                    checkpoint_dir=str(half))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    pa = json.loads((straight / "pruning.json").read_text())
+    pb = json.loads((end / "pruning.json").read_text())
+    assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+
+
+def test_warm_start_and_ramp_need_a_cost_target():
+    with pytest.raises(ValueError, match="--l0_init importance works on a cost target"):
+        L0Args(target_heads=4, l0_init="importance")
+    with pytest.raises(ValueError, match="--target_ramp works on a cost target"):
+        L0Args(target_heads=4, target_ramp=0.2)
+    with pytest.raises(ValueError, match="--l0_init must be one of"):
+        L0Args(target_macs_ratio=0.5, l0_init="magnitude")

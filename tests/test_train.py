@@ -159,3 +159,81 @@ def test_bf16_without_native_support_is_flagged(tiny_models, toy_triples, tmp_pa
                      model_tag=str(tiny_models["bert"]), batch_size=8, max_length=16, precision="bf16")
     Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
     assert "without native bf16" in capsys.readouterr().out
+
+
+def write_varied_triples(path, n: int = 96):
+    """Rows of very different lengths, in no length order."""
+    lines = []
+    for i in range(n):
+        words = " ".join(f"w{(i * 7 + j) % 50}" for j in range((i * 37) % 40 + 1))
+        lines.append(f"query {i % 9} about t{i % 5}\tpositive {i} {words}\tnegative {(i * 3) % 11} "
+                     f"{words[: (i * 13) % 60]}x")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_length_batches_are_windows_of_similar_lengths_in_a_seeded_order(tmp_path):
+    from common.data.formats import LENGTH_WINDOW_BATCHES, TrainingBatches
+
+    path = write_varied_triples(tmp_path / "v.tsv", n=300)
+    lines = [tuple(x.split("\t")) for x in path.read_text().splitlines()]
+    grouped = list(TrainingBatches(path, start_row=10, rows_per_batch=4, group_by_length=True, seed=5))
+    plain = list(TrainingBatches(path, start_row=10, rows_per_batch=4))
+    window = 4 * LENGTH_WINDOW_BATCHES
+    assert all(row == lines[i] for batch in grouped for i, row in batch)  # indices are file rows
+    for k in range(3):  # each window: its own rows, each once
+        batches = grouped[k * LENGTH_WINDOW_BATCHES:(k + 1) * LENGTH_WINDOW_BATCHES]
+        got = sorted(i for b in batches for i, _ in b)
+        assert got == list(range(10 + k * window, min(300, 10 + (k + 1) * window))[:len(got)])
+    assert len(grouped[-1]) == (300 - 10) % 4 == 2  # the file ends: a short last batch, last
+
+    def padding(batches):  # characters of padding of every (query, passage) pair up to its batch's longest
+        sizes = [[len(row[0]) + len(p) for _, row in b for p in row[1:]] for b in batches if len(b) == 4]
+        return sum(max(s) * len(s) - sum(s) for s in sizes)
+    assert padding(grouped) < 0.6 * padding(plain)
+    # a seeded order: another seed, another order of the same batches; resume = skip
+    other = list(TrainingBatches(path, start_row=10, rows_per_batch=4, group_by_length=True, seed=6))
+    assert other != grouped and sorted(map(str, other)) == sorted(map(str, grouped))
+    for skip in (1, LENGTH_WINDOW_BATCHES, LENGTH_WINDOW_BATCHES + 3):
+        assert list(TrainingBatches(path, start_row=10, rows_per_batch=4, group_by_length=True, seed=5,
+                                    skip_batches=skip)) == grouped[skip:]
+
+
+def test_group_by_length_resumes_exactly_with_the_teacher_scores_of_its_rows(tiny_models, tmp_path, monkeypatch):
+    """--group_by_length: N pairs + resume + N pairs == 2N straight; every step trains rows
+    of the file as their indices say, with those rows' teacher scores."""
+    import pandas as pd
+
+    triples = write_varied_triples(tmp_path / "v.tsv")
+    lines = [tuple(x.split("\t")) for x in triples.read_text().splitlines()]
+    scores = tmp_path / "scores.parquet"
+    pd.DataFrame({"teacher_pos": [float(i) for i in range(96)], "teacher_neg": [0.0] * 96}).to_parquet(scores)
+    seen = []
+    original = Trainer._teacher_rows
+
+    def spy(self, n):
+        got = original(self, n)
+        seen.append((list(self._row_indices), got[:, 0].tolist()))
+        return got
+    monkeypatch.setattr(Trainer, "_teacher_rows", spy)
+    kw = dict(group_by_length=True, distill_scores=str(scores), distill_scale=0.01, max_length=64)
+    straight = Trainer(args_for(tiny_models["bert"], triples, tmp_path / "a", 48, **kw), "initial",
+                       warmup_linear).train()
+    assert all(indices == [round(s / 0.01) for s in used] for indices, used in seen)
+    trained = [i for indices, _ in seen for i in indices]
+    assert trained != sorted(trained) and len(set(trained)) == len(trained) == 24
+    first = Trainer(args_for(tiny_models["bert"], triples, tmp_path / "b", 48, every=24, **kw),
+                    "initial", warmup_linear)
+    first.total_steps = 3
+    half = first.train()
+    seen.clear()
+    end = Trainer(args_for(tiny_models["bert"], triples, tmp_path / "b", 48, every=24,
+                           checkpoint_dir=str(half), **kw), "initial", warmup_linear).train()
+    assert [i for indices, _ in seen for i in indices] == trained[12:]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert lines[trained[0]][0].startswith("query")
+    from common.training.resume import training_throughput
+    rate = training_throughput(tmp_path / "a")  # the first step is left out
+    assert rate["pairs timed"] == 40 and rate["pairs/s"] > 0 and rate["device"] == "cpu"

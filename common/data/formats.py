@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import os
 import random
@@ -617,6 +618,91 @@ class TriplesStream:
             if index >= self.skip_triples and (index - self.skip_triples) % self.world_size == self.rank:
                 yield tuple(row)
             index += 1
+
+
+LENGTH_WINDOW_BATCHES = 32  # --group_by_length: batches per window of rows sorted by length
+
+
+def row_length(row: tuple[str, ...]) -> int:
+    """Characters of a training row's longest pair (query + its longest passage): every pair of
+    a row goes into the same batch, so the longest sets how far the others are padded."""
+    return len(row[0]) + max(len(p) for p in row[1:])
+
+
+class TrainingBatches:
+    """The global training batches of a stage: lists of ``(row index, row)`` of
+    ``rows_per_batch`` rows from a triples/groups file, starting at row ``start_row`` (the
+    stage's first) and skipping ``skip_batches`` batches (exact resume).
+
+    In file order by default. With ``group_by_length`` the stage's rows are read in windows of
+    ``LENGTH_WINDOW_BATCHES`` batches (window k: rows ``start_row + k * window`` onwards); a
+    window's rows are sorted by length (``row_length``: characters of the query and its longest
+    passage; ties in file order), cut into batches of similar length (little padding), and the batches taken in an
+    order shuffled by a generator seeded with (seed, k). So the order is a function of the
+    file, the stage's first row, the batch size and the seed alone: a resumed stage recomputes
+    the window it stopped in and skips the batches already trained. Every row of a window is
+    trained once the window is done; a stage that ends inside a window leaves some of its rows
+    untrained (the next stage starts after the rows counted, as in file order).
+
+    At the end of the file the last batch may be short (the caller raises); ``rows_read`` is
+    the number of rows read from the file's start."""
+
+    def __init__(self, path: str | os.PathLike, *, start_row: int, rows_per_batch: int, passages: int = 2,
+                 group_by_length: bool = False, seed: int = 0, skip_batches: int = 0):
+        if rows_per_batch < 1 or start_row < 0 or skip_batches < 0:
+            raise ValueError("need rows_per_batch >= 1, start_row >= 0, skip_batches >= 0")
+        self.path, self.start_row, self.rows_per_batch = path, start_row, rows_per_batch
+        self.passages, self.group_by_length, self.seed = passages, group_by_length, seed
+        self.skip_batches = skip_batches
+        self.rows_read = start_row
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[str, ...]]]]:
+        rows = enumerate(TriplesStream(self.path, skip_triples=self.start_row, passages=self.passages),
+                         start=self.start_row)
+        size = self.rows_per_batch
+        if not self.group_by_length:
+            skip = self.skip_batches * size
+            for _ in range(skip):
+                if next(rows, None) is None:
+                    return
+            self.rows_read = self.start_row + skip
+            while True:
+                batch = list(itertools.islice(rows, size))
+                self.rows_read += len(batch)
+                if not batch:
+                    return
+                yield batch
+                if len(batch) < size:
+                    return
+        window = size * LENGTH_WINDOW_BATCHES
+        first, offset = divmod(self.skip_batches, LENGTH_WINDOW_BATCHES)
+        for _ in range(first * window):
+            if next(rows, None) is None:
+                return
+        self.rows_read = self.start_row + first * window
+        k = first
+        while True:
+            block = list(itertools.islice(rows, window))
+            self.rows_read += len(block)
+            if not block:
+                return
+            batches = self.window_batches(block, k)
+            yield from batches[offset:]
+            offset = 0
+            if len(block) < window:
+                return
+            k += 1
+
+    def window_batches(self, block: list[tuple[int, tuple[str, ...]]], k: int) -> list[list]:
+        """Window ``k``'s batches: by length, in a seeded order; a short last batch (the file
+        ended) comes last."""
+        ordered = sorted(block, key=lambda item: (row_length(item[1]), item[0]))
+        size = self.rows_per_batch
+        full = [ordered[i:i + size] for i in range(0, len(ordered) - size + 1, size)]
+        rest = ordered[len(full) * size:]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return shuffled + ([rest] if rest else [])
 
 
 def teacher_columns(group_size: int) -> list[str]:

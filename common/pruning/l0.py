@@ -38,6 +38,21 @@ gates do and fills it greedily, to within one neuron's cost. The kept units' det
 gate values are folded into the output projections' columns (exact: W (g * x) = (W diag g) x),
 the gates removed, and the checkpoint is an ordinary masked one.
 
+Warm start (``--l0_init importance``). Instead of every log-alpha at ``--gate_init``, each head
+and neuron starts from its activation importance (``common.pruning.importance``, scored in eval
+mode on the first ``--l0_init_pairs`` pairs of the stage's data): units are ranked within their
+kind over all layers, the least important at ``-INIT_SPREAD`` below the most important, linearly
+in rank, and one common offset puts the expected cost at the target (``--l0_init_cost target``)
+or where the constant start puts it (``full``); block gates start at ``--gate_init``. So the
+gates start where the best fixed criterion is, and the Lagrangian has only to keep them there.
+
+Ramp (``--target_ramp F``, cost targets). The target moves from the stage's starting cost to its
+value over the first F of the stage (in place of ``--l0_warmup_fraction``), and the expected
+cost is held on that schedule: after every gate update one common shift of the head and neuron
+log-alphas puts it exactly on the next step's target (bisection; the order of the gates and
+the block gates are untouched). The Lagrangian still acts, but the cost no longer lags the
+target: it is there at the end of the ramp, and the weights have the rest of the stage.
+
 Noise comes from a generator seeded by (seed, step): every DDP rank draws the same gates, a
 resumed stage the same as an unbroken one. Gates, multipliers and their optimizer state are
 saved in each checkpoint (``l0_gates.pt``).
@@ -46,6 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +70,8 @@ import torch.distributed as dist
 from torch import nn
 
 from common.training.argtypes import arg, check_declared
+from common.data.formats import DataError, TriplesStream
+from common.pruning.importance import ActivationImportance
 from common.models.arch import adapter_for, get_module, layer_stack
 from common.evaluation.cost import analytic_macs, architecture
 from common.training.schedules import WarmupLinear
@@ -62,6 +80,9 @@ from common.layout import GATES_FILE
 from common.training.loop import Callback, Trainer
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+L0_INITS = ("constant", "importance")
+INIT_COSTS = ("target", "full")
+INIT_SPREAD = 6.0  # --l0_init importance: log-alpha of the most important unit - the least's
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -96,6 +117,18 @@ class L0Args:
         help="AdamW LR of the gates' log-alphas and of the Lagrange multipliers")
     gate_init: float = arg(3.0, group="l0 gates", bounds=(None, None, False, False),
         help="initial log-alpha (3: every gate starts open, P(z = 1) ~ 0.9)")
+    l0_init: str = arg("constant", group="l0 gates", choices=L0_INITS,
+        help="constant: every gate at --gate_init; importance: heads and neurons start from "
+             "their activation importance, ranked (cost targets; common.pruning.l0)")
+    l0_init_cost: str = arg("target", group="l0 gates", choices=INIT_COSTS,
+        help="--l0_init importance: the expected cost the gates start at: the target, or "
+             "full (where the constant start puts it)")
+    l0_init_pairs: int = arg(512, group="l0 gates", bounds=(1, None, False, False),
+        help="--l0_init importance: pairs (the first of the stage's data) the importance is scored on")
+    target_ramp: Optional[float] = arg(None, group="l0 gates", bounds=(0, 1, False, False),
+        help="cost targets: reach the target over this share of the stage (instead of "
+             "--l0_warmup_fraction) and hold the expected cost on that schedule after every "
+             "gate update (e.g. 0.2)")
 
     def __post_init__(self):
         self.validate()
@@ -108,6 +141,10 @@ class L0Args:
                              "--target_layers (a shape), not both")
         if self.target_macs_ratio is None and all(v is None for v in shape):
             raise ValueError("give a target: --target_macs_ratio, or --target_heads/--target_ffn/--target_layers")
+        for flag, used in (("--l0_init importance", self.l0_init == "importance"),
+                           ("--target_ramp", self.target_ramp is not None)):
+            if used and self.target_macs_ratio is None:
+                raise ValueError(f"{flag} works on a cost target: give --target_macs_ratio")
 
 
 class Gates(nn.Module):
@@ -184,6 +221,57 @@ class Gates(nn.Module):
 
     def expected_macs(self) -> torch.Tensor:
         return self.macs(*self.expected_counts())
+
+    @torch.no_grad()
+    def ratio_with_offset(self, offset: float, head: torch.Tensor | None = None,
+                          ffn: torch.Tensor | None = None) -> float:
+        """Expected cost / the unpruned model's with ``offset`` added to every head and neuron
+        log-alpha (``head``/``ffn``: other log-alphas than the gates' own)."""
+        head = self.head if head is None else head
+        ffn = self.ffn if ffn is None else ffn
+        heads = prob_nonzero(self.attn_block) * (prob_nonzero(head + offset) * self.head_alive).sum(1)
+        neurons = prob_nonzero(self.ffn_block) * (prob_nonzero(ffn + offset) * self.ffn_alive).sum(1)
+        return float(self.macs(heads, neurons) / self.full_macs)
+
+    def offset_for(self, ratio: float, head: torch.Tensor | None = None, ffn: torch.Tensor | None = None) -> float:
+        """The common log-alpha offset at which the expected cost ratio is ``ratio`` (bisection;
+        the nearest end of [-50, 50] when no offset reaches it)."""
+        low, high = -50.0, 50.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            if self.ratio_with_offset(middle, head, ffn) < ratio:
+                low = middle
+            else:
+                high = middle
+        return (low + high) / 2
+
+    @torch.no_grad()
+    def shift_to(self, ratio: float) -> None:
+        """Add one offset to every head and neuron log-alpha so the expected cost is ``ratio``."""
+        offset = self.offset_for(ratio)
+        self.head.add_(offset)
+        self.ffn.add_(offset)
+
+    @torch.no_grad()
+    def init_from_scores(self, head_scores: torch.Tensor, ffn_scores: torch.Tensor, ratio: float) -> None:
+        """Head and neuron log-alphas from importance scores ``(layers, units)`` over the original
+        indices: linear in each unit's rank within its kind (the most important 0, the least
+        ``-INIT_SPREAD``), plus the offset that puts the expected cost at ``ratio``."""
+        def ranked(scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+            flat, ok = scores.flatten().float(), alive.flatten().bool() & torch.isfinite(scores.flatten())
+            quantile = torch.zeros_like(flat)
+            count = int(ok.sum())
+            if count:
+                order = torch.argsort(flat[ok], stable=True)
+                values = torch.empty(count)
+                values[order] = torch.arange(count, dtype=torch.float32) / max(1, count - 1)
+                quantile[ok] = values
+            return (INIT_SPREAD * (quantile - 1)).view_as(scores)
+        head = ranked(head_scores.cpu(), self.head_alive.cpu()).to(self.head.device)
+        ffn = ranked(ffn_scores.cpu(), self.ffn_alive.cpu()).to(self.ffn.device)
+        offset = self.offset_for(ratio, head, ffn)
+        self.head.copy_(head + offset)
+        self.ffn.copy_(ffn + offset)
 
     def sampled_counts(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Live heads and neurons per layer of one draw of the gates (z != 0)."""
@@ -305,6 +393,8 @@ class L0Callback(Callback):
     def on_start(self, trainer: Trainer) -> None:
         model, state = trainer.model, trainer.state
         self.gates = Gates(state, self.l0.gate_init, architecture(model), trainer.args.max_length).to(trainer.device)
+        if self.l0.l0_init == "importance" and not trainer.resuming:
+            self._init_from_importance(trainer)
         names = self.constraints()
         self.lambdas = nn.Parameter(torch.zeros(len(names), 2, device=trainer.device))
         self.gate_optimizer = torch.optim.AdamW(self.gates.parameters(), lr=self.l0.l0_learning_rate,
@@ -316,8 +406,36 @@ class L0Callback(Callback):
         if trainer.resuming:
             self._load(Path(trainer.args.checkpoint_dir), trainer.device)
         self.hooks = GateHooks(model, self.gates)
-        self.warmup_steps = round(self.l0.l0_warmup_fraction * trainer.total_steps)
+        ramp = self.l0.l0_warmup_fraction if self.l0.target_ramp is None else self.l0.target_ramp
+        self.warmup_steps = round(ramp * trainer.total_steps)
         self.final_step = trainer.total_steps  # the gates become masks after this step
+
+    def _init_from_importance(self, trainer: Trainer) -> None:
+        """--l0_init importance: activation importance of every head and neuron on the first
+        --l0_init_pairs pairs of the stage's data (the same rows on every DDP rank; eval mode,
+        no gradient, no RNG drawn), then :meth:`Gates.init_from_scores`."""
+        args, model = trainer.args, trainer.model
+        n = args.group_size
+        stream = TriplesStream(args.train_triples_file, skip_triples=trainer.seen_pairs // n, passages=n)
+        rows = list(islice(iter(stream), max(1, self.l0.l0_init_pairs // n)))
+        if not rows:
+            raise DataError(f"{args.train_triples_file}: no rows after the first {trainer.seen_pairs // n}: "
+                            "nothing to score the --l0_init importance on")
+        scorer = ActivationImportance(trainer.state)
+        per_batch = max(1, args.batch_size // n)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(rows), per_batch):
+                    batch = trainer.training_kind.forward(model, rows[start:start + per_batch], ()).batch
+                    scorer.observe(model, batch)
+        finally:
+            model.train(was_training)
+        full = self.gates.ratio_with_offset(0.0)
+        ratio = self.l0.target_macs_ratio if self.l0.l0_init_cost == "target" else full
+        self.gates.init_from_scores(torch.tensor(scorer.head_scores(model)), torch.tensor(scorer.ffn_scores(model)),
+                                    ratio)
 
     def constraints(self) -> list[str]:
         if self.l0.target_macs_ratio is not None:
@@ -424,6 +542,8 @@ class L0Callback(Callback):
         if all(torch.isfinite(p.grad).all() for p in params):
             self.gate_optimizer.step()
             self.lambda_optimizer.step()
+        if self.l0.target_ramp is not None:  # hold the expected cost on the target schedule
+            self.gates.shift_to(self.target_at(trainer.step)["macs"])
         self.gate_optimizer.zero_grad(set_to_none=True)
         self.lambda_optimizer.zero_grad(set_to_none=True)
         self.gates.z = None

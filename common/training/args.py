@@ -100,6 +100,10 @@ class TrainArgs:
     distill_target: str = arg("scores", group="distillation", choices=("scores", "embeddings"),
         help="with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)")
     overwrite: bool = arg(False, group="run", resume_may_change=True, help="replace a non-empty output_dir")
+    group_by_length: bool = arg(False, group="data",
+        help="batches of rows of similar length (less padding): windows of 32 batches sorted by "
+             "length, batch order shuffled by --seed; deterministic and exactly resumable "
+             "(common.data.formats.TrainingBatches)")
     allow_eval_overlap: bool = arg(False, group="data", resume_may_change=True,
         help="train even though some training queries are queries of --eval_candidates_file "
              "(refused by default: monitoring on training queries is no held-out measure)")

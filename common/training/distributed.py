@@ -16,11 +16,17 @@ def distributed_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every process it starts."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Start the process group when launched by torchrun: NCCL on CUDA, gloo on CPU."""
+    """Start the process group when launched by torchrun (``--nproc_per_node 1`` too, so that
+    one process runs the same NCCL/gloo set-up as many): NCCL on CUDA, gloo on CPU."""
     rank, world, local = distributed_env()
     device = pick_device(device_name)
-    if world == 1:
+    if world == 1 and not launched_by_torchrun():
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -42,3 +48,8 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def process_group_backend() -> str | None:
+    """The process group's backend (nccl, gloo), None without one (a checkpoint records it)."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None

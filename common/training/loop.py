@@ -6,7 +6,10 @@ count pairs. Checkpoints (``output_dir/seen_{pairs:09d}[_heads_H_ffn_F]/``) hold
 (safetensors, base config, tokenizer, pruning.json), ``optimizer.pt``, ``scheduler.pt``,
 ``rng.pt`` and ``trainer_state.json``; they are written to a temporary directory and renamed.
 Resuming from one continues with the next unseen triple, the same LR and the same RNG
-stream, so N pairs + resume + N pairs equals 2N pairs straight.
+stream, so N pairs + resume + N pairs equals 2N pairs straight. With ``--group_by_length`` the
+rows come in batches of similar length in a seeded order (``common.data.formats.TrainingBatches``),
+which a resumed stage recomputes: the same equality holds. Train events log ``elapsed_s``, the
+seconds since the process's loop began (``common.training.resume.training_throughput``: pairs/s).
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -27,10 +29,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from common.training.args import TrainArgs
-from common.training.distributed import all_reduce_sum, barrier, init_distributed
+from common.training.distributed import all_reduce_sum, barrier, init_distributed, process_group_backend
 from common.training.resume import (check_no_eval_overlap, check_resume_args, check_teacher_rows, library_versions,
                                     read_metrics, read_source_state)
-from common.data.formats import (DataError, TriplesStream, candidates_to_run, read_candidates,
+from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
@@ -338,19 +340,25 @@ class Trainer:
     def _train(self) -> Path | None:
         args = self.args
         n = args.group_size
-        triples_per_step = args.batch_size // n // self.world_size  # this rank's share of rows
-        stream = iter(TriplesStream(args.train_triples_file, skip_triples=self.seen_pairs // n,
-                                    rank=self.rank, world_size=self.world_size, passages=n))
+        rows_per_step = args.batch_size // n  # global; rank r trains rows r, r + world, ... of each
+        source = TrainingBatches(args.train_triples_file, start_row=self.seen_pairs // n - self.step * rows_per_step,
+                                 rows_per_batch=rows_per_step, passages=n, group_by_length=args.group_by_length,
+                                 seed=args.seed, skip_batches=self.step)
+        batches = iter(source)
         bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
                    desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
         last_checkpoint = None
         self.model.train()
+        started = time.perf_counter()  # train events log the seconds since (elapsed_s: pairs/s)
         while self.step < self.total_steps:
-            triples = list(islice(stream, triples_per_step))
-            if len(triples) < triples_per_step:
+            batch = next(batches, [])
+            if len(batch) < rows_per_step:
                 raise DataError(f"{args.train_triples_file}: the training stream ended after "
-                                f"{self.seen_pairs // n + len(triples)} rows; this stage needs "
+                                f"{source.rows_read} rows; this stage needs "
                                 f"{(self.seen_pairs + args.batch_size * (self.total_steps - self.step)) // n}")
+            mine = batch[self.rank::self.world_size]
+            self._row_indices = [index for index, _ in mine]  # the teacher scores' rows
+            triples = [row for _, row in mine]
             lr = self.lr()  # the LR this step uses
             self.callback.on_step_begin(self)
             loss, parts = self._train_step(triples)
@@ -360,7 +368,7 @@ class Trainer:
             if self.step % args.log_every == 0 or self.step == self.total_steps:
                 if self.world_size > 1:
                     loss = all_reduce_sum([loss], self.device)[0] / self.world_size
-                self.log_event("train", loss=loss, lr=lr, **parts)
+                self.log_event("train", loss=loss, lr=lr, elapsed_s=round(time.perf_counter() - started, 4), **parts)
             bar.update(args.batch_size)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                             heads=self.state.total_heads, ffn=self.state.total_ffn)
@@ -371,13 +379,12 @@ class Trainer:
         return last_checkpoint
 
     def _teacher_rows(self, n: int) -> torch.Tensor:
-        """Teacher scores of this rank's rows, ``(n, group_size)``: global rows first + rank +
-        k * world_size (row i of the parquet belongs to row i of the training file)."""
-        first = self.seen_pairs // self.args.group_size + self.rank
-        rows = torch.arange(first, first + n * self.world_size, self.world_size)
-        if int(rows[-1]) >= len(self.teacher_scores):
+        """Teacher scores of this rank's ``n`` rows of this step, ``(n, group_size)`` (row i of
+        the parquet belongs to row i of the training file)."""
+        rows = torch.tensor(self._row_indices[:n])
+        if int(rows.max()) >= len(self.teacher_scores):
             raise DataError(f"{self.args.distill_scores}: {len(self.teacher_scores)} rows, "
-                            f"fewer than the training rows used ({int(rows[-1]) + 1})")
+                            f"fewer than the training rows used ({int(rows.max()) + 1})")
         return self.teacher_scores[rows].to(self.device)
 
     def _train_step(self, rows: list[tuple[str, ...]]) -> tuple[float, dict]:
@@ -508,6 +515,7 @@ class Trainer:
         state = {"stage": self.stage, "seen_pairs": self.seen_pairs, "step": self.step,
                  "base_model": self.base_model, "args": asdict(self.args),
                  "versions": library_versions(), "metrics": self.metrics,
+                 "distributed": {"backend": process_group_backend(), "world_size": self.world_size, "device": str(self.device)},
                  "callback": self.callback.state_dict(), "stage_args": self.callback.stage_args(),
                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))

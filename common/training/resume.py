@@ -13,7 +13,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from common.data.formats import DataError, open_text, read_candidates
-from common.layout import OPTIMIZER_FILE, STATE_FILE
+from common.layout import METRICS_FILE, OPTIMIZER_FILE, STATE_FILE, checkpoints
 from common.models.loading import PACKAGED_MODELS
 from common.training.args import RESUME_MAY_CHANGE, TrainArgs
 
@@ -129,3 +129,30 @@ def read_metrics(path: Path) -> list[tuple[str, dict]]:
             raise DataError(f"{path} line {number}: not a metrics record ({err})") from None
         out.append((line, record))
     return out
+
+
+def training_throughput(run_dir: str | Path) -> dict:
+    """Pairs/s of one stage's run dir from its metrics.jsonl: (pairs between the first and the
+    last train event) / (their ``elapsed_s`` apart, less the checkpoint writes in between); the
+    first step (kernel selection, allocator warm-up) is left out. With the stage's precision,
+    device, batch size and max_length (trainer_state.json of its last checkpoint)."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        raise DataError(f"{path}: missing (did the stage run?)")
+    events = [record for _line, record in read_metrics(path)]
+    train = [e for e in events if e["event"] == "train" and "elapsed_s" in e]
+    if len(train) < 2:
+        raise DataError(f"{path}: {len(train)} train events with elapsed_s; pairs/s needs 2 or more")
+    first, last = train[0], train[-1]
+    saving = sum(e.get("seconds", 0.0) for e in events if e["event"] == "checkpoint"
+                 and first["stage_pairs"] <= e["stage_pairs"] < last["stage_pairs"])
+    seconds = last["elapsed_s"] - first["elapsed_s"] - saving
+    pairs = last["stage_pairs"] - first["stage_pairs"]
+    saved = checkpoints(run_dir)
+    state = json.loads((saved[-1] / STATE_FILE).read_text()) if saved else {}
+    args = state.get("args", {})
+    return {"stage": f"{first['stage']} ({run_dir.name})", "precision": args.get("precision", "?"),
+            "device": state.get("distributed", {}).get("device", "?"), "batch": args.get("batch_size"),
+            "max_length": args.get("max_length"), "pairs timed": pairs,
+            "pairs/s": round(pairs / seconds, 1) if seconds > 0 else float("nan")}
