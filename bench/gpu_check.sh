@@ -122,19 +122,19 @@ fi
 TRAIN=(--train_triples_file "$D/dl21.triples.tsv.gz" --max_length "$MAX_LENGTH" --device "$DEVICE" --log_every 1)
 latest() { "$PY" -m common.layout latest "$1"; }
 run 120 "3/6 02 initial cross-encoder (main_initial.toml: segment head, bf16 on the GPU): $TRAIN_PAIRS pairs" \
-  "$PY" 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$WORK/initial" \
+  "$PY" 02_train_initial.py --config recipes/config/main/initial.toml --output_dir "$WORK/initial" \
   --num_training_samples "$TRAIN_PAIRS" "${TRAIN[@]}" "${PREC[@]}"
 INITIAL=$(latest "$WORK/initial" 2>/dev/null)
 run 90 "3/6 02 again in fp32, for its throughput: $FP32_PAIRS pairs" \
-  "$PY" 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$WORK/initial_fp32" \
+  "$PY" 02_train_initial.py --config recipes/config/main/initial.toml --output_dir "$WORK/initial_fp32" \
   --num_training_samples "$FP32_PAIRS" "${TRAIN[@]}" --precision fp32
 run 90 "3/6 02 again with --group_by_length (as the first run otherwise), for its throughput: $FP32_PAIRS pairs" \
-  "$PY" 02_train_initial.py --config recipes/config/main_initial.toml --output_dir "$WORK/initial_grouped" \
+  "$PY" 02_train_initial.py --config recipes/config/main/initial.toml --output_dir "$WORK/initial_grouped" \
   --num_training_samples "$FP32_PAIRS" "${TRAIN[@]}" "${PREC[@]}" --group_by_length
 PRUNED=""
 if [ -n "$INITIAL" ]; then
   run 180 "4/6 03c mixed pruning (main_prune.toml: 54 heads, FFN 768) distilling the initial model: $PRUNE_PAIRS pairs" \
-    "$PY" 03c_prune_mixed.py initial --config recipes/config/main_prune.toml --checkpoint_dir "$INITIAL" \
+    "$PY" 03c_prune_mixed.py initial --config recipes/config/main/prune.toml --checkpoint_dir "$INITIAL" \
     --distill_from "$INITIAL" --output_dir "$WORK/mixed" --num_training_samples "$PRUNE_PAIRS" \
     --num_checkpoint_samples "$PRUNE_EVERY" "${TRAIN[@]}" "${PREC[@]}" \
     && PRUNED=$(latest "$WORK/mixed") \
