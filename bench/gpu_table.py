@@ -19,7 +19,7 @@ from common import layout
 from common.cli import fail
 from common.data.formats import DataError
 from common.io import atomic_write_text
-from common.training.loop import training_throughput
+from common.training.resume import training_throughput
 
 
 def latency_rows(results: pd.DataFrame) -> list[dict]:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from common.data.formats import write_candidates  # noqa: E402
-from common.evaluation.cost import time_callable  # noqa: E402
+from common.hardware import time_callable  # noqa: E402
 from common.evaluation.rerank import CostOptions, evaluate_model  # noqa: E402
 from common.models.loading import load_model, reshape_checkpoint, resolve_model_path, score_pairs  # noqa: E402
 from common.pruning.cycles import PruneArgs, PruneCallback  # noqa: E402
