@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          DistilBertConfig, ElectraConfig, RobertaConfig)
+                          DistilBertConfig, ElectraConfig, RobertaConfig, XLMRobertaConfig)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +30,10 @@ def tiny_config(family: str):
         return RobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                              intermediate_size=37, max_position_embeddings=130, type_vocab_size=2,
                              pad_token_id=0, **common)
+    if family == "xlm-roberta":  # BGE-M3 / bge-reranker-* (same layers as RoBERTa)
+        return XLMRobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=130, type_vocab_size=2,
+                                pad_token_id=0, **common)
     if family == "electra":
         return ElectraConfig(hidden_size=32, embedding_size=24, num_hidden_layers=3,
                              num_attention_heads=4, intermediate_size=37,

@@ -299,8 +299,8 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     else:
         ranker = Ranker.load(teacher, backend, max_length=teacher_max_length,
                              batch_size=teacher_batch_size, kind="bi", threads=threads)
-        p_emb = torch.from_numpy(ranker.encode(p_texts, progress))
-        q_emb = torch.from_numpy(ranker.encode(q_texts, progress))
+        p_emb = torch.from_numpy(ranker.encode(p_texts, progress, "passage"))
+        q_emb = torch.from_numpy(ranker.encode(q_texts, progress, "query"))
     stats["seconds_encode"] = round(time.perf_counter() - t0, 2)
     stats["passages_encoded"] = len(docids)
     stats["queries_encoded"] = len(qids)

@@ -69,7 +69,7 @@ _MATMUL_LIKE = re.compile(r"mm_?$|matmul|linear|einsum|conv|attention|mv_?$|dot$
 ZERO_MAC_OPS: tuple[str, ...] = ("aten::layer_norm", "aten::group_norm", "aten::batch_norm",
                                  "aten::instance_norm")
 
-HEADS = ("bert", "roberta", "electra", "distilbert", "none")
+HEADS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "none")
 
 
 # -- measured multiply-adds (fvcore) -------------------------------------------------------------

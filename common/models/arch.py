@@ -1,6 +1,6 @@
 """Architecture adapters: where each model family keeps the pieces that pruning touches.
 
-BERT, RoBERTa, ELECTRA and DistilBERT differ only in attribute names. An :class:`Adapter`
+BERT, RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT differ only in attribute names. An :class:`Adapter`
 names the layer stack, the q/k/v/output projections, the FFN layers, the attributes that
 hold head counts, and the config fields. Masks, importance scores, reshape, FLOP counts and
 the analytic parameter count are written once against this adapter (``common.models.structure``).
@@ -53,6 +53,7 @@ _BERT_LIKE = dict(
 ADAPTERS = {
     "bert": Adapter(family="bert", **_BERT_LIKE),
     "roberta": Adapter(family="roberta", **_BERT_LIKE),
+    "xlm-roberta": Adapter(family="xlm-roberta", **_BERT_LIKE),  # BGE-M3, bge-reranker-*
     "electra": Adapter(family="electra", **_BERT_LIKE),
     "distilbert": Adapter(
         family="distilbert",

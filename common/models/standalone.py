@@ -37,6 +37,7 @@ SEGMENT_HEAD = "segment_cosine"
 # family -> (bare encoder class, sequence-classification class) in transformers
 FAMILY_CLASSES = {"bert": ("BertModel", "BertForSequenceClassification"),
                   "roberta": ("RobertaModel", "RobertaForSequenceClassification"),
+                  "xlm-roberta": ("XLMRobertaModel", "XLMRobertaForSequenceClassification"),
                   "electra": ("ElectraModel", "ElectraForSequenceClassification"),
                   "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification")}
 
@@ -126,7 +127,7 @@ def prepare_segment_head(head: nn.Module, encoder: nn.Module, layers, attention_
     head.cls_linear = nn.Linear(hidden, 1, bias=False)
     nn.init.zeros_(head.cls_linear.weight)
     # RoBERTa counts positions from padding_idx + 1
-    head.position_offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    head.position_offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
     head.need_weights = False
 
 
