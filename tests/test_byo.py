@@ -103,67 +103,87 @@ try:
 except ImportError:
     pass
 import torch
-path, kind = sys.argv[1], sys.argv[2]
-queries, passages = json.loads(sys.argv[3]), json.loads(sys.argv[4])
-out = {}
+from sentence_transformers import CrossEncoder, SentenceTransformer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+cells, queries, passages = (json.loads(a) for a in sys.argv[1:4])
+results = {}
 with torch.no_grad():
-    if kind == "bi":
-        from sentence_transformers import SentenceTransformer
-        st = SentenceTransformer(path, trust_remote_code=True, device="cpu")
-        out["query"] = st.encode_query(queries).tolist()
-        out["passage"] = st.encode_document(passages).tolist()
-        out["scores"] = st.similarity_pairwise(st.encode_query(queries), st.encode_document(passages)).tolist()
-    else:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from sentence_transformers import CrossEncoder
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
-        batch = tokenizer(queries, passages, padding=True, truncation="only_second", return_tensors="pt")
-        logits = model(**batch).logits
-        out["transformers"] = (logits[:, 1] if logits.shape[-1] == 2 else logits[:, 0]).tolist()
-        out["cross_encoder"] = CrossEncoder(path, trust_remote_code=True, device="cpu").predict(
-            list(zip(queries, passages))).tolist()
-print(json.dumps(out))
+    for path, kind in cells:
+        out = results[path] = {}
+        if kind == "bi":
+            st = SentenceTransformer(path, trust_remote_code=True, device="cpu")
+            q, p = st.encode_query(queries), st.encode_document(passages)
+            out.update(query=q.tolist(), passage=p.tolist(), scores=st.similarity_pairwise(q, p).tolist())
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+            batch = tokenizer(queries, passages, padding=True, truncation="only_second", return_tensors="pt")
+            logits = model(**batch).logits
+            out["transformers"] = (logits[:, 1] if logits.shape[-1] == 2 else logits[:, 0]).tolist()
+            out["cross_encoder"] = CrossEncoder(path, trust_remote_code=True, device="cpu").predict(
+                list(zip(queries, passages))).tolist()
+print(json.dumps(results))
 """
 
 
-def run_stock(path: Path, kind: str, cwd: Path) -> dict:
-    """The script above in a clean interpreter (isolated mode, outside the repository)."""
-    done = subprocess.run([sys.executable, "-I", "-c", STOCK_SCRIPT, str(path), kind,
+def run_stock(cells: list[tuple[str, str]], cwd: Path) -> dict:
+    """The script above on every (dir, kind) at once, in a clean interpreter (isolated mode,
+    outside the repository: ``common`` cannot be imported)."""
+    done = subprocess.run([sys.executable, "-I", "-c", STOCK_SCRIPT, json.dumps(cells),
                            json.dumps(QUERIES), json.dumps(PASSAGES)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_matrix_load_prune_reshape_stock_onnx(family, kind, tmp_path):
-    source = build(family, kind, tmp_path / "source")
+def prepare(family: str, kind: str, root: Path) -> dict:
+    """build -> load -> a prune step -> save masked -> reshape, with what each step gave."""
+    source = build(family, kind, root / "source")
     loaded = load_model(str(source), kind="bi" if kind == "bi" else None)
-    config = loaded.model.config
-    if kind != "bi":  # the trained head is kept, with its own label count
-        assert config.num_labels == (1 if kind == "cross1" else 2)
+    cell = {"config": loaded.model.config, "loaded_scores": scores(loaded)}
+    if kind != "bi":
         trained = AutoModelForSequenceClassification.from_pretrained(source).eval()
         batch = loaded.tokenizer(QUERIES, PASSAGES, padding=True, return_tensors="pt")
         with torch.no_grad():
-            logits = trained(**batch).logits
-        np.testing.assert_allclose(scores(loaded), logits[:, -1].numpy(), atol=1e-5)
+            cell["trained_logits"] = trained(**batch).logits.numpy()
+    prune_step(loaded)
+    cell["masked_scores"] = scores(loaded)
+    save_model(loaded.model, loaded.tokenizer, loaded.state, root / "masked")
+    cell["out"], cell["before"], cell["after"] = reshape_checkpoint(str(root / "masked"), str(root / "reshaped"))
+    return cell
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> dict:
+    """Every cell prepared, then one clean interpreter opens all reshaped dirs."""
+    root = tmp_path_factory.mktemp("byo")
+    cells = {(f, k): prepare(f, k, root / f"{f}-{k}") for f in FAMILIES for k in KINDS}
+    stock = run_stock([(str(c["out"]), k) for (_f, k), c in cells.items()], root)
+    for cell in cells.values():
+        cell["stock"] = stock[str(cell["out"])]
+    return cells
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matrix_load_prune_reshape_stock_onnx(family, kind, matrix):
+    cell = matrix[family, kind]
+    config = cell["config"]
+    if kind != "bi":  # the trained head is kept, with its own label count: score = its logit
+        assert config.num_labels == (1 if kind == "cross1" else 2)
+        np.testing.assert_allclose(cell["loaded_scores"], cell["trained_logits"][:, -1], atol=1e-5)
     else:
         assert config.slimrank_pooling == POOLING[family]
         assert config.slimrank_embedding["prompts"]["query"] == "query: "
         assert config.slimrank_embedding["max_seq_length"] == 48
-
-    prune_step(loaded)
-    masked_scores = scores(loaded)
-    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "masked")
-    out, before, after = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
-    assert after < before
+        assert config.slimrank_embedding["normalize"] == (family != "roberta")
+    out, masked_scores = cell["out"], cell["masked_scores"]
+    assert cell["after"] < cell["before"]
     reshaped = load_model(str(out))
     assert reshaped.state.is_reshaped and reshaped.kind == ("bi" if kind == "bi" else "cross")
     np.testing.assert_allclose(scores(reshaped), masked_scores, atol=1e-5)
 
-    stock = run_stock(out, kind, tmp_path)
+    stock = cell["stock"]
     if kind == "bi":
         ranker = Ranker.from_loaded(reshaped)
         np.testing.assert_allclose(np.array(stock["query"]), ranker.encode(QUERIES, role="query"), atol=1e-5)
@@ -171,10 +191,9 @@ def test_matrix_load_prune_reshape_stock_onnx(family, kind, tmp_path):
         np.testing.assert_allclose(np.array(stock["scores"]), masked_scores, atol=1e-5)
     else:
         np.testing.assert_allclose(np.array(stock["transformers"]), masked_scores, atol=1e-5)
-        # a CrossEncoder dir keeps its activation (sigmoid); a transformers checkpoint: raw logits
-        if kind == "cross1":
+        if kind == "cross1":  # a CrossEncoder dir keeps its activation (sigmoid)
             np.testing.assert_allclose(np.array(stock["cross_encoder"]), 1 / (1 + np.exp(-masked_scores)), atol=1e-5)
-        else:  # both labels' logits
+        else:  # a transformers checkpoint: both labels' raw logits
             np.testing.assert_allclose(np.array(stock["cross_encoder"])[:, 1], masked_scores, atol=1e-5)
 
     info = export_onnx(reshaped, out, max_length=32)
@@ -244,3 +263,83 @@ def test_bad_input_is_one_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="not supported"):
         from common.models.arch import adapter_for
         adapter_for(config)
+
+
+def test_l0_shape_target_on_a_one_label_xlm_roberta(tmp_path):
+    """03d --target_layers 6 --target_heads 36 on an 8-layer x 8-head XLM-RoBERTa re-ranker
+    (BGE-M3's 24 x 16 -> 18 x 12, scaled): exactly 6 layers and 36 heads kept, and it reshapes."""
+    import importlib
+
+    from conftest import write_toy_triples
+    from transformers import XLMRobertaConfig
+    config = XLMRobertaConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=8, intermediate_size=48,
+                              max_position_embeddings=130, type_vocab_size=2, pad_token_id=0,
+                              vocab_size=30522, num_labels=1)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "ce")
+    _tokenizer().save_pretrained(tmp_path / "ce")
+    triples = write_toy_triples(tmp_path / "triples.tsv", 32)
+    importlib.import_module("03d_prune_l0").main([
+        "--model_tag", str(tmp_path / "ce"), "--train_triples_file", str(triples), "--output_dir",
+        str(tmp_path / "l0"), "--num_training_samples", "32", "--batch_size", "8", "--max_length", "32",
+        "--num_checkpoint_samples", "32", "--threads", "1", "--device", "cpu",
+        "--target_layers", "6", "--target_heads", "36", "--l0_learning_rate", "0.2"])
+    last = sorted((tmp_path / "l0").glob("seen_*"))[-1]
+    info = json.loads((last / "pruning.json").read_text())
+    assert sum(info["heads_per_layer"]) == 36
+    kept_layers = [h or f for h, f in zip(info["heads_per_layer"], info["ffn_per_layer"])]
+    assert sum(1 for k in kept_layers if k) == 6
+    masked = load_model(str(last))
+    assert masked.model.config.num_labels == 1
+    out, _, _ = reshape_checkpoint(str(last))
+    reshaped = load_model(str(out))
+    np.testing.assert_allclose(scores(reshaped), scores(masked), atol=1e-5)
+
+
+def test_pipeline_on_a_trained_one_label_cross_encoder(tmp_path):
+    """A sentence-transformers CrossEncoder (1 logit) through the stages: 01 teacher scores with
+    it, 02 continues its training on those scores (margin-MSE), 03a prunes heads, 04 reshapes,
+    05 evaluates; its trained head is kept all the way (1 label, raw logit = the score)."""
+    import importlib
+
+    import pandas as pd
+
+    from common.data.formats import read_candidates_json
+    from conftest import SHARED, write_toy_triples
+
+    def script(name):
+        return importlib.import_module(name).main
+
+    source = build("bert", "cross1", tmp_path / "ce")
+    triples = write_toy_triples(tmp_path / "triples.tsv", 48)
+    teacher = tmp_path / "teacher.parquet"
+    script("01_prefetch_passages")(["teacher", "--triples", str(triples), "--checkpoint", str(source),
+                                    "--output", str(teacher), "--max_length", "32"])
+    rows = [line.split("\t") for line in triples.read_text().splitlines()]
+    loaded = load_model(str(source))
+    expected = score_pairs(loaded.model, loaded.tokenizer, [r[0] for r in rows], [r[1] for r in rows], max_length=32)
+    np.testing.assert_allclose(pd.read_parquet(teacher)["teacher_pos"].to_numpy(), expected, atol=1e-5)
+
+    common = ["--train_triples_file", str(triples), "--batch_size", "8", "--max_length", "32",
+              "--threads", "1", "--device", "cpu", "--num_checkpoint_samples", "16"]
+    script("02_train_initial")(["--model_tag", str(source), "--output_dir", str(tmp_path / "02"),
+                                "--num_training_samples", "16", "--distill_scores", str(teacher),
+                                "--learning_rate", "1e-3", *common])
+    trained = load_model(str(tmp_path / "02" / "seen_000000016"))
+    assert trained.model.classifier.out_features == 1
+    assert not torch.equal(trained.model.classifier.weight, loaded.model.classifier.weight)  # it trained
+    script("03a_prune_heads")(["--checkpoint_dir", str(tmp_path / "02" / "seen_000000016"), "--output_dir",
+                               str(tmp_path / "03a"), "--num_training_samples", "32", "--target_sparsity", "0.25",
+                               *common])
+    pruned = sorted((tmp_path / "03a").glob("seen_*"))[-1]
+    script("04_reshape")(["--checkpoint_dir", str(pruned)])
+    reshaped = load_model(str(pruned / "reshaped"))
+    assert reshaped.state.is_reshaped and reshaped.model.config.num_labels == 1
+    cands = read_candidates_json(SHARED / "dl20" / "bm25.json")
+    small = cands[cands["qid"].isin(cands["qid"].unique()[:2])].groupby("qid").head(10)
+    small.to_parquet(tmp_path / "small.parquet")
+    script("05_eval_trec")(["--checkpoint", str(pruned / "reshaped"), "--candidates", str(tmp_path / "small.parquet"),
+                            "--qrels", str(SHARED / "dl20/qrels.txt"), "--topics", "dl20", "--results",
+                            str(tmp_path / "r.parquet"), "--table", str(tmp_path / "r.md"), "--max_length", "32",
+                            "--no_costs"])
+    assert 0 <= pd.read_parquet(tmp_path / "r.parquet").iloc[0]["ndcg@10"] <= 1
