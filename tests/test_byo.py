@@ -25,11 +25,11 @@ from common.models.structure import zero_dead_weights
 from common.pruning.importance import ffn_l1_scores, head_l1_scores, select_ffn, select_heads
 from common.serving.onnx_export import export_onnx
 from common.serving.rank import Ranker
-from conftest import tiny_config
+from conftest import NO_TOKEN_TYPES, tiny_config
 
-FAMILIES = ["bert", "roberta", "xlm-roberta"]
+FAMILIES = ["bert", "roberta", "xlm-roberta", "modernbert"]
 KINDS = ["cross1", "cross2", "bi"]
-POOLING = {"bert": "weightedmean", "roberta": "lasttoken", "xlm-roberta": "max"}
+POOLING = {"bert": "weightedmean", "roberta": "lasttoken", "xlm-roberta": "max", "modernbert": "cls"}
 QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"]
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
             "mount everest is 8849 metres tall, the highest mountain above sea level",
@@ -37,8 +37,11 @@ PASSAGES = ["a cat is a small domesticated carnivorous mammal",
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
-def _tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+def _tokenizer(family: str = "bert"):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    if family in NO_TOKEN_TYPES:
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return tokenizer
 
 
 def build(family: str, kind: str, directory: Path) -> Path:
@@ -50,7 +53,7 @@ def build(family: str, kind: str, directory: Path) -> Path:
     torch.manual_seed(0)
     config = tiny_config(family)
     raw = directory.with_name(directory.name + "-hf")
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(family)
     if kind == "bi":
         AutoModel.from_config(config).save_pretrained(raw)
         tokenizer.save_pretrained(raw)
@@ -202,9 +205,10 @@ def test_matrix_load_prune_reshape_stock_onnx(family, kind, matrix):
     np.testing.assert_allclose(onnx_scores, masked_scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["cross1", "bi"])
-def test_xlm_roberta_macs_equal_the_analytic_count(kind, tmp_path):
-    loaded = load_model(str(build("xlm-roberta", kind, tmp_path / "m")), kind="bi" if kind == "bi" else None)
+@pytest.mark.parametrize("family,kind", [("xlm-roberta", "cross1"), ("xlm-roberta", "bi"),
+                                         ("modernbert", "cross2"), ("modernbert", "bi")])
+def test_macs_equal_the_analytic_count(family, kind, tmp_path):
+    loaded = load_model(str(build(family, kind, tmp_path / "m")), kind="bi" if kind == "bi" else None)
     prune_step(loaded)
     save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "masked")
     out, _, _ = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))

@@ -267,6 +267,8 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
     if isinstance(loaded.model, SegmentCrossEncoder):
         loaded.model.keep_layers(n)
     setattr(loaded.model.config, adapter.cfg_layers, n)
+    if isinstance(getattr(loaded.model.config, "layer_types", None), list):  # ModernBERT: global / local per layer
+        loaded.model.config.layer_types = loaded.model.config.layer_types[:n]
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
         setattr(state, name, getattr(state, name)[:n])

@@ -227,8 +227,10 @@ def write_sentence_transformers_files(directory: Path, pooling: str, dim: int, s
     atomic_write_text(directory / "sentence_bert_config.json", json.dumps(
         {"max_seq_length": spec.max_seq_length or 256, "do_lower_case": False}, indent=1))
     (directory / "1_Pooling").mkdir(exist_ok=True)
+    # the legacy flags: every sentence-transformers version reads them (newer ones convert them)
     atomic_write_text(directory / "1_Pooling" / "config.json", json.dumps(
-        {"embedding_dimension": dim, "pooling_mode": pooling, "include_prompt": True}, indent=1))
+        {"word_embedding_dimension": dim, **{key: mode == pooling for key, mode in LEGACY_POOLING.items()},
+         "include_prompt": True}, indent=1))
     for i, entry in enumerate(spec.dense):
         folder = directory / f"{2 + i}_Dense"
         folder.mkdir(exist_ok=True)
