@@ -33,7 +33,7 @@ POOLING = {"bert": "weightedmean", "roberta": "lasttoken", "xlm-roberta": "max",
 QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"]
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
             "mount everest is 8849 metres tall, the highest mountain above sea level",
-            "entropy is a measure of disorder in a system and of uncertainty"]
+            "entropy is a measure of disorder in a system and of uncertainty " * 6]  # > 48 tokens
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
@@ -184,6 +184,9 @@ def test_matrix_load_prune_reshape_stock_onnx(family, kind, matrix):
     assert cell["after"] < cell["before"]
     reshaped = load_model(str(out))
     assert reshaped.state.is_reshaped and reshaped.kind == ("bi" if kind == "bi" else "cross")
+    if kind != "bi":  # the written config declares the head it has
+        labels = json.loads((out / "config.json").read_text())["id2label"]
+        assert labels == ({"0": "relevance"} if kind == "cross1" else {"0": "not_relevant", "1": "relevant"})
     np.testing.assert_allclose(scores(reshaped), masked_scores, atol=1e-5)
 
     stock = cell["stock"]
@@ -262,6 +265,8 @@ def test_bad_input_is_one_error_naming_the_file(tmp_path):
     pooling.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "mean_sqrt_len_tokens"}))
     with pytest.raises(ValueError, match=r"1_Pooling/config.json: unsupported pooling 'mean_sqrt_len_tokens'"):
         load_model(str(bi), kind="bi")
+    with pytest.raises(ValueError, match="segment_cosine head is not available for modernbert"):
+        load_model(str(build("modernbert", "cross2", tmp_path / "mb")), head="segment_cosine")
     config = tiny_config("bert")
     config.model_type = "gpt2-like"
     with pytest.raises(ValueError, match="not supported"):
