@@ -129,14 +129,23 @@ print(json.dumps(results))
 """
 
 
-def run_stock(cells: list[tuple[str, str]], cwd: Path) -> dict:
+class StockRun:
     """The script above on every (dir, kind) at once, in a clean interpreter (isolated mode,
-    outside the repository: ``common`` cannot be imported)."""
-    done = subprocess.run([sys.executable, "-I", "-c", STOCK_SCRIPT, json.dumps(cells),
-                           json.dumps(QUERIES), json.dumps(PASSAGES)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    outside the repository: ``common`` cannot be imported), started now and read when first
+    asked for, so that it runs beside the cells' own checks."""
+
+    def __init__(self, cells: list[tuple[str, str]], cwd: Path):
+        self.process = subprocess.Popen([sys.executable, "-I", "-c", STOCK_SCRIPT, json.dumps(cells),
+                                         json.dumps(QUERIES), json.dumps(PASSAGES)],
+                                        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._results = None
+
+    def __getitem__(self, path: str) -> dict:
+        if self._results is None:
+            out, err = self.process.communicate(timeout=600)
+            assert self.process.returncode == 0, err[-2000:]
+            self._results = json.loads(out.strip().splitlines()[-1])
+        return self._results[path]
 
 
 def prepare(family: str, kind: str, root: Path) -> dict:
@@ -150,6 +159,7 @@ def prepare(family: str, kind: str, root: Path) -> dict:
         with torch.no_grad():
             cell["trained_logits"] = trained(**batch).logits.numpy()
     prune_step(loaded)
+    cell["heads_per_layer"] = loaded.state.heads_per_layer
     cell["masked_scores"] = scores(loaded)
     save_model(loaded.model, loaded.tokenizer, loaded.state, root / "masked")
     cell["out"], cell["before"], cell["after"] = reshape_checkpoint(str(root / "masked"), str(root / "reshaped"))
@@ -158,13 +168,14 @@ def prepare(family: str, kind: str, root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict:
-    """Every cell prepared, then one clean interpreter opens all reshaped dirs."""
+    """Every cell prepared; one clean interpreter opens all reshaped dirs (``cell["stock"]``)."""
     root = tmp_path_factory.mktemp("byo")
     cells = {(f, k): prepare(f, k, root / f"{f}-{k}") for f in FAMILIES for k in KINDS}
-    stock = run_stock([(str(c["out"]), k) for (_f, k), c in cells.items()], root)
-    for cell in cells.values():
-        cell["stock"] = stock[str(cell["out"])]
-    return cells
+    stock = StockRun([(str(c["out"]), k) for (_f, k), c in cells.items()], root)
+    yield cells | {"stock": stock}
+    if stock.process.poll() is None:  # a failing first cell never read it
+        stock.process.kill()
+        stock.process.communicate()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -189,7 +200,12 @@ def test_matrix_load_prune_reshape_stock_onnx(family, kind, matrix):
         assert labels == ({"0": "relevance"} if kind == "cross1" else {"0": "not_relevant", "1": "relevant"})
     np.testing.assert_allclose(scores(reshaped), masked_scores, atol=1e-5)
 
-    stock = cell["stock"]
+    info = export_onnx(reshaped, out, max_length=32)  # (meanwhile the stock interpreter runs)
+    assert info["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    onnx_scores = Ranker.load(str(out), "onnx").score(QUERIES, PASSAGES)
+    np.testing.assert_allclose(onnx_scores, masked_scores, atol=1e-4)
+
+    stock = matrix["stock"][str(out)]
     if kind == "bi":
         ranker = Ranker.from_loaded(reshaped)
         np.testing.assert_allclose(np.array(stock["query"]), ranker.encode(QUERIES, role="query"), atol=1e-5)
@@ -202,24 +218,16 @@ def test_matrix_load_prune_reshape_stock_onnx(family, kind, matrix):
         else:  # a transformers checkpoint: both labels' raw logits
             np.testing.assert_allclose(np.array(stock["cross_encoder"])[:, 1], masked_scores, atol=1e-5)
 
-    info = export_onnx(reshaped, out, max_length=32)
-    assert info["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
-    onnx_scores = Ranker.load(str(out), "onnx").score(QUERIES, PASSAGES)
-    np.testing.assert_allclose(onnx_scores, masked_scores, atol=1e-4)
-
 
 @pytest.mark.parametrize("family,kind", [("xlm-roberta", "cross1"), ("xlm-roberta", "bi"),
                                          ("modernbert", "cross2"), ("modernbert", "bi")])
-def test_macs_equal_the_analytic_count(family, kind, tmp_path):
-    loaded = load_model(str(build(family, kind, tmp_path / "m")), kind="bi" if kind == "bi" else None)
-    prune_step(loaded)
-    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "masked")
-    out, _, _ = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
-    model = load_model(str(out)).model
-    batch = worst_case_inputs(loaded.tokenizer, n_pairs=2, max_length=24)
-    measured = fvcore_macs(model, **batch)
-    arch = architecture(model)
-    assert arch["heads_per_layer"] == loaded.state.heads_per_layer
+def test_macs_equal_the_analytic_count(family, kind, matrix):
+    cell = matrix[family, kind]
+    reshaped = load_model(str(cell["out"]))
+    batch = worst_case_inputs(reshaped.tokenizer, n_pairs=2, max_length=24)
+    measured = fvcore_macs(reshaped.model, **batch)
+    arch = architecture(reshaped.model)
+    assert arch["heads_per_layer"] == cell["heads_per_layer"]
     assert measured == analytic_macs(seq_len=24, batch=2, **arch)
 
 
