@@ -44,6 +44,7 @@ from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precis
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
                            replace_dir, rng_file)
 from common.models.segment import HEADS, is_segment
+from common.models.st_format import POOLINGS
 from common.models.structure import zero_dead_weights
 
 log = logging.getLogger("slimrank")
@@ -130,7 +131,8 @@ class TrainArgs:
         "help": "segment_cosine head: peak LR of the cross-segment attention gates (default: "
                 "--learning_rate; they start shut at 0 and a gate of 1 is full attention)"})
     pooling: Optional[str] = field(default=None, metadata={
-        "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
+        "help": "bi-encoder pooling: mean, cls, max, lasttoken or weightedmean (default: the model's "
+                "sentence-transformers config)"})
     query_encoder: Optional[str] = field(default=None, metadata={
         "help": "bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
                 "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
@@ -194,6 +196,8 @@ class TrainArgs:
                              "with --query_encoder the student sees passages only: drop one of them")
         if self.model_kind not in (None, *KINDS):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
+        if self.pooling not in (None, *POOLINGS):
+            raise ValueError(f"--pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.head not in (None, *HEADS):
             raise ValueError(f"--head must be one of {HEADS}, got {self.head!r}")
         if self.distill_target not in ("scores", "embeddings"):
