@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          DistilBertConfig, ElectraConfig, RobertaConfig)
+                          DistilBertConfig, ElectraConfig, ModernBertConfig, RobertaConfig,
+                          XLMRobertaConfig)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -16,6 +17,7 @@ SHARED = ROOT.parent / "shared" / "data" / "trec-dl"
 from common.models.loading import resolve_model_path  # noqa: E402
 
 FAMILIES = ("bert", "distilbert", "roberta", "electra")
+NO_TOKEN_TYPES = ("distilbert", "modernbert")  # families whose models take no token_type_ids
 
 
 def tiny_config(family: str):
@@ -30,6 +32,15 @@ def tiny_config(family: str):
         return RobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                              intermediate_size=37, max_position_embeddings=130, type_vocab_size=2,
                              pad_token_id=0, **common)
+    if family == "xlm-roberta":  # BGE-M3 / bge-reranker-* (same layers as RoBERTa)
+        return XLMRobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=130, type_vocab_size=2,
+                                pad_token_id=0, **common)
+    if family == "modernbert":  # fused Wqkv, gated FFN, rotary, alternating global / local attention
+        return ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=128, global_attn_every_n_layers=2,
+                                local_attention=8, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+                                cls_token_id=101, sep_token_id=102, classifier_pooling="mean", **common)
     if family == "electra":
         return ElectraConfig(hidden_size=32, embedding_size=24, num_hidden_layers=3,
                              num_attention_heads=4, intermediate_size=37,
@@ -43,7 +54,7 @@ def make_tiny_model(family: str, directory: Path) -> Path:
     model = AutoModelForSequenceClassification.from_config(tiny_config(family))
     model.save_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    if family == "distilbert":
+    if family in NO_TOKEN_TYPES:
         tokenizer.model_input_names = ["input_ids", "attention_mask"]
     tokenizer.save_pretrained(directory)
     return directory

@@ -77,7 +77,7 @@ def test_cls_pooling_and_head_models(minilm):
             ref = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0, 0]
             torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
-        encode(model, tokenizer, texts, pooling="max")
+        encode(model, tokenizer, texts, pooling="mean_sqrt_len_tokens")
 
     class WithHead(torch.nn.Module):  # a model with a head: its base_model is encoded
         def __init__(self, base):
@@ -95,7 +95,7 @@ def test_load_encoder_reads_sentence_transformers_pooling(tmp_path):
     assert pooling == "cls" and isinstance(model, BertModel)
     assert encode(model, tokenizer, ["x"], pooling=pooling).shape == (1, 32)
     assert read_pooling(str(_tiny_bert_dir(tmp_path / "plain", None))) == "mean"
-    bad = _tiny_bert_dir(tmp_path / "max", {"pooling_mode_max_tokens": True})
+    bad = _tiny_bert_dir(tmp_path / "sqrt", {"pooling_mode_mean_sqrt_len_tokens": True})
     with pytest.raises(ValueError, match="unsupported pooling"):
         read_pooling(str(bad))
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from common.models.encoders import encode, load_encoder
 from common.data.formats import (DataError, TriplesStream, read_candidates_json, read_qrels,
@@ -299,8 +300,9 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
     else:
         ranker = Ranker.load(teacher, backend, max_length=teacher_max_length,
                              batch_size=teacher_batch_size, kind="bi", threads=threads)
-        p_emb = torch.from_numpy(ranker.encode(p_texts, progress))
-        q_emb = torch.from_numpy(ranker.encode(q_texts, progress))
+        # cosine, as the torch path (a model without a Normalize module embeds unnormalised)
+        p_emb = F.normalize(torch.from_numpy(ranker.encode(p_texts, progress, "passage")), dim=-1)
+        q_emb = F.normalize(torch.from_numpy(ranker.encode(q_texts, progress, "query")), dim=-1)
     stats["seconds_encode"] = round(time.perf_counter() - t0, 2)
     stats["passages_encoded"] = len(docids)
     stats["queries_encoded"] = len(qids)

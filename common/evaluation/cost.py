@@ -43,7 +43,7 @@ from common.models.segment import is_segment
 # otherwise warn about each one).
 NON_MAC_OPS: frozenset[str] = frozenset({
     "aten::abs", "aten::add", "aten::add_", "aten::alias", "aten::all", "aten::any",
-    "aten::bitwise_and", "aten::bitwise_or", "aten::cumsum", "aten::div", "aten::div_",
+    "aten::bitwise_and", "aten::bitwise_or", "aten::cos", "aten::sin", "aten::cumsum", "aten::div", "aten::div_",
     "aten::dropout_", "aten::embedding", "aten::erf", "aten::exp", "aten::expand_as",
     "aten::gelu", "aten::le", "aten::lift_fresh", "aten::log",
     "aten::log_softmax", "aten::logical_and", "aten::logical_not", "aten::logical_or", "aten::lt",
@@ -66,7 +66,7 @@ _MATMUL_LIKE = re.compile(r"mm_?$|matmul|linear|einsum|conv|attention|mv_?$|dot$
 ZERO_MAC_OPS: tuple[str, ...] = ("aten::layer_norm", "aten::group_norm", "aten::batch_norm",
                                  "aten::instance_norm")
 
-HEADS = ("bert", "roberta", "electra", "distilbert", "none")
+HEADS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert", "none")
 
 
 # -- measured multiply-adds (fvcore) -------------------------------------------------------------
@@ -182,7 +182,7 @@ def fvcore_macs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
                   ffn_per_layer: list[int], seq_len: int, batch: int = 1,
                   num_labels: int | None = 2, head: str = "bert",
-                  embedding_size: int | None = None) -> int:
+                  embedding_size: int | None = None, ffn_in_parts: int = 1) -> int:
     """Multiply-adds of one forward pass from the architecture alone.
 
     With h = ``hidden``, L = ``seq_len``, B = ``batch``, and for layer l
@@ -190,7 +190,8 @@ def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
 
         encoder = B * L * sum_l [ 4*h*a_l      q, k, v projections and attention output
                                 + 2*L*a_l      QK^T (L*a_l per token) and attention-weighted V
-                                + 2*h*f_l ]    FFN input and output projections
+                                + 2*h*f_l ]    FFN input and output projections (a gated FFN,
+                                               ``ffn_in_parts=2``: 3*h*f_l, its input is 2*f_l wide)
         project = B * L * E * h                ELECTRA's embeddings_project, only when an
                                                ``embedding_size`` E != h is given
         head    = B * (h*h + h*num_labels)     on the CLS token, when num_labels is not None
@@ -213,7 +214,7 @@ def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
     per_token = 0
     for heads, ffn in zip(heads_per_layer, ffn_per_layer):
         width = heads * head_size
-        per_token += 4 * hidden * width + 2 * seq_len * width + 2 * hidden * ffn
+        per_token += 4 * hidden * width + 2 * seq_len * width + (1 + ffn_in_parts) * hidden * ffn
     if embedding_size is not None and embedding_size != hidden:
         per_token += embedding_size * hidden
     total = batch * seq_len * per_token
@@ -239,13 +240,14 @@ def architecture(model: nn.Module) -> dict:
             query = get_module(layer, adapter.query)
         except AttributeError:  # attention block replaced: no heads left
             query = None
-        heads.append(0 if query is None else query.out_features // head_size)
-        ffn.append(get_module(layer, adapter.ffn_in).out_features)
+        heads.append(0 if query is None else query.out_features // (head_size * adapter.qkv_parts))
+        ffn.append(get_module(layer, adapter.ffn_in).out_features // adapter.ffn_in_parts)
     bare = bare or is_segment(model)  # the segment head scores by a cosine: no head matmuls
     return dict(hidden=getattr(model.config, adapter.cfg_hidden), head_size=head_size,
                 heads_per_layer=heads, ffn_per_layer=ffn,
                 num_labels=None if bare else model.config.num_labels,
-                head="none" if bare else adapter.family, embedding_size=getattr(model.config, "embedding_size", None))
+                head="none" if bare else adapter.family, embedding_size=getattr(model.config, "embedding_size", None),
+                ffn_in_parts=adapter.ffn_in_parts)
 
 
 # -- parameters and size -------------------------------------------------------------------------

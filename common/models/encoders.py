@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +23,66 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from common.models.names import resolve_model_path
-
-POOLINGS = ("mean", "cls")
-
+from common.models.st_format import POOLINGS, EmbeddingSpec, read_pooling  # noqa: F401 (public here too)
 
 def pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Pool ``[batch, seq, dim]`` hidden states into ``[batch, dim]``.
+    """Pool ``[batch, seq, dim]`` hidden states into ``[batch, dim]`` as sentence-transformers'
+    Pooling does (right padding).
 
     ``mean``: average over the positions where ``attention_mask`` is 1 (padding ignored);
-    ``cls``: the first position."""
+    ``cls``: the first position; ``max``: element-wise maximum over the real tokens;
+    ``lasttoken``: the last real token; ``weightedmean``: mean weighted by position (1, 2, ...)."""
+    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
     if pooling == "cls":
         return last_hidden[:, 0]
     if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
         summed = (last_hidden * mask).sum(dim=1)
         counts = mask.sum(dim=1).clamp(min=1e-9)
         return summed / counts
+    if pooling == "max":
+        return last_hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+    if pooling == "lasttoken":
+        last = attention_mask.sum(dim=1).long().clamp(min=1) - 1
+        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), last]
+    if pooling == "weightedmean":
+        weights = mask * torch.arange(1, last_hidden.shape[1] + 1, device=last_hidden.device,
+                                      dtype=last_hidden.dtype).view(1, -1, 1)
+        return (last_hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def embedding_of(model: torch.nn.Module, last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A bi-encoder's embedding of its last hidden states, as its sentence-transformers chain
+    computes it: its pooling, its Dense layers (``slimrank_dense``), L2 normalisation if it has
+    a Normalize module (``common.models.st_format.EmbeddingSpec``), in float32."""
+    config = model.config
+    emb = pool(last_hidden, attention_mask, getattr(config, "slimrank_pooling", "mean")).float()
+    for layer in getattr(model, "slimrank_dense", None) or ():
+        emb = layer.activation(F.linear(emb, layer.linear.weight.float(),
+                                        None if layer.linear.bias is None else layer.linear.bias.float()))
+    if EmbeddingSpec.from_config(config).normalize:
+        emb = F.normalize(emb, p=2, dim=-1)
+    return emb
+
+
+def with_prompt(model: torch.nn.Module, texts: list[str], role: str | None) -> list[str]:
+    """``texts`` with the model's prompt for ``role`` (``query`` / ``passage``) before each."""
+    prompt = EmbeddingSpec.from_config(model.config).prompt(role)
+    return [prompt + str(t) for t in texts] if prompt else [str(t) for t in texts]
+
+
+def max_length_of(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length``, capped by the model's own maximum sequence length (sentence-transformers)."""
+    bound = EmbeddingSpec.from_config(model.config).max_seq_length
+    return min(max_length, bound) if bound else max_length
+
+
+def similarity(model: torch.nn.Module, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Row-wise score of query and passage embeddings: cosine, or the dot product for a model
+    whose sentence-transformers config says ``similarity_fn_name: dot``."""
+    if EmbeddingSpec.from_config(model.config).similarity == "cosine":
+        q, p = F.normalize(q, p=2, dim=-1), F.normalize(p, p=2, dim=-1)
+    return (q * p).sum(dim=-1)
 
 
 def _base_encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,14 +93,16 @@ def _base_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def encode(model, tokenizer, texts, *, pooling: str = "mean", normalize: bool = True,
-           batch_size: int = 64, max_length: int = 256, progress: bool = False) -> torch.Tensor:
+           batch_size: int = 64, max_length: int = 256, progress: bool = False,
+           head=None) -> torch.Tensor:
     """Embed ``texts`` with a transformers encoder; returns a float32 CPU tensor ``[n, dim]``.
 
     Texts are tokenised once (truncated to ``max_length``), sorted by length (longest
     first) and padded per batch, so little compute goes to padding; the output rows are in
     the input order. ``model`` may be an ``AutoModel`` or a model with a head, whose
-    ``base_model`` is used. ``pooling`` is ``mean`` (over non-padding tokens) or ``cls``.
-    With ``normalize`` the rows are L2-normalised (dot product = cosine)."""
+    ``base_model`` is used. ``pooling`` is one of ``POOLINGS`` (:func:`pool`).
+    With ``normalize`` the rows are L2-normalised (dot product = cosine). ``head``
+    (``(hidden, attention_mask) -> embeddings``) replaces pooling and normalisation."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if isinstance(texts, str):
@@ -88,9 +132,12 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", normalize: bool = 
                                   return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
             hidden = encoder(**batch).last_hidden_state
-            emb = pool(hidden, batch["attention_mask"], pooling).float()
-            if normalize:
-                emb = F.normalize(emb, p=2, dim=-1)
+            if head is not None:
+                emb = head(hidden, batch["attention_mask"]).float()
+            else:
+                emb = pool(hidden, batch["attention_mask"], pooling).float()
+                if normalize:
+                    emb = F.normalize(emb, p=2, dim=-1)
             if out is None:
                 out = torch.empty((len(texts), emb.shape[-1]), dtype=torch.float32)
             out[torch.as_tensor(idx)] = emb.cpu()
@@ -99,41 +146,15 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", normalize: bool = 
     return out
 
 
-def _pooling_config(path: Path) -> Path | None:
-    """The sentence-transformers pooling config of a model directory, if it has one."""
-    modules = path / "modules.json"
-    if modules.is_file():
-        try:
-            entries = json.loads(modules.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{modules}: not valid JSON: {err}") from err
-        for entry in entries:
-            if str(entry.get("type", "")).endswith("Pooling"):
-                config = path / entry.get("path", "") / "config.json"
-                if config.is_file():
-                    return config
-    default = path / "1_Pooling" / "config.json"
-    return default if default.is_file() else None
-
-
-def read_pooling(path_or_tag: str) -> str:
-    """The pooling a model directory declares (``mean`` or ``cls``); ``mean`` without config.
-
-    A sentence-transformers config asking for a mode this module does not implement (max,
-    mean_sqrt_len, several at once) raises ``ValueError``."""
-    path = Path(resolve_model_path(path_or_tag))
-    config_path = _pooling_config(path) if path.is_dir() else None
-    if config_path is None:
-        return "mean"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    modes = [name for name, on in config.items()
-             if name.startswith("pooling_mode_") and on is True]
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls"
-    raise ValueError(f"{config_path}: unsupported pooling {modes or config.get('pooling_mode')!r}; "
-                     "only pooling_mode_mean_tokens or pooling_mode_cls_token alone")
+def embed_texts(model, tokenizer, texts, role: str | None = None, *, batch_size: int = 64,
+                max_length: int = 256, progress: bool = False) -> torch.Tensor:
+    """A slimrank bi-encoder's own embeddings of ``texts`` as ``query`` or ``passage`` (its
+    prompt before each, its maximum length, pooling, Dense layers and normalisation)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not a single string")
+    return encode(model, tokenizer, with_prompt(model, texts, role), batch_size=batch_size,
+                  max_length=max_length_of(model, max_length), progress=progress,
+                  head=lambda hidden, mask: embedding_of(model, hidden, mask))
 
 
 def load_encoder(path_or_tag: str, device: str | torch.device = "cpu"):
@@ -142,7 +163,7 @@ def load_encoder(path_or_tag: str, device: str | torch.device = "cpu"):
     ``path_or_tag`` is a directory, a packaged tag (``all-MiniLM-L6-v2``) or a hub name.
     The pooling comes from the directory's sentence-transformers config (see module doc)."""
     path = resolve_model_path(path_or_tag)
-    pooling = read_pooling(path)
+    pooling = read_pooling(path) if Path(path).is_dir() else "mean"
     model = AutoModel.from_pretrained(path, trust_remote_code=False).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer, pooling

@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from common.models import standalone
 from common.models.arch import adapter_for, layer_stack, set_module
-from common.models.encoders import encode, read_pooling
+from common.models.encoders import embed_texts, read_pooling, similarity
+from common.models import st_format
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
 from common.io import atomic_write_text, refuse_foreign, refuse_inputs, temporary_dir
 from common.layout import (PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, is_model_artifact, reshaped_dir,
@@ -38,7 +39,9 @@ from common.layout import (PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, is_model_arti
 from common.models.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
 from common.models.structure import Masks, PruningState, reshape, restructure_for_loading, standalone_layout
 
-NUM_LABELS = 2
+NUM_LABELS = 2  # a fresh classification head (a base model): monoBERT's two labels
+HEAD_LABELS = (1, 2)
+DENSE_PREFIX = "slimrank_dense."  # a bi-encoder's Dense layers (common.models.st_format)  # a trained head: one logit, or the relevant (index 1) of two
 MODEL_KINDS = ("cross", "bi")
 MODELING_FILE = "modeling_slimrank.py"  # common/standalone.py, copied into every model dir
 # what stock tools read from config.json (save_model writes them; our loader ignores them)
@@ -121,7 +124,11 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         restructure_for_loading(model, state)
         if saved == "cross" and saved_head != "classifier":
             model = SegmentCrossEncoder(model)
+        if saved == "bi" and st_format.EmbeddingSpec.from_config(config).dense:
+            model.slimrank_dense = st_format.dense_module(st_format.EmbeddingSpec.from_config(config).dense)
         weights = load_file(os.path.join(path, WEIGHTS_FILE))
+        if hasattr(model, "slimrank_dense"):
+            weights.update(st_format.dense_weights(path))
         model.load_state_dict(weights, strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     else:
@@ -132,13 +139,20 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         if kind == "bi" or head == "segment_cosine":
             model, info = AutoModel.from_pretrained(path, trust_remote_code=False, output_loading_info=True)
             check_weights_found(model, info, path)
-            model.config.slimrank_pooling = pooling or read_pooling(path)
+            model.config.slimrank_pooling = pooling or (read_pooling(path) if Path(path).is_dir() else "mean")
+            if kind == "bi":
+                _attach_embedding_spec(model, path, tokenizer)
             if kind == "cross":
                 model = SegmentCrossEncoder(model, tokenizer.sep_token_id)
         else:
+            labels = trained_head_labels(path)
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=NUM_LABELS, trust_remote_code=False, output_loading_info=True)
+                path, num_labels=labels or NUM_LABELS, trust_remote_code=False, output_loading_info=True)
             check_weights_found(model, info, path)
+            if labels and Path(path).is_dir():
+                activation = st_format.read_cross_activation(Path(path))
+                if activation:
+                    model.config.slimrank_activation_fn = activation
         model.config.slimrank_model_kind = kind
         state = PruningState.full(model.config)
     model.to(device)
@@ -184,6 +198,35 @@ def config_path(model_dir: str | Path, name: str, field: str) -> str:
         return name  # a packaged tag or a hub name
     raise ValueError(f"{model_dir}/config.json: {field} {name!r} is neither a directory inside the model "
                      "dir, nor a packaged tag or hub name")
+def trained_head_labels(path: str) -> int | None:
+    """The label count of a sequence-classification checkpoint's trained head (its config names
+    a ``*ForSequenceClassification`` architecture); None for a base model (a fresh head is made).
+    A head of another size than 1 or 2 labels is one error naming the config file."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or ())):
+        return None
+    if config.num_labels not in HEAD_LABELS:
+        where = Path(path, "config.json") if Path(path).is_dir() else path
+        raise ValueError(f"{where}: a sequence-classification head with {config.num_labels} labels; slimrank "
+                         "scores a pair by a 1-label head (the logit) or a 2-label one (the logit of label 1)")
+    return config.num_labels
+
+
+def _attach_embedding_spec(model: nn.Module, path: str, tokenizer) -> None:
+    """Give a bare encoder its sentence-transformers chain: the spec into its config, the Dense
+    layers (with their weights) as ``model.slimrank_dense``."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return
+    spec = st_format.read_embedding_spec(directory, getattr(tokenizer, "model_max_length", None))
+    model.config.slimrank_embedding = st_format.spec_dict(spec)
+    if spec.dense:
+        model.slimrank_dense = st_format.dense_module(spec.dense)
+        weights = st_format.dense_weights(directory)
+        model.load_state_dict(weights, strict=False)
+        missing = [k for k in model.state_dict() if k.startswith("slimrank_dense.") and k not in weights]
+        if missing:
+            raise ValueError(f"{directory}: Dense weights missing: {missing}")
 
 
 def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str | Path) -> None:
@@ -192,7 +235,9 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # the Dense layers of a bi-encoder live in their sentence-transformers folders (st_format)
+    save_file({k: v for k, v in tensors.items() if not k.startswith(DENSE_PREFIX)},
+              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state.save(directory)
@@ -200,8 +245,10 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     if is_segment(model):
         segment_pair_template(directory / "tokenizer.json")
     if model_kind(model) == "bi":
-        write_sentence_transformers_files(directory, pooling_of(model),
-                                          getattr(model.config, adapter_for(model.config).cfg_hidden))
+        st_format.write_sentence_transformers_files(
+            directory, pooling_of(model), getattr(model.config, adapter_for(model.config).cfg_hidden),
+            st_format.EmbeddingSpec.from_config(model.config),
+            {k: v for k, v in tensors.items() if k.startswith(DENSE_PREFIX)})
 
 
 def describe_for_stock_tools(model: nn.Module, state: PruningState):
@@ -216,9 +263,11 @@ def describe_for_stock_tools(model: nn.Module, state: PruningState):
         role, auto = "encoder", "AutoModel"
     else:
         role, auto = ("segment" if is_segment(model) else "classifier"), "AutoModelForSequenceClassification"
-        config.id2label = {0: "relevance"} if role == "segment" else {0: "not_relevant", 1: "relevant"}
+        one = role == "segment" or config.num_labels == 1
+        config.id2label = {0: "relevance"} if one else {0: "not_relevant", 1: "relevant"}
         config.label2id = {v: k for k, v in config.id2label.items()}
-        config.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
+        activation = None if role == "segment" else getattr(config, st_format.ACTIVATION_FIELD, None)
+        config.sentence_transformers = {"activation_fn": activation or "torch.nn.modules.linear.Identity"}
     name = standalone.CLASSES[adapter.family, role].__name__
     config.architectures = [name]
     config.auto_map = {auto: f"{Path(MODELING_FILE).stem}.{name}"}
@@ -248,23 +297,6 @@ def segment_pair_template(tokenizer_json: Path) -> None:
         atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
-def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
-                                      max_seq_length: int = 256) -> None:
-    """modules.json, sentence_bert_config.json and 1_Pooling/config.json: a sentence-transformers
-    bi-encoder (transformer, pooling, L2 normalisation) as slimrank scores it."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
-    (directory / "modules.json").write_text(json.dumps(modules, indent=1))
-    (directory / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=1))
-    (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
-         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-         "pooling_mode_mean_sqrt_len_tokens": False}, indent=1))
-
-
 def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> None:
     """Layer dropping (the L3Prune baseline): keep the first ``n`` transformer layers.
 
@@ -278,6 +310,8 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
     if isinstance(loaded.model, SegmentCrossEncoder):
         loaded.model.keep_layers(n)
     setattr(loaded.model.config, adapter.cfg_layers, n)
+    if isinstance(getattr(loaded.model.config, "layer_types", None), list):  # ModernBERT: global / local per layer
+        loaded.model.config.layer_types = loaded.model.config.layer_types[:n]
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
         setattr(state, name, getattr(state, name)[:n])
@@ -434,15 +468,16 @@ def score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[
 def bi_score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: list[str], *,
                    batch_size: int = 64, max_length: int = 256, precision: str = "fp32",
                    progress: bool = False) -> np.ndarray:
-    """Cosine of (query, passage) embeddings; each distinct text is encoded once."""
+    """The model's similarity (cosine, or dot) of (query, passage) embeddings, each with its
+    prompt; each distinct text is encoded once."""
     device = next(model.parameters()).device
     uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
     up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
-    kw = dict(pooling=pooling_of(model), batch_size=batch_size, max_length=max_length, progress=progress)
+    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
     with autocast_context(device, precision):
-        q = encode(model, tokenizer, list(uq), **kw)
-        p = encode(model, tokenizer, list(up), **kw)
-    return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
+        q = embed_texts(model, tokenizer, list(uq), "query", **kw)
+        p = embed_texts(model, tokenizer, list(up), "passage", **kw)
+    return similarity(model, q[torch.as_tensor(qi)], p[torch.as_tensor(pi)]).numpy()
 
 
 def pick_device(name: str = "auto") -> torch.device:

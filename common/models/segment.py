@@ -62,6 +62,9 @@ class SegmentCrossEncoder(nn.Module):
         """``sep_token_id`` (the tokenizer's separator) is needed for a fresh head; a saved
         config carries it (``slimrank_sep_token_id``)."""
         super().__init__()
+        if adapter_for(encoder.config).qkv_parts != 1:  # its attention takes rotary positions, no segments
+            raise ValueError(f"the {HEAD} head is not available for {encoder.config.model_type} models; "
+                             "use --head classifier or --model_kind bi")
         self.encoder = encoder
         config = encoder.config
         self.config = config

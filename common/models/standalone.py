@@ -37,8 +37,10 @@ SEGMENT_HEAD = "segment_cosine"
 # family -> (bare encoder class, sequence-classification class) in transformers
 FAMILY_CLASSES = {"bert": ("BertModel", "BertForSequenceClassification"),
                   "roberta": ("RobertaModel", "RobertaForSequenceClassification"),
+                  "xlm-roberta": ("XLMRobertaModel", "XLMRobertaForSequenceClassification"),
                   "electra": ("ElectraModel", "ElectraForSequenceClassification"),
-                  "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification")}
+                  "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification"),
+                  "modernbert": ("ModernBertModel", "ModernBertForSequenceClassification")}
 
 
 # -- the segment-cosine head -------------------------------------------------------------------
@@ -126,7 +128,7 @@ def prepare_segment_head(head: nn.Module, encoder: nn.Module, layers, attention_
     head.cls_linear = nn.Linear(hidden, 1, bias=False)
     nn.init.zeros_(head.cls_linear.weight)
     # RoBERTa counts positions from padding_idx + 1
-    head.position_offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    head.position_offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
     head.need_weights = False
 
 
@@ -184,26 +186,33 @@ class EmptySelfAttention(nn.Module):
 
 def apply_layout(base_model: nn.Module, layout: dict) -> None:
     """Give each layer of a freshly built stock encoder the widths ``layout`` records (new,
-    uninitialised linear layers of the right shapes: the weights are loaded afterwards)."""
+    uninitialised linear layers of the right shapes: the weights are loaded afterwards).
+    ``qkv_parts`` / ``ffn_in_parts``: blocks stacked in one projection (a fused Wqkv: 3, a gated
+    FFN input: 2; ``common.models.arch``)."""
     d = layout["head_size"]
+    qkv_parts, ffn_parts = layout.get("qkv_parts", 1), layout.get("ffn_in_parts", 1)
+
+    def linear(old: nn.Linear, inputs: int, outputs: int) -> nn.Linear:
+        return nn.Linear(inputs, outputs, bias=old.bias is not None)
+
     for layer, heads, ffn in zip(_get(base_model, layout["layers"]), layout["heads_per_layer"],
                                  layout["ffn_per_layer"]):
         width = heads * d
-        for path in (layout["query"], layout["key"], layout["value"]):
+        for path in dict.fromkeys((layout["query"], layout["key"], layout["value"])):
             old = _get(layer, path)
-            _set(layer, path, nn.Linear(old.in_features, width))
+            _set(layer, path, linear(old, old.in_features, qkv_parts * width))
         out = _get(layer, layout["attn_out"])
-        _set(layer, layout["attn_out"], nn.Linear(width, out.out_features))
+        _set(layer, layout["attn_out"], linear(out, width, out.out_features))
         inner = _get(layer, layout["ffn_in"])
-        _set(layer, layout["ffn_in"], nn.Linear(inner.in_features, ffn))
+        _set(layer, layout["ffn_in"], linear(inner, inner.in_features, ffn_parts * ffn))
         outer = _get(layer, layout["ffn_out"])
-        _set(layer, layout["ffn_out"], nn.Linear(ffn, outer.out_features))
+        _set(layer, layout["ffn_out"], linear(outer, ffn, outer.out_features))
         attention = _get(layer, layout["attention"])
         if heads == 0:
             name = layout["attn_out"].rpartition(".")[2] if layout["attn_out_inside_attention"] else None
             _set(layer, layout["attention"],
                  EmptySelfAttention(name, getattr(attention, name) if name else None))
-        else:
+        elif layout["head_count_attr"]:  # (ModernBERT infers its head count from Wqkv)
             setattr(attention, layout["head_count_attr"], heads)
             setattr(attention, layout["all_head_attr"], width)
 

@@ -25,7 +25,8 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from common.layout import PRUNING_FILE, structure_tag
-from common.models.arch import Adapter, adapter_for, dims, get_module, layer_stack, set_module
+from common.models.arch import (Adapter, adapter_for, dims, get_module, layer_stack, qkv_paths, set_module,
+                                unit_rows)
 from common.models.standalone import EmptySelfAttention  # one definition: model dirs carry it too
 
 PRUNING_FORMAT = "slimrank-pruning/1"
@@ -171,13 +172,16 @@ class Masks:
 def _dead_slices(state: PruningState, adapter: Adapter, layer: int):
     """(module path, parameter name, dim, dead indices) for every weight a dead unit owns."""
     dead_h = torch.nonzero(~state.head_alive(layer)).flatten()
-    rows = (dead_h[:, None] * state.head_size + torch.arange(state.head_size)).flatten()
+    heads, ffn = len(state.present_heads[layer]), len(state.present_ffn[layer])
+    qkv_rows = unit_rows(dead_h, state.head_size, heads, adapter.qkv_parts)
+    rows = unit_rows(dead_h, state.head_size, heads, 1)
     dead_f = torch.nonzero(~state.ffn_alive(layer)).flatten()
+    ffn_rows = unit_rows(dead_f, 1, ffn, adapter.ffn_in_parts)
     out = []
-    for path in (adapter.query, adapter.key, adapter.value):
-        out += [(path, "weight", 0, rows), (path, "bias", 0, rows)]
+    for path in qkv_paths(adapter):
+        out += [(path, "weight", 0, qkv_rows), (path, "bias", 0, qkv_rows)]
     out.append((adapter.attn_out, "weight", 1, rows))
-    out += [(adapter.ffn_in, "weight", 0, dead_f), (adapter.ffn_in, "bias", 0, dead_f),
+    out += [(adapter.ffn_in, "weight", 0, ffn_rows), (adapter.ffn_in, "bias", 0, ffn_rows),
             (adapter.ffn_out, "weight", 1, dead_f)]
     return out
 
@@ -207,13 +211,16 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
     """Slice every layer to the given (physical) head and neuron positions."""
     adapter = adapter_for(model.config)
     for i, layer in enumerate(layer_stack(model, adapter)):
-        rows = (heads_idx[i][:, None] * head_size + torch.arange(head_size)).flatten()
+        rows = unit_rows(heads_idx[i], head_size, 0, 1)
         attention = get_module(layer, adapter.attention)
         # an attention block emptied by an earlier reshape has no projections left to slice
         # (reshaping a reshaped dir again, e.g. 04 --onnx on a shipped model)
         emptied = isinstance(attention, EmptySelfAttention)
-        for path in () if emptied else (adapter.query, adapter.key, adapter.value):
-            set_module(layer, path, prune_linear_layer(get_module(layer, path), rows, dim=0))
+        if not emptied:  # q/k/v rows (a fused Wqkv holds qkv_parts blocks of the present heads)
+            present = get_module(layer, adapter.attn_out).in_features // head_size
+            qkv_rows = unit_rows(heads_idx[i], head_size, present, adapter.qkv_parts)
+            for path in qkv_paths(adapter):
+                set_module(layer, path, prune_linear_layer(get_module(layer, path), qkv_rows, dim=0))
         if not (emptied and adapter.attn_out_inside_attention):
             set_module(layer, adapter.attn_out,
                        prune_linear_layer(get_module(layer, adapter.attn_out), rows, dim=1))
@@ -224,11 +231,12 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
             else:
                 replacement = EmptySelfAttention()
             set_module(layer, adapter.attention, replacement)
-        elif not isinstance(attention, EmptySelfAttention):
+        elif not isinstance(attention, EmptySelfAttention) and adapter.head_count_attr:
             setattr(attention, adapter.head_count_attr, len(heads_idx[i]))
             setattr(attention, adapter.all_head_attr, len(heads_idx[i]) * head_size)
-        set_module(layer, adapter.ffn_in,
-                   prune_linear_layer(get_module(layer, adapter.ffn_in), ffn_idx[i], dim=0))
+        width = get_module(layer, adapter.ffn_out).in_features
+        set_module(layer, adapter.ffn_in, prune_linear_layer(
+            get_module(layer, adapter.ffn_in), unit_rows(ffn_idx[i], 1, width, adapter.ffn_in_parts), dim=0))
         set_module(layer, adapter.ffn_out,
                    prune_linear_layer(get_module(layer, adapter.ffn_out), ffn_idx[i], dim=1))
 
@@ -277,6 +285,7 @@ def standalone_layout(state: PruningState, adapter: Adapter, hidden: int) -> dic
             "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out,
             "head_count_attr": adapter.head_count_attr, "all_head_attr": adapter.all_head_attr,
             "attn_out_inside_attention": adapter.attn_out_inside_attention,
+            "qkv_parts": adapter.qkv_parts, "ffn_in_parts": adapter.ffn_in_parts,
             "hidden": hidden, "head_size": state.head_size,
             "heads_per_layer": [len(h) for h in state.present_heads],
             "ffn_per_layer": [len(f) for f in state.present_ffn]}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.models.arch import adapter_for, get_module, layer_stack
+from common.models.arch import adapter_for, get_module, layer_stack, qkv_paths
 from common.registry import registrar
 from common.models.structure import PruningState
 
@@ -287,6 +287,7 @@ def ffn_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
         norms = linear.weight.abs().sum(dim=1)
         if linear.bias is not None:
             norms = norms + linear.bias.abs()
+        norms = norms.view(adapter.ffn_in_parts, -1).sum(dim=0)  # a gated FFN: input + gate rows
         scores = [float("nan")] * state.ffn_size
         for position, original in enumerate(state.present_ffn[i]):
             scores[original] = float(norms[position])
@@ -303,12 +304,12 @@ def head_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
     out = []
     for i, layer in enumerate(layer_stack(model, adapter)):
         total = torch.zeros(len(state.present_heads[i]))
-        for name in (adapter.query, adapter.key, adapter.value):
+        for name in qkv_paths(adapter):
             linear = get_module(layer, name)
             rows = linear.weight.abs().sum(dim=1)
             if linear.bias is not None:
                 rows = rows + linear.bias.abs()
-            total += rows.view(-1, d).sum(dim=1).float().cpu()
+            total += rows.view(adapter.qkv_parts, -1, d).sum(dim=(0, 2)).float().cpu()
         columns = get_module(layer, adapter.attn_out).weight.abs().sum(dim=0)
         total += columns.view(-1, d).sum(dim=1).float().cpu()
         scores = [float("nan")] * state.num_heads

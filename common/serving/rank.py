@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common import layout
 from common.layout import ONNX_FILES
 from common.hardware import cpu_has_amx, time_callable
-from common.models.encoders import pool
+from common.models.encoders import embedding_of, max_length_of, similarity, with_prompt
 from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, autocast_context, encode_pairs, load_model,
                              model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
 
@@ -78,7 +77,8 @@ def backend_for_precision(precision: str) -> str:
 
 class RankingOutput(nn.Module):
     """What a ranker needs from a model, as one module (the graph ONNX export traces): the
-    relevance score of each pair (cross) or the L2-normalised pooled embedding of each text (bi)."""
+    relevance score of each pair (cross) or the embedding of each text (bi: its sentence-transformers
+    chain, ``common.models.encoders.embedding_of``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -92,7 +92,7 @@ class RankingOutput(nn.Module):
         if self.kind == "bi":
             encoder = getattr(self.model, "base_model", self.model)
             hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-            return F.normalize(pool(hidden, attention_mask, self.pooling).float(), p=2, dim=-1)
+            return embedding_of(self.model, hidden, attention_mask)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
         return relevance_logit(logits).float()
 
@@ -297,11 +297,14 @@ class BiRanker(Ranker):
                 "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
                 "encode_passages": len(texts)}
 
-    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """L2-normalised embeddings ``[len(texts), dim]`` (float32)."""
+    def encode(self, texts: list[str], progress: bool = False, role: str | None = None) -> np.ndarray:
+        """Embeddings ``[len(texts), dim]`` (float32) of ``texts`` as ``role`` (``query``,
+        ``passage``, None: no role), with the model's prompt for it."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
-        features = self.tokenizer([str(t) for t in texts], truncation=True, max_length=self.max_length)
+        model = self.loaded.model
+        features = self.tokenizer(with_prompt(model, texts, role), truncation=True,
+                                  max_length=max_length_of(model, self.max_length))
         features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         out = None
         for idx, batch in sorted_batches(self.tokenizer, features, self.batch_size, progress, "encoding"):
@@ -317,9 +320,9 @@ class BiRanker(Ranker):
             return np.empty(0, dtype=np.float32)
         uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
         up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
-        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress))
-        p = torch.from_numpy(self.encode(list(up), progress))
-        return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
+        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress, "query"))
+        p = torch.from_numpy(self.encode(list(up), progress, "passage"))
+        return similarity(self.loaded.model, q[torch.as_tensor(qi)], p[torch.as_tensor(pi)]).numpy()
 
 
 def resolve_backend(path: str | Path, backend: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from common.models.segment import HEADS
+from common.models.st_format import POOLINGS
 from common.training.argtypes import arg, argument_groups, check_declared, declared
 from common.training.kinds import KINDS
 from common.training.losses import loss_class, score_distillation_losses
@@ -86,8 +87,9 @@ class TrainArgs:
     gate_learning_rate: Optional[float] = arg(None, group="optimisation", bounds=(0, None, True, False),
         help="segment_cosine head: peak LR of the cross-segment attention gates (default: "
              "--learning_rate; they start shut at 0 and a gate of 1 is full attention)")
-    pooling: Optional[str] = arg(None, group="model", resume_may_change=True,
-        help="bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)")
+    pooling: Optional[str] = arg(None, group="model", choices=POOLINGS, resume_may_change=True,
+        help="bi-encoder pooling: mean, cls, max, lasttoken or weightedmean (default: the model's "
+             "sentence-transformers config)")
     query_encoder: Optional[str] = arg(None, group="model",
         help="bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
              "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "

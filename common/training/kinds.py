@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.encoders import pool
+from common.models.encoders import embedding_of, max_length_of, with_prompt
 from common.training.losses import Loss, get_loss
-from common.models.loading import autocast_context, encode_pairs, pooling_of, relevance_logit
+from common.models.loading import autocast_context, encode_pairs, relevance_logit
 from common.models.segment import is_segment
 
 
@@ -89,7 +89,8 @@ class CrossKind(TrainingKind):
 
     @classmethod
     def label_loss(cls, args, model):
-        return get_loss("row_softmax" if is_segment(model) else "cross_entropy")
+        one_score = is_segment(model) or model.config.num_labels == 1  # a 1-label head: listwise
+        return get_loss("row_softmax" if one_score else "cross_entropy")
 
     def forward(self, model, rows, wanted):
         n = len(rows[0]) - 1
@@ -139,13 +140,18 @@ class BiKind(TrainingKind):
     def label_loss(cls, args, model):
         return get_loss("in_batch_contrastive", temperature=args.temperature)
 
-    def embed(self, model: nn.Module, texts: list[str]) -> tuple[torch.Tensor, dict]:
-        """L2-normalised pooled embeddings (the student's pooling, also for the teacher)."""
-        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+    def embed(self, model: nn.Module, texts: list[str], role: str,
+              owner: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+        """L2-normalised embeddings of ``texts`` as ``role`` (query / passage): ``owner``'s
+        sentence-transformers chain (its prompt, maximum length, pooling, Dense layers;
+        ``common.models.encoders``) around ``model`` (``owner`` itself, or its DDP wrapper)."""
+        owner = owner if owner is not None else model
+        batch = self.tokenizer(with_prompt(owner, texts, role), truncation=True,
+                               max_length=max_length_of(owner, self.max_length),
                                padding=True, return_tensors="pt").to(self.device)
         with autocast_context(self.device, self.precision):
             hidden = model(**batch).last_hidden_state
-        return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
+        return F.normalize(embedding_of(owner, hidden.float(), batch["attention_mask"]), dim=-1), batch
 
     @staticmethod
     def _texts(rows):
@@ -154,11 +160,11 @@ class BiKind(TrainingKind):
     def forward(self, model, rows, wanted):
         queries, passages = self._texts(rows)
         if self.query_encoder is None:
-            q, _ = self.embed(model, queries)
+            q, _ = self.embed(model, queries, "query", self.model)
         else:
             with torch.no_grad():
-                q, _ = self.embed(self.query_encoder, queries)
-        p, batch = self.embed(model, passages)
+                q, _ = self.embed(self.query_encoder, queries, "query")
+        p, batch = self.embed(model, passages, "passage", self.model)
         inputs = {"query_embeddings": q, "passage_embeddings": p}
         if "scores" in wanted:
             inputs["scores"] = pair_cosines(q, p)
@@ -166,8 +172,8 @@ class BiKind(TrainingKind):
 
     def teacher_forward(self, teacher, rows, student):
         queries, passages = self._texts(rows)
-        tq, _ = self.embed(teacher, queries)
-        tp, _ = self.embed(teacher, passages)
+        tq, _ = self.embed(teacher, queries, "query")
+        tp, _ = self.embed(teacher, passages, "passage")
         return {"query_embeddings": tq, "passage_embeddings": tp}
 
     def distill_inputs(self, student, teacher, target):
