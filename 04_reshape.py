@@ -33,19 +33,10 @@ from itertools import islice
 
 from common.cli import fail, positive_int
 from common.data.formats import TriplesStream
-from common.pruning.l3prune import RULES, choose, layerwise_losses
-from common.models.loading import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
+from common.pruning.l3prune import RULES, choose, layers_to_keep, layerwise_losses, parse_keep_layers
+from common.models.loading import QUERY_ENCODER_FIELD, load_model, model_depth, reshape_checkpoint
+from common.models.encoders import POOLINGS
 from common.serving.onnx_export import FP32_ROLES, export_onnx
-
-
-def layers_arg(value: str) -> str | int:
-    if value in RULES:
-        return value
-    try:
-        return positive_int(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive layer count or one of {', '.join(RULES)}, "
-                                         f"got {value!r}") from None
 
 
 def main(argv=None) -> None:
@@ -53,8 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--keep_layers", type=layers_arg,
-                        help="layer dropping: keep only the first N layers, or the L3Prune choice "
+    parser.add_argument("--keep_layers",
+                        help="layer dropping: keep only the first N layers (N >= 1), prune a share "
+                             "of them (a fraction in (0, 1): 0.3 keeps int(0.7 L)), or the L3Prune choice "
                              "'small' / 'large' (common.pruning.l3prune: from the model's task loss at each "
                              "depth on --layer_loss_triples)")
     parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
@@ -62,6 +54,12 @@ def main(argv=None) -> None:
                         help="--keep_layers small|large: triples scored (the first N of the file)")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
+    parser.add_argument("--pooling", choices=POOLINGS,
+                        help="bi-encoder from a plain model dir: its pooling (default: the dir's "
+                             "sentence-transformers config, else mean; decoder LLMs last)")
+    parser.add_argument("--query_instruction",
+                        help="bi-encoder from a plain model dir: text put in front of every query, saved "
+                             "as the sentence-transformers 'query' prompt (default: the dir's own)")
     parser.add_argument("--onnx", action="store_true",
                         help="also export OUTPUT_DIR/onnx/model.onnx and model_int8.onnx")
     parser.add_argument("--max_length", type=positive_int, default=256,
@@ -82,14 +80,19 @@ def main(argv=None) -> None:
     if args.keep_layers in RULES and not args.layer_loss_triples:
         parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
     try:
-        calibration = None  # read before anything is written: a bad file is an error, not a half export
+        calibration = None
+        if args.keep_layers is not None:
+            args.keep_layers = parse_keep_layers(args.keep_layers)  # read before anything is written: a bad file is an error, not a half export
         if args.calibration_triples:
             rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
             pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
             calibration = ([q for q, _ in pairs], [p for _, p in pairs])
         keep, note = args.keep_layers, None
+        if keep is not None and keep not in RULES:
+            keep = layers_to_keep(keep, model_depth(args.checkpoint_dir))
         if keep in RULES:
-            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind),
+            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind, pooling=args.pooling,
+                                                 query_instruction=args.query_instruction),
                                       args.layer_loss_triples, args.layer_loss_rows,
                                       max_length=min(args.max_length, 128))
             chosen = choose(losses)
@@ -99,7 +102,8 @@ def main(argv=None) -> None:
             print("L3Prune: task loss after each layer " + ", ".join(f"{i + 1}: {x:.4f}" for i, x in enumerate(losses))
                   + f"; small = {chosen['small']}, large = {chosen['large']} layers: keeping {keep}")
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
-                                                keep, args.model_kind, note)
+                                                keep, args.model_kind, note, pooling=args.pooling,
+                                                query_instruction=args.query_instruction)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         queries = json.loads((out / "config.json").read_text()).get(QUERY_ENCODER_FIELD)
         if queries:

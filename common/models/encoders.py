@@ -25,21 +25,34 @@ from transformers import AutoModel, AutoTokenizer
 
 from common.models.names import resolve_model_path
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "weighted_mean", "last")
+# sentence-transformers' Pooling config field of each pooling
+ST_POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                    "weighted_mean": "pooling_mode_weightedmean_tokens", "last": "pooling_mode_lasttoken"}
 
 
 def pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     """Pool ``[batch, seq, dim]`` hidden states into ``[batch, dim]``.
 
     ``mean``: average over the positions where ``attention_mask`` is 1 (padding ignored);
-    ``cls``: the first position."""
+    ``cls``: the first position; ``weighted_mean`` (SGPT, for causal decoders): the i-th
+    non-padding token weighs i (later tokens have seen more of the text); ``last``: the last
+    non-padding token (a causal decoder's summary of the whole text). Both count positions
+    through ``attention_mask``, so left and right padding give the same result."""
     if pooling == "cls":
         return last_hidden[:, 0]
-    if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
-        summed = (last_hidden * mask).sum(dim=1)
-        counts = mask.sum(dim=1).clamp(min=1e-9)
-        return summed / counts
+    mask = attention_mask.to(last_hidden.device)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask > 0)).amax(dim=1)
+        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), last]
+    if pooling in ("mean", "weighted_mean"):
+        weights = mask.to(last_hidden.dtype)
+        if pooling == "weighted_mean":
+            weights = torch.cumsum(weights, dim=1) * weights
+        weights = weights.unsqueeze(-1)
+        summed = (last_hidden * weights).sum(dim=1)
+        return summed / weights.sum(dim=1).clamp(min=1e-9)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
@@ -116,24 +129,46 @@ def _pooling_config(path: Path) -> Path | None:
     return default if default.is_file() else None
 
 
-def read_pooling(path_or_tag: str) -> str:
-    """The pooling a model directory declares (``mean`` or ``cls``); ``mean`` without config.
+QUERY_INSTRUCTION_FIELD = "slimrank_query_instruction"  # config.json of a bi-encoder
+
+
+def instructed(model, queries: list[str]) -> list[str]:
+    """``queries`` with the model's query instruction (if it has one) in front of each."""
+    config = getattr(_base_encoder(model), "config", None)
+    instruction = getattr(config, QUERY_INSTRUCTION_FIELD, None)
+    return [instruction + q for q in queries] if instruction else list(queries)
+
+
+def read_query_prompt(path_or_tag: str) -> str | None:
+    """The ``query`` prompt of a sentence-transformers directory (config_sentence_transformers.json)."""
+    path = Path(resolve_model_path(path_or_tag), "config_sentence_transformers.json")
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    prompt = (config.get("prompts") or {}).get("query") if isinstance(config, dict) else None
+    return prompt or None
+
+
+def read_pooling(path_or_tag: str, default: str = "mean") -> str:
+    """The pooling a model directory declares; ``default`` without config.
 
     A sentence-transformers config asking for a mode this module does not implement (max,
     mean_sqrt_len, several at once) raises ``ValueError``."""
     path = Path(resolve_model_path(path_or_tag))
     config_path = _pooling_config(path) if path.is_dir() else None
     if config_path is None:
-        return "mean"
+        return default
     config = json.loads(config_path.read_text(encoding="utf-8"))
     modes = [name for name, on in config.items()
              if name.startswith("pooling_mode_") and on is True]
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls"
+    by_mode = {mode: name for name, mode in ST_POOLING_MODES.items()}
+    if len(modes) == 1 and modes[0] in by_mode:
+        return by_mode[modes[0]]
     raise ValueError(f"{config_path}: unsupported pooling {modes or config.get('pooling_mode')!r}; "
-                     "only pooling_mode_mean_tokens or pooling_mode_cls_token alone")
+                     f"only one of {', '.join(ST_POOLING_MODES.values())} alone")
 
 
 def load_encoder(path_or_tag: str, device: str | torch.device = "cpu"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.encoders import pool
+from common.models.encoders import instructed, pool
 from common.training.losses import Loss, get_loss
 from common.models.loading import autocast_context, encode_pairs, pooling_of, relevance_logit
 from common.models.segment import is_segment
@@ -147,9 +147,28 @@ class BiKind(TrainingKind):
             hidden = model(**batch).last_hidden_state
         return F.normalize(pool(hidden.float(), batch["attention_mask"], pooling_of(self.model)), dim=-1), batch
 
-    @staticmethod
-    def _texts(rows):
-        return [q for q, _p, _n in rows], [x for _q, p, n in rows for x in (p, n)]
+    def embed_layers(self, model: nn.Module, texts: list[str]) -> list[torch.Tensor]:
+        """The embeddings of the model cut after each layer, from ONE forward pass: every
+        layer's hidden states pooled (a decoder's through its final norm, as the cut model
+        applies it), index k-1 for the first k layers (``common.pruning.l3prune``)."""
+        from common.models.arch import adapter_for, get_module
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        adapter = adapter_for(model.config)
+        norm = get_module(model.base_model, adapter.final_norm) if adapter.final_norm else None
+        with autocast_context(self.device, self.precision):
+            states = model(**batch, output_hidden_states=True).hidden_states[1:]
+            if norm is not None:  # the last entry is already normed (it is last_hidden_state)
+                states = [norm(h) for h in states[:-1]] + [states[-1]]
+        mask, pooling = batch["attention_mask"], pooling_of(self.model)
+        return [F.normalize(pool(h.float(), mask, pooling), dim=-1) for h in states]
+
+    def queries(self, rows) -> list[str]:
+        """The rows' queries as the model embeds them (with its query instruction, if any)."""
+        return instructed(self.model, [row[0] for row in rows])
+
+    def _texts(self, rows):
+        return self.queries(rows), [x for _q, p, n in rows for x in (p, n)]
 
     def forward(self, model, rows, wanted):
         queries, passages = self._texts(rows)

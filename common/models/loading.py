@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.models import standalone
-from common.models.arch import adapter_for, layer_stack, set_module
-from common.models.encoders import encode, read_pooling
+from common.models.arch import adapter_for, kv_groups, layer_stack, set_module
+from common.models.decoders import is_decoder, prepare_decoder
+from common.models.encoders import (QUERY_INSTRUCTION_FIELD, ST_POOLING_MODES, encode, instructed,
+                                    read_pooling, read_query_prompt)
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
 from common.io import atomic_write_text
 from common.layout import PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, reshaped_dir, replace_dir
@@ -70,11 +72,11 @@ class LoadedModel:
 
 def load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
+               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
     """:func:`_load_model`, with every unreadable input turned into one ``ValueError`` naming
     the file (a corrupt safetensors, a garbage config or pruning.json, an unknown tag)."""
     try:
-        return _load_model(path_or_tag, device, kind, pooling, head)
+        return _load_model(path_or_tag, device, kind, pooling, head, query_instruction)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {path_or_tag}: a file is not readable: {err}") from None
     except (ValueError, FileNotFoundError):
@@ -89,10 +91,14 @@ def load_model(path_or_tag: str, device: str | torch.device = "cpu",
 
 def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
-    """``kind``/``pooling``/``head`` apply to plain models (a fresh start); our checkpoints know
-    theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label head, the default) or
-    ``segment_cosine`` (``common.models.segment``: starts as the model's own bi-encoder)."""
+               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
+    """``kind``/``pooling``/``head``/``query_instruction`` apply to plain models (a fresh start);
+    our checkpoints know theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label
+    head, the default) or ``segment_cosine`` (``common.models.segment``: starts as the model's
+    own bi-encoder). ``query_instruction`` (bi-encoders) is put in front of every query; a plain
+    sentence-transformers directory's ``query`` prompt is used without it. A decoder LLM
+    (``common.models.decoders``) pools by the directory's sentence-transformers config, else
+    ``last``."""
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
@@ -123,6 +129,10 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         weights = load_file(os.path.join(path, WEIGHTS_FILE))
         model.load_state_dict(weights, strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        saved_instruction = getattr(model.config, QUERY_INSTRUCTION_FIELD, None)
+        if query_instruction is not None and query_instruction != (saved_instruction or ""):
+            raise ValueError(f"{path} embeds queries with the instruction {saved_instruction!r} (its "
+                             f"config.json), not --query_instruction {query_instruction!r}")
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
@@ -130,13 +140,23 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         tokenizer = AutoTokenizer.from_pretrained(path)
         if kind == "bi" or head == "segment_cosine":
             model = AutoModel.from_pretrained(path)
-            model.config.slimrank_pooling = pooling or read_pooling(path)
+            model.config.slimrank_pooling = pooling or read_pooling(path, "last" if is_decoder(model.config)
+                                                                    else "mean")
             if kind == "cross":
                 model = SegmentCrossEncoder(model, tokenizer.sep_token_id)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
         model.config.slimrank_model_kind = kind
+        if kind == "bi":
+            instruction = query_instruction if query_instruction is not None else read_query_prompt(path)
+            if instruction:
+                setattr(model.config, QUERY_INSTRUCTION_FIELD, instruction)
+        elif query_instruction:
+            raise ValueError("--query_instruction is for bi-encoders (queries embedded alone)")
         state = PruningState.full(model.config)
+    if is_decoder(model.config):
+        prepare_decoder(model.config, tokenizer, pooling_of(model) if model_kind(model) == "bi" else None,
+                        path)
     model.to(device)
     return LoadedModel(model, tokenizer, state, Masks(model, state), path)
 
@@ -146,7 +166,7 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     need to open the directory without slimrank (:func:`describe_for_stock_tools`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain_state_dict(model).items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -156,7 +176,15 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
         segment_pair_template(directory / "tokenizer.json")
     if model_kind(model) == "bi":
         write_sentence_transformers_files(directory, pooling_of(model),
-                                          getattr(model.config, adapter_for(model.config).cfg_hidden))
+                                          getattr(model.config, adapter_for(model.config).cfg_hidden),
+                                          getattr(model.config, QUERY_INSTRUCTION_FIELD, None))
+
+
+def plain_state_dict(model: nn.Module) -> dict:
+    """The model's weights as a plain model holds them: LoRA adapters (``common.training.lora``)
+    merged into the weights they adapt, their own tensors left out."""
+    from common.training.lora import merged_state_dict  # peft is imported only when LoRA is used
+    return merged_state_dict(model)
 
 
 def describe_for_stock_tools(model: nn.Module, state: PruningState):
@@ -166,7 +194,8 @@ def describe_for_stock_tools(model: nn.Module, state: PruningState):
     head: one score) and, for sentence-transformers' CrossEncoder, raw scores (no sigmoid)."""
     config = copy.deepcopy(model.config)
     adapter = adapter_for(config)
-    config.slimrank_layout = standalone_layout(state, adapter, getattr(config, adapter.cfg_hidden))
+    config.slimrank_layout = standalone_layout(state, adapter, getattr(config, adapter.cfg_hidden),
+                                               kv_groups(config, adapter))
     if model_kind(model) == "bi":
         role, auto = "encoder", "AutoModel"
     else:
@@ -204,9 +233,12 @@ def segment_pair_template(tokenizer_json: Path) -> None:
 
 
 def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
+                                      query_instruction: str | None = None,
                                       max_seq_length: int = 256) -> None:
     """modules.json, sentence_bert_config.json and 1_Pooling/config.json: a sentence-transformers
-    bi-encoder (transformer, pooling, L2 normalisation) as slimrank scores it."""
+    bi-encoder (transformer, pooling, L2 normalisation) as slimrank scores it; a query
+    instruction becomes the ``query`` prompt of config_sentence_transformers.json
+    (``model.encode(queries, prompt_name="query")``)."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
@@ -217,7 +249,22 @@ def write_sentence_transformers_files(directory: Path, pooling: str, dim: int,
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
          "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-         "pooling_mode_mean_sqrt_len_tokens": False}, indent=1))
+         "pooling_mode_mean_sqrt_len_tokens": False,
+         **{mode: pooling == name for name, mode in ST_POOLING_MODES.items() if name not in ("cls", "mean")}},
+        indent=1))
+    if query_instruction:
+        (directory / "config_sentence_transformers.json").write_text(json.dumps(
+            {"prompts": {"query": query_instruction, "document": ""}, "default_prompt_name": None,
+             "similarity_fn_name": "cosine"}, indent=1))
+
+
+def model_depth(path_or_tag: str) -> int:
+    """The layer count of a model (from its config.json, without loading the weights)."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(path_or_tag))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the config of {path_or_tag}: {str(err).splitlines()[0]}") from None
+    return getattr(config, adapter_for(config).cfg_layers)
 
 
 def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> None:
@@ -233,6 +280,8 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
     if isinstance(loaded.model, SegmentCrossEncoder):
         loaded.model.keep_layers(n)
     setattr(loaded.model.config, adapter.cfg_layers, n)
+    if isinstance(getattr(loaded.model.config, "layer_types", None), list):  # Qwen2/3, Mistral: per layer
+        loaded.model.config.layer_types = loaded.model.config.layer_types[:n]
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
         setattr(state, name, getattr(state, name)[:n])
@@ -241,11 +290,14 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
 
 def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
                        overwrite: bool = False, keep_layers: int | None = None,
-                       kind: str | None = None, keep_layers_note: dict | None = None) -> tuple[Path, int, int]:
+                       kind: str | None = None, keep_layers_note: dict | None = None, *,
+                       pooling: str | None = None,
+                       query_instruction: str | None = None) -> tuple[Path, int, int]:
     """Load a (masked) checkpoint, reshape it, save the compact model atomically.
 
     ``keep_layers`` also drops every layer after the first n (the layer-dropping baseline);
-    ``kind`` is needed only for a plain (not slimrank) model directory or tag.
+    ``kind`` (and, for a bi-encoder, ``pooling`` and ``query_instruction``) is needed only for a
+    plain (not slimrank) model directory or tag.
 
     The source's trainer_state.json is copied for provenance (seen pairs, args, metrics);
     optimizer and RNG states are not: a reshaped model is for inference or a new stage.
@@ -260,7 +312,8 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
             raise ValueError(f"--output_dir {out} is or holds the source checkpoint {checkpoint_dir}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty (use --overwrite)")
-    loaded = load_model(checkpoint_dir, kind=kind)  # a bad source fails here, before any change
+    loaded = load_model(checkpoint_dir, kind=kind, pooling=pooling,  # a bad source fails here, before any change
+                        query_instruction=query_instruction)
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
     if keep_layers:
@@ -349,7 +402,7 @@ def bi_score_pairs(model: nn.Module, tokenizer, queries: list[str], passages: li
     up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
     kw = dict(pooling=pooling_of(model), batch_size=batch_size, max_length=max_length, progress=progress)
     with autocast_context(device, precision):
-        q = encode(model, tokenizer, list(uq), **kw)
+        q = encode(model, tokenizer, instructed(model, list(uq)), **kw)
         p = encode(model, tokenizer, list(up), **kw)
     return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 

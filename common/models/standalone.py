@@ -38,7 +38,12 @@ SEGMENT_HEAD = "segment_cosine"
 FAMILY_CLASSES = {"bert": ("BertModel", "BertForSequenceClassification"),
                   "roberta": ("RobertaModel", "RobertaForSequenceClassification"),
                   "electra": ("ElectraModel", "ElectraForSequenceClassification"),
-                  "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification")}
+                  "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification"),
+                  # decoder-LLM text encoders (grouped-query attention, SwiGLU)
+                  "llama": ("LlamaModel", "LlamaForSequenceClassification"),
+                  "mistral": ("MistralModel", "MistralForSequenceClassification"),
+                  "qwen2": ("Qwen2Model", "Qwen2ForSequenceClassification"),
+                  "qwen3": ("Qwen3Model", "Qwen3ForSequenceClassification")}
 
 
 # -- the segment-cosine head -------------------------------------------------------------------
@@ -182,28 +187,39 @@ class EmptySelfAttention(nn.Module):
         return context, None
 
 
+def _resized(old: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=getattr(old, "bias", None) is not None)
+
+
 def apply_layout(base_model: nn.Module, layout: dict) -> None:
     """Give each layer of a freshly built stock encoder the widths ``layout`` records (new,
-    uninitialised linear layers of the right shapes: the weights are loaded afterwards)."""
+    uninitialised linear layers of the right shapes: the weights are loaded afterwards).
+
+    A decoder's unit is one key/value group (``kv_groups`` query heads): keys and values are
+    ``head_size // kv_groups`` wide per unit; its SwiGLU gate (``ffn_gate``) is as wide as the FFN."""
     d = layout["head_size"]
+    groups = layout.get("kv_groups", 1)
     for layer, heads, ffn in zip(_get(base_model, layout["layers"]), layout["heads_per_layer"],
                                  layout["ffn_per_layer"]):
         width = heads * d
-        for path in (layout["query"], layout["key"], layout["value"]):
+        for path, out_width in ((layout["query"], width), (layout["key"], width // groups),
+                                (layout["value"], width // groups)):
             old = _get(layer, path)
-            _set(layer, path, nn.Linear(old.in_features, width))
+            _set(layer, path, _resized(old, old.in_features, out_width))
         out = _get(layer, layout["attn_out"])
-        _set(layer, layout["attn_out"], nn.Linear(width, out.out_features))
-        inner = _get(layer, layout["ffn_in"])
-        _set(layer, layout["ffn_in"], nn.Linear(inner.in_features, ffn))
+        _set(layer, layout["attn_out"], _resized(out, width, out.out_features))
+        for path in (layout["ffn_in"], layout.get("ffn_gate")):
+            if path:
+                inner = _get(layer, path)
+                _set(layer, path, _resized(inner, inner.in_features, ffn))
         outer = _get(layer, layout["ffn_out"])
-        _set(layer, layout["ffn_out"], nn.Linear(ffn, outer.out_features))
+        _set(layer, layout["ffn_out"], _resized(outer, ffn, outer.out_features))
         attention = _get(layer, layout["attention"])
         if heads == 0:
             name = layout["attn_out"].rpartition(".")[2] if layout["attn_out_inside_attention"] else None
             _set(layer, layout["attention"],
                  EmptySelfAttention(name, getattr(attention, name) if name else None))
-        else:
+        elif layout["head_count_attr"]:
             setattr(attention, layout["head_count_attr"], heads)
             setattr(attention, layout["all_head_attr"], width)
 

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from common.layout import PRUNING_FILE, structure_tag
-from common.models.arch import Adapter, adapter_for, dims, get_module, layer_stack, set_module
+from common.models.arch import Adapter, adapter_for, dims, get_module, kv_groups, layer_stack, set_module
 from common.models.standalone import EmptySelfAttention  # one definition: model dirs carry it too
 
 PRUNING_FORMAT = "slimrank-pruning/1"
@@ -168,17 +168,28 @@ class Masks:
         self._handles.clear()
 
 
-def _dead_slices(state: PruningState, adapter: Adapter, layer: int):
-    """(module path, parameter name, dim, dead indices) for every weight a dead unit owns."""
+def _unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def _dead_slices(state: PruningState, adapter: Adapter, layer: int, groups: int = 1):
+    """(module path, parameter name, dim, dead indices) for every weight a dead unit owns.
+
+    With grouped-query attention (``groups`` query heads per key/value head) a unit is a whole
+    group: ``head_size`` query rows and output columns, ``head_size // groups`` key and value
+    rows. A gated FFN (SwiGLU) neuron owns a gate row as well as an input row."""
     dead_h = torch.nonzero(~state.head_alive(layer)).flatten()
-    rows = (dead_h[:, None] * state.head_size + torch.arange(state.head_size)).flatten()
+    rows = _unit_rows(dead_h, state.head_size)
+    kv_rows = _unit_rows(dead_h, state.head_size // groups)
     dead_f = torch.nonzero(~state.ffn_alive(layer)).flatten()
     out = []
-    for path in (adapter.query, adapter.key, adapter.value):
-        out += [(path, "weight", 0, rows), (path, "bias", 0, rows)]
+    for path, index in ((adapter.query, rows), (adapter.key, kv_rows), (adapter.value, kv_rows)):
+        out += [(path, "weight", 0, index), (path, "bias", 0, index)]
     out.append((adapter.attn_out, "weight", 1, rows))
-    out += [(adapter.ffn_in, "weight", 0, dead_f), (adapter.ffn_in, "bias", 0, dead_f),
-            (adapter.ffn_out, "weight", 1, dead_f)]
+    for path in (adapter.ffn_in, adapter.ffn_gate):
+        if path:
+            out += [(path, "weight", 0, dead_f), (path, "bias", 0, dead_f)]
+    out.append((adapter.ffn_out, "weight", 1, dead_f))
     return out
 
 
@@ -187,8 +198,9 @@ def zero_dead_weights(model: nn.Module, state: PruningState,
                       optimizer: torch.optim.Optimizer | None = None) -> None:
     """Zero the dead units' weights and their optimizer state (see the module docstring)."""
     adapter = adapter_for(model.config)
+    groups = kv_groups(model.config, adapter)
     for i, layer in enumerate(layer_stack(model, adapter)):
-        for path, name, dim, index in _dead_slices(state, adapter, i):
+        for path, name, dim, index in _dead_slices(state, adapter, i, groups):
             if len(index) == 0:
                 continue
             param = getattr(get_module(layer, path), name)
@@ -206,10 +218,12 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
             head_size: int) -> None:
     """Slice every layer to the given (physical) head and neuron positions."""
     adapter = adapter_for(model.config)
+    groups = kv_groups(model.config, adapter)
     for i, layer in enumerate(layer_stack(model, adapter)):
-        rows = (heads_idx[i][:, None] * head_size + torch.arange(head_size)).flatten()
-        for path in (adapter.query, adapter.key, adapter.value):
-            set_module(layer, path, prune_linear_layer(get_module(layer, path), rows, dim=0))
+        rows = _unit_rows(heads_idx[i], head_size)
+        kv_rows = _unit_rows(heads_idx[i], head_size // groups)
+        for path, index in ((adapter.query, rows), (adapter.key, kv_rows), (adapter.value, kv_rows)):
+            set_module(layer, path, prune_linear_layer(get_module(layer, path), index, dim=0))
         set_module(layer, adapter.attn_out,
                    prune_linear_layer(get_module(layer, adapter.attn_out), rows, dim=1))
         attention = get_module(layer, adapter.attention)
@@ -220,11 +234,12 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
             else:
                 replacement = EmptySelfAttention()
             set_module(layer, adapter.attention, replacement)
-        elif not isinstance(attention, EmptySelfAttention):
+        elif not isinstance(attention, EmptySelfAttention) and adapter.head_count_attr:
             setattr(attention, adapter.head_count_attr, len(heads_idx[i]))
             setattr(attention, adapter.all_head_attr, len(heads_idx[i]) * head_size)
-        set_module(layer, adapter.ffn_in,
-                   prune_linear_layer(get_module(layer, adapter.ffn_in), ffn_idx[i], dim=0))
+        for path in (adapter.ffn_in, adapter.ffn_gate):
+            if path:
+                set_module(layer, path, prune_linear_layer(get_module(layer, path), ffn_idx[i], dim=0))
         set_module(layer, adapter.ffn_out,
                    prune_linear_layer(get_module(layer, adapter.ffn_out), ffn_idx[i], dim=1))
 
@@ -252,27 +267,38 @@ def restructure_for_loading(model: nn.Module, state: PruningState) -> None:
         _shrink(model, heads_idx, ffn_idx, state.head_size)
 
 
-def analytic_param_count(state: PruningState, hidden: int, unpruned_params: int) -> int:
+def analytic_param_count(state: PruningState, hidden: int, unpruned_params: int,
+                         groups: int = 1, qkv_bias: bool = True, ffn_matrices: int = 2,
+                         ffn_bias: bool = True, attention_rest: int = 0) -> int:
     """Parameters of the reshaped model from ``pruning.json`` alone.
 
     A head owns head_size rows (weight and bias) of each of q, k and v and head_size columns
     of the output projection: 4*h*d + 3*d parameters. An FFN neuron owns one row and bias of
     the input projection and one column of the output projection: 2*h + 1.
+
+    Decoders (grouped-query attention, ``groups`` query heads per key/value head; a unit is one
+    group, d = its query width): 2*h*d + 2*h*d/groups, plus d + 2*d/groups with q/k/v biases
+    (Qwen2); a SwiGLU neuron (``ffn_matrices`` = 3, no biases) owns 3*h. ``attention_rest``:
+    what an attention block holds besides its heads (Qwen3's query/key norms, 2 * head_dim),
+    gone from a layer left without heads.
     """
     removed_heads = state.num_heads * state.num_layers - state.total_heads
     removed_ffn = state.ffn_size * state.num_layers - state.total_ffn
-    d = state.head_size
-    return unpruned_params - removed_heads * (4 * hidden * d + 3 * d) - removed_ffn * (2 * hidden + 1)
+    d, kv = state.head_size, state.head_size // groups
+    per_head = 2 * hidden * d + 2 * hidden * kv + ((d + 2 * kv) if qkv_bias else 0)
+    per_neuron = ffn_matrices * hidden + (1 if ffn_bias else 0)
+    emptied = sum(1 for heads in state.kept_heads if not heads)
+    return unpruned_params - removed_heads * per_head - removed_ffn * per_neuron - emptied * attention_rest
 
 
-def standalone_layout(state: PruningState, adapter: Adapter, hidden: int) -> dict:
+def standalone_layout(state: PruningState, adapter: Adapter, hidden: int, groups: int = 1) -> dict:
     """What ``common.models.standalone`` needs to rebuild the physical shapes without slimrank: where
     the family keeps its modules, and the head count and FFN width present in each layer."""
     return {"layers": adapter.layers, "attention": adapter.attention, "query": adapter.query,
             "key": adapter.key, "value": adapter.value, "attn_out": adapter.attn_out,
-            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out,
+            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out, "ffn_gate": adapter.ffn_gate,
             "head_count_attr": adapter.head_count_attr, "all_head_attr": adapter.all_head_attr,
             "attn_out_inside_attention": adapter.attn_out_inside_attention,
-            "hidden": hidden, "head_size": state.head_size,
+            "hidden": hidden, "head_size": state.head_size, "kv_groups": groups,
             "heads_per_layer": [len(h) for h in state.present_heads],
             "ffn_per_layer": [len(f) for f in state.present_ffn]}

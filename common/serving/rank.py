@@ -33,7 +33,7 @@ from common.evaluation import cost
 from common import layout
 from common.layout import ONNX_FILES
 from common.hardware import cpu_has_amx
-from common.models.encoders import pool
+from common.models.encoders import instructed, pool
 from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, autocast_context, encode_pairs, load_model,
                              model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
 
@@ -272,7 +272,8 @@ class BiRanker(Ranker):
         self._check(queries, passages)
         uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
         up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
-        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress))
+        encoder = self.query_ranker or self
+        q = torch.from_numpy(encoder.encode(instructed(encoder.loaded.model, list(uq)), progress))
         p = torch.from_numpy(self.encode(list(up), progress))
         return (q[torch.as_tensor(qi)] * p[torch.as_tensor(pi)]).sum(dim=-1).numpy()
 

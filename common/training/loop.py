@@ -44,7 +44,8 @@ from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precis
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
                            replace_dir, rng_file)
 from common.models.segment import HEADS, is_segment
-from common.models.structure import zero_dead_weights
+from common.models.structure import Masks, zero_dead_weights
+from common.training.lora import add_lora
 
 log = logging.getLogger("slimrank")
 DEFAULT_DISTILL_LOSS = "margin_mse"
@@ -53,11 +54,13 @@ DEFAULT_DISTILL_LOSS = "margin_mse"
 # TrainArgs in the groups --help shows (every field in exactly one: a test checks); PruneArgs
 # is the group "pruning"
 ARGUMENT_GROUPS = {
-    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder"),
+    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder",
+              "query_instruction"),
     "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
     "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
                      "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
-                     "contrastive_weight"),
+                     "contrastive_weight", "lora_rank", "lora_alpha", "lora_targets",
+                     "gradient_checkpointing"),
     "distillation": ("distill_from", "distill_target", "distill_weight", "distill_scores",
                      "distill_scale", "distill_loss", "distill_hidden"),
     "evaluation": ("eval_candidates_file", "eval_qrels_file", "eval_batch_size", "eval_max_queries"),
@@ -136,6 +139,20 @@ class TrainArgs:
                 "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
                 "into the model's config, so later stages, 05 and common.serving.rank use it (a checkpoint "
                 "that names one keeps it)"})
+    query_instruction: Optional[str] = field(default=None, metadata={
+        "help": "bi-encoder, fresh start: text put in front of every query (e.g. 'Instruct: Given a web "
+                "search query, retrieve relevant passages that answer the query\\nQuery: '); saved as the "
+                "sentence-transformers 'query' prompt (default: the model dir's own query prompt)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "train LoRA adapters of this rank (peft) instead of every weight; merged into the "
+                "weights in every checkpoint, so a checkpoint is a plain model (0: full fine-tuning)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (scale = alpha / rank)"})
+    lora_targets: Optional[list[str]] = field(default=None, metadata={
+        "help": "names of the linear layers that get adapters (default: every projection of the "
+                "layers, e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward instead of keeping them (less memory, "
+                "about a third more compute)"})
     temperature: float = field(default=0.02, metadata={
         "help": "bi-encoder contrastive loss temperature (in-batch negatives)"})
     contrastive_weight: float = field(default=1.0, metadata={
@@ -158,6 +175,7 @@ class TrainArgs:
         "distill_weight": (0, None, False, False), "distill_scale": (0, None, True, False),
         "distill_hidden": (0, None, False, False),
         "temperature": (0, None, True, False), "contrastive_weight": (0, None, False, False),
+        "lora_rank": (0, None, False, False), "lora_alpha": (0, None, True, False),
     }
 
     def validate(self) -> None:
@@ -200,6 +218,11 @@ class TrainArgs:
             raise ValueError(f"--distill_target must be scores or embeddings, got {self.distill_target!r}")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
             raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError("--lora_targets needs --lora_rank (the adapters' rank)")
+        if self.lora_rank and self.resume:
+            raise ValueError("--resume of a LoRA stage: its checkpoints hold merged weights, not the "
+                             "adapters; start a new stage from the checkpoint instead")
 
 
 # -- torch.distributed: one process per device under `torchrun`; nothing changes without it -----
@@ -287,7 +310,7 @@ RESUME_MAY_CHANGE = frozenset({
     "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
     "eval_batch_size", "eval_max_queries", "threads", "device", "log_every", "overwrite",
     "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling",
-    "resume"})  # the checkpoint knows these
+    "resume", "query_instruction", "gradient_checkpointing"})  # the checkpoint knows these
 
 
 def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
@@ -375,7 +398,20 @@ class Trainer:
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
                             kind=args.model_kind, pooling=args.pooling,
-                            head=None if args.checkpoint_dir else args.head)
+                            head=None if args.checkpoint_dir else args.head,
+                            query_instruction=args.query_instruction)
+        if args.lora_rank:  # adapters wrap the projections: the masks go on the wrappers' inputs
+            loaded.masks.remove()
+            add_lora(loaded.model, args.lora_rank, args.lora_alpha, args.lora_targets)
+            loaded.masks = Masks(loaded.model, loaded.state)
+            if args.precision == "bf16":  # the frozen weights in bf16 (half the memory), adapters fp32
+                for name, param in loaded.model.named_parameters():
+                    if not param.requires_grad:
+                        param.data = param.data.to(torch.bfloat16)
+        if args.gradient_checkpointing:
+            if not getattr(loaded.model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"--gradient_checkpointing: {type(loaded.model).__name__} does not support it")
+            loaded.model.activation_checkpointing_enable({"use_reentrant": False})
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.loaded = loaded  # the student, as common.serving.rank scores it (Trainer.evaluate)
         self.kind = loaded.kind
@@ -509,7 +545,7 @@ class Trainer:
         """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
         segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
         gates = [self.model.cross_gate] if self.segment else []
-        rest = [p for p in self.model.parameters() if not any(p is g for g in gates)]
+        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in gates)]
         groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": self.args.weight_decay},
                   {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
         if gates:
