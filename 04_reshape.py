@@ -39,12 +39,19 @@ from common.models.encoders import POOLINGS
 from common.serving.onnx_export import FP32_ROLES, export_onnx
 
 
+def layers_arg(value: str) -> str | int | float:
+    try:
+        return parse_keep_layers(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--keep_layers {value}: ") + f", got {value!r}") from None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--keep_layers",
+    parser.add_argument("--keep_layers", type=layers_arg,
                         help="layer dropping: keep only the first N layers (N >= 1), prune a share "
                              "of them (a fraction in (0, 1): 0.3 keeps int(0.7 L)), or the L3Prune choice "
                              "'small' / 'large' (common.pruning.l3prune: from the model's task loss at each "
