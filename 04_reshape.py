@@ -87,9 +87,7 @@ def main(argv=None) -> None:
     if args.keep_layers in RULES and not args.layer_loss_triples:
         parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
     try:
-        calibration = None
-        if args.keep_layers is not None:
-            args.keep_layers = parse_keep_layers(args.keep_layers)  # read before anything is written: a bad file is an error, not a half export
+        calibration = None  # read before anything is written: a bad file is an error, not a half export
         if args.calibration_triples:
             rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
             pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]

@@ -293,3 +293,22 @@ def test_gradient_checkpointing_changes_memory_not_results(decoders, toy_triples
                 "--learning_rate", "1e-3", "--device", "cpu", *flag])
         runs[bool(flag)] = _train_losses(out)
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_onnx_fp32_of_a_pruned_decoder_equals_torch(family, decoders, tmp_path):
+    """The reshaped decoder (one k/v group gone, an attention-free layer) exported by 04 --onnx:
+    onnxruntime fp32 == PyTorch within 1e-4 on scored (query, passage) pairs, query prompt applied."""
+    loaded = load_model(str(decoders[family]), kind="bi", query_instruction=INSTRUCTION)
+    _prune_groups(loaded.state)
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, loaded.state)
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "masked")
+    importlib.import_module("04_reshape").main(["--checkpoint_dir", str(tmp_path / "masked"), "--output_dir",
+                                                str(tmp_path / "out"), "--onnx", "--max_length", "32"])
+    export = json.loads((tmp_path / "out" / "onnx" / "export.json").read_text())
+    assert export["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+    pairs = (QUERIES * 2, PASSAGES * 2)
+    torch_scores = BiRanker.load(str(tmp_path / "out"), "torch").score(*pairs)
+    onnx_scores = BiRanker.load(str(tmp_path / "out"), "onnx").score(*pairs)
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
