@@ -312,3 +312,34 @@ def test_onnx_fp32_of_a_pruned_decoder_equals_torch(family, decoders, tmp_path):
     torch_scores = BiRanker.load(str(tmp_path / "out"), "torch").score(*pairs)
     onnx_scores = BiRanker.load(str(tmp_path / "out"), "onnx").score(*pairs)
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
+
+
+def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_saves_a_plain_model(decoders, toy_triples, tmp_path):
+    out = tmp_path / "run"
+    _train(["--model_tag", str(decoders["qwen3"]), "--model_kind", "bi", "--train_triples_file",
+            str(toy_triples), "--output_dir", str(out), "--num_training_samples", "32", "--batch_size", "16",
+            "--learning_rate", "1e-3", "--lora_rank", "2", "--lora_targets", "q_proj", "v_proj",
+            "--precision", "bf16", "--device", "cpu"])
+    losses = _train_losses(out)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    final = sorted(out.glob("seen_*"))[-1]
+    weights = load_file(str(final / "model.safetensors"))
+    assert not any("lora" in k for k in weights)
+    assert weights["layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # frozen + merged: bf16
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["args"]["lora_targets"] == ["q_proj", "v_proj"]
+    again = load_model(str(final))
+    assert np.isfinite(BiRanker.from_loaded(again).encode(PASSAGES)).all()
+
+
+def test_a_tokenizer_that_closes_texts_with_a_special_token_gets_no_second_one():
+    from transformers import AutoTokenizer
+
+    from common.models.decoders import append_eos
+    from common.models.loading import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))  # [CLS] ... [SEP]
+    tokenizer.eos_token = tokenizer.sep_token
+    before = tokenizer("what is topic 3")["input_ids"]
+    append_eos(tokenizer, "minilm")
+    assert tokenizer("what is topic 3")["input_ids"] == before and before[-1] == tokenizer.sep_token_id

@@ -4,8 +4,8 @@ need before a decoder embeds text (the bi kind) like an encoder does.
 * Padding: a causal model's tokenizer often has no pad token; the EOS token pads then (every
   padded position is masked out, so which id fills it does not matter), said once on stderr.
 * ``last`` pooling reads the hidden state of the last non-padding token, which should be an EOS
-  token that closes the text (Qwen3-Embedding, e5-mistral): when the tokenizer does not append
-  one, its post-processor is extended to do so, and the saved tokenizer keeps doing it, so that
+  token that closes the text (Qwen3-Embedding, e5-mistral): when the tokenizer does not end a
+  text with a special token of its own, its post-processor is extended to append EOS, and the saved tokenizer keeps doing it, so that
   stock tools (sentence-transformers) feed the model the same tokens.
 * The KV cache is of no use to an encoder and costs memory in training: ``use_cache`` is off.
 """
@@ -23,8 +23,10 @@ def is_decoder(config) -> bool:
 
 
 def appends_eos(tokenizer) -> bool:
+    """Does the tokenizer end a text with a special token (its EOS, or one of its own, as
+    Qwen3-Embedding's ``<|endoftext|>``)? Then nothing is appended."""
     ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+    return bool(ids) and (ids[-1] == tokenizer.eos_token_id or ids[-1] in set(tokenizer.all_special_ids))
 
 
 def _template_with_eos(processor: dict | None, eos: str, eos_id: int) -> dict | None:
