@@ -343,3 +343,22 @@ def test_a_tokenizer_that_closes_texts_with_a_special_token_gets_no_second_one()
     before = tokenizer("what is topic 3")["input_ids"]
     append_eos(tokenizer, "minilm")
     assert tokenizer("what is topic 3")["input_ids"] == before and before[-1] == tokenizer.sep_token_id
+
+
+@pytest.mark.parametrize("importance", ["confidence", "activation", "l1"])
+def test_importance_scores_one_value_per_key_value_group(importance, decoders):
+    """Pruning criteria on a decoder score units (key/value groups with their query heads)."""
+    from common.pruning.importance import get_importance
+
+    loaded = load_model(str(decoders["qwen3"]), kind="bi")
+    loaded.state.kept_heads[1] = [0]
+    loaded.masks.refresh()
+    scorer = get_importance(importance, loaded.state)
+    batch = loaded.tokenizer(PASSAGES, padding=True, return_tensors="pt")
+    if scorer.head_data:
+        scorer.observe(loaded.model, dict(batch))
+    heads = scorer.head_scores(loaded.model)
+    ffn = scorer.ffn_scores(loaded.model)
+    assert [len(row) for row in heads] == [2] * 4 and [len(row) for row in ffn] == [48] * 4
+    assert all(np.isfinite(heads[0])) and np.isfinite(ffn[0]).all()
+    assert heads[0][0] != heads[0][1]  # the two groups of a layer are told apart
