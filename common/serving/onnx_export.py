@@ -166,12 +166,12 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
 
 
 def empty_matmuls(graph_path: Path) -> list[str]:
-    """MatMul nodes whose weight has no element (a layer pruned to 0 FFN neurons or heads, with
-    no bias to compute): they compute zeros, and onnxruntime's per-channel quantizer fails on them."""
+    """MatMul nodes whose weight has no output channel (a decoder layer pruned to 0 FFN neurons:
+    its gate and up projections): onnxruntime's per-channel quantizer fails on them."""
     import onnx
 
     graph = onnx.load(str(graph_path), load_external_data=False).graph
-    empty = {t.name for t in graph.initializer if 0 in t.dims}
+    empty = {t.name for t in graph.initializer if len(t.dims) == 2 and t.dims[-1] == 0}
     return [n.name for n in graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
 
 
