@@ -34,19 +34,17 @@ from itertools import islice
 from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
 from common.data.triples import DL20_TOPICS, check_text_queries
-from common.pruning.l3prune import RULES, choose, layerwise_losses
-from common.models.loading import QUERY_ENCODER_FIELD, load_model, reshape_checkpoint
+from common.pruning.l3prune import RULES, choose, layers_to_keep, layerwise_losses, parse_keep_layers
+from common.models.loading import QUERY_ENCODER_FIELD, load_model, model_depth, reshape_checkpoint
+from common.models.st_format import POOLING_CHOICES
 from common.serving.onnx_export import FP32_ROLES, export_onnx
 
 
-def layers_arg(value: str) -> str | int:
-    if value in RULES:
-        return value
+def layers_arg(value: str) -> str | int | float:
     try:
-        return positive_int(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive layer count or one of {', '.join(RULES)}, "
-                                         f"got {value!r}") from None
+        return parse_keep_layers(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--keep_layers {value}: ") + f", got {value!r}") from None
 
 
 def main(argv=None) -> None:
@@ -55,7 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", help="default: CHECKPOINT_DIR/reshaped")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--keep_layers", type=layers_arg,
-                        help="layer dropping: keep only the first N layers, or the L3Prune choice "
+                        help="layer dropping: keep only the first N layers (N >= 1), prune a share "
+                             "of them (a fraction in (0, 1): 0.3 keeps int(0.7 L)), or the L3Prune choice "
                              "'small' / 'large' (common.pruning.l3prune: from the model's task loss at each "
                              "depth on --layer_loss_triples)")
     parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
@@ -63,6 +62,12 @@ def main(argv=None) -> None:
                         help="--keep_layers small|large: triples scored (the first N of the file)")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
+    parser.add_argument("--pooling", choices=POOLING_CHOICES,
+                        help="bi-encoder from a plain model dir: its pooling (default: the dir's "
+                             "sentence-transformers config, else mean; decoder LLMs last)")
+    parser.add_argument("--query_instruction",
+                        help="bi-encoder from a plain model dir: text put in front of every query, saved "
+                             "as the sentence-transformers 'query' prompt (default: the dir's own)")
     parser.add_argument("--onnx", action="store_true",
                         help="also export OUTPUT_DIR/onnx/model.onnx and model_int8.onnx")
     parser.add_argument("--max_length", type=positive_int, default=256,
@@ -96,8 +101,11 @@ def main(argv=None) -> None:
             check_text_queries(calibration[0], f"--calibration_triples {args.calibration_triples}",
                                args.eval_topics, args.allow_eval_overlap)
         keep, note = args.keep_layers, None
+        if keep is not None and keep not in RULES:
+            keep = layers_to_keep(keep, model_depth(args.checkpoint_dir))
         if keep in RULES:
-            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind),
+            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind, pooling=args.pooling,
+                                                 query_instruction=args.query_instruction),
                                       args.layer_loss_triples, args.layer_loss_rows,
                                       max_length=min(args.max_length, 128))
             chosen = choose(losses)
@@ -115,7 +123,8 @@ def main(argv=None) -> None:
                   **{"--eval_topics": t for t in args.eval_topics if t}}
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
                                                 keep, args.model_kind, note, inputs=inputs,
-                                                finish=export if args.onnx else None)
+                                                finish=export if args.onnx else None, pooling=args.pooling,
+                                                query_instruction=args.query_instruction)
         print(f"wrote {out}: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters")
         queries = json.loads((out / "config.json").read_text()).get(QUERY_ENCODER_FIELD)
         if queries:

@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # fvcore scripts its focal loss at import; torc
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from common.models.arch import adapter_for, dims, get_module, layer_stack
+from common.models.arch import adapter_for, dims, get_module, kv_groups, layer_stack
 from common.models.segment import is_segment
 
 # Operators that do no matrix-product multiply-adds: fvcore is told to ignore them (it would
@@ -53,6 +53,9 @@ NON_MAC_OPS: frozenset[str] = frozenset({
     "aten::sqrt", "aten::sub", "aten::sum", "aten::tanh", "aten::where", "aten::__or__",
     # the segment head (common.models.segment): softmax by hand, pooling norms
     "aten::amax", "aten::amin", "aten::argmax", "aten::clamp_min", "aten::linalg_vector_norm",
+    # decoder LLMs: the rotary embedding's angle table (positions times inverse frequencies by
+    # broadcasting, then cos and sin: element-wise)
+    "aten::cos", "aten::sin",
 })
 
 # Operator names (after "aten::") that denote a matrix product: mm, addmm, bmm, baddbmm, addbmm
@@ -182,7 +185,7 @@ def fvcore_macs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
                   ffn_per_layer: list[int], seq_len: int, batch: int = 1,
                   num_labels: int | None = 2, head: str = "bert",
-                  embedding_size: int | None = None, ffn_in_parts: int = 1) -> int:
+                  embedding_size: int | None = None, kv_groups: int = 1, ffn_matrices: int = 2) -> int:
     """Multiply-adds of one forward pass from the architecture alone.
 
     With h = ``hidden``, L = ``seq_len``, B = ``batch``, and for layer l
@@ -191,10 +194,18 @@ def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
         encoder = B * L * sum_l [ 4*h*a_l      q, k, v projections and attention output
                                 + 2*L*a_l      QK^T (L*a_l per token) and attention-weighted V
                                 + 2*h*f_l ]    FFN input and output projections (a gated FFN,
-                                               ``ffn_in_parts=2``: 3*h*f_l, its input is 2*f_l wide)
+                                               ``ffn_matrices=3``: 3*h*f_l: ModernBERT's gated
+                                               input 2*f_l wide, SwiGLU's gate and up)
         project = B * L * E * h                ELECTRA's embeddings_project, only when an
                                                ``embedding_size`` E != h is given
         head    = B * (h*h + h*num_labels)     on the CLS token, when num_labels is not None
+
+    Decoder LLMs (Llama, Mistral, Qwen): grouped-query attention with ``kv_groups`` query heads
+    per key/value head makes k and v cost h*a_l/kv_groups each (q and the output projection
+    h*a_l each: 2*h*a_l + 2*h*a_l/kv_groups instead of 4*h*a_l; the attention products are per
+    query head, unchanged); SwiGLU has ``ffn_matrices`` = 3 (gate, up, down). Rotary position
+    embedding adds no matrix product: its angle table is positions times inverse frequencies by
+    broadcasting (transformers 5) and its rotation element-wise, so it counts 0 here as in fvcore.
 
     A layer with 0 heads contributes no attention MACs (its attention block is skipped) and
     one with f_l = 0 no FFN MACs. The classification heads of the four families have the same
@@ -214,7 +225,8 @@ def analytic_macs(hidden: int, head_size: int, heads_per_layer: list[int],
     per_token = 0
     for heads, ffn in zip(heads_per_layer, ffn_per_layer):
         width = heads * head_size
-        per_token += 4 * hidden * width + 2 * seq_len * width + (1 + ffn_in_parts) * hidden * ffn
+        per_token += (2 * hidden * width + 2 * hidden * (width // kv_groups) + 2 * seq_len * width
+                      + ffn_matrices * hidden * ffn)
     if embedding_size is not None and embedding_size != hidden:
         per_token += embedding_size * hidden
     total = batch * seq_len * per_token
@@ -247,7 +259,8 @@ def architecture(model: nn.Module) -> dict:
                 heads_per_layer=heads, ffn_per_layer=ffn,
                 num_labels=None if bare else model.config.num_labels,
                 head="none" if bare else adapter.family, embedding_size=getattr(model.config, "embedding_size", None),
-                ffn_in_parts=adapter.ffn_in_parts)
+                ffn_matrices=3 if adapter.ffn_gate else 1 + adapter.ffn_in_parts,
+                kv_groups=kv_groups(model.config, adapter))
 
 
 # -- parameters and size -------------------------------------------------------------------------

@@ -31,8 +31,8 @@ class Adapter:
     attn_out: str  # the projection after the heads' concatenated context
     ffn_in: str
     ffn_out: str
-    head_count_attr: str  # attribute of the attention module holding its head count
-    all_head_attr: str  # attribute holding heads * head_size
+    head_count_attr: str | None  # attribute of the attention module holding its head count
+    all_head_attr: str | None  # attribute holding heads * head_size (None: read off the shapes)
     cfg_heads: str
     cfg_hidden: str
     cfg_ffn: str
@@ -40,6 +40,16 @@ class Adapter:
     attn_out_inside_attention: bool  # DistilBERT applies out_lin inside the attention module
     qkv_parts: int = 1  # blocks of heads stacked in each q/k/v module (3: one fused Wqkv)
     ffn_in_parts: int = 1  # blocks of neurons stacked in the FFN input (2: a gated FFN, input + gate)
+    # decoder LLMs (Llama, Mistral, Qwen): SwiGLU's gate projection, pruned with ffn_in; the
+    # config field of the key/value head count (grouped-query attention: a pruning unit is one
+    # key/value group with its query heads); the final norm after the layer stack
+    ffn_gate: str | None = None
+    cfg_kv_heads: str | None = None
+    final_norm: str | None = None
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.cfg_kv_heads is not None
 
 
 _BERT_LIKE = dict(
@@ -106,6 +116,29 @@ ADAPTERS = {
 }
 
 
+# decoder-LLM text encoders: causal attention, rotary positions, RMSNorm (untouched by pruning)
+_DECODER = dict(
+    layers="layers",
+    attention="self_attn",
+    query="self_attn.q_proj",
+    key="self_attn.k_proj",
+    value="self_attn.v_proj",
+    attn_out="self_attn.o_proj",
+    ffn_in="mlp.up_proj",
+    ffn_out="mlp.down_proj",
+    head_count_attr=None,  # the attention modules infer their head count from the tensors
+    all_head_attr=None,
+    cfg_heads="num_attention_heads",
+    cfg_hidden="hidden_size",
+    cfg_ffn="intermediate_size",
+    cfg_layers="num_hidden_layers",
+    attn_out_inside_attention=True,
+    ffn_gate="mlp.gate_proj",
+    cfg_kv_heads="num_key_value_heads",
+    final_norm="norm",
+)
+ADAPTERS.update({family: Adapter(family=family, **_DECODER)
+                 for family in ("llama", "mistral", "qwen2", "qwen3")})
 def qkv_paths(adapter: Adapter) -> tuple[str, ...]:
     """The distinct modules holding q, k and v (one for a fused projection)."""
     return tuple(dict.fromkeys((adapter.query, adapter.key, adapter.value)))
@@ -147,7 +180,37 @@ def layer_stack(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
 
 
 def dims(config, adapter: Adapter) -> tuple[int, int, int, int]:
-    """(num_layers, heads, head_size, ffn) of the unpruned base config."""
+    """(num_layers, heads, head_size, ffn) of the unpruned base config.
+
+    For a decoder with grouped-query attention the pruning unit ("head") is one key/value group:
+    ``heads`` is the key/value head count and ``head_size`` the query width of a group
+    (query heads per group * head dim); its keys and values are ``head_size // kv_groups`` wide."""
     heads = getattr(config, adapter.cfg_heads)
     hidden = getattr(config, adapter.cfg_hidden)
-    return getattr(config, adapter.cfg_layers), heads, hidden // heads, getattr(config, adapter.cfg_ffn)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers, ffn = getattr(config, adapter.cfg_layers), getattr(config, adapter.cfg_ffn)
+    if adapter.cfg_kv_heads is None:
+        return layers, heads, head_dim, ffn
+    groups = kv_groups(config, adapter)
+    return layers, heads // groups, head_dim * groups, ffn
+
+
+def kv_groups(config, adapter: Adapter) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    if adapter.cfg_kv_heads is None:
+        return 1
+    heads = getattr(config, adapter.cfg_heads)
+    kv = getattr(config, adapter.cfg_kv_heads, None) or heads
+    return heads // kv
+
+
+def qkv_unit_rows(adapter: Adapter, units: torch.Tensor, head_size: int, present: int,
+                  groups: int = 1) -> dict[str, torch.Tensor]:
+    """``{q/k/v module: its rows that belong to units}`` for ``present`` heads of ``head_size``:
+    a fused projection holds ``qkv_parts`` blocks of them; with grouped-query attention
+    (``groups`` query heads per key/value head, a unit being one group) keys and values are
+    ``head_size // groups`` wide per unit."""
+    if adapter.qkv_parts > 1:
+        return {path: unit_rows(units, head_size, present, adapter.qkv_parts) for path in qkv_paths(adapter)}
+    kv = unit_rows(units, head_size // groups, present, 1)
+    return {adapter.query: unit_rows(units, head_size, present, 1), adapter.key: kv, adapter.value: kv}

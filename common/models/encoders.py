@@ -23,32 +23,33 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from common.models.names import resolve_model_path
-from common.models.st_format import POOLINGS, EmbeddingSpec, read_pooling  # noqa: F401 (public here too)
+from common.models.st_format import POOLINGS, EmbeddingSpec, canonical_pooling, read_pooling  # noqa: F401 (public here too)
 
 def pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     """Pool ``[batch, seq, dim]`` hidden states into ``[batch, dim]`` as sentence-transformers'
-    Pooling does (right padding).
-
-    ``mean``: average over the positions where ``attention_mask`` is 1 (padding ignored);
-    ``cls``: the first position; ``max``: element-wise maximum over the real tokens;
-    ``lasttoken``: the last real token; ``weightedmean``: mean weighted by position (1, 2, ...)."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
+    Pooling module does (``attention_mask`` marks the real tokens). ``mean``: mean over the real
+    tokens; ``cls``: the first position; ``max``: element-wise maximum over the real tokens;
+    ``lasttoken``: the last real token (a causal decoder's summary of the whole text);
+    ``weightedmean`` (SGPT, for causal decoders): the i-th real token weighs i. Positions are
+    counted through ``attention_mask``, so left and right padding give the same result (the
+    names of ``common.models.st_format.POOLINGS``; ``last`` / ``weighted_mean`` are aliases)."""
+    pooling = canonical_pooling(pooling)
     if pooling == "cls":
         return last_hidden[:, 0]
-    if pooling == "mean":
-        summed = (last_hidden * mask).sum(dim=1)
-        counts = mask.sum(dim=1).clamp(min=1e-9)
-        return summed / counts
+    mask = attention_mask.to(last_hidden.device)
     if pooling == "max":
-        return last_hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+        return last_hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     if pooling == "lasttoken":
-        last = attention_mask.sum(dim=1).long().clamp(min=1) - 1
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask > 0)).amax(dim=1)
         return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), last]
-    if pooling == "weightedmean":
-        weights = mask * torch.arange(1, last_hidden.shape[1] + 1, device=last_hidden.device,
-                                      dtype=last_hidden.dtype).view(1, -1, 1)
+    if pooling in ("mean", "weightedmean"):
+        weights = mask.to(last_hidden.dtype)
+        if pooling == "weightedmean":
+            weights = torch.cumsum(weights, dim=1) * weights
+        weights = weights.unsqueeze(-1)
         return (last_hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    raise ValueError(f"unknown pooling {pooling!r}")
 
 
 def embedding_of(model: torch.nn.Module, last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,11 @@ def embedding_of(model: torch.nn.Module, last_hidden: torch.Tensor, attention_ma
     if EmbeddingSpec.from_config(config).normalize:
         emb = F.normalize(emb, p=2, dim=-1)
     return emb
+
+
+def instructed(model: torch.nn.Module, queries: list[str]) -> list[str]:
+    """``queries`` with the model's query prompt (``--query_instruction``) before each."""
+    return with_prompt(model, queries, "query")
 
 
 def with_prompt(model: torch.nn.Module, texts: list[str], role: str | None) -> list[str]:
@@ -103,6 +109,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", normalize: bool = 
     ``base_model`` is used. ``pooling`` is one of ``POOLINGS`` (:func:`pool`).
     With ``normalize`` the rows are L2-normalised (dot product = cosine). ``head``
     (``(hidden, attention_mask) -> embeddings``) replaces pooling and normalisation."""
+    pooling = canonical_pooling(pooling)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if isinstance(texts, str):

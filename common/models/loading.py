@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
 from common.models import standalone
-from common.models.arch import adapter_for, layer_stack, set_module
+from common.models.arch import adapter_for, kv_groups, layer_stack, set_module
+from common.models.decoders import is_decoder, prepare_decoder
 from common.models.encoders import embed_texts, read_pooling, similarity
 from common.models import st_format
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
@@ -40,8 +41,8 @@ from common.models.segment import HEADS, SegmentCrossEncoder, encode_segment_pai
 from common.models.structure import Masks, PruningState, reshape, restructure_for_loading, standalone_layout
 
 NUM_LABELS = 2  # a fresh classification head (a base model): monoBERT's two labels
-HEAD_LABELS = (1, 2)
-DENSE_PREFIX = "slimrank_dense."  # a bi-encoder's Dense layers (common.models.st_format)  # a trained head: one logit, or the relevant (index 1) of two
+HEAD_LABELS = (1, 2)  # a trained head: one logit, or the relevant (index 1) of two
+DENSE_PREFIX = "slimrank_dense."  # a bi-encoder's Dense layers (common.models.st_format)
 MODEL_KINDS = ("cross", "bi")
 MODELING_FILE = "modeling_slimrank.py"  # common/standalone.py, copied into every model dir
 # what stock tools read from config.json (save_model writes them; our loader ignores them)
@@ -74,11 +75,11 @@ class LoadedModel:
 
 def load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
+               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
     """:func:`_load_model`, with every unreadable input turned into one ``ValueError`` naming
     the file (a corrupt safetensors, a garbage config or pruning.json, an unknown tag)."""
     try:
-        return _load_model(path_or_tag, device, kind, pooling, head)
+        return _load_model(path_or_tag, device, kind, pooling, head, query_instruction)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {path_or_tag}: a file is not readable: {err}") from None
     except (ValueError, FileNotFoundError):
@@ -93,10 +94,14 @@ def load_model(path_or_tag: str, device: str | torch.device = "cpu",
 
 def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
-    """``kind``/``pooling``/``head`` apply to plain models (a fresh start); our checkpoints know
-    theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label head, the default) or
-    ``segment_cosine`` (``common.models.segment``: starts as the model's own bi-encoder)."""
+               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
+    """``kind``/``pooling``/``head``/``query_instruction`` apply to plain models (a fresh start);
+    our checkpoints know theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label
+    head, the default) or ``segment_cosine`` (``common.models.segment``: starts as the model's
+    own bi-encoder). ``query_instruction`` (bi-encoders) is put in front of every query; a plain
+    sentence-transformers directory's ``query`` prompt is used without it. A decoder LLM
+    (``common.models.decoders``) pools by the directory's sentence-transformers config, else
+    ``last``."""
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
@@ -131,6 +136,10 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
             weights.update(st_format.dense_weights(path))
         model.load_state_dict(weights, strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        saved_prompt = st_format.EmbeddingSpec.from_config(model.config).prompts.get("query", "")
+        if query_instruction is not None and query_instruction != saved_prompt:
+            raise ValueError(f"{path} embeds queries with the prompt {saved_prompt!r} (its config.json), "
+                             f"not --query_instruction {query_instruction!r}")
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
@@ -139,7 +148,9 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         if kind == "bi" or head == "segment_cosine":
             model, info = AutoModel.from_pretrained(path, trust_remote_code=False, output_loading_info=True)
             check_weights_found(model, info, path)
-            model.config.slimrank_pooling = pooling or (read_pooling(path) if Path(path).is_dir() else "mean")
+            default = "lasttoken" if is_decoder(model.config) else "mean"
+            model.config.slimrank_pooling = st_format.canonical_pooling(
+                pooling or (read_pooling(path, default) if Path(path).is_dir() else default))
             if kind == "bi":
                 _attach_embedding_spec(model, path, tokenizer)
             if kind == "cross":
@@ -154,7 +165,16 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
                 if activation:
                     model.config.slimrank_activation_fn = activation
         model.config.slimrank_model_kind = kind
+        if kind == "bi" and query_instruction is not None:  # the sentence-transformers `query` prompt
+            spec = st_format.EmbeddingSpec.from_config(model.config)
+            spec.prompts = {**spec.prompts, "query": query_instruction}
+            model.config.slimrank_embedding = st_format.spec_dict(spec)
+        elif query_instruction:
+            raise ValueError("--query_instruction is for bi-encoders (queries embedded alone)")
         state = PruningState.full(model.config)
+    if is_decoder(model.config):
+        prepare_decoder(model.config, tokenizer, pooling_of(model) if model_kind(model) == "bi" else None,
+                        path)
     model.to(device)
     return LoadedModel(model, tokenizer, state, Masks(model, state), path)
 
@@ -234,7 +254,7 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     need to open the directory without slimrank (:func:`describe_for_stock_tools`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain_state_dict(model).items()}
     # the Dense layers of a bi-encoder live in their sentence-transformers folders (st_format)
     save_file({k: v for k, v in tensors.items() if not k.startswith(DENSE_PREFIX)},
               str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -258,7 +278,8 @@ def describe_for_stock_tools(model: nn.Module, state: PruningState):
     head: one score) and, for sentence-transformers' CrossEncoder, raw scores (no sigmoid)."""
     config = copy.deepcopy(model.config)
     adapter = adapter_for(config)
-    config.slimrank_layout = standalone_layout(state, adapter, getattr(config, adapter.cfg_hidden))
+    config.slimrank_layout = standalone_layout(state, adapter, getattr(config, adapter.cfg_hidden),
+                                               kv_groups(config, adapter))
     if model_kind(model) == "bi":
         role, auto = "encoder", "AutoModel"
     else:
@@ -297,6 +318,22 @@ def segment_pair_template(tokenizer_json: Path) -> None:
         atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
+def plain_state_dict(model: nn.Module) -> dict:
+    """The model's weights as a plain model holds them: LoRA adapters (``common.training.lora``)
+    merged into the weights they adapt, their own tensors left out."""
+    from common.training.lora import merged_state_dict  # peft is imported only when LoRA is used
+    return merged_state_dict(model)
+
+
+def model_depth(path_or_tag: str) -> int:
+    """The layer count of a model (from its config.json, without loading the weights)."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(path_or_tag))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the config of {path_or_tag}: {str(err).splitlines()[0]}") from None
+    return getattr(config, adapter_for(config).cfg_layers)
+
+
 def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> None:
     """Layer dropping (the L3Prune baseline): keep the first ``n`` transformer layers.
 
@@ -310,7 +347,7 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
     if isinstance(loaded.model, SegmentCrossEncoder):
         loaded.model.keep_layers(n)
     setattr(loaded.model.config, adapter.cfg_layers, n)
-    if isinstance(getattr(loaded.model.config, "layer_types", None), list):  # ModernBERT: global / local per layer
+    if isinstance(getattr(loaded.model.config, "layer_types", None), list):  # ModernBERT, Qwen2/3, Mistral: per layer
         loaded.model.config.layer_types = loaded.model.config.layer_types[:n]
     state = loaded.state
     for name in ("present_heads", "present_ffn", "kept_heads", "kept_ffn"):
@@ -321,11 +358,13 @@ def keep_first_layers(loaded: LoadedModel, n: int, note: dict | None = None) -> 
 def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
                        overwrite: bool = False, keep_layers: int | None = None,
                        kind: str | None = None, keep_layers_note: dict | None = None,
-                       inputs: dict | None = None, finish=None) -> tuple[Path, int, int]:
+                       inputs: dict | None = None, finish=None, *, pooling: str | None = None,
+                       query_instruction: str | None = None) -> tuple[Path, int, int]:
     """Load a (masked) checkpoint, reshape it, save the compact model atomically.
 
     ``keep_layers`` also drops every layer after the first n (the layer-dropping baseline);
-    ``kind`` is needed only for a plain (not slimrank) model directory or tag.
+    ``kind`` (and, for a bi-encoder, ``pooling`` and ``query_instruction``) is needed only for a
+    plain (not slimrank) model directory or tag.
 
     The source's trainer_state.json is copied for provenance (seen pairs, args, metrics);
     optimizer and RNG states are not: a reshaped model is for inference or a new stage.
@@ -347,7 +386,8 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (use --overwrite)")
         refuse_foreign(out, lambda p: is_model_artifact(p) or p.name == _inner_encoder(out))
-    loaded = load_model(checkpoint_dir, kind=kind)  # a bad source fails here, before any change
+    loaded = load_model(checkpoint_dir, kind=kind, pooling=pooling,  # a bad source fails here, before any change
+                        query_instruction=query_instruction)
     before = sum(p.numel() for p in loaded.model.parameters())
     loaded.masks.remove()
     if keep_layers:

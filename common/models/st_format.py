@@ -33,6 +33,15 @@ from torch import nn
 from common.io import atomic_write_text
 
 POOLINGS = ("mean", "cls", "max", "lasttoken", "weightedmean")
+POOLING_ALIASES = {"last": "lasttoken", "weighted_mean": "weightedmean"}  # L3Prune / SGPT's names
+POOLING_CHOICES = POOLINGS + tuple(POOLING_ALIASES)  # what --pooling accepts
+
+
+def canonical_pooling(name: str) -> str:
+    """A pooling's sentence-transformers name (``last`` -> ``lasttoken``, ``weighted_mean`` ->
+    ``weightedmean``)."""
+    return POOLING_ALIASES.get(name, name)
+
 SIMILARITIES = ("cosine", "dot")
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
@@ -129,12 +138,12 @@ def _pooling(config_path: Path) -> str:
     return mode
 
 
-def read_pooling(path: str | Path) -> str:
-    """The pooling a directory declares (``mean`` without a sentence-transformers config)."""
+def read_pooling(path: str | Path, default: str = "mean") -> str:
+    """The pooling a directory declares (``default`` without a sentence-transformers config)."""
     path = Path(path)
     entries = [e for e in _modules(path) if _kind(e) == "Pooling"] if path.is_dir() else []
     config = path / entries[0].get("path", "") / "config.json" if entries else path / "1_Pooling" / "config.json"
-    return _pooling(config) if config.is_file() else "mean"
+    return _pooling(config) if config.is_file() else default
 
 
 def _max_seq_length(path: Path, tokenizer_bound: int | None) -> int | None:

@@ -40,7 +40,12 @@ FAMILY_CLASSES = {"bert": ("BertModel", "BertForSequenceClassification"),
                   "xlm-roberta": ("XLMRobertaModel", "XLMRobertaForSequenceClassification"),
                   "electra": ("ElectraModel", "ElectraForSequenceClassification"),
                   "distilbert": ("DistilBertModel", "DistilBertForSequenceClassification"),
-                  "modernbert": ("ModernBertModel", "ModernBertForSequenceClassification")}
+                  "modernbert": ("ModernBertModel", "ModernBertForSequenceClassification"),
+                  # decoder-LLM text encoders (grouped-query attention, SwiGLU)
+                  "llama": ("LlamaModel", "LlamaForSequenceClassification"),
+                  "mistral": ("MistralModel", "MistralForSequenceClassification"),
+                  "qwen2": ("Qwen2Model", "Qwen2ForSequenceClassification"),
+                  "qwen3": ("Qwen3Model", "Qwen3ForSequenceClassification")}
 
 
 # -- the segment-cosine head -------------------------------------------------------------------
@@ -180,33 +185,45 @@ class EmptySelfAttention(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
         if self.out_name is not None:
-            context = getattr(self, self.out_name)(context)
+            out = getattr(self, self.out_name)
+            # its output is its bias (zeros without one): no empty matrix product in a traced
+            # graph, which onnxruntime's int8 quantizer cannot take
+            context = hidden_states.new_zeros(*hidden_states.shape[:-1], out.out_features)
+            if out.bias is not None:
+                context = context + out.bias.to(context.dtype)
         return context, None
+
+
+def _resized(old: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=getattr(old, "bias", None) is not None)
 
 
 def apply_layout(base_model: nn.Module, layout: dict) -> None:
     """Give each layer of a freshly built stock encoder the widths ``layout`` records (new,
     uninitialised linear layers of the right shapes: the weights are loaded afterwards).
     ``qkv_parts`` / ``ffn_in_parts``: blocks stacked in one projection (a fused Wqkv: 3, a gated
-    FFN input: 2; ``common.models.arch``)."""
+    FFN input: 2; ``common.models.arch``). A decoder's unit is one key/value group (``kv_groups``
+    query heads): keys and values are ``head_size // kv_groups`` wide per unit; its SwiGLU gate
+    (``ffn_gate``) is as wide as the FFN."""
     d = layout["head_size"]
     qkv_parts, ffn_parts = layout.get("qkv_parts", 1), layout.get("ffn_in_parts", 1)
-
-    def linear(old: nn.Linear, inputs: int, outputs: int) -> nn.Linear:
-        return nn.Linear(inputs, outputs, bias=old.bias is not None)
-
+    groups = layout.get("kv_groups", 1)
     for layer, heads, ffn in zip(_get(base_model, layout["layers"]), layout["heads_per_layer"],
                                  layout["ffn_per_layer"]):
         width = heads * d
+        widths = {layout["query"]: width, layout["key"]: width // groups, layout["value"]: width // groups}
         for path in dict.fromkeys((layout["query"], layout["key"], layout["value"])):
-            old = _get(layer, path)
-            _set(layer, path, linear(old, old.in_features, qkv_parts * width))
+            old = _get(layer, path)  # a fused projection holds qkv_parts blocks of the heads
+            _set(layer, path, _resized(old, old.in_features, qkv_parts * width if qkv_parts > 1 else widths[path]))
         out = _get(layer, layout["attn_out"])
-        _set(layer, layout["attn_out"], linear(out, width, out.out_features))
+        _set(layer, layout["attn_out"], _resized(out, width, out.out_features))
         inner = _get(layer, layout["ffn_in"])
-        _set(layer, layout["ffn_in"], linear(inner, inner.in_features, ffn_parts * ffn))
+        _set(layer, layout["ffn_in"], _resized(inner, inner.in_features, ffn_parts * ffn))
+        if layout.get("ffn_gate"):
+            gate = _get(layer, layout["ffn_gate"])
+            _set(layer, layout["ffn_gate"], _resized(gate, gate.in_features, ffn))
         outer = _get(layer, layout["ffn_out"])
-        _set(layer, layout["ffn_out"], linear(outer, ffn, outer.out_features))
+        _set(layer, layout["ffn_out"], _resized(outer, ffn, outer.out_features))
         attention = _get(layer, layout["attention"])
         if heads == 0:
             name = layout["attn_out"].rpartition(".")[2] if layout["attn_out_inside_attention"] else None

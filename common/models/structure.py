@@ -25,8 +25,8 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from common.layout import PRUNING_FILE, structure_tag
-from common.models.arch import (Adapter, adapter_for, dims, get_module, layer_stack, qkv_paths, set_module,
-                                unit_rows)
+from common.models.arch import (Adapter, adapter_for, dims, get_module, kv_groups, layer_stack, qkv_unit_rows,
+                                set_module, unit_rows)
 from common.models.standalone import EmptySelfAttention  # one definition: model dirs carry it too
 
 PRUNING_FORMAT = "slimrank-pruning/1"
@@ -169,20 +169,26 @@ class Masks:
         self._handles.clear()
 
 
-def _dead_slices(state: PruningState, adapter: Adapter, layer: int):
-    """(module path, parameter name, dim, dead indices) for every weight a dead unit owns."""
+def _dead_slices(state: PruningState, adapter: Adapter, layer: int, groups: int = 1):
+    """(module path, parameter name, dim, dead indices) for every weight a dead unit owns.
+
+    With grouped-query attention (``groups`` query heads per key/value head) a unit is a whole
+    group: ``head_size`` query rows and output columns, ``head_size // groups`` key and value
+    rows. A gated FFN (SwiGLU) neuron owns a gate row as well as an input row."""
     dead_h = torch.nonzero(~state.head_alive(layer)).flatten()
     heads, ffn = len(state.present_heads[layer]), len(state.present_ffn[layer])
-    qkv_rows = unit_rows(dead_h, state.head_size, heads, adapter.qkv_parts)
     rows = unit_rows(dead_h, state.head_size, heads, 1)
+    qkv = qkv_unit_rows(adapter, dead_h, state.head_size, heads, groups)
     dead_f = torch.nonzero(~state.ffn_alive(layer)).flatten()
     ffn_rows = unit_rows(dead_f, 1, ffn, adapter.ffn_in_parts)
     out = []
-    for path in qkv_paths(adapter):
-        out += [(path, "weight", 0, qkv_rows), (path, "bias", 0, qkv_rows)]
+    for path, index in qkv.items():
+        out += [(path, "weight", 0, index), (path, "bias", 0, index)]
     out.append((adapter.attn_out, "weight", 1, rows))
-    out += [(adapter.ffn_in, "weight", 0, ffn_rows), (adapter.ffn_in, "bias", 0, ffn_rows),
-            (adapter.ffn_out, "weight", 1, dead_f)]
+    out += [(adapter.ffn_in, "weight", 0, ffn_rows), (adapter.ffn_in, "bias", 0, ffn_rows)]
+    if adapter.ffn_gate:
+        out += [(adapter.ffn_gate, "weight", 0, dead_f), (adapter.ffn_gate, "bias", 0, dead_f)]
+    out.append((adapter.ffn_out, "weight", 1, dead_f))
     return out
 
 
@@ -191,8 +197,9 @@ def zero_dead_weights(model: nn.Module, state: PruningState,
                       optimizer: torch.optim.Optimizer | None = None) -> None:
     """Zero the dead units' weights and their optimizer state (see the module docstring)."""
     adapter = adapter_for(model.config)
+    groups = kv_groups(model.config, adapter)
     for i, layer in enumerate(layer_stack(model, adapter)):
-        for path, name, dim, index in _dead_slices(state, adapter, i):
+        for path, name, dim, index in _dead_slices(state, adapter, i, groups):
             if len(index) == 0:
                 continue
             param = getattr(get_module(layer, path), name)
@@ -210,6 +217,7 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
             head_size: int) -> None:
     """Slice every layer to the given (physical) head and neuron positions."""
     adapter = adapter_for(model.config)
+    groups = kv_groups(model.config, adapter)
     for i, layer in enumerate(layer_stack(model, adapter)):
         rows = unit_rows(heads_idx[i], head_size, 0, 1)
         attention = get_module(layer, adapter.attention)
@@ -218,9 +226,8 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
         emptied = isinstance(attention, EmptySelfAttention)
         if not emptied:  # q/k/v rows (a fused Wqkv holds qkv_parts blocks of the present heads)
             present = get_module(layer, adapter.attn_out).in_features // head_size
-            qkv_rows = unit_rows(heads_idx[i], head_size, present, adapter.qkv_parts)
-            for path in qkv_paths(adapter):
-                set_module(layer, path, prune_linear_layer(get_module(layer, path), qkv_rows, dim=0))
+            for path, index in qkv_unit_rows(adapter, heads_idx[i], head_size, present, groups).items():
+                set_module(layer, path, prune_linear_layer(get_module(layer, path), index, dim=0))
         if not (emptied and adapter.attn_out_inside_attention):
             set_module(layer, adapter.attn_out,
                        prune_linear_layer(get_module(layer, adapter.attn_out), rows, dim=1))
@@ -237,6 +244,9 @@ def _shrink(model: nn.Module, heads_idx: list[torch.Tensor], ffn_idx: list[torch
         width = get_module(layer, adapter.ffn_out).in_features
         set_module(layer, adapter.ffn_in, prune_linear_layer(
             get_module(layer, adapter.ffn_in), unit_rows(ffn_idx[i], 1, width, adapter.ffn_in_parts), dim=0))
+        if adapter.ffn_gate:
+            set_module(layer, adapter.ffn_gate,
+                       prune_linear_layer(get_module(layer, adapter.ffn_gate), ffn_idx[i], dim=0))
         set_module(layer, adapter.ffn_out,
                    prune_linear_layer(get_module(layer, adapter.ffn_out), ffn_idx[i], dim=1))
 
@@ -264,28 +274,39 @@ def restructure_for_loading(model: nn.Module, state: PruningState) -> None:
         _shrink(model, heads_idx, ffn_idx, state.head_size)
 
 
-def analytic_param_count(state: PruningState, hidden: int, unpruned_params: int) -> int:
+def analytic_param_count(state: PruningState, hidden: int, unpruned_params: int,
+                         groups: int = 1, qkv_bias: bool = True, ffn_matrices: int = 2,
+                         ffn_bias: bool = True, attention_rest: int = 0) -> int:
     """Parameters of the reshaped model from ``pruning.json`` alone.
 
     A head owns head_size rows (weight and bias) of each of q, k and v and head_size columns
     of the output projection: 4*h*d + 3*d parameters. An FFN neuron owns one row and bias of
     the input projection and one column of the output projection: 2*h + 1.
+
+    Decoders (grouped-query attention, ``groups`` query heads per key/value head; a unit is one
+    group, d = its query width): 2*h*d + 2*h*d/groups, plus d + 2*d/groups with q/k/v biases
+    (Qwen2); a SwiGLU neuron (``ffn_matrices`` = 3, no biases) owns 3*h. ``attention_rest``:
+    what an attention block holds besides its heads (Qwen3's query/key norms, 2 * head_dim),
+    gone from a layer left without heads.
     """
     removed_heads = state.num_heads * state.num_layers - state.total_heads
     removed_ffn = state.ffn_size * state.num_layers - state.total_ffn
-    d = state.head_size
-    return unpruned_params - removed_heads * (4 * hidden * d + 3 * d) - removed_ffn * (2 * hidden + 1)
+    d, kv = state.head_size, state.head_size // groups
+    per_head = 2 * hidden * d + 2 * hidden * kv + ((d + 2 * kv) if qkv_bias else 0)
+    per_neuron = ffn_matrices * hidden + (1 if ffn_bias else 0)
+    emptied = sum(1 for heads in state.kept_heads if not heads)
+    return unpruned_params - removed_heads * per_head - removed_ffn * per_neuron - emptied * attention_rest
 
 
-def standalone_layout(state: PruningState, adapter: Adapter, hidden: int) -> dict:
+def standalone_layout(state: PruningState, adapter: Adapter, hidden: int, groups: int = 1) -> dict:
     """What ``common.models.standalone`` needs to rebuild the physical shapes without slimrank: where
     the family keeps its modules, and the head count and FFN width present in each layer."""
     return {"layers": adapter.layers, "attention": adapter.attention, "query": adapter.query,
             "key": adapter.key, "value": adapter.value, "attn_out": adapter.attn_out,
-            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out,
+            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out, "ffn_gate": adapter.ffn_gate,
             "head_count_attr": adapter.head_count_attr, "all_head_attr": adapter.all_head_attr,
             "attn_out_inside_attention": adapter.attn_out_inside_attention,
             "qkv_parts": adapter.qkv_parts, "ffn_in_parts": adapter.ffn_in_parts,
-            "hidden": hidden, "head_size": state.head_size,
+            "hidden": hidden, "head_size": state.head_size, "kv_groups": groups,
             "heads_per_layer": [len(h) for h in state.present_heads],
             "ffn_per_layer": [len(f) for f in state.present_ffn]}

@@ -152,6 +152,9 @@ class HeadConfidence(Importance):
         for i, probs in captured.items():  # probs: (B, heads present, T, T)
             top = probs.float().max(dim=-1).values  # (B, H, T): max over keys
             per_pair = (top * mask[:, None, :]).sum(dim=-1) / query_tokens[:, None]  # (B, H)
+            units = len(self.state.present_heads[i])
+            if per_pair.shape[1] != units:  # grouped-query attention: a unit's query heads, averaged
+                per_pair = per_pair.view(per_pair.shape[0], units, -1).mean(dim=-1)
             totals = per_pair.sum(dim=0).tolist()
             _add_by_original(self.sums[i], self.state.present_heads[i], totals)
         self.pairs += int(mask.shape[0])
@@ -283,11 +286,14 @@ def ffn_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
     adapter = adapter_for(model.config)
     out = []
     for i, layer in enumerate(layer_stack(model, adapter)):
-        linear = get_module(layer, adapter.ffn_in)
-        norms = linear.weight.abs().sum(dim=1)
-        if linear.bias is not None:
-            norms = norms + linear.bias.abs()
-        norms = norms.view(adapter.ffn_in_parts, -1).sum(dim=0)  # a gated FFN: input + gate rows
+        norms = 0
+        for path in (adapter.ffn_in, adapter.ffn_gate):  # a SwiGLU neuron: its up and gate rows
+            if path:
+                linear = get_module(layer, path)
+                part = linear.weight.abs().sum(dim=1)
+                if linear.bias is not None:
+                    part = part + linear.bias.abs()
+                norms = norms + part.view(adapter.ffn_in_parts, -1).sum(dim=0)  # a gated Wi: input + gate
         scores = [float("nan")] * state.ffn_size
         for position, original in enumerate(state.present_ffn[i]):
             scores[original] = float(norms[position])
@@ -298,20 +304,24 @@ def ffn_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
 @torch.no_grad()
 def head_l1_scores(model: nn.Module, state: PruningState) -> list[list[float]]:
     """Per (layer, original head): L1 norm of the head's query, key and value rows (+|bias|)
-    and of its columns of the attention output projection."""
+    and of its columns of the attention output projection (a decoder's unit: a key/value group,
+    whose key and value rows are fewer than its query rows)."""
     adapter = adapter_for(model.config)
-    d = state.head_size
     out = []
     for i, layer in enumerate(layer_stack(model, adapter)):
-        total = torch.zeros(len(state.present_heads[i]))
+        units = len(state.present_heads[i])
+        total = torch.zeros(units)
+        if units == 0:
+            out.append([float("nan")] * state.num_heads)
+            continue
         for name in qkv_paths(adapter):
             linear = get_module(layer, name)
             rows = linear.weight.abs().sum(dim=1)
             if linear.bias is not None:
                 rows = rows + linear.bias.abs()
-            total += rows.view(adapter.qkv_parts, -1, d).sum(dim=(0, 2)).float().cpu()
+            total += rows.view(adapter.qkv_parts, units, -1).sum(dim=(0, 2)).float().cpu()
         columns = get_module(layer, adapter.attn_out).weight.abs().sum(dim=0)
-        total += columns.view(-1, d).sum(dim=1).float().cpu()
+        total += columns.view(units, -1).sum(dim=1).float().cpu()
         scores = [float("nan")] * state.num_heads
         for position, original in enumerate(state.present_heads[i]):
             scores[original] = float(total[position])

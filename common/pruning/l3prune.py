@@ -6,7 +6,10 @@ For each depth k = 1..L the model cut after layer k (the layer-dropping baseline
 ``common.models.loading.keep_first_layers``: the kind's own pooling and head on the k-th layer's
 output) is scored with the kind's task loss on labels (cross-encoder: cross-entropy of the
 2-label head or the segment head's row softmax; bi-encoder: in-batch contrastive over the
-positives and negatives) on the first ``rows`` training triples, no gradient. The two
+positives and negatives) on the first ``rows`` training triples, no gradient. A bi-encoder's
+losses at every depth come from one forward pass per batch (every layer's hidden states pooled:
+``BiKind.embed_layers``), so an LLM encoder is run once, not once per depth; a cross-encoder's
+head is family-specific and it is cut and run at each depth. The two
 configurations, as we read the paper: ``large`` keeps the depth with the lowest loss (the
 global minimum; the shallower one on a tie), ``small`` the first local minimum (the first depth
 whose loss is not above the next one's). A model whose loss falls all the way down (a model
@@ -21,12 +24,46 @@ from types import SimpleNamespace
 import torch
 
 from common.data.formats import TriplesStream
-from common.training.kinds import KINDS
+from common.training.kinds import KINDS, pair_cosines
 from common.models.loading import LoadedModel, keep_first_layers, load_model
 from common.serving.rank import check_query_encoder, query_encoder_of
 from common.training.loop import TrainArgs, apply_loss
 
 RULES = ("small", "large")
+
+
+def parse_keep_layers(value: str) -> str | int | float:
+    """``--keep_layers``: ``small`` / ``large`` (L3Prune's choice), a count N >= 1 (keep the first N
+    layers) or a fraction p in (0, 1) (prune that share, as L3Prune's ``prune(p)``: keep
+    ``int(L * (1 - p))``). Anything else is a ``ValueError``."""
+    if value in RULES:
+        return value
+    try:
+        return int(value) if int(value) >= 1 else _bad_keep(value)
+    except ValueError:
+        pass
+    try:
+        share = float(value)
+    except ValueError:
+        return _bad_keep(value)
+    return share if 0 < share < 1 else _bad_keep(value)
+
+
+def _bad_keep(value: str):
+    raise ValueError(f"--keep_layers {value}: expected {' or '.join(RULES)}, a layer count >= 1, or a "
+                     "fraction of layers to prune in (0, 1)")
+
+
+def layers_to_keep(spec: int | float, total: int) -> int:
+    """The layer count ``spec`` (a count or a pruned share, :func:`parse_keep_layers`) keeps of ``total``."""
+    if isinstance(spec, float):
+        n = int(total * (1 - spec))
+        if n < 1:
+            raise ValueError(f"--keep_layers {spec}: pruning that share of {total} layers leaves none")
+        return n
+    if not 1 <= spec <= total:
+        raise ValueError(f"--keep_layers {spec}: the model has {total} layers (keep 1..{total})")
+    return spec
 
 
 @torch.no_grad()
@@ -47,6 +84,8 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
         encoder = load_model(name, device, kind="bi")
         check_query_encoder(loaded, encoder, name)
         queries = encoder.model.eval()
+    if loaded.kind == "bi":
+        return _bi_layerwise_losses(loaded, data, per_step, args, device, max_length, queries)
     for k in range(1, depth + 1):
         cut = copy.copy(loaded)
         cut.model = copy.deepcopy(loaded.model)
@@ -66,6 +105,32 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
             count += len(chunk)
         losses.append(total / count)
     return losses
+
+
+def _bi_layerwise_losses(loaded: LoadedModel, data, per_step: int, args, device, max_length: int,
+                         query_encoder) -> list[float]:
+    """Every depth's contrastive loss from one forward pass per batch (see the module docstring)."""
+    was_training = loaded.model.training
+    loaded.model.eval()
+    kind = KINDS["bi"](loaded.model, loaded.tokenizer, device, max_length, "fp32")
+    loss = kind.label_loss(args, loaded.model)
+    totals = [0.0] * loaded.state.num_layers
+    try:
+        for start in range(0, len(data), per_step):
+            chunk = data[start:start + per_step]
+            queries, passages = kind._texts(chunk)
+            if query_encoder is not None:
+                kind.query_encoder = query_encoder
+                q_layers = [kind.embed(query_encoder, queries, "query")[0]] * len(totals)
+            else:
+                q_layers = kind.embed_layers(loaded.model, queries, "query")
+            p_layers = kind.embed_layers(loaded.model, passages, "passage")
+            for k, (q, p) in enumerate(zip(q_layers, p_layers)):
+                inputs = {"query_embeddings": q, "passage_embeddings": p, "scores": pair_cosines(q, p)}
+                totals[k] += float(apply_loss(loss, inputs)) * len(chunk)
+    finally:
+        loaded.model.train(was_training)
+    return [t / len(data) for t in totals]
 
 
 def choose(losses: list[float]) -> dict[str, int]:

@@ -168,6 +168,16 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
     return nodes
 
 
+def empty_matmuls(graph_path: Path) -> list[str]:
+    """MatMul nodes whose weight has no output channel (a decoder layer pruned to 0 FFN neurons:
+    its gate and up projections): onnxruntime's per-channel quantizer fails on them."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    empty = {t.name for t in graph.initializer if len(t.dims) == 2 and t.dims[-1] == 0}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
+
+
 def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 256,
                 calibration: tuple[list[str], list[str]] | None = None,
                 keep_fp32: tuple[str, ...] = (), calibration_source: str | None = None) -> dict:
@@ -218,7 +228,8 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
         if excluded:
             recipe += f", {'+'.join(keep_fp32)} kept in fp32 ({len(excluded)} MatMuls)"
         quantize_dynamic(str(source), str(tmp / ONNX_FILES["onnx-int8"]), weight_type=QuantType.QInt8,
-                         per_channel=True, op_types_to_quantize=INT8_OPS, nodes_to_exclude=excluded)
+                         per_channel=True, op_types_to_quantize=INT8_OPS,
+                         nodes_to_exclude=excluded + empty_matmuls(source))
         if smoothing:
             source.unlink()  # only its int8 graph is kept
         int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from common.models.segment import HEADS
-from common.models.st_format import POOLINGS
+from common.models.st_format import POOLING_CHOICES
 from common.training.argtypes import arg, argument_groups, check_declared, declared
 from common.training.kinds import KINDS
 from common.training.losses import loss_class, score_distillation_losses
@@ -87,9 +87,13 @@ class TrainArgs:
     gate_learning_rate: Optional[float] = arg(None, group="optimisation", bounds=(0, None, True, False),
         help="segment_cosine head: peak LR of the cross-segment attention gates (default: "
              "--learning_rate; they start shut at 0 and a gate of 1 is full attention)")
-    pooling: Optional[str] = arg(None, group="model", choices=POOLINGS, resume_may_change=True,
+    pooling: Optional[str] = arg(None, group="model", choices=POOLING_CHOICES, resume_may_change=True,
         help="bi-encoder pooling: mean, cls, max, lasttoken or weightedmean (default: the model's "
              "sentence-transformers config)")
+    query_instruction: Optional[str] = arg(None, group="model", resume_may_change=True,
+        help="bi-encoder, fresh start: text put in front of every query (e.g. 'Instruct: Given a web "
+             "search query, retrieve relevant passages that answer the query\\nQuery: '); saved as the "
+             "sentence-transformers 'query' prompt (default: the model dir's own query prompt)")
     query_encoder: Optional[str] = arg(None, group="model",
         help="bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
              "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
@@ -99,6 +103,17 @@ class TrainArgs:
         help="bi-encoder contrastive loss temperature (in-batch negatives)")
     contrastive_weight: float = arg(1.0, group="optimisation", bounds=(0, None, False, False),
         help="bi-encoder: weight of the in-batch contrastive loss (0: distillation only)")
+    lora_rank: int = arg(0, group="optimisation", bounds=(0, None, False, False),
+        help="train LoRA adapters of this rank (peft) instead of every weight; merged into the "
+             "weights in every checkpoint, so a checkpoint is a plain model (0: full fine-tuning)")
+    lora_alpha: float = arg(16.0, group="optimisation", bounds=(0, None, True, False),
+        help="LoRA scale numerator (scale = alpha / rank)")
+    lora_targets: Optional[list[str]] = arg(None, group="optimisation",
+        help="names of the linear layers that get adapters (default: every projection of the "
+             "layers, e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+    gradient_checkpointing: bool = arg(False, group="optimisation", resume_may_change=True,
+        help="recompute each layer's activations in backward instead of keeping them (less memory, "
+             "about a third more compute)")
     distill_target: str = arg("scores", group="distillation", choices=("scores", "embeddings"),
         help="with --distill_from: 'scores' (margin-MSE) or, for bi-encoders, 'embeddings' (MSE)")
     overwrite: bool = arg(False, group="run", resume_may_change=True, help="replace a non-empty output_dir")
@@ -138,6 +153,11 @@ class TrainArgs:
         if self.query_encoder and self.distill_hidden:
             raise ValueError("--distill_hidden compares the student's layers on queries and passages; "
                              "with --query_encoder the student sees passages only: drop one of them")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError("--lora_targets needs --lora_rank (the adapters' rank)")
+        if self.lora_rank and self.resume:
+            raise ValueError("--resume of a LoRA stage: its checkpoints hold merged weights, not the "
+                             "adapters; start a new stage from the checkpoint instead")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
             raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
 

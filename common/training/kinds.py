@@ -153,9 +153,25 @@ class BiKind(TrainingKind):
             hidden = model(**batch).last_hidden_state
         return F.normalize(embedding_of(owner, hidden.float(), batch["attention_mask"]), dim=-1), batch
 
-    @staticmethod
-    def _texts(rows):
-        return [q for q, _p, _n in rows], [x for _q, p, n in rows for x in (p, n)]
+    def embed_layers(self, model: nn.Module, texts: list[str], role: str) -> list[torch.Tensor]:
+        """The embeddings of the model cut after each layer, from ONE forward pass: every
+        layer's hidden states pooled (a decoder's through its final norm, as the cut model
+        applies it), index k-1 for the first k layers (``common.pruning.l3prune``)."""
+        from common.models.arch import adapter_for, get_module
+        batch = self.tokenizer(with_prompt(model, texts, role), truncation=True,
+                               max_length=max_length_of(model, self.max_length),
+                               padding=True, return_tensors="pt").to(self.device)
+        adapter = adapter_for(model.config)
+        norm = get_module(model.base_model, adapter.final_norm) if adapter.final_norm else None
+        with autocast_context(self.device, self.precision):
+            states = model(**batch, output_hidden_states=True).hidden_states[1:]
+            if norm is not None:  # the last entry is already normed (it is last_hidden_state)
+                states = [norm(h) for h in states[:-1]] + [states[-1]]
+        return [F.normalize(embedding_of(model, h.float(), batch["attention_mask"]), dim=-1) for h in states]
+
+    def _texts(self, rows):
+        """The rows' queries and passages (``embed`` puts each role's prompt before them)."""
+        return [row[0] for row in rows], [x for _q, p, n in rows for x in (p, n)]
 
     def forward(self, model, rows, wanted):
         queries, passages = self._texts(rows)

@@ -46,7 +46,8 @@ from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precis
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
                            replace_dir, rng_file)
 from common.models.segment import is_segment
-from common.models.structure import zero_dead_weights
+from common.models.structure import Masks, zero_dead_weights
+from common.training.lora import add_lora
 
 log = logging.getLogger("slimrank")
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,7 +121,20 @@ class Trainer:
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
                             kind=args.model_kind, pooling=args.pooling,
-                            head=None if args.checkpoint_dir else args.head)
+                            head=None if args.checkpoint_dir else args.head,
+                            query_instruction=args.query_instruction)
+        if args.lora_rank:  # adapters wrap the projections: the masks go on the wrappers' inputs
+            loaded.masks.remove()
+            add_lora(loaded.model, args.lora_rank, args.lora_alpha, args.lora_targets)
+            loaded.masks = Masks(loaded.model, loaded.state)
+            if args.precision == "bf16":  # the frozen weights in bf16 (half the memory), adapters fp32
+                for name, param in loaded.model.named_parameters():
+                    if not param.requires_grad:
+                        param.data = param.data.to(torch.bfloat16)
+        if args.gradient_checkpointing:
+            if not getattr(loaded.model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"--gradient_checkpointing: {type(loaded.model).__name__} does not support it")
+            loaded.model.activation_checkpointing_enable({"use_reentrant": False})
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.loaded = loaded  # the student, as common.serving.rank scores it (Trainer.evaluate)
         self.kind = loaded.kind
@@ -280,7 +294,7 @@ class Trainer:
         """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
         segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
         gates = [self.model.cross_gate] if self.segment else []
-        rest = [p for p in self.model.parameters() if not any(p is g for g in gates)]
+        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in gates)]
         groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": self.args.weight_decay},
                   {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
         if gates:
