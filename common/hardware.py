@@ -1,5 +1,6 @@
 """The machine: CPU feature flags, native bf16 / AMX detection, and the one-line description
 of where a number was measured (every results row and benchmark footer carries it)."""
+import hashlib
 import os
 import platform
 from functools import lru_cache
@@ -53,3 +54,10 @@ def cpu_has_native_bf16() -> bool | None:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX-BF16 tiles (where PyTorch's bf16 matmuls run)."""
     return "amx_bf16" in (cpu_flags() or ())
+
+
+def host_key() -> str:
+    """What makes two hosts alike for speed (the key of measured choices such as ``auto``'s
+    backend): CPU model, a digest of its feature flags, torch's thread count."""
+    flags = " ".join(sorted(cpu_flags() or ()))
+    return f"{_cpu_model()} | flags {hashlib.sha1(flags.encode()).hexdigest()[:12]} | {torch.get_num_threads()} threads"
