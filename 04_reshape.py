@@ -132,7 +132,8 @@ def main(argv=None) -> None:
         if args.openvino:
             from common.serving.openvino_export import export_openvino  # openvino + nncf: only here
 
-            info = export_openvino(load_model(str(out)), out, args.max_length, calibration, held_out)
+            info = export_openvino(load_model(str(out)), out, args.max_length, calibration, held_out,
+                                   args.calibration_triples)
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in info["openvino"]["max_abs_diff_vs_torch"].items())
             print(f"wrote {out}/openvino: the IR (max |openvino - torch| on sample inputs: {diffs}; "
                   f"this CPU runs it in {info['exported_on_default_precision']})")

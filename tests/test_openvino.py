@@ -87,6 +87,7 @@ def test_openvino_ir_opens_in_stock_runtime_and_matches_torch(family, role, tiny
     assert info["openvino"]["max_abs_diff_vs_torch"]["f32"] <= 1e-4
     int8 = info["openvino-int8"]
     assert int8["calibration_pairs"] == 32 and int8["held_out"]["triples"] == 16
+    assert int8["calibration_file"] == str(triples)
     assert 0 <= int8["held_out"]["order_agreement"] <= 1 and int8["held_out"]["max_abs_diff_vs_torch"] > 0
 
     done = subprocess.run([sys.executable, "-I", "-c", STOCK_OPENVINO, str(out), role,

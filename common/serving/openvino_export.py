@@ -69,11 +69,12 @@ def agreement(loaded: LoadedModel, runner, triples: list[tuple[str, str, str]], 
 
 def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int = 256,
                     calibration: tuple[list[str], list[str]] | None = None,
-                    held_out: list[tuple[str, str, str]] | None = None) -> dict:
+                    held_out: list[tuple[str, str, str]] | None = None, calibration_file: str | None = None) -> dict:
     """Write ``directory/openvino/`` from ``directory/onnx/model.onnx``; returns its export.json.
     ``calibration``: (queries, passages) of training-side pairs: also writes the int8 IR;
     ``held_out``: training-side (query, positive, negative) triples apart from the calibration
-    pairs, on which the int8 IR's agreement with torch fp32 is measured."""
+    pairs, on which the int8 IR's agreement with torch fp32 is measured; ``calibration_file``:
+    where both came from (recorded)."""
     import nncf
     import openvino
 
@@ -123,7 +124,8 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
             info["openvino-int8"] = {
                 "file": int8_xml.name,
                 "recipe": f"NNCF static int8 (transformer preset), calibrated on {len(queries)} training-side pairs",
-                "calibration_pairs": len(queries), "calibration_sequences": len(items),
+                "calibration_file": calibration_file, "calibration_pairs": len(queries),
+                "calibration_sequences": len(items),
                 "max_abs_diff_vs_torch": float(np.abs(runner(feed) - reference).max()),
                 "held_out": agreement(loaded, runner, held_out, max_length) if held_out else None}
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
