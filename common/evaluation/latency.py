@@ -85,6 +85,23 @@ def predict_ms(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int]
     return at(k0) * (1 - w) + at(k1) * w
 
 
+def linear_costs(table: dict, length: float | None = None) -> tuple[float, float, float, float]:
+    """The table as a cost linear in heads and neurons, what L0 gates can take an expectation of
+    (``common.pruning.l0``): a least-squares fit ``layer = c + a * heads + b * neurons`` over the
+    grid's non-empty layers at ``length`` (interpolated between the table's lengths); returns
+    (base ms, per-layer constant c, ms per head a, ms per neuron b), a and b at least 1e-9."""
+    lengths = table["lengths"]
+    k0, k1, w = _interp_axis(lengths, lengths[-1] if length is None else length)
+    grid = [np.asarray(table["measured_ms"][k], dtype=float) - table["base_ms"][k] for k in (k0, k1)]
+    y = (grid[0] * (1 - w) + grid[1] * w).ravel()
+    h, f = np.meshgrid(np.asarray(table["heads"], float), np.asarray(table["ffn"], float), indexing="ij")
+    design = np.stack([np.ones(h.size), h.ravel(), f.ravel()], axis=1)
+    used = (h.ravel() > 0) | (f.ravel() > 0)  # the empty layer is the base, not a point of the fit
+    c, a, b = np.linalg.lstsq(design[used], y[used], rcond=None)[0]
+    base = table["base_ms"][k0] * (1 - w) + table["base_ms"][k1] * w
+    return float(base), float(c), max(float(a), 1e-9), max(float(b), 1e-9)
+
+
 def predicted_ratio(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int],
                     length: float | None = None) -> float:
     """Predicted time of these widths over the unpruned model's (every layer full, as many
