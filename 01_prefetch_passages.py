@@ -38,7 +38,8 @@ from common.data.triples import DL20_QRELS
 
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 BACKEND_HELP = ("the teacher's backend (common.serving.rank); auto: for a dir shipped by 04_reshape.py --onnx "
-                "its fastest backend here (torch bf16 on a CPU with AMX, else its int8 export), else torch fp32")
+                "or --openvino the backend measured fastest on this host class (common.serving.choose), "
+                "else torch fp32")
 
 
 def cmd_json(a) -> None:

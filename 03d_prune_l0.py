@@ -3,7 +3,9 @@
 
 Gates on every attention head, every FFN neuron and, per layer, the whole attention block and
 the whole FFN block learn beside the weights; a Lagrangian drives the expected cost
-(--target_macs_ratio: multiply-adds per --max_length sequence / the unpruned model's) or shape
+(--target_macs_ratio: multiply-adds per --max_length sequence / the unpruned model's; or
+--target_latency_ratio with --latency_table FILE: the serving time bench/latency_table.py
+measured on the serving backend and host, as a linear cost, / the unpruned model's) or shape
 (--target_heads, --target_ffn per layer on average, --target_layers) to the target over
 --l0_warmup_fraction of the stage. The LR of the weights warms up (--warmup_fraction) and decays
 linearly. At the last step the gates become masks that meet the target exactly, their values
@@ -20,6 +22,7 @@ holds the expected cost on that schedule.
       --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
   python 03d_prune_l0.py initial ... --target_macs_ratio 0.33 --l0_init importance \
       --l0_init_cost full --target_ramp 0.2          # warm start, target reached by 20 %
+  python 03d_prune_l0.py initial ... --latency_table results/latency/openvino_epyc.json --target_latency_ratio 0.5
 """
 from common.cli import apply_mode, mode_positional, parse, run_stage
 from common.pruning.l0 import L0Args, L0Callback

@@ -11,6 +11,11 @@ int8 onnx/model_int8.onnx (common.serving.onnx_export), the files of 05's --back
 with --calibration_triples (training-side triples, never evaluation topics) the int8 graph is
 quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer to fp32;
 --int8_keep_fp32 ROLE... leaves those projections of every layer in fp32 (e.g. ffn_out).
+--openvino (implies --onnx) also converts the ONNX graph to OpenVINO IR, openvino/openvino_model.xml
+(where sentence-transformers' OpenVINO backend looks; 05's --backend openvino), checked against
+torch (common.serving.openvino_export); with --calibration_triples also the NNCF static int8 IR
+openvino/openvino_model_qint8_quantized.xml (--backend openvino-int8), calibrated on those pairs,
+its agreement with torch measured on the next --held_out_triples triples of the file.
 
   python 04_reshape.py --checkpoint_dir runs/mixed/seen_000010000_heads_058_ffn_07296 \
       --output_dir runs/mixed/seen_000010000_heads_058_ffn_07296/reshaped
@@ -24,6 +29,8 @@ quantized from a smoothed copy of the model (SmoothQuant), which keeps it closer
       --output_dir runs/main/final --onnx --calibration_triples data/distill/triples.tsv
   python 04_reshape.py --checkpoint_dir runs/main/final --output_dir runs/main/final_keep \
       --onnx --int8_keep_fp32 ffn_out               # int8, the FFN output projections in fp32
+  python 04_reshape.py --checkpoint_dir runs/main/recover/seen_000020480_heads_054_ffn_04608 \
+      --output_dir runs/main/final --openvino --calibration_triples data/distill/triples.tsv
 """
 from __future__ import annotations
 
@@ -82,24 +89,34 @@ def main(argv=None) -> None:
                              "whose queries calibration may not use (default: DL20; none: give no file)")
     parser.add_argument("--allow_eval_overlap", action="store_true",
                         help="calibrate on evaluation queries anyway (the int8 numbers are then not held out)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also convert the ONNX graph to OUTPUT_DIR/openvino/openvino_model.xml (implies "
+                             "--onnx); with --calibration_triples also the NNCF static int8 IR")
+    parser.add_argument("--held_out_triples", type=positive_int, default=64,
+                        help="--openvino --calibration_triples: triples after the calibration ones on which "
+                             "the int8 IR's agreement with torch is measured")
     parser.add_argument("--int8_keep_fp32", nargs="+", choices=FP32_ROLES, default=[], metavar="ROLE",
                         help="--onnx: projections left in fp32 in every layer of the int8 graph "
                              f"({', '.join(FP32_ROLES)}; default: every projection int8)")
     args = parse_args(parser, argv)
+    args.onnx = args.onnx or args.openvino  # the IR is converted from the ONNX graph
     if args.int8_keep_fp32 and not args.onnx:
         parser.error("--int8_keep_fp32 shapes the int8 export: it needs --onnx")
     if args.calibration_triples and not args.onnx:
-        parser.error("--calibration_triples calibrates the int8 export: it needs --onnx")
+        parser.error("--calibration_triples calibrates the int8 exports: it needs --onnx or --openvino")
     if args.keep_layers in RULES and not args.layer_loss_triples:
         parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
     try:
-        calibration = None  # read before anything is written: a bad file is an error, not a half export
+        calibration, held_out = None, None  # read before anything is written: a bad file is an error
         if args.calibration_triples:
-            rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
-            pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
+            n_calib = (args.calibration_pairs + 1) // 2
+            rows = list(islice(iter(TriplesStream(args.calibration_triples)),
+                               n_calib + (args.held_out_triples if args.openvino else 0)))
+            pairs = [(row[0], p) for row in rows[:n_calib] for p in row[1:]][:args.calibration_pairs]
             calibration = ([q for q, _ in pairs], [p for _, p in pairs])
             check_text_queries(calibration[0], f"--calibration_triples {args.calibration_triples}",
                                args.eval_topics, args.allow_eval_overlap)
+            held_out = [(row[0], row[1], row[2]) for row in rows[n_calib:] if len(row) >= 3]
         keep, note = args.keep_layers, None
         if keep is not None and keep not in RULES:
             keep = layers_to_keep(keep, model_depth(args.checkpoint_dir))
@@ -119,6 +136,10 @@ def main(argv=None) -> None:
         def export(directory):  # into the new model dir, before it replaces an old one
             exported.update(export_onnx(load_model(str(directory)), directory, args.max_length, calibration,
                                         tuple(args.int8_keep_fp32), calibration_source=args.calibration_triples))
+            if args.openvino:
+                from common.serving.openvino_export import export_openvino  # openvino + nncf: only here
+                exported["ir"] = export_openvino(load_model(str(directory)), directory, args.max_length,
+                                                 calibration, held_out, args.calibration_triples)
         inputs = {"--calibration_triples": args.calibration_triples, "--layer_loss_triples": args.layer_loss_triples,
                   **{"--eval_topics": t for t in args.eval_topics if t}}
         out, before, after = reshape_checkpoint(args.checkpoint_dir, args.output_dir, args.overwrite,
@@ -136,6 +157,22 @@ def main(argv=None) -> None:
             print(f"wrote {out}/onnx: fp32 and int8 graphs (max |onnx - torch| on sample inputs: "
                   f"fp32 {info['onnx']['max_abs_diff_vs_torch']:.1e}, "
                   f"int8 {info['onnx-int8']['max_abs_diff_vs_torch']:.1e})")
+        if args.openvino:
+            info = exported["ir"]
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in info["openvino"]["max_abs_diff_vs_torch"].items())
+            print(f"wrote {out}/openvino: the IR (max |openvino - torch| on sample inputs: {diffs}; "
+                  f"this CPU runs it in {info['exported_on_default_precision']})")
+            int8 = info.get("openvino-int8")
+            if int8 is None:
+                print("note: no --calibration_triples: no int8 IR (openvino-int8 needs calibration pairs)")
+            elif int8["held_out"]:
+                h = int8["held_out"]
+                print(f"int8 IR on {h['triples']} held-out training-side triples: max |int8 - torch| "
+                      f"{h['max_abs_diff_vs_torch']:.2e}, mean {h['mean_abs_diff_vs_torch']:.2e}, "
+                      f"pair order as torch's in {h['order_agreement']:.1%}")
+            else:
+                print(f"note: {args.calibration_triples} has no triples after the calibration ones: "
+                      "the int8 IR's agreement was measured on the sample inputs only")
     except (FileExistsError, ValueError, OSError) as err:
         fail(err)
 

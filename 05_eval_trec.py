@@ -48,9 +48,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=AUTO, choices=(AUTO, *BACKENDS),
                    help="what scores and is timed (common.serving.rank): torch fp32, torch under bf16/fp16 "
-                        "autocast, or onnxruntime on the fp32 / int8 export of 04_reshape.py --onnx; "
-                        "auto (default): for a model dir with that export its fastest backend here "
-                        "(torch-bf16 on a CPU with AMX, else onnx-int8), else torch. "
+                        "autocast, onnxruntime on the fp32 / int8 export of 04_reshape.py --onnx, or OpenVINO "
+                        "on the IR / int8 IR of 04_reshape.py --openvino; auto (default): for a model dir with "
+                        "an export the backend measured fastest on this host class (common.serving.choose, "
+                        "cached in the dir), else torch. "
                         "Every row states its backend; rows other than torch are keyed CHECKPOINT@BACKEND")
     p.add_argument("--no_costs", action="store_true", help="quality only")
     p.add_argument("--no_latency", action="store_true", help="FLOPs and parameters, no timing")

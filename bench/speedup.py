@@ -5,12 +5,16 @@ Both score the same inputs, alternating A, B, A, B ... so that machine load hits
 prints each one's mean ± std per query and the ratio of means with the spread of the per-round
 ratios. This is how speed claims in this project are made (no timed tests). A model is
 ``PATH`` (torch fp32) or ``PATH@BACKEND`` with a backend of ``common.serving.rank`` (``torch-bf16``,
-``onnx``, ``onnx-int8``: the ONNX files of ``04_reshape.py --onnx``).
+``onnx``, ``onnx-int8``: the ONNX files of ``04_reshape.py --onnx``; ``openvino``,
+``openvino-int8``: the IR of ``04_reshape.py --openvino``, its precision on this host printed).
+``--candidate`` may be given more than once: every round then runs the baseline and each
+candidate in turn, and each candidate's speed-up over the baseline is printed.
 
   python bench/speedup.py --baseline runs/main/initial/seen_000002560 \
       --candidate runs/main/mixed/seen_000004160_heads_048_ffn_04608/reshaped \
       --candidates data/dl20.bm25.candidates.parquet --rounds 10
   python bench/speedup.py --baseline runs/main/final@torch --candidate runs/main/final@onnx-int8 ...
+  python bench/speedup.py --baseline DIR@torch --candidate DIR@torch-bf16 --candidate DIR@openvino ...
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.evaluation.cost import worst_case_inputs  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
 from common.data.formats import read_candidates  # noqa: E402
-from common.serving.rank import BACKENDS, Ranker  # noqa: E402
+from common.serving.rank import BACKENDS, Ranker, describe_backend  # noqa: E402
 
 
 def model_and_backend(spec: str) -> tuple[str, str]:
@@ -43,7 +47,8 @@ def model_and_backend(spec: str) -> tuple[str, str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, help="PATH or PATH@BACKEND")
-    p.add_argument("--candidate", required=True, help="PATH or PATH@BACKEND")
+    p.add_argument("--candidate", required=True, action="append",
+                   help="PATH or PATH@BACKEND; more than once: each one against the baseline")
     p.add_argument("--candidates", help="candidates parquet: real lengths (100 per query); "
                                         "without it, worst-case synthetic pairs")
     p.add_argument("--queries", type=int, default=5, help="queries per round (real lengths)")
@@ -59,7 +64,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {}
-    for name, spec in (("baseline", args.baseline), ("candidate", args.candidate)):
+    names = ["candidate"] if len(args.candidate) == 1 else [f"cand{i + 1}" for i in range(len(args.candidate))]
+    for name, spec in (("baseline", args.baseline), *zip(names, args.candidate)):
         path, backend = model_and_backend(spec)
         try:
             models[name] = Ranker.load(path, backend, max_length=args.max_length,
@@ -94,7 +100,6 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             work(loaded)
             times[name].append((time.perf_counter() - start) * 1000 / per)
-    ratios = [b / c for b, c in zip(times["baseline"], times["candidate"])]
     print(machine_description())
     if args.encode:
         regime, unit = f"encoding {len(texts)} distinct candidate passages", "ms/1000 passages"
@@ -104,10 +109,16 @@ def main(argv=None) -> None:
         regime, unit = f"worst case, 100 pairs x {args.max_length} tokens", "ms/query"
     print(f"regime: {regime}; {args.rounds} alternating rounds")
     for name in models:
+        info = describe_backend(models[name].loaded.path, models[name].backend)
+        precision = f", {info['backend_precision']}" if "backend_precision" in info else ""
         print(f"{name:9s} {statistics.mean(times[name]):9.1f} ± {statistics.stdev(times[name]):6.1f} "
-              f"{unit}  ({models[name].loaded.path} @ {models[name].backend})")
-    print(f"speed-up  {statistics.mean(times['baseline']) / statistics.mean(times['candidate']):.2f}x "
-          f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f})")
+              f"{unit}  ({models[name].loaded.path} @ {models[name].backend}{precision})")
+    for name in names:
+        ratios = [b / c for b, c in zip(times["baseline"], times[name])]
+        label = "speed-up" if len(names) == 1 else f"{name} x"
+        print(f"{label:9s} {statistics.mean(times['baseline']) / statistics.mean(times[name]):.2f}x "
+              f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, "
+              f"max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

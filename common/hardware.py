@@ -1,5 +1,7 @@
 """The machine: CPU feature flags, native bf16 / AMX detection, the one-line description of where a
-number was measured (every results row and benchmark footer carries it), and timing on a device."""
+number was measured (every results row and benchmark footer carries it), the key of a host class
+for measured choices, and timing on a device."""
+import hashlib
 import os
 import platform
 import statistics
@@ -88,3 +90,8 @@ def time_callable(fn: Callable[[], object], repeats: int, warmup: int,
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.fmean(times), statistics.stdev(times) if repeats > 1 else 0.0
+def host_key() -> str:
+    """What makes two hosts alike for speed (the key of measured choices such as ``auto``'s
+    backend): CPU model, a digest of its feature flags, torch's thread count."""
+    flags = " ".join(sorted(cpu_flags() or ()))
+    return f"{_cpu_model()} | flags {hashlib.sha1(flags.encode()).hexdigest()[:12]} | {torch.get_num_threads()} threads"

@@ -32,6 +32,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 GATES_FILE = "l0_gates.pt"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
+OPENVINO = "openvino"  # sentence-transformers' OpenVINO backend reads <model>/openvino/openvino_model.xml
+OPENVINO_FILES = {"openvino": "openvino_model.xml", "openvino-int8": "openvino_model_qint8_quantized.xml"}
+BACKEND_CHOICE_FILE = "backend_choice.json"  # auto's measured backend per host class (common.serving.choose)
 
 
 def rng_file(rank: int) -> str:
@@ -64,6 +67,20 @@ def eval_dir(model_dir: str | Path) -> Path:
 def onnx_dir(model_dir: str | Path) -> Path:
     """Where ``04_reshape.py --onnx`` writes a model's ONNX files (``common.serving.onnx_export``)."""
     return Path(model_dir, ONNX)
+
+
+def openvino_dir(model_dir: str | Path) -> Path:
+    """Where ``04_reshape.py --openvino`` writes a model's OpenVINO IR (``common.serving.openvino_export``)."""
+    return Path(model_dir, OPENVINO)
+
+
+def export_file(model_dir: str | Path, backend: str) -> Path | None:
+    """The exported file a backend runs (ONNX graph or OpenVINO IR); None for the torch backends."""
+    if backend in ONNX_FILES:
+        return onnx_dir(model_dir) / ONNX_FILES[backend]
+    if backend in OPENVINO_FILES:
+        return openvino_dir(model_dir) / OPENVINO_FILES[backend]
+    return None
 
 
 def seen_pairs_of(path: str | Path) -> int | None:

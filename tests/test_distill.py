@@ -232,11 +232,11 @@ def test_build_is_deterministic_under_seed(built, tiny_sources, tiny_teacher, ca
 def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tiny_sources, tiny_teacher,
                                                                        monkeypatch):
     """``auto`` is torch fp32 for a dir without an ONNX export (the packaged teacher: the
-    study's sets) and int8 for one with it (on a CPU without AMX; common.serving.rank.resolve_backend);
-    onnxruntime fp32 gives torch's teacher scores."""
-    from common.serving import rank
+    study's sets) and, for one with it, the backend measured fastest (here made the int8 graph;
+    common.serving.choose); onnxruntime fp32 gives torch's teacher scores."""
+    from common.serving import choose
     from common.models.loading import load_model, reshape_checkpoint
-    monkeypatch.setattr(rank, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(choose, "measure_backend", lambda loaded, backend, batch: 1.0 if backend == "onnx-int8" else 2.0)
     from common.serving.onnx_export import export_onnx
     root, stats = built
     assert stats["teacher_backend"] == "torch"

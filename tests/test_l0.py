@@ -278,3 +278,43 @@ def test_warm_start_and_ramp_need_a_cost_target():
         L0Args(target_heads=4, target_ramp=0.2)
     with pytest.raises(ValueError, match="--l0_init must be one of"):
         L0Args(target_macs_ratio=0.5, l0_init="magnitude")
+def latency_table(heads=4, ffn=37, layers=3) -> dict:
+    """A synthetic table whose layer cost is exactly 2 + 3 * heads + 0.5 * neurons ms over a 10 ms base
+    (a linear cost the fit recovers; a head costs 6 neurons here, unlike in MACs)."""
+    grid_h, grid_f = [0, heads // 2, heads], [0, ffn // 2, ffn]
+    cost = [[(2 + 3 * h + 0.5 * f) if (h or f) else 0.0 for f in grid_f] for h in grid_h]
+    return {"backend": "torch", "host": "test", "batch": 8, "lengths": [32], "heads": grid_h, "ffn": grid_f,
+            "num_heads": heads, "ffn_size": ffn, "layers": layers, "base_ms": [10.0],
+            "measured_ms": [[[10.0 + c for c in row] for row in cost]]}
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_final_masks_meet_a_latency_target(ratio):
+    from common.evaluation.latency import linear_costs
+
+    base, per_layer, per_head, per_neuron = linear_costs(latency_table(), 32)
+    assert (base, per_layer, per_head, per_neuron) == pytest.approx((10, 2, 3, 0.5))
+    gates = random_gates(latency=(base, per_layer, per_head, per_neuron))
+    heads, ffn = gates.final_masks(L0Args(target_latency_ratio=ratio, latency_table="t.json"))
+    cost = gates.cost_base + per_head * sum(map(len, heads)) + per_neuron * sum(map(len, ffn))
+    assert cost <= ratio * gates.cost_full < cost + max(per_head, per_neuron)
+    assert gates.full_macs == random_gates().full_macs  # the MAC accounting is untouched
+    with pytest.raises(ValueError, match="go together"):
+        L0Args(target_latency_ratio=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        L0Args(target_latency_ratio=0.5, latency_table="t.json", target_macs_ratio=0.5)
+
+
+def test_l0_stage_meets_a_latency_target(tiny_models, toy_triples, tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(latency_table()))
+    l0 = L0Args(target_latency_ratio=0.5, latency_table=str(table), l0_learning_rate=0.2, l0_warmup_fraction=0.5)
+    _, last = run_l0(tiny_models, toy_triples, tmp_path / "a", l0)
+    event = json.loads((last / "pruning.json").read_text())["history"][-1]["l0"]
+    assert event["targets"] == {"latency": 0.5}
+    assert 0 < event["predicted_latency_ratio"] <= 0.5 + 1e-6  # the table's own (bilinear) prediction
+    assert "expected_latency" in records(tmp_path / "a", "train")[-1]
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(latency_table(heads=12, ffn=1536)))
+    with pytest.raises(ValueError, match="wrong.json: a table of layers with 12 heads"):
+        run_l0(tiny_models, toy_triples, tmp_path / "b", L0Args(target_latency_ratio=0.5, latency_table=str(wrong)))

@@ -203,36 +203,42 @@ def test_int8_keeps_the_named_projections_in_fp32(family, role, tiny_models, tmp
 def test_smoothed_int8_keeps_the_function_and_loses_less(tiny_models, tmp_path):
     """SmoothQuant before int8: the smoothed model is the same function (1e-5), and on a model
     with outlier activation channels (as trained BERTs have) its int8 scores stay closer to fp32
-    than the unsmoothed int8 graph's; export.json says which recipe made the int8 file."""
-    torch.manual_seed(0)  # the head's random weights, not the test order's (smoothing wins on 7 of seeds 0-7)
-    out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
-    loaded = load_model(str(out))
-    with torch.no_grad():  # three outlier channels in every layer's input, as trained BERTs have
-        for norm in (m for m in loaded.model.modules() if isinstance(m, torch.nn.LayerNorm)):
-            norm.weight[[3, 17, 29]] *= 8.0
-    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "outliers")
+    than the unsmoothed int8 graph's, on average over three random draws of the tiny model's head
+    (on one draw either may win); export.json says which recipe made the int8 file."""
     cands = read_candidates_json(SHARED / "dl20" / "bm25.json")
     calib, held = cands.iloc[:64], cands.iloc[200:320]  # calibration and scoring pairs apart
-    maxima = activation_maxima(loaded, calib["query"].tolist(), calib["passage"].tolist(), 64)
-    assert len(maxima) >= 6 * 2  # every linear the pairs reach (q, k, v, out, FFN in / out, head)
-    smoothed = smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA)
     queries, passages = held["query"].tolist(), held["passage"].tolist()
-    plain_scores = Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages)
-    loaded.model = smoothed
-    np.testing.assert_allclose(Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages),
-                               plain_scores, rtol=1e-5, atol=1e-5)  # scores near -50 here
-    errors = {}
-    for name, calibration in [("plain", None), ("smoothed", (calib["query"].tolist(), calib["passage"].tolist()))]:
-        export = tmp_path / name
-        shutil.copytree(tmp_path / "outliers", export)
-        info = export_onnx(load_model(str(export)), export, max_length=64, calibration=calibration)
-        assert ("smoothed" in info["onnx-int8"]["recipe"]) == (calibration is not None)
-        fp32 = Ranker.load(str(export), "onnx", max_length=64).score(queries, passages)
-        np.testing.assert_allclose(fp32, plain_scores, rtol=1e-5, atol=1e-4)
-        int8 = Ranker.load(str(export), "onnx-int8", max_length=64).score(queries, passages)
-        errors[name] = float(np.nan_to_num(np.abs(int8 - fp32), nan=np.inf).mean())  # a NaN score: inf
-    assert info["onnx-int8"]["smoothing"]["max_abs_diff_vs_torch_fp32"] <= 1e-4
-    assert np.isfinite(errors["smoothed"]) and errors["smoothed"] < 0.9 * errors["plain"], errors
+    errors = {"plain": [], "smoothed": []}
+    for seed in range(3):
+        torch.manual_seed(seed)  # pruned_dir draws the head's weights
+        draw = tmp_path / f"draw{seed}"
+        out = pruned_dir(tiny_models, "bert", "segment_cosine", draw)
+        loaded = load_model(str(out))
+        with torch.no_grad():  # three outlier channels in every layer's input, as trained BERTs have
+            for norm in (m for m in loaded.model.modules() if isinstance(m, torch.nn.LayerNorm)):
+                norm.weight[[3, 17, 29]] *= 20.0
+        save_model(loaded.model, loaded.tokenizer, loaded.state, draw / "outliers")
+        maxima = activation_maxima(loaded, calib["query"].tolist(), calib["passage"].tolist(), 64)
+        assert len(maxima) >= 6 * 2  # every linear the pairs reach (q, k, v, out, FFN in / out, head)
+        smoothed = smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA)
+        plain_scores = Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages)
+        loaded.model = smoothed
+        np.testing.assert_allclose(Ranker.from_loaded(loaded, "torch", max_length=64).score(queries, passages),
+                                   plain_scores, rtol=1e-5, atol=1e-5)  # scores near -50 here
+        for name, calibration in [("plain", None),
+                                  ("smoothed", (calib["query"].tolist(), calib["passage"].tolist()))]:
+            export = draw / name
+            shutil.copytree(draw / "outliers", export)
+            info = export_onnx(load_model(str(export)), export, max_length=64, calibration=calibration)
+            assert ("smoothed" in info["onnx-int8"]["recipe"]) == (calibration is not None)
+            fp32 = Ranker.load(str(export), "onnx", max_length=64).score(queries, passages)
+            np.testing.assert_allclose(fp32, plain_scores, rtol=1e-5, atol=1e-4)
+            int8 = Ranker.load(str(export), "onnx-int8", max_length=64).score(queries, passages)
+            errors[name].append(float(np.nan_to_num(np.abs(int8 - fp32), nan=np.inf).mean()))  # a NaN: inf
+        assert info["onnx-int8"]["smoothing"]["max_abs_diff_vs_torch_fp32"] <= 1e-4
+    mean = {name: float(np.mean(e)) for name, e in errors.items()}
+    assert np.isfinite(mean["plain"]) and np.isfinite(mean["smoothed"]), errors
+    assert mean["smoothed"] < 0.9 * mean["plain"], errors
 
 
 def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
@@ -251,15 +257,16 @@ def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
                                   score_pairs(bi.model, bi.tokenizer, QUERIES, PASSAGES, batch_size=4))
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_teacher_scores_on_every_backend(amx, tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fastest", ["onnx-int8", "torch-bf16"])
+def test_teacher_scores_on_every_backend(fastest, tiny_models, tmp_path, monkeypatch):
     """01 teacher: torch is score_pairs bit for bit, onnxruntime fp32 within 1e-4 of it, and
-    ``auto`` takes a shipped dir's fastest backend: the int8 export, torch bf16 on an AMX CPU."""
+    ``auto`` takes a shipped dir's backend measured fastest here (common.serving.choose)."""
     import pandas as pd
 
-    from common.serving import rank
+    from common.serving import choose, rank
     from common.data.distill import score_triples
-    monkeypatch.setattr(rank, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(choose, "candidate_backends", lambda path: ["torch", "torch-bf16", "onnx-int8"])
+    monkeypatch.setattr(choose, "measure_backend", lambda loaded, backend, batch: 1.0 if backend == fastest else 2.0)
     out = pruned_dir(tiny_models, "bert", "segment_cosine", tmp_path)
     export_onnx(load_model(str(out)), out, max_length=64)
     triples = tmp_path / "triples.tsv"
@@ -274,7 +281,7 @@ def test_teacher_scores_on_every_backend(amx, tiny_models, tmp_path, monkeypatch
     expected = score_pairs(loaded.model, loaded.tokenizer, QUERIES, PASSAGES, batch_size=4, max_length=64)
     np.testing.assert_array_equal(scores["torch"]["teacher_pos"].to_numpy(), expected)
     np.testing.assert_allclose(scores["onnx"].to_numpy(), scores["torch"].to_numpy(), atol=1e-4)
-    pd.testing.assert_frame_equal(scores["auto"], scores["torch-bf16" if amx else "onnx-int8"])
+    pd.testing.assert_frame_equal(scores["auto"], scores[fastest])
     assert rank.resolve_backend(tiny_models["bert"], "auto") == "torch"  # no export: fp32 everywhere
     assert not scores["onnx-int8"].equals(scores["onnx"])
 

@@ -14,7 +14,9 @@ Expected columns (all optional except the key):
                        ``"reshaped"``, ...
 ``model_kind``         ``"cross"`` (cross-encoder) or ``"bi"`` (bi-encoder)
 ``backend``            what scored and was timed (``common.serving.rank``): ``"torch"``, ``"torch-bf16"``,
-                       ``"onnx"``, ``"onnx-int8"``; ``export``: the ONNX file's recipe
+                       ``"onnx"``, ``"onnx-int8"``, ``"openvino"``, ``"openvino-int8"``; ``export``: the
+                       exported file's recipe; ``backend_precision`` (OpenVINO): what it computed in
+                       on ``backend_host`` (the machine that scored, ``common.hardware``)
 ``head``               cross-encoders: ``"classifier"`` or ``"segment_cosine"``
 ``cross_attention``    segment head: mean attention share a token puts on the other segment
 ``family``             architecture family / adapter name (``"bert"``, ``"electra"``, ...)

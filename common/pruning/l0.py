@@ -21,9 +21,12 @@ Cost. The expected number of live heads of layer l is ``P(attention block l) * s
 ``common.evaluation.cost.analytic_macs`` is linear in both, so the expected cost of a sequence of
 ``max_length`` tokens is that formula at the expected counts (a test checks it against the
 Monte Carlo mean of the sampled masks' costs). The target is a cost
-(``--target_macs_ratio``: expected MACs / the unpruned model's) or a shape
-(``--target_heads`` in total, ``--target_ffn`` neurons per kept layer on average,
-``--target_layers``).
+(``--target_macs_ratio``: expected MACs / the unpruned model's), a predicted serving time
+(``--target_latency_ratio`` with ``--latency_table FILE`` of ``bench/latency_table.py``: the
+table's time as a cost linear in heads and neurons, ``common.evaluation.latency.linear_costs``,
+at ``--max_length``, so the expectation stays exact; the final shape's bilinear prediction is
+recorded beside it) or a shape (``--target_heads`` in total, ``--target_ffn`` neurons per kept
+layer on average, ``--target_layers``).
 
 Lagrangian. For each constrained quantity c (a ratio to the unpruned model) and its target t,
 ``lambda_1 * (c - t) + lambda_2 * (c - t) ** 2`` is added to the loss; the gates descend it, the
@@ -74,6 +77,7 @@ from common.data.formats import DataError, TriplesStream
 from common.pruning.importance import ActivationImportance
 from common.models.arch import adapter_for, get_module, layer_stack
 from common.evaluation.cost import analytic_macs, architecture
+from common.evaluation.latency import linear_costs, load_table, predicted_ratio
 from common.training.schedules import WarmupLinear
 from common.models.structure import PruningState, zero_dead_weights
 from common.layout import GATES_FILE
@@ -105,6 +109,11 @@ class L0Args:
     target_macs_ratio: Optional[float] = arg(None, group="l0 gates", bounds=(0, 1, True, True),
         help="cost target: expected multiply-adds per sequence (common.evaluation.cost, at --max_length) "
              "/ the unpruned model's, e.g. 0.33")
+    target_latency_ratio: Optional[float] = arg(None, group="l0 gates", bounds=(0, 1, True, True),
+        help="cost target: predicted serving time per batch (--latency_table, at --max_length) / the "
+             "unpruned model's, e.g. 0.5")
+    latency_table: Optional[str] = arg(None, group="l0 gates",
+        help="--target_latency_ratio: a latency table of the serving backend (bench/latency_table.py)")
     target_heads: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
         help="shape target: heads kept in total")
     target_ffn: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
@@ -136,24 +145,37 @@ class L0Args:
     def validate(self) -> None:
         check_declared(self)
         shape = (self.target_heads, self.target_ffn, self.target_layers)
-        if self.target_macs_ratio is not None and any(v is not None for v in shape):
-            raise ValueError("give either --target_macs_ratio (a cost) or --target_heads/--target_ffn/"
-                             "--target_layers (a shape), not both")
-        if self.target_macs_ratio is None and all(v is None for v in shape):
-            raise ValueError("give a target: --target_macs_ratio, or --target_heads/--target_ffn/--target_layers")
+        if self.target_macs_ratio is not None and self.target_latency_ratio is not None:
+            raise ValueError("give either --target_macs_ratio or --target_latency_ratio, not both")
+        if self.cost_ratio is not None and any(v is not None for v in shape):
+            raise ValueError("give either --target_macs_ratio/--target_latency_ratio (a cost) or --target_heads/"
+                             "--target_ffn/--target_layers (a shape), not both")
+        if self.cost_ratio is None and all(v is None for v in shape):
+            raise ValueError("give a target: --target_macs_ratio, --target_latency_ratio, or "
+                             "--target_heads/--target_ffn/--target_layers")
+        if (self.target_latency_ratio is None) != (self.latency_table is None):
+            raise ValueError("--target_latency_ratio and --latency_table go together")
         for flag, used in (("--l0_init importance", self.l0_init == "importance"),
                            ("--target_ramp", self.target_ramp is not None)):
             if used and self.target_macs_ratio is None:
                 raise ValueError(f"{flag} works on a cost target: give --target_macs_ratio")
+
+    @property
+    def cost_ratio(self) -> Optional[float]:
+        """The cost target (MACs or predicted time), if the target is a cost."""
+        return self.target_macs_ratio if self.target_macs_ratio is not None else self.target_latency_ratio
 
 
 class Gates(nn.Module):
     """The log-alphas of one model (padded to the base config's head count and FFN width per
     layer; units not present or already dead are held shut by ``alive``)."""
 
-    def __init__(self, state: PruningState, init: float, arch: dict, seq_len: int):
+    def __init__(self, state: PruningState, init: float, arch: dict, seq_len: int,
+                 latency: tuple[float, float, float, float] | None = None):
         """``arch``: :func:`common.evaluation.cost.architecture` of the model (its hidden size, head and
-        embedding projection: what 05 counts); ``seq_len``: the sequence the cost is of."""
+        embedding projection: what 05 counts); ``seq_len``: the sequence the cost is of;
+        ``latency``: (base, per layer, per head, per neuron) ms of a latency table
+        (``common.evaluation.latency.linear_costs``): the cost a cost target is of, instead of MACs."""
         super().__init__()
         L, H, F = state.num_layers, state.num_heads, state.ffn_size
         self.head_size, self.hidden, self.seq_len = state.head_size, arch["hidden"], seq_len
@@ -178,6 +200,12 @@ class Gates(nn.Module):
         self.per_head = self.analytic([1] + [0] * (L - 1), [0] * L) - self.base_macs
         self.per_neuron = self.analytic([0] * L, [1] + [0] * (L - 1)) - self.base_macs
         self.full_macs = self.analytic([H] * L, [F] * L)
+        # the cost a cost target is of: MACs, or a latency table's ms (per layer constant in the base)
+        if latency is None:
+            self.cost_base, self.cost_head, self.cost_neuron = self.base_macs, self.per_head, self.per_neuron
+        else:
+            self.cost_base, self.cost_head, self.cost_neuron = latency[0] + L * latency[1], latency[2], latency[3]
+        self.cost_full = self.cost_base + L * (H * self.cost_head + F * self.cost_neuron)
         self.z: dict[str, torch.Tensor] | None = None  # this step's sampled gates
 
     def analytic(self, heads_per_layer: list[int], ffn_per_layer: list[int]) -> int:
@@ -218,6 +246,9 @@ class Gates(nn.Module):
 
     def macs(self, heads, ffn) -> torch.Tensor | float:
         return self.base_macs + self.per_head * heads.sum() + self.per_neuron * ffn.sum()
+
+    def cost(self, heads, ffn) -> torch.Tensor | float:
+        return self.cost_base + self.cost_head * heads.sum() + self.cost_neuron * ffn.sum()
 
     def expected_macs(self) -> torch.Tensor:
         return self.macs(*self.expected_counts())
@@ -291,15 +322,16 @@ class Gates(nn.Module):
         head_score = det["head"] * det["attn_block"][:, None] + 1e-6 * prob_nonzero(self.head)
         ffn_score = det["ffn"] * det["ffn_block"][:, None] + 1e-6 * prob_nonzero(self.ffn)
         head_ok, ffn_ok = self.head_alive.bool().clone(), self.ffn_alive.bool().clone()
-        if args.target_macs_ratio is not None:
-            budget = args.target_macs_ratio * self.full_macs - self.base_macs
+        if args.cost_ratio is not None:
+            per_head, per_neuron = self.cost_head, self.cost_neuron
+            budget = args.cost_ratio * self.cost_full - self.cost_base
             e_heads, e_ffn = (c.sum().item() for c in self.expected_counts())
-            head_cost, ffn_cost = e_heads * self.per_head, e_ffn * self.per_neuron
+            head_cost, ffn_cost = e_heads * per_head, e_ffn * per_neuron
             share = head_cost / (head_cost + ffn_cost) if head_cost + ffn_cost > 0 else 0.0
-            k_heads = min(int(head_ok.sum()), max(0, math.floor(budget * share / self.per_head)))
-            k_ffn = min(int(ffn_ok.sum()), max(0, math.floor((budget - k_heads * self.per_head) / self.per_neuron)))
+            k_heads = min(int(head_ok.sum()), max(0, math.floor(budget * share / per_head)))
+            k_ffn = min(int(ffn_ok.sum()), max(0, math.floor((budget - k_heads * per_head) / per_neuron)))
             if k_ffn == int(ffn_ok.sum()):  # every neuron fits: give the rest of the budget to heads
-                k_heads = min(int(head_ok.sum()), math.floor((budget - k_ffn * self.per_neuron) / self.per_head))
+                k_heads = min(int(head_ok.sum()), max(0, math.floor((budget - k_ffn * per_neuron) / per_head)))
         else:
             if args.target_layers is not None:
                 if args.target_layers > L:
@@ -392,7 +424,16 @@ class L0Callback(Callback):
     # -- set-up and persistence ------------------------------------------------------------
     def on_start(self, trainer: Trainer) -> None:
         model, state = trainer.model, trainer.state
-        self.gates = Gates(state, self.l0.gate_init, architecture(model), trainer.args.max_length).to(trainer.device)
+        latency = None
+        if self.l0.latency_table:
+            self.table = load_table(self.l0.latency_table)
+            if (self.table["num_heads"], self.table["ffn_size"]) != (state.num_heads, state.ffn_size):
+                raise ValueError(f"{self.l0.latency_table}: a table of layers with {self.table['num_heads']} heads and "
+                                 f"{self.table['ffn_size']} FFN neurons; the model's have {state.num_heads} and "
+                                 f"{state.ffn_size}")
+            latency = linear_costs(self.table, trainer.args.max_length)
+        self.gates = Gates(state, self.l0.gate_init, architecture(model), trainer.args.max_length,
+                           latency).to(trainer.device)
         if self.l0.l0_init == "importance" and not trainer.resuming:
             self._init_from_importance(trainer)
         names = self.constraints()
@@ -440,6 +481,8 @@ class L0Callback(Callback):
     def constraints(self) -> list[str]:
         if self.l0.target_macs_ratio is not None:
             return ["macs"]
+        if self.l0.target_latency_ratio is not None:
+            return ["latency"]
         return [name for name, value in (("heads", self.l0.target_heads), ("ffn", self.l0.target_ffn),
                                          ("layers", self.l0.target_layers)) if value is not None]
 
@@ -453,6 +496,8 @@ class L0Callback(Callback):
         for name in self.constraints():
             if name == "macs":
                 out[name] = g.macs(heads, ffn) / g.full_macs
+            elif name == "latency":
+                out[name] = g.cost(heads, ffn) / g.cost_full
             elif name == "heads":
                 out[name] = heads.sum() / (L * H)
             elif name == "ffn":
@@ -465,7 +510,7 @@ class L0Callback(Callback):
         g, a = self.gates, self.l0
         L, H = g.head.shape
         F = g.ffn.shape[1]
-        final = {"macs": a.target_macs_ratio, "heads": (a.target_heads or 0) / (L * H),
+        final = {"macs": a.target_macs_ratio, "latency": a.target_latency_ratio, "heads": (a.target_heads or 0) / (L * H),
                  "ffn": (a.target_ffn or 0) * (a.target_layers or L) / (L * F), "layers": (a.target_layers or 0) / L}
         return {name: final[name] for name in self.constraints()}
 
@@ -573,6 +618,9 @@ class L0Callback(Callback):
             "targets": self.targets(), "expected_at_end": expected, "macs_ratio": round(macs / gates.full_macs, 5),
             "lambdas": self.lambdas.detach().cpu().tolist(),
             "heads_per_layer": state.heads_per_layer, "ffn_per_layer": state.ffn_per_layer}}
+        if self.l0.latency_table:  # the final shape's time as the table predicts it (bilinear, not the fit)
+            event["l0"]["predicted_latency_ratio"] = round(predicted_ratio(
+                self.table, state.heads_per_layer, state.ffn_per_layer, trainer.args.max_length), 5)
         state.history.append(event)
         trainer.masks.refresh()
         zero_dead_weights(trainer.model, state, trainer.optimizer)

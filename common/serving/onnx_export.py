@@ -120,16 +120,41 @@ def smoothed_copy(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: floa
     return smoothed.eval()
 
 
+class EmptyLinear(nn.Module):
+    """A linear layer with no inputs or no outputs (an emptied attention block or FFN), traced
+    without a zero-size MatMul (OpenVINO's ONNX reader takes a 0 x n weight for a scalar): no
+    inputs gives the bias at every position, no outputs an empty slice."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear.out_features == 0:
+            return x[..., :0]
+        bias = self.linear.bias if self.linear.bias is not None else x.new_zeros(self.linear.out_features)
+        return bias.to(x.dtype).expand(*x.shape[:-1], bias.shape[0])
+
+
+def _empty_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.Linear) and 0 in (child.in_features, child.out_features)]
+
+
 def _export(module: nn.Module, batch: dict, path: Path) -> None:
     """Trace ``module`` with stock SDPA attention switched to its eager form
-    (``EXPORT_ATTENTION``), then switch it back. The segment head's own attention is left as it
-    is: its SDPA call takes an additive float mask, which exports without the NaN guard."""
+    (``EXPORT_ATTENTION``) and emptied linears as :class:`EmptyLinear`, then switch both back.
+    The segment head's own attention is left as it is: its SDPA call takes an additive float
+    mask, which exports without the NaN guard."""
     names = list(batch)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["output"] = {0: "batch"}
     switched = [m for m in module.modules() if isinstance(m, PreTrainedModel)
                 and m.config._attn_implementation == "sdpa"]
+    empty = _empty_linears(module)
     try:
+        for parent, name, linear in empty:
+            setattr(parent, name, EmptyLinear(linear))
         for encoder in switched:
             encoder.set_attn_implementation(EXPORT_ATTENTION)
         with warnings.catch_warnings(), torch.no_grad():
@@ -141,6 +166,8 @@ def _export(module: nn.Module, batch: dict, path: Path) -> None:
     finally:
         for encoder in switched:
             encoder.set_attn_implementation("sdpa")
+        for parent, name, linear in empty:
+            setattr(parent, name, linear)
 
 
 def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) -> list[str]:
@@ -154,8 +181,8 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
     adapter = adapter_for(loaded.model.config)
     pattern = re.compile(rf"(^|\.){re.escape(adapter.layers)}\.\d+\."
                          rf"({'|'.join(re.escape(getattr(adapter, r)) for r in roles)})$")
-    names = [name for name, module in loaded.model.named_modules()
-             if isinstance(module, nn.Linear) and pattern.search(name)]
+    names = [name for name, module in loaded.model.named_modules()  # an emptied one has no MatMul
+             if isinstance(module, nn.Linear) and pattern.search(name) and module.in_features and module.out_features]
     scopes = ["/model/" + re.sub(r"\.(?!\d)", "/", name) for name in names]  # layer.0 stays one scope
     present = {node.name for node in onnx.load(str(graph_path), load_external_data=False).graph.node}
     # a smoothed graph (SmoothedLinear) names the projection's MatMul one scope deeper: .../linear/MatMul

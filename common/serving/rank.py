@@ -8,6 +8,11 @@
 Backends (``BACKENDS``): ``torch`` (fp32), ``torch-bf16`` / ``torch-fp16`` (autocast), ``onnx``
 (onnxruntime, fp32) and ``onnx-int8`` (onnxruntime, dynamically quantized weights); the two ONNX
 files are written by ``04_reshape.py --onnx`` into ``<model dir>/onnx/`` (``common.serving.onnx_export``).
+``openvino`` (the OpenVINO runtime at the CPU's default inference precision: bf16 where the CPU
+has native bf16, AVX512-BF16 or AMX, fp32 elsewhere; :func:`openvino_precision`) and
+``openvino-int8`` (NNCF static post-training quantization) run the IR that ``04_reshape.py
+--openvino`` writes into ``<model dir>/openvino/`` (``common.serving.openvino_export``). ``auto``
+takes the backend measured fastest on this host class (``common.serving.choose``).
 
 Model kinds are classes: :class:`CrossRanker` scores a (query, passage) pair in one sequence
 (the model's own pair layout: the monoBERT template or the segment head's); :class:`BiRanker`
@@ -31,14 +36,14 @@ import torch
 from torch import nn
 
 from common import layout
-from common.layout import ONNX_FILES
-from common.hardware import cpu_has_amx, time_callable
+from common.layout import ONNX_FILES, OPENVINO_FILES
+from common.hardware import machine_description, time_callable
 from common.models.encoders import embedding_of, max_length_of, similarity, with_prompt
 from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, autocast_context, encode_pairs, load_model,
                              model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8")
-AUTO = "auto"  # a shipped dir's fastest backend on this CPU, else torch fp32 (resolve_backend)
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "openvino", "openvino-int8")
+AUTO = "auto"  # a shipped dir's measured fastest backend on this host, else torch fp32 (resolve_backend)
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
 
@@ -147,6 +152,45 @@ def _query_encoder(name: str, device: str) -> LoadedModel:
     encoder = load_model(name, device, kind="bi")
     encoder.model.eval().requires_grad_(False)
     return encoder
+def openvino_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes in by default on this host (``bf16`` where the
+    CPU has native bf16, else ``f32``): what the ``openvino`` backend runs at."""
+    import openvino
+
+    return openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+
+
+class OpenVinoRunner:
+    """Runs an OpenVINO IR (``openvino/openvino_model*.xml``) on the CPU plugin, at its default
+    inference precision unless ``precision`` (``f32``) says otherwise; latency hint, ``threads``
+    (default: torch's) inference threads."""
+
+    def __init__(self, path: Path, threads: int | None = None, precision: str | None = None):
+        import openvino  # imported here: only the OpenVINO backends need it
+
+        if not path.is_file():
+            raise ValueError(f"{path}: no OpenVINO IR (run 04_reshape.py --openvino on {path.parent.parent})")
+        core = openvino.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        model = core.read_model(str(path))
+        self.inputs = [i.get_any_name() for i in model.inputs]
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: dict) -> np.ndarray:
+        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
+        return np.array(self.request.infer(feed)[0], dtype=np.float32)  # a copy: the request reuses its buffer
+
+
+def make_runner(loaded: LoadedModel, backend: str, threads: int | None = None):
+    """The runner of one backend (``BACKENDS``) for a loaded model (its exports for ONNX/OpenVINO)."""
+    if backend in TORCH_PRECISION:
+        return TorchRunner(loaded, TORCH_PRECISION[backend])
+    if backend in ONNX_FILES:
+        return OnnxRunner(layout.onnx_dir(loaded.path) / ONNX_FILES[backend], threads)
+    return OpenVinoRunner(layout.openvino_dir(loaded.path) / OPENVINO_FILES[backend], threads)
 
 
 class Ranker:
@@ -182,15 +226,10 @@ class Ranker:
         backend = resolve_backend(loaded.path, backend)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend in TORCH_PRECISION:
-            device = next(loaded.model.parameters()).device
-            if backend == "torch-fp16" and device.type != "cuda":
-                raise ValueError(f"backend torch-fp16 needs a CUDA device (the model is on {device.type}): "
-                                 "use torch, torch-bf16 or an ONNX backend")
-            runner = TorchRunner(loaded, TORCH_PRECISION[backend])
-        else:
-            onnx_file = layout.onnx_dir(loaded.path) / ONNX_FILES[backend]
-            runner = OnnxRunner(onnx_file, threads)
+        if backend == "torch-fp16" and next(loaded.model.parameters()).device.type != "cuda":
+            raise ValueError(f"backend torch-fp16 needs a CUDA device (the model is on "
+                             f"{next(loaded.model.parameters()).device.type}): use torch, torch-bf16 or an exported backend")
+        runner = make_runner(loaded, backend, threads)
         ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind](loaded, runner, backend, max_length,
                                                                       batch_size)
         if query_encoder and loaded.kind != "bi":
@@ -326,15 +365,17 @@ class BiRanker(Ranker):
 
 
 def resolve_backend(path: str | Path, backend: str) -> str:
-    """``auto``: for a shipped dir (one with an int8 export, 04_reshape.py --onnx) its fastest
-    backend within the quality budget on this CPU: torch bf16 autocast where the CPU has AMX,
-    else the int8 export (on AMX, bf16 autocast measured 1.4-1.9x faster than the int8 graph); for any other dir (the
-    packaged teacher, checkpoints) torch fp32, so teacher scores are the same on every host."""
+    """``auto``: for a shipped dir (one with an ONNX or OpenVINO export, 04_reshape.py --onnx /
+    --openvino) the backend a short micro-benchmark found fastest on this host class, cached in
+    the dir (``common.serving.choose``); for any other dir (the packaged teacher, checkpoints)
+    torch fp32, so teacher scores are the same on every host."""
     if backend != AUTO:
         return backend
-    if not (layout.onnx_dir(path) / ONNX_FILES["onnx-int8"]).is_file():
+    from common.serving.choose import exported_backends, fastest_backend
+
+    if not exported_backends(path):
         return "torch"
-    return "torch-bf16" if cpu_has_amx() else "onnx-int8"
+    return fastest_backend(path)
 
 
 def onnx_inputs(loaded: LoadedModel) -> list[str]:
@@ -348,9 +389,14 @@ def onnx_inputs(loaded: LoadedModel) -> list[str]:
 
 
 def describe_backend(path: str | Path, backend: str) -> dict:
-    """What the results table says about a backend (the quantization recipe of an int8 file)."""
-    info = {"backend": backend}
-    meta = layout.onnx_dir(path) / "export.json"
-    if backend.startswith("onnx") and meta.is_file():
+    """What the results table says about a backend: the quantization recipe of an exported file,
+    and for OpenVINO the precision it computes in on this host."""
+    info = {"backend": backend, "backend_host": machine_description()}
+    if backend.startswith("openvino"):
+        precision = openvino_precision()
+        info["backend_precision"] = f"int8, other ops {precision}" if backend.endswith("int8") else precision
+    folder = layout.onnx_dir(path) if backend.startswith("onnx") else layout.openvino_dir(path)
+    meta = folder / "export.json"
+    if backend not in TORCH_PRECISION and meta.is_file():
         info["export"] = json.loads(meta.read_text()).get(backend, {}).get("recipe", "")
     return info

@@ -1,0 +1,92 @@
+"""The latency table: the predictor interpolates the grid it reads (bilinear in heads and FFN
+width, linear in length), refuses a malformed table naming the field, and bench/latency_table.py
+writes a table with the host that the predictor reads."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.evaluation import latency
+from common.hardware import machine_description
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_table() -> dict:
+    """Layer cost = 1 + 0.5 * heads + 0.01 * ffn (ms over the base) at length 64, twice at 128."""
+    heads, ffn, lengths = [0, 2, 4], [0, 100, 200], [64, 128]
+    base = [3.0, 5.0]
+    measured = [[[base[k] + (k + 1) * (0.5 * h + 0.01 * f + (1.0 if h or f else 0.0)) for f in ffn] for h in heads]
+                for k in range(2)]
+    return {"backend": "torch", "host": "test", "batch": 8, "lengths": lengths, "heads": heads, "ffn": ffn,
+            "num_heads": 4, "ffn_size": 200, "layers": 3, "base_ms": base, "measured_ms": measured}
+
+
+def test_predictor_interpolates_the_grid():
+    table = synthetic_table()
+    # a grid point: exact; between points: bilinear (the synthetic cost is linear off the origin)
+    assert latency.predict_ms(table, [4], [200], 64) == pytest.approx(3 + 1 + 2 + 2)
+    assert latency.predict_ms(table, [3], [150], 64) == pytest.approx(3 + 1 + 1.5 + 1.5)
+    # three layers add their costs to one base; length halfway: the mean of the two lengths
+    full64, full128 = 3 + 3 * 5.0, 5 + 3 * 10.0
+    assert latency.predict_ms(table, [4] * 3, [200] * 3, 64) == pytest.approx(full64)
+    assert latency.predict_ms(table, [4] * 3, [200] * 3, 96) == pytest.approx((full64 + full128) / 2)
+    assert latency.predict_ms(table, [4] * 3, [200] * 3) == pytest.approx(full128)  # default: longest
+    assert latency.predict_ms(table, [9], [900], 512) == latency.predict_ms(table, [4], [200], 128)  # clamped
+    assert latency.predicted_ratio(table, [4] * 3, [200] * 3) == pytest.approx(1.0)
+    pruned = latency.predicted_ratio(table, [2, 0, 4], [100, 0, 200], 64)
+    assert pruned == pytest.approx((3 + (1 + 1 + 1) + 0 + 5) / full64)
+    with pytest.raises(ValueError, match="2 head counts but 1 FFN widths"):
+        latency.predict_ms(table, [1, 2], [3])
+
+
+def test_load_table_refuses_a_malformed_file(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="t.json: not a readable latency table"):
+        latency.load_table(path)
+    table = synthetic_table()
+    del table["base_ms"]
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="without field.*base_ms"):
+        latency.load_table(path)
+    table = synthetic_table()
+    table["measured_ms"][1] = table["measured_ms"][1][:2]
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=r"measured_ms\[1\]: shape \(2, 3\), expected \(3, 3\)"):
+        latency.load_table(path)
+    path.write_text(json.dumps(synthetic_table()))
+    assert latency.load_table(path)["heads"] == [0, 2, 4]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("latency_table", ROOT / "bench" / "latency_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_latency_table_script_writes_what_the_predictor_reads(backend, tiny_models, tmp_path, capsys):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    out = tmp_path / "table.json"
+    _script()(["--model", str(tiny_models["bert"]), "--backend", backend, "--heads", "0", "4", "--ffn", "0", "37",
+               "--lengths", "16", "32", "--batch", "4", "--rounds", "1", "--threads", "1", "--out", str(out)])
+    table = latency.load_table(out)
+    assert table["host"] == machine_description() and table["backend"] == backend and table["threads"] == 1
+    assert (table["layers"], table["num_heads"], table["ffn_size"]) == (3, 4, 37)
+    assert np.shape(table["measured_ms"]) == (2, 2, 2) and np.all(np.asarray(table["measured_ms"]) > 0)
+    assert table["base_ms"] == [table["measured_ms"][k][0][0] for k in range(2)]
+    assert table["predicted_whole_model_ms"] == pytest.approx(
+        [latency.predict_ms(table, [4] * 3, [37] * 3, n) for n in (16, 32)])
+    assert all(m > 0 for m in table["whole_model_ms"])
+    with pytest.raises(SystemExit):
+        _script()(["--model", str(tiny_models["bert"]), "--backend", backend, "--heads", "2", "4",
+                   "--out", str(tmp_path / "x.json")])
+    assert "--heads must be increasing and start at 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
