@@ -95,6 +95,11 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
             reference = RankingOutput(loaded.model).eval()(**batch).numpy()
         feed = {k: v.numpy() for k, v in batch.items()}
         model = openvino.convert_model(str(source))
+        for port in model.inputs:  # only the ONNX input names (a graph pass may add e.g. /Cast_output_0)
+            names = port.get_names()
+            plain = {n for n in names if not n.startswith("/")}
+            if plain and plain != names:
+                port.get_tensor().set_names(plain)
         xml = tmp / OPENVINO_FILES["openvino"]
         openvino.save_model(model, str(xml), compress_to_fp16=False)
         precision = openvino_precision()

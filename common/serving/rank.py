@@ -160,6 +160,12 @@ def openvino_precision() -> str:
     return openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
 
+def _input_name(names: set[str]) -> str:
+    """The tokenizer-side name among an OpenVINO input's names (input_ids, attention_mask, ...)."""
+    plain = sorted(n for n in names if not n.startswith("/"))
+    return plain[0] if plain else sorted(names)[0]
+
+
 class OpenVinoRunner:
     """Runs an OpenVINO IR (``openvino/openvino_model*.xml``) on the CPU plugin, at its default
     inference precision unless ``precision`` (``f32``) says otherwise; latency hint, ``threads``
@@ -175,7 +181,9 @@ class OpenVinoRunner:
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
         model = core.read_model(str(path))
-        self.inputs = [i.get_any_name() for i in model.inputs]
+        # an input tensor may carry several names (a graph pass can add one, e.g. /Cast_output_0):
+        # the model's input names are the ones the ONNX graph was exported with
+        self.inputs = [_input_name(i.get_names()) for i in model.inputs]
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
