@@ -328,7 +328,7 @@ def plain_state_dict(model: nn.Module) -> dict:
 def model_depth(path_or_tag: str) -> int:
     """The layer count of a model (from its config.json, without loading the weights)."""
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(path_or_tag))
+        config = AutoConfig.from_pretrained(resolve_model_path(path_or_tag), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the config of {path_or_tag}: {str(err).splitlines()[0]}") from None
     return getattr(config, adapter_for(config).cfg_layers)
