@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from transformers import PreTrainedModel
 from common.models.arch import adapter_for
 from common.models.loading import LoadedModel, encode_pairs
 from common.serving.rank import OnnxRunner, Ranker, RankingOutput, onnx_inputs
+from common.io import temporary_dir
 from common.layout import ONNX_FILES, onnx_dir, replace_dir
 
 OPSET = 17
@@ -128,6 +128,16 @@ class EmptyLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
+        # what callers read off a linear (an emptied attention block reads its output's width and bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear.out_features == 0:
@@ -220,11 +230,7 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
         raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; choose from {list(FP32_ROLES)}")
     directory = Path(directory)
     out = onnx_dir(directory)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:  # nothing half-written: the temporary directory goes on any failure
+    with temporary_dir(out) as tmp:  # nothing half-written: the temporary directory goes on any failure
         batch = sample_batch(loaded, max_length)
         with torch.no_grad():
             reference = RankingOutput(loaded.model).eval()(**batch).numpy()
@@ -268,8 +274,5 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
                               "recipe": recipe, "smoothing": smoothing, "fp32_nodes": excluded,
                               "max_abs_diff_vs_torch": int8_diff}}
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     replace_dir(tmp, out)
     return info

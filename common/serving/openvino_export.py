@@ -17,12 +17,12 @@ written to a temporary directory and renamed; on any failure nothing is left.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.io import temporary_dir
 from common.layout import ONNX_FILES, OPENVINO_FILES, onnx_dir, openvino_dir, replace_dir
 from common.models.loading import LoadedModel, encode_pairs
 from common.serving.onnx_export import sample_batch
@@ -85,11 +85,7 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
     if calibration is not None and not calibration[0]:
         raise ValueError(f"{directory}: no calibration pairs for the int8 IR")
     out = openvino_dir(directory)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:  # nothing half-written: the temporary directory goes on any failure
+    with temporary_dir(out) as tmp:  # nothing half-written: the temporary directory goes on any failure
         batch = sample_batch(loaded, max_length)
         with torch.no_grad():
             reference = RankingOutput(loaded.model).eval()(**batch).numpy()
@@ -134,8 +130,5 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
                 "max_abs_diff_vs_torch": float(np.abs(runner(feed) - reference).max()),
                 "held_out": agreement(loaded, runner, held_out, max_length) if held_out else None}
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     replace_dir(tmp, out)
     return info
