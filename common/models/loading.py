@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common.models import standalone
+from common.models import m3, standalone
 from common.models.arch import adapter_for, layer_stack, set_module
 from common.models.encoders import encode, read_pooling
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
@@ -70,11 +70,11 @@ class LoadedModel:
 
 def load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
+               head: str | None = None, heads: str | None = None) -> LoadedModel:
     """:func:`_load_model`, with every unreadable input turned into one ``ValueError`` naming
     the file (a corrupt safetensors, a garbage config or pruning.json, an unknown tag)."""
     try:
-        return _load_model(path_or_tag, device, kind, pooling, head)
+        return _load_model(path_or_tag, device, kind, pooling, head, heads)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {path_or_tag}: a file is not readable: {err}") from None
     except (ValueError, FileNotFoundError):
@@ -89,10 +89,13 @@ def load_model(path_or_tag: str, device: str | torch.device = "cpu",
 
 def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None) -> LoadedModel:
-    """``kind``/``pooling``/``head`` apply to plain models (a fresh start); our checkpoints know
-    theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label head, the default) or
-    ``segment_cosine`` (``common.models.segment``: starts as the model's own bi-encoder)."""
+               head: str | None = None, heads: str | None = None) -> LoadedModel:
+    """``kind``/``pooling``/``head``/``heads`` apply to plain models (a fresh start); our
+    checkpoints know theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label head, the
+    default) or ``segment_cosine`` (``common.models.segment``: starts as the model's own
+    bi-encoder). ``heads`` (bi-encoders, ``common.models.m3``): ``dense`` (the default) or dense
+    with BGE-M3's ``sparse`` and ``colbert`` heads, read from the dir's ``sparse_linear.pt`` /
+    ``colbert_linear.pt`` when it has them, else freshly initialised."""
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
@@ -123,6 +126,11 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         weights = load_file(os.path.join(path, WEIGHTS_FILE))
         model.load_state_dict(weights, strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        saved_heads = tuple(getattr(config, m3.HEADS_FIELD, None) or ("dense",))
+        if heads is not None and m3.parse_heads(heads) != saved_heads:
+            raise ValueError(f"{path} has the heads {','.join(saved_heads)}, not --heads {heads}")
+        if saved_heads != ("dense",):
+            m3.attach_heads(model, tokenizer, saved_heads, path)
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
@@ -136,6 +144,10 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS)
         model.config.slimrank_model_kind = kind
+        if heads is not None and m3.parse_heads(heads) != ("dense",):
+            if kind != "bi":
+                raise ValueError(f"--heads {heads}: the sparse and ColBERT heads are for bi-encoders")
+            m3.attach_heads(model, tokenizer, m3.parse_heads(heads), path if Path(path).is_dir() else None)
         state = PruningState.full(model.config)
     model.to(device)
     return LoadedModel(model, tokenizer, state, Masks(model, state), path)
@@ -146,8 +158,9 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     need to open the directory without slimrank (:func:`describe_for_stock_tools`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in m3.encoder_weights(model).items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    m3.save_heads(model, directory)  # sparse_linear.pt / colbert_linear.pt, FlagEmbedding's files
     describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state.save(directory)

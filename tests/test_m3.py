@@ -1,0 +1,148 @@
+"""BGE-M3 heads (common.models.m3): sparse weights, MaxSim, the self-distillation loss by hand,
+FlagEmbedding's head files, and the three scores through masking, saving and reshaping."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.models import m3
+from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.models.structure import zero_dead_weights
+
+QUERIES = ["what is a cat", "how tall is mount everest"]
+PASSAGES = ["a cat is a small domesticated carnivorous mammal",
+            "mount everest is 8849 metres tall", "the stock market fell today"]
+
+
+def test_sparse_takes_the_max_per_token_id_and_ignores_special_tokens():
+    heads = m3.M3Heads(hidden=4, vocab_size=10, special_ids=[0, 1, 2], heads=("dense", "sparse"))
+    with torch.no_grad():
+        heads.sparse_linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        heads.sparse_linear.bias.zero_()
+    ids = torch.tensor([[1, 5, 7, 5, 9, 2, 0], [1, 9, 2, 0, 0, 0, 0]])  # CLS=1, SEP=2, PAD=0
+    first = torch.tensor([[9.0, 0.5, -1.0, 2.0, 0.25, 3.0, 4.0], [7.0, 1.5, 6.0, 8.0, 8.0, 8.0, 8.0]])
+    hidden = torch.zeros(2, 7, 4)
+    hidden[..., 0] = first
+    weights = heads.sparse(hidden, ids)
+    want = torch.zeros(2, 10)
+    want[0, 5], want[0, 9] = 2.0, 0.25  # id 5: max(0.5, 2.0); id 7: ReLU(-1) = 0
+    want[1, 9] = 1.5  # CLS, SEP and PAD weigh 0 however large their own weights
+    torch.testing.assert_close(weights, want)
+    torch.testing.assert_close(m3.sparse_scores(weights, weights), torch.tensor(
+        [[4.0 + 0.0625, 0.25 * 1.5], [1.5 * 0.25, 2.25]]))
+
+
+def test_maxsim_matches_a_hand_computation():
+    q = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 0.0]]])  # 2 real tokens + padding
+    q_mask = torch.tensor([[1, 1, 0]])
+    p = torch.tensor([[[0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]], [[-1.0, 0.0], [0.0, -1.0], [0.0, 0.0]]])
+    p_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # passage 0: token 1 best 0.8 (with [0.8, 0.6]); token 2 best max(0.96, 0.8, -0.6) = 0.96
+    # passage 1: token 1 best max(-1, 0) = 0; token 2 best max(-0.6, -0.8) = -0.6 (not the pad's 0)
+    want = torch.tensor([[(0.8 + 0.96) / 2, (0.0 - 0.6) / 2]])
+    torch.testing.assert_close(m3.maxsim(q, q_mask, p, p_mask), want)
+    # the ColBERT head drops the first token, zeroes padding and normalises
+    heads = m3.M3Heads(hidden=2, vocab_size=5, special_ids=[], heads=("dense", "colbert"))
+    with torch.no_grad():
+        heads.colbert_linear.weight.copy_(2 * torch.eye(2))
+        heads.colbert_linear.bias.zero_()
+    vectors, mask = heads.colbert(torch.tensor([[[5.0, 5.0], [3.0, 4.0], [1.0, 1.0]]]), torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(vectors, torch.tensor([[[0.6, 0.8], [0.0, 0.0]]]))
+    assert mask.tolist() == [[1, 0]]
+
+
+def test_self_distillation_loss_matches_a_hand_computation():
+    scores = {"dense": torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.2]]),
+              "sparse": torch.tensor([[1.0, 3.0, 0.0], [0.5, 0.5, 4.0]]),
+              "colbert": torch.tensor([[0.3, 0.2, 0.1], [-0.5, 1.5, 0.0]])}
+    target = torch.tensor([0, 1])
+
+    def log_softmax(row):
+        top = max(row)
+        z = math.log(sum(math.exp(x - top) for x in row)) + top
+        return [x - z for x in row]
+
+    rows = {k: v.tolist() for k, v in scores.items()}
+    ens = [[rows["dense"][i][j] + 0.3 * rows["sparse"][i][j] + rows["colbert"][i][j] for j in range(3)]
+           for i in range(2)]
+
+    def ce(matrix):
+        return -sum(log_softmax(matrix[i])[target[i]] for i in range(2)) / 2
+
+    def sce(matrix):
+        total = 0.0
+        for i in range(2):
+            t = [math.exp(x) for x in log_softmax(ens[i])]
+            total -= sum(tj * lj for tj, lj in zip(t, log_softmax(matrix[i])))
+        return total / 2
+
+    task = (ce(rows["dense"]) + ce(ens) + 0.1 * ce(rows["sparse"]) + ce(rows["colbert"])) / 4
+    distill = (sce(rows["dense"]) + 0.1 * sce(rows["sparse"]) + sce(rows["colbert"])) / 3
+    got = m3.self_distill_loss(scores, target)
+    assert got.item() == pytest.approx((task + distill) / 2, rel=1e-6)
+    assert m3.self_distill_loss(scores, target, self_distill=False).item() == pytest.approx(task, rel=1e-6)
+    # the ensemble teaches without being taught: no gradient flows through the targets
+    leaves = {k: v.clone().requires_grad_() for k, v in scores.items()}
+    m3.self_distill_loss(leaves, target).backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in leaves.values())
+
+
+def three_scores(loaded):
+    model = loaded.model.eval()
+    with torch.no_grad():
+        q = m3.encode_all(model, loaded.tokenizer, QUERIES, "mean", max_length=32)
+        p = m3.encode_all(model, loaded.tokenizer, PASSAGES, "mean", max_length=32)
+        return m3.score_matrices(q, p)
+
+
+def test_three_heads_survive_saving_and_reshape(tiny_models, tmp_path):
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_models["bert"]), kind="bi", heads="dense,sparse,colbert")
+    assert loaded.model.config.slimrank_heads == ["dense", "sparse", "colbert"]
+    state = loaded.state
+    state.kept_heads[1] = []
+    state.kept_heads[2] = [0, 3]
+    state.kept_ffn[0] = []
+    state.kept_ffn[2] = list(range(0, state.ffn_size, 3))
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, state)
+    masked = three_scores(loaded)
+    assert set(masked) == {"dense", "sparse", "colbert", "combined"} and masked["sparse"].abs().sum() > 0
+    save_model(loaded.model, loaded.tokenizer, state, tmp_path / "masked")
+    for name, linear in (("sparse", loaded.model.m3_heads.sparse_linear),
+                         ("colbert", loaded.model.m3_heads.colbert_linear)):
+        saved = torch.load(tmp_path / "masked" / m3.HEAD_FILES[name], weights_only=True)
+        assert set(saved) == {"weight", "bias"}
+        torch.testing.assert_close(saved["weight"], linear.weight.detach())
+    reshaped, before, after = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
+    assert after < before
+    for path in (tmp_path / "masked", reshaped):
+        again = three_scores(load_model(str(path)))
+        for name in masked:
+            torch.testing.assert_close(again[name], masked[name], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="has the heads dense,sparse,colbert, not --heads dense"):
+        load_model(str(reshaped), heads="dense")
+
+
+def test_a_bge_m3_dir_gives_its_head_files(tiny_models, tmp_path):
+    """A plain dir with FlagEmbedding's head files: --heads loads them; a file that is not plain
+    tensors (a pickled object) is refused by weights_only loading."""
+    import shutil
+
+    source = tmp_path / "bge"
+    shutil.copytree(tiny_models["bert"], source)
+    sparse, colbert = nn.Linear(32, 1), nn.Linear(32, 16)  # a ColBERT width of its own
+    torch.save(sparse.state_dict(), source / "sparse_linear.pt")
+    torch.save(colbert.state_dict(), source / "colbert_linear.pt")
+    heads = load_model(str(source), kind="bi", heads="dense,sparse,colbert").model.m3_heads
+    torch.testing.assert_close(heads.sparse_linear.weight, sparse.weight)
+    torch.testing.assert_close(heads.colbert_linear.bias, colbert.bias)
+    assert heads.special_ids and 0 in heads.special_ids  # [PAD] of the BERT vocabulary
+    torch.save({"weight": sparse.weight, "bias": sparse.bias, "extra": nn.ReLU()}, source / "sparse_linear.pt")
+    with pytest.raises(ValueError, match="sparse_linear.pt: not a state dict of plain tensors"):
+        load_model(str(source), kind="bi", heads="dense,sparse")
+    with pytest.raises(ValueError, match="--heads must be dense"):
+        load_model(str(source), kind="bi", heads="sparse")
