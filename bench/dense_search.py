@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=positive_int, default=384)
     p.add_argument("--index", help="take the vectors from this dense index dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_hnsw", action="store_true", help="exact and FAISS flat only (no graph build)")
     a = p.parse_args(argv)
     import faiss
 
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
         else:
             emb = rng.standard_normal((n, dim)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        graph, build = timed(lambda: _hnsw(faiss, emb))
+        graph, build = (None, 0.0) if a.no_hnsw else timed(lambda: _hnsw(faiss, emb))
         for nq in a.queries:
             queries = emb[rng.integers(0, n, nq)] + 0.05 * rng.standard_normal((nq, dim)).astype(np.float32)
             (_, exact_ids), exact_s = timed(lambda: dense.exact_search(queries, emb, a.k))
@@ -63,6 +64,9 @@ def main(argv=None) -> None:
                 index.add(emb)
                 return index.search(queries, a.k)
             _, flat_s = timed(flat)
+            if graph is None:
+                print(f"| {n} | {nq} | {exact_s:.2f} | {flat_s:.2f} | - | - | - |", flush=True)
+                continue
             graph.hnsw.efSearch = max(a.k, dense.HNSW_EF_SEARCH)
             (_, hnsw_ids), hnsw_s = timed(lambda: graph.search(queries, a.k))
             recall = np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(hnsw_ids, exact_ids)])

@@ -146,3 +146,32 @@ def test_a_bge_m3_dir_gives_its_head_files(tiny_models, tmp_path):
         load_model(str(source), kind="bi", heads="dense,sparse")
     with pytest.raises(ValueError, match="--heads must be dense"):
         load_model(str(source), kind="bi", heads="sparse")
+
+
+def test_unified_training_trains_all_three_heads(tiny_models, toy_triples, tmp_path):
+    """02's loop with --heads dense,sparse,colbert: the unified self-distillation loss, every head
+    moves, the checkpoint carries FlagEmbedding's head files and reloads with its heads."""
+    from common.training.loop import TrainArgs, Trainer
+    from common.training.schedules import WarmupLinear
+
+    args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "m3"),
+                     num_training_samples=32, num_checkpoint_samples=0, model_tag=str(tiny_models["bert"]),
+                     model_kind="bi", heads="dense,sparse,colbert", batch_size=8, max_length=32,
+                     learning_rate=1e-3, seed=1)
+    args.validate()
+    trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    assert trainer.loss.name == "m3_self_distill"
+    start = {k: v.detach().clone() for k, v in trainer.model.m3_heads.state_dict().items()}
+    final = trainer.train()
+    for key, value in trainer.model.m3_heads.state_dict().items():
+        assert not torch.equal(value, start[key]), key
+    for name in m3.HEAD_FILES.values():
+        assert (final / name).is_file()
+    again = load_model(str(final))
+    assert again.model.config.slimrank_heads == ["dense", "sparse", "colbert"]
+    torch.testing.assert_close(again.model.m3_heads.colbert_linear.weight,
+                               trainer.model.m3_heads.colbert_linear.weight.detach())
+    bad = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "x"),
+                    num_training_samples=32, model_tag="m", heads="colbert")
+    with pytest.raises(ValueError, match="--heads must be dense"):
+        bad.validate()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.io import atomic_output
+from common.training.losses import Loss, register_loss
 
 HEAD_NAMES = ("dense", "sparse", "colbert")
 HEAD_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
@@ -106,29 +107,57 @@ def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> to
     return -(teacher_probs * torch.log_softmax(student, dim=-1)).sum(-1).mean()
 
 
+HEAD_LOSS_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}  # the seed's weight of each head's own losses
+
+
 def self_distill_loss(scores: dict[str, torch.Tensor], target: torch.Tensor,
                       weights: dict[str, float] = ENSEMBLE_WEIGHTS, self_distill: bool = True) -> torch.Tensor:
-    """Unified fine-tuning loss of the three heads (scores ``[rows, candidates]`` each, already
-    divided by the temperature; ``target``: the positive's column of each row):
+    """Unified fine-tuning loss of the heads (scores ``[rows, candidates]`` each, already divided
+    by the temperature; ``target``: the positive's column of each row). With all three heads:
 
         task = (CE(dense) + CE(ensemble) + 0.1 CE(sparse) + CE(colbert)) / 4
         with self-distillation, t = softmax(ensemble) (no gradient):
         loss = (task + (SCE(dense, t) + 0.1 SCE(sparse, t) + SCE(colbert, t)) / 3) / 2
 
     ``ensemble = 1 * dense + 0.3 * sparse + 1 * colbert`` (``weights``); SCE is
-    :func:`soft_cross_entropy`. The 0.1 on the sparse terms is the seed's (its sparse scores are
-    on another scale than the other two)."""
-    if set(scores) != set(HEAD_NAMES):
-        raise ValueError(f"self-distillation needs the scores of {HEAD_NAMES}, got {sorted(scores)}")
+    :func:`soft_cross_entropy`; the 0.1 on the sparse terms is the seed's (its sparse scores are
+    on another scale than the other two). With two heads the same form over those two."""
+    if "dense" not in scores or set(scores) - set(HEAD_NAMES) or len(scores) < 2:
+        raise ValueError(f"unified training needs dense and at least one of sparse, colbert; got {sorted(scores)}")
     ens = ensemble(scores, weights)
-    ce = {name: F.cross_entropy(value, target) for name, value in scores.items()}
-    loss = (ce["dense"] + F.cross_entropy(ens, target) + 0.1 * ce["sparse"] + ce["colbert"]) / 4
+    task = F.cross_entropy(ens, target)
+    for name, value in scores.items():
+        task = task + HEAD_LOSS_WEIGHTS[name] * F.cross_entropy(value, target)
+    loss = task / (len(scores) + 1)
     if not self_distill:
         return loss
     teacher = torch.softmax(ens.detach(), dim=-1)
-    distill = (soft_cross_entropy(scores["dense"], teacher) + 0.1 * soft_cross_entropy(scores["sparse"], teacher)
-               + soft_cross_entropy(scores["colbert"], teacher)) / 3
-    return (loss + distill) / 2
+    distill = sum(HEAD_LOSS_WEIGHTS[name] * soft_cross_entropy(value, teacher) for name, value in scores.items())
+    return (loss + distill / len(scores)) / 2
+
+
+@register_loss("m3_self_distill")
+class M3SelfDistill(Loss):
+    """Bi-encoder with BGE-M3 heads: :func:`self_distill_loss` over in-batch negatives (each
+    query against every passage of the batch, its own positive, passage ``i * k``, the target),
+    every head's scores divided by ``temperature`` as the seed does."""
+
+    inputs = ("head_scores",)
+
+    def __init__(self, temperature: float = 0.02, self_distill: bool = True):
+        self.temperature, self.self_distill = temperature, self_distill
+
+    def check(self, head_scores: dict) -> None:
+        shapes = {tuple(v.shape) for v in head_scores.values()}
+        rows, cols = next(iter(shapes)) if len(shapes) == 1 else (0, 0)
+        if len(shapes) != 1 or not rows or cols % rows:
+            raise ValueError(f"m3_self_distill: head scores must share one shape (rows, k * rows), got {shapes}")
+
+    def compute(self, head_scores: dict) -> torch.Tensor:
+        rows, cols = next(iter(head_scores.values())).shape
+        target = torch.arange(rows, device=next(iter(head_scores.values())).device) * (cols // rows)
+        scaled = {name: value / self.temperature for name, value in head_scores.items()}
+        return self_distill_loss(scaled, target, self_distill=self.self_distill)
 
 
 # ----------------------------------------------------------------------------- on a model
@@ -193,16 +222,11 @@ def encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("m3_heads.")}
 
 
-def encode_all(model: nn.Module, tokenizer, texts: list[str], pooling: str, max_length: int = 256) -> dict:
-    """Every head's representation of ``texts`` (one padded batch; for small sets and tests)."""
+def represent(hidden: torch.Tensor, batch: dict, pooling: str, module: M3Heads | None) -> dict:
+    """Each head's representation from the last hidden states of one tokenised batch: ``dense``
+    (pooled, normalised), ``sparse`` (``[batch, vocab]``), ``colbert`` (vectors, mask)."""
     from common.models.encoders import pool
 
-    module = heads_of(model)
-    batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()
-             if k in ("input_ids", "attention_mask", "token_type_ids")}
-    encoder = getattr(model, "base_model", model)
-    hidden = encoder(**batch).last_hidden_state.float()
     out = {"dense": F.normalize(pool(hidden, batch["attention_mask"], pooling), p=2, dim=-1)}
     if module is not None and module.sparse_linear is not None:
         out["sparse"] = module.sparse(hidden, batch["input_ids"])
@@ -211,12 +235,23 @@ def encode_all(model: nn.Module, tokenizer, texts: list[str], pooling: str, max_
     return out
 
 
-def score_matrices(queries: dict, passages: dict, weights: dict[str, float] = ENSEMBLE_WEIGHTS) -> dict:
+def encode_all(model: nn.Module, tokenizer, texts: list[str], pooling: str, max_length: int = 256) -> dict:
+    """Every head's representation of ``texts`` (one padded batch; for small sets and tests)."""
+    batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()
+             if k in ("input_ids", "attention_mask", "token_type_ids")}
+    encoder = getattr(model, "base_model", model)
+    return represent(encoder(**batch).last_hidden_state.float(), batch, pooling, heads_of(model))
+
+
+def score_matrices(queries: dict, passages: dict, weights: dict[str, float] = ENSEMBLE_WEIGHTS,
+                   combined: bool = True) -> dict:
     """``[nq, np]`` scores of each head present in both, and their weighted ``combined`` sum."""
     scores = {"dense": queries["dense"] @ passages["dense"].T}
     if "sparse" in queries and "sparse" in passages:
         scores["sparse"] = sparse_scores(queries["sparse"], passages["sparse"])
     if "colbert" in queries and "colbert" in passages:
         scores["colbert"] = maxsim(*queries["colbert"], *passages["colbert"])
-    scores["combined"] = ensemble(scores, weights)
+    if combined:
+        scores["combined"] = ensemble(scores, weights)
     return scores

@@ -39,6 +39,7 @@ from common.io import atomic_write_text
 from common.training.losses import Loss, get_loss, loss_class, score_distillation_losses
 from common.models.kinds import KINDS
 from common.models.loading import PACKAGED_MODELS, load_model, pick_device, save_model
+from common.models import m3
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
@@ -53,7 +54,7 @@ DEFAULT_DISTILL_LOSS = "margin_mse"
 # TrainArgs in the groups --help shows (every field in exactly one: a test checks); PruneArgs
 # is the group "pruning"
 ARGUMENT_GROUPS = {
-    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "query_encoder"),
+    "model": ("model_tag", "checkpoint_dir", "resume", "model_kind", "head", "pooling", "heads", "query_encoder"),
     "data": ("train_triples_file", "group_size", "max_length", "seen_pairs", "allow_eval_overlap"),
     "optimisation": ("num_training_samples", "learning_rate", "gate_learning_rate", "batch_size",
                      "warmup_fraction", "weight_decay", "max_grad_norm", "seed", "temperature",
@@ -131,6 +132,11 @@ class TrainArgs:
                 "--learning_rate; they start shut at 0 and a gate of 1 is full attention)"})
     pooling: Optional[str] = field(default=None, metadata={
         "help": "bi-encoder pooling, mean or cls (default: the model's sentence-transformers config)"})
+    heads: Optional[str] = field(default=None, metadata={
+        "help": "bi-encoder heads for a fresh start: dense (default) or dense,sparse,colbert (BGE-M3: "
+                "the sparse and ColBERT heads from the model dir's sparse_linear.pt / colbert_linear.pt, "
+                "else new; unified in-batch training with self-distillation, common.models.m3); "
+                "checkpoints know theirs"})
     query_encoder: Optional[str] = field(default=None, metadata={
         "help": "bi-encoder: a frozen encoder (tag, hub name or path, e.g. the unpruned "
                 "all-MiniLM-L6-v2) embeds the queries and the model only the passages; written "
@@ -192,6 +198,8 @@ class TrainArgs:
         if self.query_encoder and self.distill_hidden:
             raise ValueError("--distill_hidden compares the student's layers on queries and passages; "
                              "with --query_encoder the student sees passages only: drop one of them")
+        if self.heads is not None:
+            m3.parse_heads(self.heads)
         if self.model_kind not in (None, *KINDS):
             raise ValueError(f"--model_kind must be cross or bi, got {self.model_kind!r}")
         if self.head not in (None, *HEADS):
@@ -287,7 +295,7 @@ RESUME_MAY_CHANGE = frozenset({
     "checkpoint_dir", "num_checkpoint_samples", "eval_candidates_file", "eval_qrels_file",
     "eval_batch_size", "eval_max_queries", "threads", "device", "log_every", "overwrite",
     "output_dir", "model_tag", "seen_pairs", "allow_eval_overlap", "head", "model_kind", "pooling",
-    "resume"})  # the checkpoint knows these
+    "heads", "resume"})  # the checkpoint knows these
 
 
 def check_start_or_resume(args: "TrainArgs", stage: str) -> None:
@@ -375,7 +383,8 @@ class Trainer:
         torch.manual_seed(args.seed)  # a fresh scoring head is initialised from this seed
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
                             kind=args.model_kind, pooling=args.pooling,
-                            head=None if args.checkpoint_dir else args.head)
+                            head=None if args.checkpoint_dir else args.head,
+                            heads=None if args.checkpoint_dir else args.heads)
         self.model, self.tokenizer, self.state = loaded.model, loaded.tokenizer, loaded.state
         self.loaded = loaded  # the student, as common.serving.rank scores it (Trainer.evaluate)
         self.kind = loaded.kind
