@@ -271,3 +271,28 @@ def test_pruned_encoder_masked_torch_equals_reshaped_onnx(tiny_models, inputs, t
     assert lists["masked"]["docid"].tolist() == lists["reshaped"]["docid"].tolist()
     np.testing.assert_allclose(lists["masked"]["first_stage_score"], lists["reshaped"]["first_stage_score"],
                                atol=1e-4)
+
+
+def test_ranks_share_the_encoding_and_give_the_same_file(encoders, inputs, tmp_path):
+    """Two torchrun ranks (run one after the other here): rank 1 encodes the odd shards and
+    leaves, rank 0 the even ones, then assembles the file one process writes."""
+    ranker = dense.load_bi_encoder(str(encoders["a"]), "torch", max_length=32, batch_size=4)
+    identity = dense.encoder_identity(ranker, str(encoders["a"]))
+    collection = dense.read_collection(inputs[0])
+    one = dense.build_index(ranker, identity, collection, tmp_path / "one", shard_size=5, report=quiet)
+    seen = {0: [], 1: []}
+    # rank 1 waits for rank 0 to create the dir: give it the description rank 0 writes first
+    with pytest.raises(KeyboardInterrupt):
+        dense.build_index(ranker, identity, collection, tmp_path / "two", shard_size=5, report=quiet,
+                          after_shard=lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
+    for shard_file in (tmp_path / "two" / dense.SHARDS_DIR).iterdir():
+        shard_file.unlink()
+    assert dense.build_index(ranker, identity, collection, tmp_path / "two", shard_size=5, report=quiet,
+                             after_shard=seen[1].append, rank=1, world_size=2) is None
+    two = dense.build_index(ranker, identity, collection, tmp_path / "two", shard_size=5, report=quiet,
+                            after_shard=seen[0].append, rank=0, world_size=2)
+    assert seen == {0: [0, 2, 4], 1: [1, 3]}
+    assert two.meta["shards_reused"] == 0 and two.meta["passages_encoded"] == 23
+    assert ((tmp_path / "two" / dense.EMBEDDINGS_FILE).read_bytes()
+            == (tmp_path / "one" / dense.EMBEDDINGS_FILE).read_bytes())
+    assert two.docids == one.docids

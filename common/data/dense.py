@@ -6,7 +6,8 @@ The subcommand ``dense`` of ``01_prefetch_passages.py`` is :func:`from_dense`. A
 ``common.models.loading.load_model`` opens (the packaged tag, a plain Hugging Face or
 sentence-transformers dir, slimrank checkpoints masked or reshaped, shipped dirs) on any backend
 of ``common.serving.rank`` embeds the passages once; a bi model that names a query encoder (or
-``query_encoder``) embeds the queries with it.
+``query_encoder``) embeds the queries with it. Under ``torchrun`` the ranks share the encoding
+(shard i goes to rank i % world size); rank 0 assembles the index, searches and writes.
 
 An index dir holds:
 
@@ -258,52 +259,79 @@ def _complete_shard(file: Path, rows: int, dim: int | None) -> bool:
     return array.shape[0] == rows and array.dtype == np.float32 and (dim is None or array.shape[1] == dim)
 
 
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of a ``torchrun`` launch (``RANK`` / ``WORLD_SIZE``), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _wait_for(condition: Callable[[], bool], poll: float = 1.0) -> None:
+    while not condition():
+        time.sleep(poll)
+
+
 def build_index(ranker, identity: dict, collection: Collection, path: Path_, *,
                 shard_size: int = SHARD_SIZE, report: Report = print,
-                after_shard: Callable[[int], None] | None = None) -> DenseIndex:
+                after_shard: Callable[[int], None] | None = None,
+                rank: int = 0, world_size: int = 1) -> DenseIndex | None:
     """Encode ``collection`` into the index dir ``path`` (or reuse / resume the one there).
 
     Shards of ``shard_size`` passages are encoded in order and each is saved atomically; a rerun
     skips the complete ones. ``after_shard(i)`` is called after shard ``i`` is saved (tests
     interrupt there). When every shard is there, ``embeddings.npy`` and ``docids.txt`` are written
-    (atomically), ``index.json`` says ``complete`` and the shards go."""
+    (atomically), ``index.json`` says ``complete`` and the shards go.
+
+    Across ``world_size`` processes (``torchrun``, :func:`distributed_rank`) rank r encodes the
+    shards i with i % world_size == r; rank 0 creates the dir, waits for every shard and assembles
+    the same file one process would; the other ranks return None when their shards are saved."""
     path = Path(path)
     collection_sha = collection.sha256()
+    if rank != 0:  # rank 0 creates (or checks) the index description first
+        _wait_for(lambda: (path / INDEX_FILE).is_file())
     meta = read_meta(path)
     if meta is not None:
         check_index(path, meta, identity, collection, collection_sha)
         if meta.get("complete"):
             report(f"reusing the index {path} ({meta['collection']['passages']} passages)")
-            return DenseIndex.load(path)
+            return DenseIndex.load(path) if rank == 0 else None
         shard_size = int(meta["shard_size"])  # a resumed build keeps its shards
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"--index {path} exists and is not a dense index: use another --index")
     n = len(collection.docids)
-    meta = meta or {"format": INDEX_FORMAT, "identity": identity,
-                    "collection": {"path": str(collection.path), "passages": n, "sha256": collection_sha},
-                    "dim": None, "shard_size": int(shard_size), "complete": False}
-    (path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1) + "\n")
+    if meta is None:
+        meta = {"format": INDEX_FORMAT, "identity": identity,
+                "collection": {"path": str(collection.path), "passages": n, "sha256": collection_sha},
+                "dim": None, "shard_size": int(shard_size), "complete": False}
+        (path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1) + "\n")
 
     shards = range((n + shard_size - 1) // shard_size)
+    rows = {shard: min(n, (shard + 1) * shard_size) - shard * shard_size for shard in shards}
     started, encoded, reused = time.perf_counter(), 0, 0
-    for shard in shards:
-        lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
+    for shard in shards[rank::world_size]:
+        lo = shard * shard_size
         file = _shard_file(path, shard)
-        if _complete_shard(file, hi - lo, meta["dim"]):
+        if _complete_shard(file, rows[shard], None):
             reused += 1
         else:
             t0 = time.perf_counter()
-            embeddings = np.ascontiguousarray(ranker.encode(collection.texts[lo:hi]), dtype=np.float32)
+            embeddings = np.ascontiguousarray(ranker.encode(collection.texts[lo:lo + rows[shard]]), dtype=np.float32)
             _save_npy(embeddings, file)
-            encoded += hi - lo
-            report(f"shard {shard + 1}/{len(shards)}: {hi - lo} passages in {time.perf_counter() - t0:.1f}s")
-        if meta["dim"] is None:
-            meta["dim"] = int(np.load(file, mmap_mode="r").shape[1])
-            atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1) + "\n")
+            encoded += rows[shard]
+            report(f"shard {shard + 1}/{len(shards)}: {rows[shard]} passages in {time.perf_counter() - t0:.1f}s")
         if after_shard is not None:
             after_shard(shard)
     encode_seconds = time.perf_counter() - started
+    if rank != 0:
+        report(f"rank {rank}: its {len(shards[rank::world_size])} shards are saved in {path / SHARDS_DIR}")
+        return None
+    if world_size > 1:
+        report(f"waiting for the shards of ranks 1-{world_size - 1}")
+        _wait_for(lambda: all(_complete_shard(_shard_file(path, s), rows[s], None) for s in shards))
+        encode_seconds = time.perf_counter() - started
+    dims = {int(np.load(_shard_file(path, s), mmap_mode="r").shape[1]) for s in shards}
+    if len(dims) != 1:
+        raise data.DataError(f"{path / SHARDS_DIR}: shards of different widths {sorted(dims)}")
+    meta["dim"] = dims.pop()
 
     with atomic_output(path / EMBEDDINGS_FILE) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, meta["dim"]))
@@ -314,8 +342,11 @@ def build_index(ranker, identity: dict, collection: Collection, path: Path_, *,
         out.flush()
         del out
     atomic_write_text(path / DOCIDS_FILE, "".join(f"{d}\n" for d in collection.docids))
+    if world_size > 1:  # the other ranks' counts are theirs: a fresh build encodes every passage
+        encoded = n - sum(rows[s] for s in shards if s % world_size == 0) + encoded
     meta.update(complete=True, encode_seconds=round(encode_seconds, 3), passages_encoded=encoded,
-                shards_reused=reused, passages_per_s=round(encoded / encode_seconds, 1) if encoded else None,
+                shards_reused=reused, world_size=world_size,
+                passages_per_s=round(encoded / encode_seconds, 1) if encoded else None,
                 bytes=sum((path / f).stat().st_size for f in (EMBEDDINGS_FILE, DOCIDS_FILE)))
     atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(path / SHARDS_DIR, ignore_errors=True)
@@ -481,6 +512,9 @@ def from_dense(encoder: str, collection: Path_, queries: Path_, index: Path_, ou
     passages = read_collection(collection)
     if threads:
         torch.set_num_threads(threads)
+    rank, world_size = distributed_rank()
+    if world_size > 1 and device in ("cuda", "auto") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     ranker = load_bi_encoder(encoder, backend, max_length=max_length, batch_size=batch_size,
                              device=device, query_encoder=query_encoder, threads=threads)
     identity = encoder_identity(ranker, encoder)
@@ -488,7 +522,9 @@ def from_dense(encoder: str, collection: Path_, queries: Path_, index: Path_, ou
     if meta is not None:  # refuse before any work
         check_index(index, meta, identity, passages, passages.sha256())
     dense = build_index(ranker, identity, passages, index, shard_size=shard_size, report=report,
-                        after_shard=after_shard)
+                        after_shard=after_shard, rank=rank, world_size=world_size)
+    if dense is None:  # another torchrun rank: rank 0 searches and writes
+        return {"rank": rank}
     started = time.perf_counter()
     query_vectors = (ranker.query_ranker or ranker).encode(list(query_texts.values()))
     encode_seconds = time.perf_counter() - started
