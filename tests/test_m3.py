@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -175,3 +177,37 @@ def test_unified_training_trains_all_three_heads(tiny_models, toy_triples, tmp_p
                     num_training_samples=32, model_tag="m", heads="colbert")
     with pytest.raises(ValueError, match="--heads must be dense"):
         bad.validate()
+
+
+def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
+    """BiRanker.head_scores gives each head's pair scores (dense = its plain score), and 05's
+    evaluation adds a quality row per head and for the combination."""
+    import pandas as pd
+
+    from common.data.formats import write_candidates
+    from common.evaluation.rerank import evaluate_model
+    from common.serving.rank import Ranker
+
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_models["bert"]), kind="bi", heads="dense,sparse,colbert")
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m3")
+    ranker = Ranker.load(str(tmp_path / "m3"), max_length=32, batch_size=2)
+    queries = [QUERIES[0]] * 3 + [QUERIES[1]] * 3
+    passages = PASSAGES + PASSAGES[::-1]
+    got = ranker.head_scores(queries, passages)
+    assert set(got) == {"dense", "sparse", "colbert", "combined"}
+    np.testing.assert_allclose(got["dense"], ranker.score(queries, passages), atol=1e-5)
+    want = three_scores(load_model(str(tmp_path / "m3")))
+    for name in ("sparse", "colbert", "combined"):
+        np.testing.assert_allclose(got[name][:3], want[name][0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[name][3:], want[name][1].numpy()[::-1], atol=1e-5)
+
+    candidates = pd.DataFrame({"qid": ["1"] * 3 + ["2"] * 3, "query": queries, "docid": ["a", "b", "c", "c", "b", "a"],
+                               "rank": [1, 2, 3, 1, 2, 3], "first_stage_score": [3.0, 2, 1, 3, 2, 1],
+                               "passage": passages})
+    write_candidates(candidates, tmp_path / "cands.parquet")
+    (tmp_path / "qrels.txt").write_text("1 0 a 2\n2 0 b 3\n")
+    rows = evaluate_model(str(tmp_path / "m3"), str(tmp_path / "cands.parquet"), str(tmp_path / "qrels.txt"),
+                          "toy", max_length=32, output_dir=str(tmp_path / "eval"))
+    assert [r["checkpoint"].rsplit("+", 1)[-1] for r in rows[1:]] == ["head:sparse", "head:colbert", "head:combined"]
+    assert all(r["method"] == "m3_head" and 0 <= r["ndcg@10"] <= 1 for r in rows[1:])
