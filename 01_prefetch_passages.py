@@ -184,7 +184,7 @@ def main(argv=None) -> None:
                    help="passages per saved shard of the index build (the unit a rerun resumes from)")
     p.add_argument("--query_encoder", help="embed the queries with this bi-encoder (an asymmetric pair: "
                    "a pruned passage encoder beside its unpruned teacher); default: the model's own")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     outputs(p, tag="dense")
     p.set_defaults(func=cmd_dense)

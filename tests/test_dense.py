@@ -170,6 +170,10 @@ def test_dense_cli_then_mine_and_teacher(encoders, inputs, tmp_path, tiny_models
         prefetch([*args[:-4], "--output", str(tmp_path / "flat.parquet"), "--search", "flat"])
         flat = read_candidates(tmp_path / "flat.parquet")
         assert flat["docid"].tolist() == df["docid"].tolist()
+        prefetch([*args[:-4], "--output", str(tmp_path / "hnsw.parquet"), "--search", "hnsw"])
+        hnsw = read_candidates(tmp_path / "hnsw.parquet")  # 23 passages: the graph finds them all
+        assert hnsw["docid"].tolist() == df["docid"].tolist()
+        assert dense.read_meta(tmp_path / "index")["hnsw"]["params"]["M"] == dense.HNSW_M
 
     # hard negatives from the dense list, then teacher scores for them
     qrels = tmp_path / "qrels.txt"

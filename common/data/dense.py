@@ -492,7 +492,7 @@ def to_candidates(queries: dict[str, str], collection: Collection, scores: np.nd
 def from_dense(encoder: str, collection: Path_, queries: Path_, index: Path_, output: Path_, *,
                run_file: Path_ | None = None, tag: str = "dense", k: int = 100, how: str = "exact",
                backend: str = "auto", max_length: int = 256, batch_size: int = 64,
-               shard_size: int = SHARD_SIZE, query_encoder: str | None = None, device: str = "cpu",
+               shard_size: int = SHARD_SIZE, query_encoder: str | None = None, device: str = "auto",
                threads: int | None = None, overwrite: bool = False, report: Report = print,
                after_shard: Callable[[int], None] | None = None) -> dict:
     """``01_prefetch_passages.py dense``: every input is checked before anything is written
