@@ -90,6 +90,14 @@ def dense_study(shared: str | Path, work_dir: str | Path, encoders: list[str], *
     queries = topics["dl20"]
     qrels = data.read_qrels(Path(shared) / "dl20" / "qrels.txt")
     rows = []
+
+    def save(complete: bool) -> dict:  # after every row: an interrupted study keeps what it measured
+        setting = {"passages": n, "queries": len(data.read_queries_tsv(queries)), "k": k, "max_length": max_length,
+                   "threads": threads, "judged_queries": rows[0]["num_queries"] if rows else None,
+                   "complete": complete}
+        atomic_write_text(work_dir / "study.json", json.dumps({"setting": setting, "rows": rows}, indent=1) + "\n")
+        return setting
+
     if bm25:
         from common.data.first_stage import bm25_search, build_bm25_index
 
@@ -101,6 +109,7 @@ def dense_study(shared: str | Path, work_dir: str | Path, encoders: list[str], *
                      "index_seconds": stats["seconds"], "passages_per_s": stats["passages_per_s"],
                      "index_mib": _dir_bytes(work_dir / "bm25_index") / 2**20,
                      "search_seconds": time.perf_counter() - started})
+        save(False)
     for encoder, query_encoder in [(e, None) for e in encoders] + list(asymmetric):
         slug = _slug(encoder)
         label = slug + (f"+q_{_slug(query_encoder)}" if query_encoder else "")
@@ -115,14 +124,12 @@ def dense_study(shared: str | Path, work_dir: str | Path, encoders: list[str], *
                      "index_seconds": meta["encode_seconds"], "passages_per_s": meta["passages_per_s"],
                      "index_mib": meta["bytes"] / 2**20, "search_seconds": stats["search_seconds"],
                      "candidates": str(output)})
+        save(False)
     reference = next((r["index_seconds"] for r in rows if r["query_encoder"] == "" and
                       not r["first_stage"].startswith("BM25")), None)
     for row in rows:
         row["build_speedup"] = (reference / row["index_seconds"]) if reference and row["index_seconds"] else None
-    setting = {"passages": n, "queries": len(data.read_queries_tsv(queries)), "k": k, "max_length": max_length,
-               "threads": threads, "judged_queries": rows[0]["num_queries"] if rows else None}
-    atomic_write_text(work_dir / "study.json", json.dumps({"setting": setting, "rows": rows}, indent=1) + "\n")
-    return rows, setting
+    return rows, save(True)
 
 
 def study_table(rows: list[dict], setting: dict, command: str) -> str:
