@@ -211,3 +211,34 @@ def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
                           "toy", max_length=32, output_dir=str(tmp_path / "eval"))
     assert [r["checkpoint"].rsplit("+", 1)[-1] for r in rows[1:]] == ["head:sparse", "head:colbert", "head:combined"]
     assert all(r["method"] == "m3_head" and 0 <= r["ndcg@10"] <= 1 for r in rows[1:])
+
+
+def test_training_with_heads_resumes_exactly(tiny_models, toy_triples, tmp_path):
+    """Stopped at a checkpoint and resumed, unified training ends where a straight run ends:
+    encoder and both heads (their optimizer state travels with the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from common.training.loop import TrainArgs, Trainer
+    from common.training.schedules import WarmupLinear
+
+    def run(out, every=0, checkpoint_dir=None, stop=None):
+        args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=32,
+                         num_checkpoint_samples=every, model_tag=str(tiny_models["bert"]),
+                         checkpoint_dir=checkpoint_dir, model_kind="bi", heads="dense,sparse,colbert",
+                         batch_size=8, max_length=32, learning_rate=1e-3, seed=2)
+        trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+        if stop:
+            trainer.total_steps = stop
+        return trainer.train()
+
+    straight = run(tmp_path / "a")
+    half = run(tmp_path / "b", every=16, stop=2)
+    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    assert not any(k.startswith("m3_heads") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    for name in m3.HEAD_FILES.values():
+        x, y = torch.load(straight / name, weights_only=True), torch.load(end / name, weights_only=True)
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0)
