@@ -242,3 +242,28 @@ def test_training_with_heads_resumes_exactly(tiny_models, toy_triples, tmp_path)
         x, y = torch.load(straight / name, weights_only=True), torch.load(end / name, weights_only=True)
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0)
+
+
+def test_pruning_with_heads_keeps_them(tiny_models, toy_triples, tmp_path):
+    """02 --heads, then 03c prunes the encoder while the unified loss trains, then 04 reshapes:
+    the heads travel through every stage and the reshaped model scores as the masked one."""
+    import importlib
+
+    common = ["--train_triples_file", str(toy_triples), "--max_length", "32", "--batch_size", "8",
+              "--threads", "1", "--learning_rate", "1e-3"]
+    importlib.import_module("02_train_initial").main(
+        ["--model_tag", str(tiny_models["bert"]), "--model_kind", "bi", "--heads", "dense,sparse,colbert",
+         "--output_dir", str(tmp_path / "initial"), "--num_training_samples", "16",
+         "--num_checkpoint_samples", "16", *common])
+    initial = tmp_path / "initial" / "seen_000000016"
+    importlib.import_module("03c_prune_mixed").main(
+        ["initial", "--checkpoint_dir", str(initial), "--output_dir", str(tmp_path / "mixed"),
+         "--num_training_samples", "48", "--num_prune_cycles", "2", "--target_heads", "8",
+         "--target_ffn", "24", "--exclude_layers", "", *common])
+    (pruned,) = list((tmp_path / "mixed").glob("seen_*"))
+    assert all((pruned / name).is_file() for name in m3.HEAD_FILES.values())
+    importlib.import_module("04_reshape").main(["--checkpoint_dir", str(pruned)])
+    masked, reshaped = three_scores(load_model(str(pruned))), three_scores(load_model(str(pruned / "reshaped")))
+    assert load_model(str(pruned)).state.total_heads == 8
+    for name in masked:
+        torch.testing.assert_close(reshaped[name], masked[name], atol=1e-5, rtol=0)
