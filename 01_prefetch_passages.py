@@ -10,6 +10,8 @@ Subcommands:
   trec     official form: top-100 run file + queries TSV + MS MARCO v2 corpus (or v1 collection.tsv)
   triples  judged pools -> MS MARCO triples TSV (query<TAB>positive<TAB>negative)
   bm25     BM25 with pyserini: index a JSONL/TSV collection, search a queries TSV -> parquet + run
+  dense    a bi-encoder's embeddings of a JSONL/TSV collection (a saved, resumable index), exact
+           or FAISS search of a queries TSV -> parquet + run (common.data.dense)
   mine     hard negatives from a first-stage run (ranks a-b, judged passages excluded) -> triples
   teacher  score triples with any checkpoint -> teacher scores parquet beside them (distillation)
   distill  the embedded default distillation set: dev-subset + DL21/DL22 queries, BM25 over the
@@ -29,6 +31,7 @@ import sys
 from pathlib import Path
 
 from common.data import candidates
+from common.data import dense
 from common.data import distill
 from common.data import triples as training_data
 from common.training.argtypes import nonneg_int, parse_args, positive_float, positive_int, unit_float
@@ -55,6 +58,13 @@ def cmd_bm25(a) -> None:
     candidates.from_bm25(a.index, a.queries, a.output, collection=a.collection, k=a.k, k1=a.k1,
                          b=a.b, threads=a.threads, run_file=a.run_file, tag=a.tag,
                          overwrite=a.overwrite)
+
+
+def cmd_dense(a) -> None:
+    dense.from_dense(a.encoder, a.collection, a.queries, a.index, a.output, run_file=a.run_file,
+                     tag=a.tag, k=a.k, how=a.search, backend=a.backend, max_length=a.max_length,
+                     batch_size=a.batch_size, shard_size=a.shard_size, query_encoder=a.query_encoder,
+                     device=a.device, threads=a.threads, overwrite=a.overwrite)
 
 
 def _eval_guard(a) -> dict:
@@ -110,11 +120,11 @@ def main(argv=None) -> None:
         p.add_argument("--allow_eval_overlap", action="store_true",
                        help="train on evaluation topics anyway (the numbers are then not held out)")
 
-    def outputs(p, run=True):
+    def outputs(p, run=True, tag="first-stage"):
         p.add_argument("--output", required=True, help="candidates parquet (zstd)")
         if run:
             p.add_argument("--run_file", help="also write the first-stage ranking as a TREC run")
-            p.add_argument("--tag", default="first-stage", help="run tag")
+            p.add_argument("--tag", default=tag, help="run tag")
         p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("json", help="shared JSON candidate list -> parquet")
@@ -155,6 +165,30 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     outputs(p)
     p.set_defaults(func=cmd_bm25)
+
+    p = sub.add_parser("dense", help="dense retrieval with a bi-encoder over a collection -> parquet + run")
+    p.add_argument("--encoder", required=True, help="any bi-encoder: packaged tag, model dir, checkpoint "
+                   "(masked or reshaped) or shipped dir")
+    p.add_argument("--collection", required=True, help="JSONL {id, contents} or TSV id<TAB>text")
+    p.add_argument("--queries", required=True, help="qid<TAB>query")
+    p.add_argument("--index", required=True, help="index dir: built here on the first run (resumed if "
+                   "interrupted), reused by later runs with the same encoder and collection")
+    p.add_argument("--k", type=positive_int, default=100)
+    p.add_argument("--search", choices=dense.SEARCHES, default="exact",
+                   help="exact: batched matrix products (default); flat: FAISS IndexFlatIP (exact); "
+                        "hnsw: FAISS HNSW graph (approximate; built once, saved in the index dir)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=AUTO, help="the encoder's backend "
+                   "(common.serving.rank); auto: a shipped dir's fastest backend here, else torch fp32")
+    p.add_argument("--max_length", type=positive_int, default=256, help="tokens per passage and query")
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--shard_size", type=positive_int, default=dense.SHARD_SIZE,
+                   help="passages per saved shard of the index build (the unit a rerun resumes from)")
+    p.add_argument("--query_encoder", help="embed the queries with this bi-encoder (an asymmetric pair: "
+                   "a pruned passage encoder beside its unpruned teacher); default: the model's own")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    outputs(p, tag="dense")
+    p.set_defaults(func=cmd_dense)
 
     p = sub.add_parser("mine", help="hard negatives from a first-stage candidates parquet -> triples")
     p.add_argument("--candidates", required=True)

@@ -127,6 +127,13 @@ def boot_jvm() -> None:
 def _iter_collection(path: Path):
     """Yield (id, contents) from a JSONL (``{"id","contents"}``) or TSV (``id<TAB>contents``)
     file. The format is taken from the first non-empty line (``{`` means JSONL)."""
+    for _lineno, docid, contents in iter_collection_lines(path):
+        yield docid, contents
+
+
+def iter_collection_lines(path: Path):
+    """:func:`_iter_collection` with each passage's 1-based line number:
+    ``(lineno, id, contents)``."""
     with open(path, encoding="utf-8") as f:
         fmt = None
         for lineno, line in enumerate(f, 1):
@@ -149,7 +156,7 @@ def _iter_collection(path: Path):
             docid = str(docid).strip()
             if not docid:
                 raise ValueError(f"{path}:{lineno}: empty passage id")
-            yield docid, str(contents)
+            yield lineno, docid, str(contents)
 
 
 def _write_json_collection(src: Path, out_dir: Path, shards: int) -> int:

@@ -122,6 +122,14 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
             loaded.model, loaded.tokenizer, first["query"].tolist(), first["passage"].tolist(),
             max_length)
     fused_rows = []
+    if loaded.kind == "bi" and getattr(loaded.model, "m3_heads", None) is not None:
+        # BGE-M3 heads (common.models.m3): a quality-only row for each head and their combination
+        for name, values in ranker.head_scores(candidates["query"].tolist(), candidates["passage"].tolist()).items():
+            if name == "dense":
+                continue
+            head_means, _ = evaluate_run(candidates_to_run(candidates.assign(score=values), "score"), qrels)
+            fused_rows.append({**row, **head_means, "checkpoint": f"{checkpoint}{suffix}+head:{name}",
+                               "run": f"{row['run']}+{name}", "method": "m3_head", "head": name})
     for weight in interpolate_weights:
         fused = candidates.assign(score=interpolate(candidates, scores, weight))
         fused_means, _ = evaluate_run(candidates_to_run(fused, "score"), qrels)

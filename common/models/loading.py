@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
-from common.models import standalone
+from common.models import m3, standalone
 from common.models.arch import adapter_for, kv_groups, layer_stack, set_module
 from common.models.decoders import is_decoder, prepare_decoder
 from common.models.encoders import embed_texts, read_pooling, similarity
@@ -75,11 +75,12 @@ class LoadedModel:
 
 def load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
+               head: str | None = None, query_instruction: str | None = None,
+               heads: str | None = None) -> LoadedModel:
     """:func:`_load_model`, with every unreadable input turned into one ``ValueError`` naming
     the file (a corrupt safetensors, a garbage config or pruning.json, an unknown tag)."""
     try:
-        return _load_model(path_or_tag, device, kind, pooling, head, query_instruction)
+        return _load_model(path_or_tag, device, kind, pooling, head, query_instruction, heads)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {path_or_tag}: a file is not readable: {err}") from None
     except (ValueError, FileNotFoundError):
@@ -94,14 +95,17 @@ def load_model(path_or_tag: str, device: str | torch.device = "cpu",
 
 def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
                kind: str | None = None, pooling: str | None = None,
-               head: str | None = None, query_instruction: str | None = None) -> LoadedModel:
-    """``kind``/``pooling``/``head``/``query_instruction`` apply to plain models (a fresh start);
-    our checkpoints know theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label
-    head, the default) or ``segment_cosine`` (``common.models.segment``: starts as the model's
-    own bi-encoder). ``query_instruction`` (bi-encoders) is put in front of every query; a plain
-    sentence-transformers directory's ``query`` prompt is used without it. A decoder LLM
-    (``common.models.decoders``) pools by the directory's sentence-transformers config, else
-    ``last``."""
+               head: str | None = None, query_instruction: str | None = None,
+               heads: str | None = None) -> LoadedModel:
+    """``kind``/``pooling``/``head``/``query_instruction``/``heads`` apply to plain models (a fresh
+    start); our checkpoints know theirs. ``head`` (cross-encoders): ``classifier`` (monoBERT 2-label
+    head, or the trained head a checkpoint has) or ``segment_cosine`` (``common.models.segment``:
+    starts as the model's own bi-encoder). ``query_instruction`` (bi-encoders) becomes the
+    sentence-transformers ``query`` prompt; a plain sentence-transformers directory's own prompts are
+    used without it. A decoder LLM (``common.models.decoders``) pools by the directory's
+    sentence-transformers config, else ``lasttoken``. ``heads`` (bi-encoders, ``common.models.m3``):
+    ``dense`` (the default) or dense with BGE-M3's ``sparse`` and ``colbert`` heads, read from the
+    dir's ``sparse_linear.pt`` / ``colbert_linear.pt`` when it has them, else freshly initialised."""
     path = resolve_model_path(path_or_tag)
     if Path(path).is_dir() and not Path(path, "config.json").is_file():
         raise ValueError(f"{path}: no config.json: not a model directory")
@@ -140,6 +144,11 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
         if query_instruction is not None and query_instruction != saved_prompt:
             raise ValueError(f"{path} embeds queries with the prompt {saved_prompt!r} (its config.json), "
                              f"not --query_instruction {query_instruction!r}")
+        saved_heads = tuple(getattr(config, m3.HEADS_FIELD, None) or ("dense",))
+        if heads is not None and m3.parse_heads(heads) != saved_heads:
+            raise ValueError(f"{path} has the heads {','.join(saved_heads)}, not --heads {heads}")
+        if saved_heads != ("dense",):
+            m3.attach_heads(model, tokenizer, saved_heads, path)
     else:
         kind = kind or "cross"
         if kind not in MODEL_KINDS:
@@ -171,6 +180,10 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
             model.config.slimrank_embedding = st_format.spec_dict(spec)
         elif query_instruction:
             raise ValueError("--query_instruction is for bi-encoders (queries embedded alone)")
+        if heads is not None and m3.parse_heads(heads) != ("dense",):
+            if kind != "bi":
+                raise ValueError(f"--heads {heads}: the sparse and ColBERT heads are for bi-encoders")
+            m3.attach_heads(model, tokenizer, m3.parse_heads(heads), path if Path(path).is_dir() else None)
         state = PruningState.full(model.config)
     if is_decoder(model.config):
         prepare_decoder(model.config, tokenizer, pooling_of(model) if model_kind(model) == "bi" else None,
@@ -254,10 +267,12 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     need to open the directory without slimrank (:func:`describe_for_stock_tools`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain_state_dict(model).items()
+               if not k.startswith(m3.HEADS_PREFIX)}  # the M3 heads go to their own files
     # the Dense layers of a bi-encoder live in their sentence-transformers folders (st_format)
     save_file({k: v for k, v in tensors.items() if not k.startswith(DENSE_PREFIX)},
               str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    m3.save_heads(model, directory)  # sparse_linear.pt / colbert_linear.pt, FlagEmbedding's files
     describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state.save(directory)

@@ -361,6 +361,42 @@ class BiRanker(Ranker):
             out[idx] = emb
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
+    def head_scores(self, queries, passages, progress: bool = False) -> dict[str, np.ndarray]:
+        """Every head's score of each pair, in the input order: ``dense`` and, for a model with
+        BGE-M3 heads (``common.models.m3``), ``sparse``, ``colbert`` and their weighted
+        ``combined`` sum. The sparse and ColBERT heads run in torch fp32 on the model's device
+        (whatever the backend: the ONNX exports hold the dense output only); each query's
+        passages go in batches beside it."""
+        from common.models import m3
+
+        self._check(queries, passages)
+        module = m3.heads_of(self.loaded.model)
+        if module is None:
+            return {"dense": self.score(queries, passages, progress)}
+        if self.query_ranker is not None:
+            raise ValueError("sparse and ColBERT scores need the model's own query side (no query encoder)")
+        model, pooling = self.loaded.model, self.loaded.model.config.slimrank_pooling
+        names = ["dense", *(n for n in ("sparse", "colbert") if n in module.heads), "combined"]
+        out = {name: np.empty(len(queries), dtype=np.float32) for name in names}
+        rows: dict[str, list[int]] = {}
+        for i, query in enumerate(queries):
+            rows.setdefault(query, []).append(i)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for query, idx in rows.items():
+                    q = m3.encode_all(model, self.tokenizer, [query], pooling, self.max_length)
+                    for start in range(0, len(idx), self.batch_size):
+                        part = idx[start:start + self.batch_size]
+                        p = m3.encode_all(model, self.tokenizer, [passages[i] for i in part], pooling,
+                                          self.max_length)
+                        for name, value in m3.score_matrices(q, p).items():
+                            out[name][part] = value[0].float().cpu().numpy()
+        finally:
+            model.train(was_training)
+        return out
+
     def score(self, queries, passages, progress: bool = False) -> np.ndarray:
         self._check(queries, passages)
         if not len(queries):

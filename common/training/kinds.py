@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.models import m3
 from common.models.encoders import embedding_of, max_length_of, with_prompt
 from common.training.losses import Loss, get_loss
-from common.models.loading import autocast_context, encode_pairs, relevance_logit
+from common.models.loading import autocast_context, encode_pairs, pooling_of, relevance_logit
 from common.models.segment import is_segment
 
 
@@ -135,9 +136,14 @@ class BiKind(TrainingKind):
     def check_args(cls, args, model):
         if args.group_size != 2 or args.distill_loss != "margin_mse":
             raise ValueError("bi-encoders train on triples (--group_size 2, --distill_loss margin_mse)")
+        if m3.heads_of(model) is not None and (args.query_encoder or args.distill_scores):
+            raise ValueError("a bi-encoder with sparse/ColBERT heads trains with the unified in-batch loss "
+                             "on its own queries: drop --query_encoder and --distill_scores")
 
     @classmethod
     def label_loss(cls, args, model):
+        if m3.heads_of(model) is not None:  # BGE-M3 unified training with self-distillation
+            return get_loss("m3_self_distill", temperature=args.temperature)
         return get_loss("in_batch_contrastive", temperature=args.temperature)
 
     def embed(self, model: nn.Module, texts: list[str], role: str,
@@ -173,8 +179,24 @@ class BiKind(TrainingKind):
         """The rows' queries and passages (``embed`` puts each role's prompt before them)."""
         return [row[0] for row in rows], [x for _q, p, n in rows for x in (p, n)]
 
+    def embed_heads(self, model: nn.Module, texts: list[str]) -> tuple[dict, dict]:
+        """Every head's representation (``common.models.m3.represent``) of ``texts``."""
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+        with autocast_context(self.device, self.precision):
+            hidden = model(**batch).last_hidden_state
+        return m3.represent(hidden.float(), batch, pooling_of(self.model), m3.heads_of(self.model)), batch
+
     def forward(self, model, rows, wanted):
         queries, passages = self._texts(rows)
+        if "head_scores" in wanted:
+            q, _ = self.embed_heads(model, queries)
+            p, batch = self.embed_heads(model, passages)
+            inputs = {"query_embeddings": q["dense"], "passage_embeddings": p["dense"],
+                      "head_scores": m3.score_matrices(q, p, combined=False)}
+            if "scores" in wanted:
+                inputs["scores"] = pair_cosines(q["dense"], p["dense"])
+            return Forward(inputs, batch, {})
         if self.query_encoder is None:
             q, _ = self.embed(model, queries, "query", self.model)
         else:

@@ -122,7 +122,8 @@ class Trainer:
         loaded = load_model(args.checkpoint_dir or args.model_tag, self.device,
                             kind=args.model_kind, pooling=args.pooling,
                             head=None if args.checkpoint_dir else args.head,
-                            query_instruction=args.query_instruction)
+                            query_instruction=args.query_instruction,
+                            heads=None if args.checkpoint_dir else args.heads)
         if args.lora_rank:  # adapters wrap the projections: the masks go on the wrappers' inputs
             loaded.masks.remove()
             add_lora(loaded.model, args.lora_rank, args.lora_alpha, args.lora_targets)

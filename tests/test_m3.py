@@ -1,0 +1,269 @@
+"""BGE-M3 heads (common.models.m3): sparse weights, MaxSim, the self-distillation loss by hand,
+FlagEmbedding's head files, and the three scores through masking, saving and reshaping."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import pytest
+import torch
+from torch import nn
+
+from common.models import m3
+from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.models.structure import zero_dead_weights
+
+QUERIES = ["what is a cat", "how tall is mount everest"]
+PASSAGES = ["a cat is a small domesticated carnivorous mammal",
+            "mount everest is 8849 metres tall", "the stock market fell today"]
+
+
+def test_sparse_takes_the_max_per_token_id_and_ignores_special_tokens():
+    heads = m3.M3Heads(hidden=4, vocab_size=10, special_ids=[0, 1, 2], heads=("dense", "sparse"))
+    with torch.no_grad():
+        heads.sparse_linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        heads.sparse_linear.bias.zero_()
+    ids = torch.tensor([[1, 5, 7, 5, 9, 2, 0], [1, 9, 2, 0, 0, 0, 0]])  # CLS=1, SEP=2, PAD=0
+    first = torch.tensor([[9.0, 0.5, -1.0, 2.0, 0.25, 3.0, 4.0], [7.0, 1.5, 6.0, 8.0, 8.0, 8.0, 8.0]])
+    hidden = torch.zeros(2, 7, 4)
+    hidden[..., 0] = first
+    weights = heads.sparse(hidden, ids)
+    want = torch.zeros(2, 10)
+    want[0, 5], want[0, 9] = 2.0, 0.25  # id 5: max(0.5, 2.0); id 7: ReLU(-1) = 0
+    want[1, 9] = 1.5  # CLS, SEP and PAD weigh 0 however large their own weights
+    torch.testing.assert_close(weights, want)
+    torch.testing.assert_close(m3.sparse_scores(weights, weights), torch.tensor(
+        [[4.0 + 0.0625, 0.25 * 1.5], [1.5 * 0.25, 2.25]]))
+
+
+def test_maxsim_matches_a_hand_computation():
+    q = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 0.0]]])  # 2 real tokens + padding
+    q_mask = torch.tensor([[1, 1, 0]])
+    p = torch.tensor([[[0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]], [[-1.0, 0.0], [0.0, -1.0], [0.0, 0.0]]])
+    p_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # passage 0: token 1 best 0.8 (with [0.8, 0.6]); token 2 best max(0.96, 0.8, -0.6) = 0.96
+    # passage 1: token 1 best max(-1, 0) = 0; token 2 best max(-0.6, -0.8) = -0.6 (not the pad's 0)
+    want = torch.tensor([[(0.8 + 0.96) / 2, (0.0 - 0.6) / 2]])
+    torch.testing.assert_close(m3.maxsim(q, q_mask, p, p_mask), want)
+    # the ColBERT head drops the first token, zeroes padding and normalises
+    heads = m3.M3Heads(hidden=2, vocab_size=5, special_ids=[], heads=("dense", "colbert"))
+    with torch.no_grad():
+        heads.colbert_linear.weight.copy_(2 * torch.eye(2))
+        heads.colbert_linear.bias.zero_()
+    vectors, mask = heads.colbert(torch.tensor([[[5.0, 5.0], [3.0, 4.0], [1.0, 1.0]]]), torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(vectors, torch.tensor([[[0.6, 0.8], [0.0, 0.0]]]))
+    assert mask.tolist() == [[1, 0]]
+
+
+def test_self_distillation_loss_matches_a_hand_computation():
+    scores = {"dense": torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.2]]),
+              "sparse": torch.tensor([[1.0, 3.0, 0.0], [0.5, 0.5, 4.0]]),
+              "colbert": torch.tensor([[0.3, 0.2, 0.1], [-0.5, 1.5, 0.0]])}
+    target = torch.tensor([0, 1])
+
+    def log_softmax(row):
+        top = max(row)
+        z = math.log(sum(math.exp(x - top) for x in row)) + top
+        return [x - z for x in row]
+
+    rows = {k: v.tolist() for k, v in scores.items()}
+    ens = [[rows["dense"][i][j] + 0.3 * rows["sparse"][i][j] + rows["colbert"][i][j] for j in range(3)]
+           for i in range(2)]
+
+    def ce(matrix):
+        return -sum(log_softmax(matrix[i])[target[i]] for i in range(2)) / 2
+
+    def sce(matrix):
+        total = 0.0
+        for i in range(2):
+            t = [math.exp(x) for x in log_softmax(ens[i])]
+            total -= sum(tj * lj for tj, lj in zip(t, log_softmax(matrix[i])))
+        return total / 2
+
+    task = (ce(rows["dense"]) + ce(ens) + 0.1 * ce(rows["sparse"]) + ce(rows["colbert"])) / 4
+    distill = (sce(rows["dense"]) + 0.1 * sce(rows["sparse"]) + sce(rows["colbert"])) / 3
+    got = m3.self_distill_loss(scores, target)
+    assert got.item() == pytest.approx((task + distill) / 2, rel=1e-6)
+    assert m3.self_distill_loss(scores, target, self_distill=False).item() == pytest.approx(task, rel=1e-6)
+    # the ensemble teaches without being taught: no gradient flows through the targets
+    leaves = {k: v.clone().requires_grad_() for k, v in scores.items()}
+    m3.self_distill_loss(leaves, target).backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in leaves.values())
+
+
+def three_scores(loaded):
+    model = loaded.model.eval()
+    with torch.no_grad():
+        q = m3.encode_all(model, loaded.tokenizer, QUERIES, "mean", max_length=32)
+        p = m3.encode_all(model, loaded.tokenizer, PASSAGES, "mean", max_length=32)
+        return m3.score_matrices(q, p)
+
+
+def test_three_heads_survive_saving_and_reshape(tiny_models, tmp_path):
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_models["bert"]), kind="bi", heads="dense,sparse,colbert")
+    assert loaded.model.config.slimrank_heads == ["dense", "sparse", "colbert"]
+    state = loaded.state
+    state.kept_heads[1] = []
+    state.kept_heads[2] = [0, 3]
+    state.kept_ffn[0] = []
+    state.kept_ffn[2] = list(range(0, state.ffn_size, 3))
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, state)
+    masked = three_scores(loaded)
+    assert set(masked) == {"dense", "sparse", "colbert", "combined"} and masked["sparse"].abs().sum() > 0
+    save_model(loaded.model, loaded.tokenizer, state, tmp_path / "masked")
+    for name, linear in (("sparse", loaded.model.m3_heads.sparse_linear),
+                         ("colbert", loaded.model.m3_heads.colbert_linear)):
+        saved = torch.load(tmp_path / "masked" / m3.HEAD_FILES[name], weights_only=True)
+        assert set(saved) == {"weight", "bias"}
+        torch.testing.assert_close(saved["weight"], linear.weight.detach())
+    reshaped, before, after = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
+    assert after < before
+    for path in (tmp_path / "masked", reshaped):
+        again = three_scores(load_model(str(path)))
+        for name in masked:
+            torch.testing.assert_close(again[name], masked[name], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="has the heads dense,sparse,colbert, not --heads dense"):
+        load_model(str(reshaped), heads="dense")
+
+
+def test_a_bge_m3_dir_gives_its_head_files(tiny_models, tmp_path):
+    """A plain dir with FlagEmbedding's head files: --heads loads them; a file that is not plain
+    tensors (a pickled object) is refused by weights_only loading."""
+    import shutil
+
+    source = tmp_path / "bge"
+    shutil.copytree(tiny_models["bert"], source)
+    sparse, colbert = nn.Linear(32, 1), nn.Linear(32, 16)  # a ColBERT width of its own
+    torch.save(sparse.state_dict(), source / "sparse_linear.pt")
+    torch.save(colbert.state_dict(), source / "colbert_linear.pt")
+    heads = load_model(str(source), kind="bi", heads="dense,sparse,colbert").model.m3_heads
+    torch.testing.assert_close(heads.sparse_linear.weight, sparse.weight)
+    torch.testing.assert_close(heads.colbert_linear.bias, colbert.bias)
+    assert heads.special_ids and 0 in heads.special_ids  # [PAD] of the BERT vocabulary
+    torch.save({"weight": sparse.weight, "bias": sparse.bias, "extra": nn.ReLU()}, source / "sparse_linear.pt")
+    with pytest.raises(ValueError, match="sparse_linear.pt: not a state dict of plain tensors"):
+        load_model(str(source), kind="bi", heads="dense,sparse")
+    with pytest.raises(ValueError, match="--heads must be dense"):
+        load_model(str(source), kind="bi", heads="sparse")
+
+
+def test_unified_training_trains_all_three_heads(tiny_models, toy_triples, tmp_path):
+    """02's loop with --heads dense,sparse,colbert: the unified self-distillation loss, every head
+    moves, the checkpoint carries FlagEmbedding's head files and reloads with its heads."""
+    from common.training.loop import TrainArgs, Trainer
+    from common.training.schedules import WarmupLinear
+
+    args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "m3"),
+                     num_training_samples=32, num_checkpoint_samples=0, model_tag=str(tiny_models["bert"]),
+                     model_kind="bi", heads="dense,sparse,colbert", batch_size=8, max_length=32,
+                     learning_rate=1e-3, seed=1)
+    args.validate()
+    trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+    assert trainer.loss.name == "m3_self_distill"
+    start = {k: v.detach().clone() for k, v in trainer.model.m3_heads.state_dict().items()}
+    final = trainer.train()
+    for key, value in trainer.model.m3_heads.state_dict().items():
+        assert not torch.equal(value, start[key]), key
+    for name in m3.HEAD_FILES.values():
+        assert (final / name).is_file()
+    again = load_model(str(final))
+    assert again.model.config.slimrank_heads == ["dense", "sparse", "colbert"]
+    torch.testing.assert_close(again.model.m3_heads.colbert_linear.weight,
+                               trainer.model.m3_heads.colbert_linear.weight.detach())
+    bad = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(tmp_path / "x"),
+                    num_training_samples=32, model_tag="m", heads="colbert")
+    with pytest.raises(ValueError, match="--heads must be dense"):
+        bad.validate()
+
+
+def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
+    """BiRanker.head_scores gives each head's pair scores (dense = its plain score), and 05's
+    evaluation adds a quality row per head and for the combination."""
+    import pandas as pd
+
+    from common.data.formats import write_candidates
+    from common.evaluation.rerank import evaluate_model
+    from common.serving.rank import Ranker
+
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_models["bert"]), kind="bi", heads="dense,sparse,colbert")
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "m3")
+    ranker = Ranker.load(str(tmp_path / "m3"), max_length=32, batch_size=2)
+    queries = [QUERIES[0]] * 3 + [QUERIES[1]] * 3
+    passages = PASSAGES + PASSAGES[::-1]
+    got = ranker.head_scores(queries, passages)
+    assert set(got) == {"dense", "sparse", "colbert", "combined"}
+    np.testing.assert_allclose(got["dense"], ranker.score(queries, passages), atol=1e-5)
+    want = three_scores(load_model(str(tmp_path / "m3")))
+    for name in ("sparse", "colbert", "combined"):
+        np.testing.assert_allclose(got[name][:3], want[name][0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[name][3:], want[name][1].numpy()[::-1], atol=1e-5)
+
+    candidates = pd.DataFrame({"qid": ["1"] * 3 + ["2"] * 3, "query": queries, "docid": ["a", "b", "c", "c", "b", "a"],
+                               "rank": [1, 2, 3, 1, 2, 3], "first_stage_score": [3.0, 2, 1, 3, 2, 1],
+                               "passage": passages})
+    write_candidates(candidates, tmp_path / "cands.parquet")
+    (tmp_path / "qrels.txt").write_text("1 0 a 2\n2 0 b 3\n")
+    rows = evaluate_model(str(tmp_path / "m3"), str(tmp_path / "cands.parquet"), str(tmp_path / "qrels.txt"),
+                          "toy", max_length=32, output_dir=str(tmp_path / "eval"))
+    assert [r["checkpoint"].rsplit("+", 1)[-1] for r in rows[1:]] == ["head:sparse", "head:colbert", "head:combined"]
+    assert all(r["method"] == "m3_head" and 0 <= r["ndcg@10"] <= 1 for r in rows[1:])
+
+
+def test_training_with_heads_resumes_exactly(tiny_models, toy_triples, tmp_path):
+    """Stopped at a checkpoint and resumed, unified training ends where a straight run ends:
+    encoder and both heads (their optimizer state travels with the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from common.training.loop import TrainArgs, Trainer
+    from common.training.schedules import WarmupLinear
+
+    def run(out, every=0, checkpoint_dir=None, stop=None):
+        args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=32,
+                         num_checkpoint_samples=every, model_tag=str(tiny_models["bert"]),
+                         checkpoint_dir=checkpoint_dir, model_kind="bi", heads="dense,sparse,colbert",
+                         batch_size=8, max_length=32, learning_rate=1e-3, seed=2)
+        trainer = Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+        if stop:
+            trainer.total_steps = stop
+        return trainer.train()
+
+    straight = run(tmp_path / "a")
+    half = run(tmp_path / "b", every=16, stop=2)
+    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    assert not any(k.startswith("m3_heads") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    for name in m3.HEAD_FILES.values():
+        x, y = torch.load(straight / name, weights_only=True), torch.load(end / name, weights_only=True)
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=0)
+
+
+def test_pruning_with_heads_keeps_them(tiny_models, toy_triples, tmp_path):
+    """02 --heads, then 03c prunes the encoder while the unified loss trains, then 04 reshapes:
+    the heads travel through every stage and the reshaped model scores as the masked one."""
+    import importlib
+
+    common = ["--train_triples_file", str(toy_triples), "--max_length", "32", "--batch_size", "8",
+              "--threads", "1", "--learning_rate", "1e-3"]
+    importlib.import_module("02_train_initial").main(
+        ["--model_tag", str(tiny_models["bert"]), "--model_kind", "bi", "--heads", "dense,sparse,colbert",
+         "--output_dir", str(tmp_path / "initial"), "--num_training_samples", "16",
+         "--num_checkpoint_samples", "16", *common])
+    initial = tmp_path / "initial" / "seen_000000016"
+    importlib.import_module("03c_prune_mixed").main(
+        ["initial", "--checkpoint_dir", str(initial), "--output_dir", str(tmp_path / "mixed"),
+         "--num_training_samples", "48", "--num_prune_cycles", "2", "--target_heads", "8",
+         "--target_ffn", "24", "--exclude_layers", "", *common])
+    (pruned,) = list((tmp_path / "mixed").glob("seen_*"))
+    assert all((pruned / name).is_file() for name in m3.HEAD_FILES.values())
+    importlib.import_module("04_reshape").main(["--checkpoint_dir", str(pruned)])
+    masked, reshaped = three_scores(load_model(str(pruned))), three_scores(load_model(str(pruned / "reshaped")))
+    assert load_model(str(pruned)).state.total_heads == 8
+    for name in masked:
+        torch.testing.assert_close(reshaped[name], masked[name], atol=1e-5, rtol=0)
