@@ -123,7 +123,7 @@ def _config_of(name: str):
 
     from common.models.names import resolve_model_path
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(name))
+        return AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--encoder {name}: cannot read its config: {first}") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from common.models import m3
 from common.models.segment import HEADS
 from common.models.st_format import POOLING_CHOICES
 from common.training.argtypes import arg, argument_groups, check_declared, declared
@@ -90,6 +91,11 @@ class TrainArgs:
     pooling: Optional[str] = arg(None, group="model", choices=POOLING_CHOICES, resume_may_change=True,
         help="bi-encoder pooling: mean, cls, max, lasttoken or weightedmean (default: the model's "
              "sentence-transformers config)")
+    heads: Optional[str] = arg(None, group="model", resume_may_change=True,
+        help="bi-encoder heads for a fresh start: dense (default) or dense,sparse,colbert (BGE-M3: "
+             "the sparse and ColBERT heads from the model dir's sparse_linear.pt / colbert_linear.pt, "
+             "else new; unified in-batch training with self-distillation, common.models.m3); "
+             "checkpoints know theirs")
     query_instruction: Optional[str] = arg(None, group="model", resume_may_change=True,
         help="bi-encoder, fresh start: text put in front of every query (e.g. 'Instruct: Given a web "
              "search query, retrieve relevant passages that answer the query\\nQuery: '); saved as the "
@@ -153,6 +159,8 @@ class TrainArgs:
         if self.query_encoder and self.distill_hidden:
             raise ValueError("--distill_hidden compares the student's layers on queries and passages; "
                              "with --query_encoder the student sees passages only: drop one of them")
+        if self.heads is not None:
+            m3.parse_heads(self.heads)
         if self.lora_targets and not self.lora_rank:
             raise ValueError("--lora_targets needs --lora_rank (the adapters' rank)")
         if self.lora_rank and self.resume:
