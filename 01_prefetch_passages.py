@@ -36,7 +36,8 @@ from common.data import distill
 from common.data import triples as training_data
 from common.training.argtypes import nonneg_int, parse_args, positive_float, positive_int, unit_float
 from common.data.formats import DataError
-from common.serving.rank import AUTO, BACKENDS
+from common.serving.rank import AUTO
+from common.serving.runners import BACKENDS
 from common.data.triples import DL20_QRELS
 
 BACKEND_CHOICES = (AUTO, *BACKENDS)

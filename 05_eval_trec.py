@@ -26,7 +26,8 @@ import torch
 from common.cli import fail, nonneg_int, parse_args, positive_int, unit_float
 from common.data.formats import DataError
 from common.io import refuse_inputs
-from common.serving.rank import AUTO, BACKENDS, resolve_backend
+from common.serving.rank import AUTO, resolve_backend
+from common.serving.runners import BACKENDS
 from common.evaluation.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
 from common.evaluation.results import append_results, has_result, load_results, write_table
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.evaluation.cost import worst_case_inputs  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
 from common.data.formats import read_candidates  # noqa: E402
-from common.serving.rank import BACKENDS, Ranker, describe_backend  # noqa: E402
+from common.serving.rank import Ranker, describe_backend  # noqa: E402
+from common.serving.runners import BACKENDS
 
 
 def model_and_backend(spec: str) -> tuple[str, str]:

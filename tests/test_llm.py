@@ -21,7 +21,7 @@ from common.models.loading import keep_first_layers, load_model, reshape_checkpo
 from common.models.structure import analytic_param_count, zero_dead_weights
 from common.pruning.l3prune import choose, layerwise_losses
 from common.serving.rank import BiRanker
-from common.training.lora import add_lora
+from common.models.lora import add_lora
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_fixtures import DECODERS, make_tiny_decoder  # noqa: E402

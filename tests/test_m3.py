@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from common.models import m3
+from common.training.losses import self_distill_loss
 from common.models.loading import load_model, reshape_checkpoint, save_model
 from common.models.structure import zero_dead_weights
 
@@ -83,12 +84,12 @@ def test_self_distillation_loss_matches_a_hand_computation():
 
     task = (ce(rows["dense"]) + ce(ens) + 0.1 * ce(rows["sparse"]) + ce(rows["colbert"])) / 4
     distill = (sce(rows["dense"]) + 0.1 * sce(rows["sparse"]) + sce(rows["colbert"])) / 3
-    got = m3.self_distill_loss(scores, target)
+    got = self_distill_loss(scores, target)
     assert got.item() == pytest.approx((task + distill) / 2, rel=1e-6)
-    assert m3.self_distill_loss(scores, target, self_distill=False).item() == pytest.approx(task, rel=1e-6)
+    assert self_distill_loss(scores, target, self_distill=False).item() == pytest.approx(task, rel=1e-6)
     # the ensemble teaches without being taught: no gradient flows through the targets
     leaves = {k: v.clone().requires_grad_() for k, v in scores.items()}
-    m3.self_distill_loss(leaves, target).backward()
+    self_distill_loss(leaves, target).backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in leaves.values())
 
 

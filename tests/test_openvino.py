@@ -21,7 +21,7 @@ from common import layout  # noqa: E402
 from common.data.formats import read_candidates_json  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
 from common.models.loading import load_model  # noqa: E402
-from common.serving import choose, openvino_export, rank  # noqa: E402
+from common.serving import choose, openvino_export, rank, runners  # noqa: E402
 from common.serving.onnx_export import export_onnx  # noqa: E402
 from common.serving.rank import Ranker  # noqa: E402
 from conftest import SHARED  # noqa: E402
@@ -166,5 +166,5 @@ def test_auto_measures_once_per_host_class_and_takes_the_fastest(tiny_models, tm
 def test_measure_backend_times_a_real_runner(tiny_models, tmp_path):
     out = pruned_dir(tiny_models, "bert", "bi", tmp_path)
     loaded = load_model(str(out), kind="bi")
-    batch = choose.benchmark_batch(loaded.tokenizer, rank.onnx_inputs(loaded))
+    batch = choose.benchmark_batch(loaded.tokenizer, runners.onnx_inputs(loaded))
     assert choose.measure_backend(loaded, "torch", batch) > 0

@@ -133,7 +133,7 @@ def backend_runner(loaded, backend: str, workdir: Path, threads: int):
     backends through an export into ``workdir`` (checked against torch as every export is)."""
     from common.layout import export_file
     from common.serving.onnx_export import export_onnx
-    from common.serving.rank import TORCH_PRECISION, OnnxRunner, OpenVinoRunner, TorchRunner
+    from common.serving.runners import TORCH_PRECISION, OnnxRunner, OpenVinoRunner, TorchRunner
 
     if backend in TORCH_PRECISION:
         return TorchRunner(loaded, TORCH_PRECISION[backend])
@@ -154,7 +154,7 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
 
     from common.hardware import host_key, machine_description
     from common.serving.choose import benchmark_batch, time_runner
-    from common.serving.rank import onnx_inputs, openvino_precision
+    from common.serving.runners import onnx_inputs, openvino_precision
 
     if backend not in TABLE_BACKENDS:
         raise ValueError(f"backend must be one of {TABLE_BACKENDS}, got {backend!r}")

@@ -334,9 +334,9 @@ def segment_pair_template(tokenizer_json: Path) -> None:
 
 
 def plain_state_dict(model: nn.Module) -> dict:
-    """The model's weights as a plain model holds them: LoRA adapters (``common.training.lora``)
+    """The model's weights as a plain model holds them: LoRA adapters (``common.models.lora``)
     merged into the weights they adapt, their own tensors left out."""
-    from common.training.lora import merged_state_dict  # peft is imported only when LoRA is used
+    from common.models.lora import merged_state_dict  # peft is imported only when LoRA is used
     return merged_state_dict(model)
 
 

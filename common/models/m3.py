@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.io import atomic_output
-from common.training.losses import Loss, register_loss
 
 HEAD_NAMES = ("dense", "sparse", "colbert")
 HEAD_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
@@ -99,65 +98,6 @@ def maxsim(query: torch.Tensor, query_mask: torch.Tensor, passage: torch.Tensor,
 def ensemble(scores: dict[str, torch.Tensor], weights: dict[str, float] = ENSEMBLE_WEIGHTS) -> torch.Tensor:
     """The weighted sum of the heads' scores (the heads present in ``scores``)."""
     return sum(weights[name] * value for name, value in scores.items())
-
-
-def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """``-mean_rows sum_j t_j log softmax(s)_j``: KL(t || softmax(s)) up to the teacher's entropy
-    (FlagEmbedding's ``kl_div`` distillation loss)."""
-    return -(teacher_probs * torch.log_softmax(student, dim=-1)).sum(-1).mean()
-
-
-HEAD_LOSS_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}  # the seed's weight of each head's own losses
-
-
-def self_distill_loss(scores: dict[str, torch.Tensor], target: torch.Tensor,
-                      weights: dict[str, float] = ENSEMBLE_WEIGHTS, self_distill: bool = True) -> torch.Tensor:
-    """Unified fine-tuning loss of the heads (scores ``[rows, candidates]`` each, already divided
-    by the temperature; ``target``: the positive's column of each row). With all three heads:
-
-        task = (CE(dense) + CE(ensemble) + 0.1 CE(sparse) + CE(colbert)) / 4
-        with self-distillation, t = softmax(ensemble) (no gradient):
-        loss = (task + (SCE(dense, t) + 0.1 SCE(sparse, t) + SCE(colbert, t)) / 3) / 2
-
-    ``ensemble = 1 * dense + 0.3 * sparse + 1 * colbert`` (``weights``); SCE is
-    :func:`soft_cross_entropy`; the 0.1 on the sparse terms is the seed's (its sparse scores are
-    on another scale than the other two). With two heads the same form over those two."""
-    if "dense" not in scores or set(scores) - set(HEAD_NAMES) or len(scores) < 2:
-        raise ValueError(f"unified training needs dense and at least one of sparse, colbert; got {sorted(scores)}")
-    ens = ensemble(scores, weights)
-    task = F.cross_entropy(ens, target)
-    for name, value in scores.items():
-        task = task + HEAD_LOSS_WEIGHTS[name] * F.cross_entropy(value, target)
-    loss = task / (len(scores) + 1)
-    if not self_distill:
-        return loss
-    teacher = torch.softmax(ens.detach(), dim=-1)
-    distill = sum(HEAD_LOSS_WEIGHTS[name] * soft_cross_entropy(value, teacher) for name, value in scores.items())
-    return (loss + distill / len(scores)) / 2
-
-
-@register_loss("m3_self_distill")
-class M3SelfDistill(Loss):
-    """Bi-encoder with BGE-M3 heads: :func:`self_distill_loss` over in-batch negatives (each
-    query against every passage of the batch, its own positive, passage ``i * k``, the target),
-    every head's scores divided by ``temperature`` as the seed does."""
-
-    inputs = ("head_scores",)
-
-    def __init__(self, temperature: float = 0.02, self_distill: bool = True):
-        self.temperature, self.self_distill = temperature, self_distill
-
-    def check(self, head_scores: dict) -> None:
-        shapes = {tuple(v.shape) for v in head_scores.values()}
-        rows, cols = next(iter(shapes)) if len(shapes) == 1 else (0, 0)
-        if len(shapes) != 1 or not rows or cols % rows:
-            raise ValueError(f"m3_self_distill: head scores must share one shape (rows, k * rows), got {shapes}")
-
-    def compute(self, head_scores: dict) -> torch.Tensor:
-        rows, cols = next(iter(head_scores.values())).shape
-        target = torch.arange(rows, device=next(iter(head_scores.values())).device) * (cols // rows)
-        scaled = {name: value / self.temperature for name, value in head_scores.items()}
-        return self_distill_loss(scaled, target, self_distill=self.self_distill)
 
 
 # ----------------------------------------------------------------------------- on a model

@@ -69,7 +69,7 @@ def time_runner(runner, batch: dict, rounds: int = ROUNDS) -> float:
 
 def measure_backend(loaded, backend: str, batch: dict) -> float:
     """Median ms of one batch through ``backend``'s runner for the dir (:func:`time_runner`)."""
-    from common.serving.rank import make_runner
+    from common.serving.runners import make_runner
 
     return time_runner(make_runner(loaded, backend), batch)
 
@@ -84,7 +84,7 @@ def _read(cache: Path) -> dict:
 def fastest_backend(path: str | Path) -> str:
     """The cached choice for this host class, else measure every candidate, cache, choose."""
     from common.models.loading import load_model
-    from common.serving.rank import onnx_inputs
+    from common.serving.runners import onnx_inputs
 
     cache, key, stamp = Path(path, layout.BACKEND_CHOICE_FILE), host_key(), _exports_stamp(path)
     backends = candidate_backends(path)

@@ -1,6 +1,6 @@
 """ONNX export of a model directory: ``<dir>/onnx/model.onnx`` and ``model_int8.onnx``.
 
-The traced graph is :class:`common.serving.rank.RankingOutput` (scores for a cross-encoder, normalised
+The traced graph is :class:`common.serving.runners.RankingOutput` (scores for a cross-encoder, normalised
 embeddings for a bi-encoder) with dynamic batch and sequence axes, so onnxruntime computes what
 the torch backend computes; the export is checked against PyTorch on sample inputs before it is
 kept (``MAX_ABS_DIFF``). The int8 file is onnxruntime's dynamic quantization: int8 weights with
@@ -37,7 +37,8 @@ from transformers import PreTrainedModel
 
 from common.models.arch import adapter_for
 from common.models.loading import LoadedModel, encode_pairs
-from common.serving.rank import OnnxRunner, Ranker, RankingOutput, onnx_inputs
+from common.serving.rank import Ranker
+from common.serving.runners import OnnxRunner, RankingOutput, onnx_inputs
 from common.io import temporary_dir
 from common.layout import ONNX_FILES, onnx_dir, replace_dir
 

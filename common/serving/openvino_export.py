@@ -3,7 +3,7 @@
 looks for them.
 
 The IR is converted from the ONNX graph ``04_reshape.py --onnx`` writes (``onnx/model.onnx``:
-:class:`common.serving.rank.RankingOutput`, so its output is the relevance score of each pair or
+:class:`common.serving.runners.RankingOutput`, so its output is the relevance score of each pair or
 the normalised embedding of each text, as the ONNX graph's), with fp32 weights. Before it is
 kept it is run on the sample inputs of the ONNX export: in fp32 within ``MAX_ABS_DIFF_FP32`` of
 PyTorch fp32, and at the CPU's default inference precision (bf16 where the CPU has native bf16)
@@ -26,8 +26,8 @@ from common.io import temporary_dir
 from common.layout import ONNX_FILES, OPENVINO_FILES, onnx_dir, openvino_dir, replace_dir
 from common.models.loading import LoadedModel, encode_pairs
 from common.serving.onnx_export import sample_batch
-from common.serving.rank import (BiRanker, CrossRanker, OpenVinoRunner, RankingOutput, TorchRunner,
-                                 onnx_inputs, openvino_precision)
+from common.serving.rank import BiRanker, CrossRanker
+from common.serving.runners import OpenVinoRunner, RankingOutput, TorchRunner, onnx_inputs, openvino_precision
 
 MAX_ABS_DIFF_FP32 = 1e-4  # the IR in fp32 vs PyTorch fp32 on the sample inputs
 MAX_ABS_DIFF_BF16 = 1e-2  # the IR at a bf16 default precision vs PyTorch fp32

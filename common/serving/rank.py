@@ -33,18 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from common import layout
-from common.layout import ONNX_FILES, OPENVINO_FILES
+from common.serving.runners import (BACKENDS, TORCH_PRECISION, make_runner, openvino_precision)
 from common.hardware import machine_description, time_callable
-from common.models.encoders import embedding_of, max_length_of, similarity, with_prompt
-from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, autocast_context, encode_pairs, load_model,
-                             model_kind, pick_device, pooling_of, relevance_logit, sorted_batches)
+from common.models.encoders import max_length_of, similarity, with_prompt
+from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, encode_pairs, load_model,
+                             pick_device, pooling_of, sorted_batches)
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "openvino", "openvino-int8")
 AUTO = "auto"  # a shipped dir's measured fastest backend on this host, else torch fp32 (resolve_backend)
-TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
 
 def query_encoder_of(loaded: LoadedModel) -> str | None:
@@ -80,71 +77,6 @@ def backend_for_precision(precision: str) -> str:
     return {p: b for b, p in TORCH_PRECISION.items()}[precision]
 
 
-class RankingOutput(nn.Module):
-    """What a ranker needs from a model, as one module (the graph ONNX export traces): the
-    relevance score of each pair (cross) or the embedding of each text (bi: its sentence-transformers
-    chain, ``common.models.encoders.embedding_of``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.kind = model_kind(model)
-        self.pooling = pooling_of(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        if self.kind == "bi":
-            encoder = getattr(self.model, "base_model", self.model)
-            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-            return embedding_of(self.model, hidden, attention_mask)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-        return relevance_logit(logits).float()
-
-
-class TorchRunner:
-    """Runs :class:`RankingOutput` in PyTorch (fp32, or under bf16/fp16 autocast)."""
-
-    def __init__(self, loaded: LoadedModel, precision: str = "fp32"):
-        self.output = RankingOutput(loaded.model)
-        self.device = next(loaded.model.parameters()).device
-        self.precision = precision
-
-    @torch.no_grad()
-    def __call__(self, batch: dict) -> np.ndarray:
-        """Scores in eval mode; a model in training mode (evaluation during training) is put
-        back in it afterwards."""
-        batch = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
-        was_training = self.output.model.training
-        if was_training:
-            self.output.model.eval()
-        try:
-            with autocast_context(self.device, self.precision):
-                return self.output(**batch).float().cpu().numpy()
-        finally:
-            if was_training:
-                self.output.model.train()
-
-
-class OnnxRunner:
-    """Runs an exported ``model.onnx`` / ``model_int8.onnx`` in onnxruntime (CPU)."""
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime  # imported here: only the ONNX backends need it (a large import)
-
-        if not path.is_file():
-            raise ValueError(f"{path}: no ONNX export (run 04_reshape.py --onnx on {path.parent.parent})")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, batch: dict) -> np.ndarray:
-        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
-        return self.session.run(None, feed)[0]
-
-
 @lru_cache(maxsize=4)
 def _query_encoder(name: str, device: str) -> LoadedModel:
     """A frozen query encoder, loaded once per process and device (every evaluation of a run, and
@@ -152,53 +84,6 @@ def _query_encoder(name: str, device: str) -> LoadedModel:
     encoder = load_model(name, device, kind="bi")
     encoder.model.eval().requires_grad_(False)
     return encoder
-def openvino_precision() -> str:
-    """The precision OpenVINO's CPU plugin computes in by default on this host (``bf16`` where the
-    CPU has native bf16, else ``f32``): what the ``openvino`` backend runs at."""
-    import openvino
-
-    return openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
-
-
-def _input_name(names: set[str]) -> str:
-    """The tokenizer-side name among an OpenVINO input's names (input_ids, attention_mask, ...)."""
-    plain = sorted(n for n in names if not n.startswith("/"))
-    return plain[0] if plain else sorted(names)[0]
-
-
-class OpenVinoRunner:
-    """Runs an OpenVINO IR (``openvino/openvino_model*.xml``) on the CPU plugin, at its default
-    inference precision unless ``precision`` (``f32``) says otherwise; latency hint, ``threads``
-    (default: torch's) inference threads."""
-
-    def __init__(self, path: Path, threads: int | None = None, precision: str | None = None):
-        import openvino  # imported here: only the OpenVINO backends need it
-
-        if not path.is_file():
-            raise ValueError(f"{path}: no OpenVINO IR (run 04_reshape.py --openvino on {path.parent.parent})")
-        core = openvino.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
-        if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        model = core.read_model(str(path))
-        # an input tensor may carry several names (a graph pass can add one, e.g. /Cast_output_0):
-        # the model's input names are the ones the ONNX graph was exported with
-        self.inputs = [_input_name(i.get_names()) for i in model.inputs]
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
-
-    def __call__(self, batch: dict) -> np.ndarray:
-        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
-        return np.array(self.request.infer(feed)[0], dtype=np.float32)  # a copy: the request reuses its buffer
-
-
-def make_runner(loaded: LoadedModel, backend: str, threads: int | None = None):
-    """The runner of one backend (``BACKENDS``) for a loaded model (its exports for ONNX/OpenVINO)."""
-    if backend in TORCH_PRECISION:
-        return TorchRunner(loaded, TORCH_PRECISION[backend])
-    if backend in ONNX_FILES:
-        return OnnxRunner(layout.onnx_dir(loaded.path) / ONNX_FILES[backend], threads)
-    return OpenVinoRunner(layout.openvino_dir(loaded.path) / OPENVINO_FILES[backend], threads)
 
 
 class Ranker:
@@ -420,16 +305,6 @@ def resolve_backend(path: str | Path, backend: str) -> str:
     if not exported_backends(path):
         return "torch"
     return fastest_backend(path)
-
-
-def onnx_inputs(loaded: LoadedModel) -> list[str]:
-    """The inputs the exported graph takes: token types only where the model uses them (the
-    monoBERT pair template of a family that has them)."""
-    names = ["input_ids", "attention_mask"]
-    uses_types = (loaded.kind == "cross" and getattr(loaded.model.config, "slimrank_head", None) is None
-                  and "token_type_ids" in loaded.tokenizer.model_input_names
-                  and getattr(loaded.model.config, "type_vocab_size", 1) > 1)
-    return names + (["token_type_ids"] if uses_types else [])
 
 
 def describe_backend(path: str | Path, backend: str) -> dict:

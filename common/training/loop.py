@@ -47,7 +47,7 @@ from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_F
                            replace_dir, rng_file)
 from common.models.segment import is_segment
 from common.models.structure import Masks, zero_dead_weights
-from common.training.lora import add_lora
+from common.models.lora import add_lora
 
 log = logging.getLogger("slimrank")
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
