@@ -71,6 +71,15 @@ def sample_batch(loaded: LoadedModel, max_length: int) -> dict[str, torch.Tensor
     return {k: batch[k] for k in onnx_inputs(loaded)}
 
 
+def sample_reference(loaded: LoadedModel, max_length: int) -> tuple[dict, np.ndarray, dict]:
+    """(:func:`sample_batch`, PyTorch fp32's output on it, the batch as numpy): what every export
+    is checked against."""
+    batch = sample_batch(loaded, max_length)
+    with torch.no_grad():
+        reference = RankingOutput(loaded.model).eval()(**batch).numpy()
+    return batch, reference, {k: v.numpy() for k, v in batch.items()}
+
+
 class SmoothedLinear(nn.Module):
     """``linear(x / s)`` with the weight's input columns multiplied by ``s``: the same function."""
 
@@ -232,10 +241,7 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
     directory = Path(directory)
     out = onnx_dir(directory)
     with temporary_dir(out) as tmp:  # nothing half-written: the temporary directory goes on any failure
-        batch = sample_batch(loaded, max_length)
-        with torch.no_grad():
-            reference = RankingOutput(loaded.model).eval()(**batch).numpy()
-        feed = {k: v.numpy() for k, v in batch.items()}
+        batch, reference, feed = sample_reference(loaded, max_length)
 
         def exported(module: nn.Module, path: Path, what: str) -> float:
             """Export ``module`` to ``path``; its max |difference| from PyTorch, refused over the bound."""

@@ -25,9 +25,9 @@ import torch
 from common.io import temporary_dir
 from common.layout import ONNX_FILES, OPENVINO_FILES, onnx_dir, openvino_dir, replace_dir
 from common.models.loading import LoadedModel, encode_pairs
-from common.serving.onnx_export import sample_batch
+from common.serving.onnx_export import sample_reference
 from common.serving.rank import BiRanker, CrossRanker
-from common.serving.runners import OpenVinoRunner, RankingOutput, TorchRunner, onnx_inputs, openvino_precision
+from common.serving.runners import OpenVinoRunner, TorchRunner, onnx_inputs, openvino_precision
 
 MAX_ABS_DIFF_FP32 = 1e-4  # the IR in fp32 vs PyTorch fp32 on the sample inputs
 MAX_ABS_DIFF_BF16 = 1e-2  # the IR at a bf16 default precision vs PyTorch fp32
@@ -86,10 +86,7 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
         raise ValueError(f"{directory}: no calibration pairs for the int8 IR")
     out = openvino_dir(directory)
     with temporary_dir(out) as tmp:  # nothing half-written: the temporary directory goes on any failure
-        batch = sample_batch(loaded, max_length)
-        with torch.no_grad():
-            reference = RankingOutput(loaded.model).eval()(**batch).numpy()
-        feed = {k: v.numpy() for k, v in batch.items()}
+        batch, reference, feed = sample_reference(loaded, max_length)
         model = openvino.convert_model(str(source))
         for port in model.inputs:  # only the ONNX input names (a graph pass may add e.g. /Cast_output_0)
             names = port.get_names()
