@@ -79,3 +79,17 @@ def write_toy_triples(path: Path, n: int = 64) -> Path:
 @pytest.fixture()
 def toy_triples(tmp_path) -> Path:
     return write_toy_triples(tmp_path / "triples.tsv")
+
+
+@pytest.fixture()
+def run(tiny_models, tmp_path):
+    """A finished 02 run (two checkpoints) and its triples file (the hostile tests' starting point)."""
+    import importlib
+
+    triples = write_toy_triples(tmp_path / "tr.tsv", 32)
+    out = tmp_path / "run"
+    importlib.import_module("02_train_initial").main(
+        ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples), "--output_dir", str(out),
+         "--num_training_samples", "16", "--num_checkpoint_samples", "8",
+         "--batch_size", "8", "--max_length", "32", "--threads", "1", "--device", "cpu"])
+    return out, triples

@@ -36,17 +36,6 @@ def snapshot(directory: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-@pytest.fixture()
-def run(tiny_models, tmp_path):
-    """A finished 02 run (two checkpoints) and its triples file."""
-    triples = write_toy_triples(tmp_path / "tr.tsv", 32)
-    out = tmp_path / "run"
-    train(["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
-           "--output_dir", str(out), "--num_training_samples", "16",
-           "--num_checkpoint_samples", "8", *A])
-    return out, triples
-
-
 def test_overwrite_never_deletes_an_input(tiny_models, tmp_path):
     d = tmp_path / "D"
     d.mkdir()

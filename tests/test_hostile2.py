@@ -47,16 +47,6 @@ def toy_qrels(path: Path) -> Path:
 
 
 @pytest.fixture()
-def run(tiny_models, tmp_path):
-    triples = write_toy_triples(tmp_path / "tr.tsv", 32)
-    out = tmp_path / "run"
-    train(["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
-           "--output_dir", str(out), "--num_training_samples", "16",
-           "--num_checkpoint_samples", "8", *A])
-    return out, triples
-
-
-@pytest.fixture()
 def shipped(run, tmp_path):
     """A reshaped model dir (04 without --onnx)."""
     out, _ = run
