@@ -41,7 +41,8 @@ from itertools import islice
 from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
 from common.data.triples import DL20_TOPICS, check_text_queries
-from common.pruning.l3prune import RULES, choose, layers_to_keep, layerwise_losses, parse_keep_layers
+from common.pruning.l3prune import (RULES, choose, earlier_layer_losses, layers_to_keep, layerwise_losses,
+                                    parse_keep_layers)
 from common.models.loading import QUERY_ENCODER_FIELD, load_model, model_depth, reshape_checkpoint
 from common.models.st_format import POOLING_CHOICES
 from common.serving.onnx_export import FP32_ROLES, export_onnx
@@ -67,6 +68,10 @@ def main(argv=None) -> None:
     parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
     parser.add_argument("--layer_loss_rows", type=positive_int, default=256,
                         help="--keep_layers small|large: triples scored (the first N of the file)")
+    parser.add_argument("--layer_losses", metavar="DIR",
+                        help="--keep_layers small|large from the layerwise loss an earlier L3Prune drop of "
+                             "the same checkpoint computed (its output dir or pruning.json), not computed "
+                             "again: both configurations from one loss, as the seed's autoprune")
     parser.add_argument("--model_kind", choices=["cross", "bi"],
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
     parser.add_argument("--pooling", choices=POOLING_CHOICES,
@@ -104,8 +109,10 @@ def main(argv=None) -> None:
         parser.error("--int8_keep_fp32 shapes the int8 export: it needs --onnx")
     if args.calibration_triples and not args.onnx:
         parser.error("--calibration_triples calibrates the int8 exports: it needs --onnx or --openvino")
-    if args.keep_layers in RULES and not args.layer_loss_triples:
-        parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples")
+    if args.keep_layers in RULES and not (args.layer_loss_triples or args.layer_losses):
+        parser.error(f"--keep_layers {args.keep_layers} needs --layer_loss_triples or --layer_losses")
+    if args.layer_losses and (args.keep_layers not in RULES or args.layer_loss_triples):
+        parser.error("--layer_losses gives the loss of --keep_layers small|large in place of --layer_loss_triples")
     try:
         calibration, held_out = None, None  # read before anything is written: a bad file is an error
         if args.calibration_triples:
@@ -121,14 +128,21 @@ def main(argv=None) -> None:
         if keep is not None and keep not in RULES:
             keep = layers_to_keep(keep, model_depth(args.checkpoint_dir))
         if keep in RULES:
-            losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind, pooling=args.pooling,
-                                                 query_instruction=args.query_instruction),
-                                      args.layer_loss_triples, args.layer_loss_rows,
-                                      max_length=min(args.max_length, 128))
+            source = {"checkpoint": args.checkpoint_dir, "pooling": args.pooling,
+                      "query_instruction": args.query_instruction, "max_length": min(args.max_length, 128)}
+            if args.layer_losses:
+                earlier = earlier_layer_losses(args.layer_losses, source)
+                losses, scored = earlier["losses"], {k: earlier[k] for k in ("triples", "rows")}
+            else:
+                losses = layerwise_losses(load_model(args.checkpoint_dir, kind=args.model_kind, pooling=args.pooling,
+                                                     query_instruction=args.query_instruction),
+                                          args.layer_loss_triples, args.layer_loss_rows,
+                                          max_length=source["max_length"])
+                losses = [round(x, 6) for x in losses]
+                scored = {"triples": args.layer_loss_triples, "rows": args.layer_loss_rows}
             chosen = choose(losses)
             keep = chosen[args.keep_layers]
-            note = {"l3prune": {"rule": args.keep_layers, "losses": [round(x, 6) for x in losses],
-                                **chosen, "triples": args.layer_loss_triples, "rows": args.layer_loss_rows}}
+            note = {"l3prune": {"rule": args.keep_layers, "losses": losses, **chosen, **scored, **source}}
             print("L3Prune: task loss after each layer " + ", ".join(f"{i + 1}: {x:.4f}" for i, x in enumerate(losses))
                   + f"; small = {chosen['small']}, large = {chosen['large']} layers: keeping {keep}")
         exported = {}

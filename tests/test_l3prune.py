@@ -50,3 +50,26 @@ def test_reshape_keeps_the_l3prune_choice(tiny_models, toy_triples, tmp_path):
     with pytest.raises(SystemExit):
         reshape.main(["--checkpoint_dir", str(tiny_models["bert"]), "--keep_layers", "medium",
                       "--output_dir", str(tmp_path / "y")])
+
+
+def test_small_and_large_from_one_layerwise_loss(tiny_models, toy_triples, tmp_path):
+    """The seed's autoprune: `large` reuses the loss `small` computed (--layer_losses), and a loss
+    computed on another checkpoint or pooling is refused in one line."""
+    reshape = importlib.import_module("04_reshape")
+    small, large = tmp_path / "small", tmp_path / "large"
+    base = ["--checkpoint_dir", str(tiny_models["bert"]), "--model_kind", "bi", "--pooling", "mean"]
+    reshape.main(base + ["--keep_layers", "small", "--layer_loss_triples", str(toy_triples),
+                         "--layer_loss_rows", "16", "--output_dir", str(small)])
+    reshape.main(base + ["--keep_layers", "large", "--layer_losses", str(small), "--output_dir", str(large)])
+    notes = [json.loads((d / "pruning.json").read_text())["history"][-1]["l3prune"] for d in (small, large)]
+    assert notes[0]["losses"] == notes[1]["losses"] and notes[1]["rows"] == 16
+    assert notes[1]["rule"] == "large" and notes[1]["large"] == choose(notes[0]["losses"])["large"]
+    assert json.loads((large / "config.json").read_text())["num_hidden_layers"] == notes[1]["large"]
+    with pytest.raises(SystemExit) as exit_:
+        reshape.main(base[:-1] + ["cls", "--keep_layers", "large", "--layer_losses", str(small),
+                                  "--output_dir", str(tmp_path / "other")])
+    err = str(exit_.value.code)
+    assert err.count("error:") == 1 and "pooling 'mean'" in err and not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit):  # a loss and triples to compute it: one or the other
+        reshape.main(base + ["--keep_layers", "large", "--layer_losses", str(small),
+                             "--layer_loss_triples", str(toy_triples), "--output_dir", str(tmp_path / "both")])

@@ -18,7 +18,9 @@ already trained for the task) keeps every layer in both.
 from __future__ import annotations
 
 import copy
+import json
 from itertools import islice
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -131,6 +133,31 @@ def _bi_layerwise_losses(loaded: LoadedModel, data, per_step: int, args, device,
     finally:
         loaded.model.train(was_training)
     return [t / len(data) for t in totals]
+
+
+def earlier_layer_losses(path: str, source: dict) -> dict:
+    """The ``l3prune`` note of an earlier L3Prune drop (its output dir or ``pruning.json``), so that
+    ``small`` and ``large`` come from one layerwise loss. ``source`` (checkpoint, pooling, query
+    instruction, length) must be what that loss was computed on; a ``ValueError`` names what differs."""
+    file = Path(path) / "pruning.json" if Path(path).is_dir() else Path(path)
+    try:
+        history = json.loads(file.read_text())["history"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--layer_losses {file}: not the pruning.json of a reshaped model ({err})") from None
+    notes = [h["l3prune"] for h in history if isinstance(h, dict) and isinstance(h.get("l3prune"), dict)]
+    if not notes or not isinstance(notes[-1].get("losses"), list):
+        raise ValueError(f"--layer_losses {file}: no L3Prune layerwise loss in it (reshaped with --keep_layers "
+                         "small|large and --layer_loss_triples?)")
+    note = notes[-1]
+    for key, value in source.items():
+        theirs = note.get(key)
+        same = theirs == value or (key == "checkpoint" and isinstance(theirs, str)
+                                   and Path(theirs).exists() and Path(value).exists()
+                                   and Path(theirs).resolve() == Path(value).resolve())
+        if not same:
+            raise ValueError(f"--layer_losses {file}: its loss was computed with {key} {theirs!r}, this drop "
+                             f"has {value!r}")
+    return note
 
 
 def choose(losses: list[float]) -> dict[str, int]:
