@@ -1,75 +1,76 @@
 #!/usr/bin/env bash
 # The matched-cost study (issue #17): every pruning method at the same multiply-add budget, with
 # the same pairs, the same distillation and the same recovery; DL20 and DL21 scored once, at the
-# end (REPORT=1). One arm per invocation, so that arms run two at a time at one thread each:
+# end (report). Each registered run is one settings file, recipes/config/matched_cost/<run>.toml;
+# one arm per invocation, so that arms can run two at a time at one thread each:
 #
-#   ARM=l0 RATIO=3 bash recipes/matched_cost.sh            # runs/matched/bi_l0_3x
-#   ARM=activation RATIO=3 bash recipes/matched_cost.sh    # ... beside it
-#   REPORT=1 bash recipes/matched_cost.sh                  # tables + one benchmark per arm
+#   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml l0          # runs/matched/bi_l0_3x
+#   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml activation  # ... beside it
+#   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml report      # tables + one benchmark per arm
+#   bash recipes/matched_cost.sh CONFIG ARM continue   # go on with an arm that stopped (finished stages kept)
 #
-# Arms (KIND=bi: the packaged all-MiniLM-L6-v2 encoder; KIND=cross: the main job's initial
-# cross-encoder, INITIAL=<its checkpoint>), at RATIO = 2 or 3 (x fewer multiply-adds per
-# MAX_LENGTH-token sequence, common.evaluation.cost):
+# Arms (kind = "bi": the packaged all-MiniLM-L6-v2 encoder; kind = "cross": the main job's initial
+# cross-encoder, initial = <its checkpoint>), at ratio = 2 or 3 (x fewer multiply-adds per
+# max_length-token sequence, common.evaluation.cost):
 #   reference   03c, the reference study's criteria (head confidence, FFN L1), heads and FFN of
-#               all layers cut to 1/RATIO (72/RATIO heads, 1536/RATIO neurons per layer: exactly
-#               1/RATIO of the encoder's multiply-adds), 6 prune cycles
+#               all layers cut to 1/ratio (72/ratio heads, 1536/ratio neurons per layer: exactly
+#               1/ratio of the encoder's multiply-adds), 6 prune cycles
 #   activation  03c as reference, heads and neurons scored from activations
-#   l0          03d, hard-concrete gates with the cost target --target_macs_ratio 1/RATIO
+#   l0          03d, hard-concrete gates with the cost target --target_macs_ratio 1/ratio
 #               (Lagrangian over the first half of the stage; exact masks at the end)
-#   first_n     04 --keep_layers 6/RATIO (layer dropping: the first 3 or 2 layers)
-#   l3prune     04 --keep_layers $L3 (small, default, or large: common.pruning.l3prune, the task loss
+#   first_n     04 --keep_layers 6/ratio (layer dropping: the first 3 or 2 layers)
+#   l3prune     04 --keep_layers $l3 (small, default, or large: common.pruning.l3prune, the task loss
 #               at each depth on the first 256 training triples); its cost is what it chooses
-# Every pruning stage (reference, activation, l0) trains PAIRS pairs while distilling the unpruned
+# Every pruning stage (reference, activation, l0) trains `pairs` pairs while distilling the unpruned
 # model (bi: MSE to its embeddings; cross: MSE to its segment embeddings), is reshaped (04), then
-# recovers for RECOVERY_PAIRS pairs on the next triples of the stream (02 --stage recover, the same
-# distillation). Layer-dropping arms have no pruning stage: their recovery gets PAIRS +
-# RECOVERY_PAIRS pairs from the start of the stream, so every arm sees the same pairs.
+# recovers for `recovery_pairs` pairs on the next triples of the stream (02 --stage recover, the same
+# distillation). Layer-dropping arms have no pruning stage: their recovery gets pairs +
+# recovery_pairs pairs from the start of the stream, so every arm sees the same pairs.
 # Training is monitored on the 20 held-out training-side topics of data/distill (never DL20).
-# CONTINUE=1 goes on with an arm that stopped: finished stages are kept, the next one starts.
-# Settings: PAIRS (12288), RECOVERY_PAIRS (12288), LR (1e-4), RECOVERY_LR (LR), BATCH (32), MAX_LENGTH (128),
-# THREADS (1), SEED (42), PRECISION (fp32; bf16 autocast only on a CPU with native bf16),
-# LOSS (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, KIND=cross
+# Settings (the TOML file; a name not listed here is an error): pairs (12288), recovery_pairs (12288),
+# lr (1e-4), recovery_lr (lr), batch (32), max_length (128), threads (1), seed (42), precision (fp32;
+# bf16 autocast only on a CPU with native bf16), ratio (3), l3 (small), data (data), root (runs/matched
+# for kind bi, runs/matched_cross for cross), initial (kind cross: the main job's initial checkpoint),
+# loss (embeddings: the distillation above, on the labels of data/distill/triples.tsv; main, kind cross
 # only: the main job's loss, recipes/config/main/prune.toml: margin-MSE to the BM25-fused teacher's
-# margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings).
-# QUERY_ENCODER (none; KIND=bi only): a frozen encoder embeds the queries (--query_encoder, e.g. the
+# margins x 5.4 on data/distill_fused/triples.tsv plus 10 x MSE to the initial model's segment embeddings),
+# query_encoder (none; kind bi only: a frozen encoder embeds the queries (--query_encoder, e.g. the
 # packaged all-MiniLM-L6-v2) and the pruned model only the passages, in both stages; the models
-# name it in their config, so REPORT scores them that way (the unpruned row stays symmetric).
-# HIDDEN (0): weight of the layer-wise hidden-state distillation to the same teacher
-# (--distill_hidden: student layer i vs teacher layer i, CoFi-style), in both stages.
+# name it in their config, so the report scores them that way; the unpruned row stays symmetric),
+# hidden (0: weight of the layer-wise hidden-state distillation to the same teacher (--distill_hidden:
+# student layer i vs teacher layer i, CoFi-style), in both stages).
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
-# Outputs: $ROOT/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model; ROOT is
-# runs/matched for KIND=bi, runs/matched_cross for KIND=cross), and with REPORT=1
-# $ROOT/results.md (DL20 and DL21), speedup.txt and figures/ (06).
+# Outputs: $root/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model), and from `report`
+# $root/results.md (DL20 and DL21), speedup.txt and figures/ (06).
 source "$(dirname "$0")/lib.sh"
-KIND=${KIND:-bi}
+CONFIG=${1:?usage: bash recipes/matched_cost.sh recipes/config/matched_cost/RUN.toml ARM|report [continue]}
+ACTION=${2:?usage: bash recipes/matched_cost.sh CONFIG ARM|report [continue] (ARM: reference, activation, l0, first_n, l3prune)}
+case "$ACTION" in reference|activation|l0|first_n|l3prune|report) ;;
+  *) echo "error: the arm must be reference, activation, l0, first_n, l3prune or report, got $ACTION" >&2; exit 1 ;; esac
+case "${3:-}" in "") CONTINUE=0 ;; continue) CONTINUE=1 ;;
+  *) echo "error: the third argument may only be 'continue', got ${3}" >&2; exit 1 ;; esac
+SETTINGS=$($PY -m common.settings "$CONFIG" kind=bi root= pairs=12288 recovery_pairs=12288 lr=1e-4 recovery_lr= \
+  batch=32 max_length=128 threads=1 seed=42 precision=fp32 ratio=3 l3=small data=data initial= loss=embeddings \
+  query_encoder= hidden=0)
+eval "$SETTINGS"
 case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/matched_cross} ;;
-  *) echo "error: KIND must be bi or cross, got $KIND" >&2; exit 1 ;; esac
-PAIRS=${PAIRS:-12288}
-RECOVERY_PAIRS=${RECOVERY_PAIRS:-12288}
-LR=${LR:-1e-4}
+  *) echo "error: $CONFIG: kind must be bi or cross, got $KIND" >&2; exit 1 ;; esac
 RECOVERY_LR=${RECOVERY_LR:-$LR}
-BATCH=${BATCH:-32}
-MAX_LENGTH=${MAX_LENGTH:-128}
-THREADS=${THREADS:-1}
-SEED=${SEED:-42}
-PRECISION=${PRECISION:-fp32}
-L3=${L3:-small}
-DATA=${DATA:-data}
 latest() { $PY -m common.layout latest "$1"; }
 if [ "$KIND" = bi ]; then
   BASE=all-MiniLM-L6-v2; KIND_ARGS=(--model_kind bi); DISTILL=(--distill_target embeddings --contrastive_weight 0)
 else
-  BASE=${INITIAL:?KIND=cross needs INITIAL=(the initial checkpoint of the main job)}; KIND_ARGS=()
+  [ -n "$INITIAL" ] || { echo "error: $CONFIG: kind cross needs initial = (the initial checkpoint of the main job)" >&2; exit 1; }
+  BASE=$INITIAL; KIND_ARGS=()
   DISTILL=(--distill_target embeddings)
 fi
-LOSS=${LOSS:-embeddings}
 TRIPLES="$DATA/distill/triples.tsv"; WEIGHT=1
 case "$LOSS" in
   embeddings) ;;
-  main) [ "$KIND" = cross ] || { echo "error: LOSS=main is the cross-encoder's loss (KIND=cross)" >&2; exit 1; }
+  main) [ "$KIND" = cross ] || { echo "error: $CONFIG: loss main is the cross-encoder's loss (kind cross)" >&2; exit 1; }
         TRIPLES="$DATA/distill_fused/triples.tsv"; WEIGHT=10
         DISTILL+=(--distill_scores "$DATA/distill_fused/teacher_scores.parquet" --distill_scale 5.4) ;;
-  *) echo "error: LOSS must be embeddings or main, got $LOSS" >&2; exit 1 ;;
+  *) echo "error: $CONFIG: loss must be embeddings or main, got $LOSS" >&2; exit 1 ;;
 esac
 [ -f "$DATA/distill/triples.tsv" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
 for year in dl20 dl21; do
@@ -83,14 +84,13 @@ COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" -
         --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
         --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
-HIDDEN=${HIDDEN:-0}
 [ "$HIDDEN" = 0 ] || COMMON+=(--distill_hidden "$HIDDEN")
-if [ -n "${QUERY_ENCODER:-}" ]; then
-  [ "$KIND" = bi ] || { echo "error: QUERY_ENCODER is for bi-encoders (KIND=bi)" >&2; exit 1; }
+if [ -n "$QUERY_ENCODER" ]; then
+  [ "$KIND" = bi ] || { echo "error: $CONFIG: query_encoder is for bi-encoders (kind bi)" >&2; exit 1; }
   COMMON+=(--query_encoder "$QUERY_ENCODER")
 fi
 
-if [ "${REPORT:-0}" = 1 ]; then
+if [ "$ACTION" = report ]; then
   RES=(--max_length "$MAX_LENGTH" --threads 2)
   mapfile -t FINALS < <(for f in "$ROOT"/*/final.txt; do [ -f "$f" ] && cat "$f"; done)
   mapfile -t PRUNED < <(for f in "$ROOT"/*/pruned.txt; do [ -f "$f" ] && cat "$f"; done)
@@ -111,17 +111,16 @@ if [ "${REPORT:-0}" = 1 ]; then
   exit 0
 fi
 
-ARM=${ARM:?ARM=reference|activation|l0|first_n|l3prune}
-RATIO=${RATIO:?RATIO=2|3}
-case "$RATIO" in 2|3) ;; *) echo "error: RATIO must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
+ARM=$ACTION
+case "$RATIO" in 2|3) ;; *) echo "error: $CONFIG: ratio must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
 NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_${L3}"
 RUN="$ROOT/$NAME"
-# CONTINUE=1: keep $RUN and skip the stages that finished (a stage's last checkpoint is there)
+# continue: keep $RUN and skip the stages that finished (a stage's last checkpoint is there)
 # (a stage that starts from BASE begins at BASE's seen pairs: 0 for the packaged encoder)
 seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
 BASE_SEEN=$(seen_of "$BASE")
 finished() { compgen -G "$1/seen_$(printf %09d $(( BASE_SEEN + $2 )))*" > /dev/null; }
-if [ "${CONTINUE:-0}" != 1 ]; then guard_run "$RUN"; fi
+if [ "$CONTINUE" != 1 ]; then guard_run "$RUN"; fi
 mkdir -p "$RUN"
 HEADS=$(( 72 / RATIO )); FFN=$(( 1536 / RATIO ))
 case "$ARM" in
@@ -148,7 +147,7 @@ case "$ARM" in
     echo "== $NAME done: $(cat "$RUN/final.txt")"
     exit 0
     ;;
-  *) echo "error: ARM must be reference, activation, l0, first_n or l3prune, got $ARM" >&2; exit 1 ;;
+  *) echo "error: the arm must be reference, activation, l0, first_n, l3prune or report, got $ARM" >&2; exit 1 ;;
 esac
 PRUNED_CKPT=$(latest "$RUN/prune")
 SEEN=$(seen_of "$PRUNED_CKPT")

@@ -1,0 +1,60 @@
+"""Recipe settings: one TOML file per registered run, read against the names the recipe declares."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.settings import recipe_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared(recipe: str) -> dict[str, str]:
+    """The name=default pairs a recipe passes to common.settings."""
+    text = (ROOT / recipe).read_text().replace("\\\n", " ")
+    call = re.search(r"-m common\.settings \"\$CONFIG\"([^)]*)\)", text)
+    assert call, f"{recipe} reads no settings file"
+    return dict(word.split("=", 1) for word in call.group(1).split())
+
+
+def test_every_matched_cost_run_is_a_settings_file_the_recipe_reads():
+    names = declared("recipes/matched_cost.sh")
+    files = sorted((ROOT / "recipes/config/matched_cost").glob("*.toml"))
+    assert len(files) >= 10
+    roots = set()
+    for file in files:
+        settings = recipe_settings(str(file), names)
+        assert settings["kind"] in ("bi", "cross") and settings["ratio"] in ("2", "3")
+        assert settings["kind"] == "bi" or settings["initial"]  # the cross-encoder names its start
+        roots.add((settings["root"], settings["kind"]))
+    assert len(roots) == len(files)  # each registered run writes to its own root
+
+
+def test_a_setting_the_recipe_does_not_declare_is_one_error_line(tmp_path):
+    bad = tmp_path / "typo.toml"
+    bad.write_text('kind = "bi"\nrecovery_pair = 100\n')
+    with pytest.raises(ValueError, match="unknown setting 'recovery_pair'"):
+        recipe_settings(str(bad), {"kind": "bi", "recovery_pairs": "12288"})
+    listed = tmp_path / "list.toml"
+    listed.write_text("pairs = [1, 2]\n")
+    with pytest.raises(ValueError, match="must be a string or a number"):
+        recipe_settings(str(listed), {"pairs": "1"})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("pairs = \n")
+    out = subprocess.run([sys.executable, "-m", "common.settings", str(broken), "pairs=1"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == "" and out.stderr.count("error:") == 1 and str(broken) in out.stderr
+
+
+def test_settings_print_shell_assignments_defaults_filled(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text("query_encoder = \"a b's\"\nhidden = true\n")
+    out = subprocess.run([sys.executable, "-m", "common.settings", str(file), "query_encoder=", "hidden=0",
+                          "pairs=12288"], cwd=ROOT, capture_output=True, text=True, check=True)
+    shell = subprocess.run(["bash", "-c", out.stdout + 'printf "%s|%s|%s" "$QUERY_ENCODER" "$HIDDEN" "$PAIRS"'],
+                           capture_output=True, text=True, check=True)
+    assert shell.stdout == "a b's|1|12288"
