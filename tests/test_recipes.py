@@ -58,3 +58,11 @@ def test_settings_print_shell_assignments_defaults_filled(tmp_path):
     shell = subprocess.run(["bash", "-c", out.stdout + 'printf "%s|%s|%s" "$QUERY_ENCODER" "$HIDDEN" "$PAIRS"'],
                            capture_output=True, text=True, check=True)
     assert shell.stdout == "a b's|1|12288"
+
+
+def test_the_l3prune_study_settings_are_read_by_its_recipe():
+    names = declared("recipes/l3prune.sh")
+    for file in sorted((ROOT / "recipes/config/l3prune").glob("*.toml")):
+        settings = recipe_settings(str(file), names)
+        assert set(settings["recoveries"].split(",")) <= {"full", "lora"}
+        assert set(settings["poolings"].split(",")) <= {"mean", "weightedmean", "cls", "max", "lasttoken"}
