@@ -3,7 +3,7 @@
 
 Only the command line lives here; each subcommand is one call into common/: ``json``, ``trec``,
 ``bm25`` -> common.data.candidates; ``triples``, ``mine`` -> common.data.triples; ``teacher``,
-``distill``, ``groups`` -> common.data.distill. Existing outputs are refused unless --overwrite.
+``distill``, ``groups`` -> common.data.distill; ``augment``, ``mix`` -> common.data.augment. Existing outputs are refused unless --overwrite.
 
 Subcommands:
   json     TREC DL candidate lists with passage text (the shared JSON form) -> parquet + run
@@ -16,6 +16,9 @@ Subcommands:
   teacher  score triples with any checkpoint -> teacher scores parquet beside them (distillation)
   distill  the embedded default distillation set: dev-subset + DL21/DL22 queries, BM25 over the
            DL21/DL22 passages, bi-encoder teacher scores (never a DL20 query)
+  augment  pseudo-queries (crops, inverse-cloze sentences, keywords, or a doc2query model) from a
+           distillation set's passages, run through the same path: a set 02/03* read unchanged
+  mix      several distillation sets (same teacher scale) shuffled into one training stream
 
 Examples:
   python 01_prefetch_passages.py json --input ../shared/data/trec-dl/dl20/bm25.json \
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from common.data import candidates
 from common.data import dense
+from common.data import augment
 from common.data import distill
 from common.data import triples as training_data
 from common.training.argtypes import nonneg_int, parse_args, positive_float, positive_int, unit_float
@@ -100,6 +104,19 @@ def cmd_distill(a) -> None:
                                       fusion_weight=a.fusion_weight, from_set=a.from_set,
                                       overwrite=a.overwrite, teacher_backend=a.teacher_backend)
     print(f"wrote {a.output_dir}: {stats}")
+
+
+def cmd_augment(a) -> None:
+    stats = augment.build_augmented_set(a.from_set, a.output_dir, num_queries=a.num_queries, methods=a.methods,
+                                        seed=a.seed, generator=a.generator, shared=a.shared,
+                                        fusion_weight=a.fusion_weight, overwrite=a.overwrite)
+    print(f"wrote {a.output_dir}: {stats['augment']['made']} pseudo-queries ({stats['augment']['per_method']}), "
+          f"{stats['pairs']} triples")
+
+
+def cmd_mix(a) -> None:
+    stats = augment.mix_sets(a.sets, a.output_dir, a.take, a.seed, a.overwrite)
+    print(f"wrote {a.output_dir}: {stats['pairs']} triples ({' + '.join(map(str, stats['take']))})")
 
 
 def cmd_groups(a) -> None:
@@ -231,6 +248,28 @@ def main(argv=None) -> None:
                    "needs --fusion_weight")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("augment", help="pseudo-queries from a distillation set's passages -> a distillation set")
+    p.add_argument("--from_set", default="data/distill",
+                   help="the set whose collection, BM25 index, teacher, k and pairs per query are used")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_queries", type=positive_int, required=True, help="pseudo-queries to make")
+    p.add_argument("--methods", nargs="+", default=["crop", "ict", "keywords"], choices=augment.METHODS,
+                   help="one per query, in turn (generator: needs --generator)")
+    p.add_argument("--generator", metavar="MODEL", help="a seq2seq doc2query model (dir or hub name)")
+    p.add_argument("--fusion_weight", type=unit_float, help="fuse the teacher with BM25 as `distill` does")
+    p.add_argument("--shared", default=distill.DEFAULT_SHARED, help="for the DL20 lists (never a source)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("mix", help="distillation sets shuffled into one training stream")
+    p.add_argument("--sets", nargs="+", required=True, help="distillation set dirs (same teacher and fusion)")
+    p.add_argument("--take", nargs="+", type=positive_int, help="triples from the start of each set (default: all)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("groups", help="listwise groups (query + n passages, teacher scores) "
                                       "from a distillation set's candidates")
