@@ -215,8 +215,11 @@ def build_augmented_set(from_set, output_dir, *, num_queries: int, methods=("cro
     out.mkdir(parents=True, exist_ok=True)
     with atomic_output(out / "pseudo_queries.parquet") as tmp:
         queries.to_parquet(tmp, index=False)
+    # the source's BM25 index when it has one for this collection (else one is built in out: the
+    # source set is an input, never written)
+    index = source / "index" if (source / "index.fingerprint.json").is_file() else None
     stats = build_distillation_set(
-        dict(zip(queries["qid"], queries["query"])), collection, out, index_dir=source / "index",
+        dict(zip(queries["qid"], queries["query"])), collection, out, index_dir=index,
         k=k or made["k"], pairs_per_query=pairs_per_query or made["pairs_per_query"], seed=seed,
         teacher=made["teacher"], teacher_max_length=made["teacher_max_length"], forbidden_qids=forbidden,
         fusion_weight=fusion_weight, progress=progress)
