@@ -25,7 +25,7 @@ import torch
 
 from common.cli import fail, nonneg_int, parse_args, positive_int, unit_float
 from common.data.formats import DataError
-from common.io import refuse_inputs
+from common.io import check_writable, refuse_inputs
 from common.serving.rank import AUTO, resolve_backend
 from common.serving.runners import BACKENDS
 from common.evaluation.rerank import CostOptions, checkpoints_of, evaluate_first_stage, evaluate_model, result_key
@@ -78,10 +78,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     inputs = {"--candidates": args.candidates, "--qrels": args.qrels, "--query_encoder": args.query_encoder,
               **{"--checkpoint": c for c in args.checkpoint or []}, **{"--all_checkpoints": r for r in args.all_checkpoints or []}}
-    try:  # an output that is an input (or the other output) is refused before anything runs
+    try:  # an output that is an input (or the other output), or unwritable, is refused before anything runs
         refuse_inputs({"--results": args.results}, inputs)
         refuse_inputs({"--table": args.table}, {**inputs, "--results": args.results})
-    except ValueError as err:
+        check_writable(args.results, "--results")
+        check_writable(args.table, "--table")
+    except (ValueError, OSError) as err:
         fail(err)
 
     try:
@@ -113,7 +115,10 @@ def main(argv=None) -> None:
             f"{m}={row[m]:.4f}" for m in ("ndcg@10", "map@100", "rr@10", "recall@100"))
             + f"  (means over {row['num_queries']} judged queries; the run has {row['run_queries']} "
               f"queries, {row['judged_run_queries']} of them judged)")
-    write_table(load_results(args.results), args.table)
+    try:
+        write_table(load_results(args.results), args.table)
+    except (ValueError, OSError) as err:
+        fail(err)
     print(f"results: {args.results}; table: {args.table}")
 
 

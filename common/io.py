@@ -113,6 +113,17 @@ def refuse_foreign(directory: str | os.PathLike, is_ours, flag: str = "--output_
                               f"script did not write: {', '.join(foreign[:5])}")
 
 
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Raise ``PermissionError`` naming ``flag`` if ``path`` cannot be written: the nearest
+    directory on its way that exists must be writable. A check made before long work (a
+    read-only disk refused before the scoring, not after); a write that fails later anyway (a
+    full disk) is still cleaned up by the writers above."""
+    path = Path(path)
+    parent = next(d for d in [path.parent, *path.parent.parents] if d.exists() or d == d.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {parent} is not writable (a read-only disk or directory)")
+
 @contextmanager
 def temporary_dir(final: str | os.PathLike) -> Iterator[Path]:
     """A fresh ``.tmp-<name>`` directory beside ``final`` (a stale one from a killed run is
@@ -184,6 +195,16 @@ class DirLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file if it is still this process's (a dir replaced under it, e.g.
+        by 04, took the file along; another process may hold the new one)."""
         if self.held:
             self.held = False
-            self.path.unlink(missing_ok=True)
+            try:
+                mine = self.path.read_text().split()[:1] == [str(os.getpid())]
+            except OSError:
+                return
+            if mine:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:  # a dir turned read-only: the lock stays, named as stale next time
+                    pass

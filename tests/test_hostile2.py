@@ -110,7 +110,9 @@ def test_onnx_overwrite_killed_midway_keeps_the_old_model(run, shipped, tmp_path
                            str(out / "seen_000000008"), "--output_dir", str(shipped), "--overwrite", "--onnx"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert snapshot(shipped) == before  # the old model and its export, whole
+    after = snapshot(shipped)
+    assert after.pop(".slimrank.lock").strip().isdigit()  # the killed 04's pid: a stale lock, named next time
+    assert after == before  # the old model and its export, whole
 
 
 def test_a_run_dir_is_held_by_one_process(tiny_models, tmp_path):
@@ -132,6 +134,38 @@ def test_a_run_dir_is_held_by_one_process(tiny_models, tmp_path):
     (out / LOCK_FILE).unlink()
     train(args)
     assert (out / "seen_000000008").is_dir() and not (out / LOCK_FILE).exists()  # released
+
+
+def test_reshape_holds_its_output_dir_like_a_training_stage(run, tmp_path):
+    """04 holds <output_dir>/.slimrank.lock while it writes: a second 04 on that dir is refused
+    naming the holder's pid, a stale lock is named with the command that removes it (nothing
+    written either time), and the lock is gone once the new model is in place."""
+    from common.io import LOCK_FILE
+    from common.models.loading import reshape_checkpoint
+
+    out_run, _ = run
+    ckpt = str(out_run / "seen_000000016")
+    out = tmp_path / "model"
+    out.mkdir()
+    args = ["--checkpoint_dir", ckpt, "--output_dir", str(out), "--overwrite"]
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / LOCK_FILE).write_text(f"{holder.pid}\n")
+        assert_refused(reshape, args, "in use by process", str(holder.pid))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_refused(reshape, args, "stale lock", f"rm {out / LOCK_FILE}")
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written, the lock not taken
+    (out / LOCK_FILE).unlink()
+    held = []
+    reshape_checkpoint(ckpt, str(out), overwrite=True,
+                       finish=lambda tmp: held.append((out / LOCK_FILE).read_text().split()[0]))
+    assert held == [str(os.getpid())] and (out / "config.json").is_file() and not (out / LOCK_FILE).exists()
+    fresh = tmp_path / "fresh"  # a dir made only for the lock goes again when the write fails
+    with pytest.raises(ValueError):
+        reshape_checkpoint(ckpt, str(fresh), finish=lambda tmp: (_ for _ in ()).throw(ValueError("boom")))
+    assert not fresh.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 # -- silent wrong results ----------------------------------------------------------------------
@@ -352,7 +386,7 @@ def test_a_failed_write_leaves_no_temporary_dir(run, tmp_path, monkeypatch):
     target = tmp_path / "models" / "r"
     assert_refused(reshape, ["--checkpoint_dir", str(out / "seen_000000016"), "--output_dir", str(target)],
                    "No space left")
-    assert not target.exists() and not list((tmp_path / "models").iterdir())
+    assert not (tmp_path / "models").exists()  # nor the dirs made for it
     triples = write_toy_triples(tmp_path / "t.tsv", 8)
     run2 = tmp_path / "run2"
     assert_refused(train, ["--model_tag", str(out / "seen_000000016"), "--train_triples_file", str(triples),
@@ -413,6 +447,71 @@ def test_onnx_export_of_a_model_with_an_emptied_attention_layer(family, tiny_mod
     assert (again / "onnx" / "model_int8.onnx").is_file()
 
 
+def _chmod_binds(tmp_path: Path) -> bool:
+    """Whether a read-only directory refuses this process (root with CAP_DAC_OVERRIDE writes anyway)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").touch()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+        shutil.rmtree(probe)
+
+
+def test_a_read_only_disk_is_one_error_line_and_leaves_nothing(run, tmp_path, monkeypatch):
+    """02 writing a checkpoint into a run dir that turned read-only, 04 writing a new model or
+    replacing one in a read-only dir, 05 writing --results or --table into one: one ``error:``
+    line each, no ``.tmp-*`` left, nothing under a final name (05 refuses before it scores)."""
+    from common.training.loop import Trainer
+
+    if not _chmod_binds(tmp_path):
+        pytest.skip("chmod does not bind this process (root with CAP_DAC_OVERRIDE)")
+    out, triples = run
+    ckpt = str(out / "seen_000000016")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    reshape(["--checkpoint_dir", ckpt, "--output_dir", str(ro / "old")])  # for 04 --overwrite to replace
+    before = snapshot(ro)
+    save = Trainer.save_checkpoint
+
+    def read_only_then_save(self):
+        self.output_dir.chmod(0o555)
+        return save(self)
+    monkeypatch.setattr(Trainer, "save_checkpoint", read_only_then_save)
+    run2 = tmp_path / "run2"
+    ro.chmod(0o555)
+    try:
+        assert_refused(train, ["--model_tag", ckpt, "--train_triples_file", str(triples), "--output_dir", str(run2),
+                               "--num_training_samples", "8", *A], "Permission denied")
+        monkeypatch.undo()
+        assert_refused(reshape, ["--checkpoint_dir", ckpt, "--output_dir", str(ro / "new")], "Permission denied")
+        assert_refused(reshape, ["--checkpoint_dir", ckpt, "--output_dir", str(ro / "old"), "--overwrite"],
+                       "Permission denied")
+        cands, qrels = toy_candidates(tmp_path / "c.parquet"), toy_qrels(tmp_path / "q.txt")
+        base = ["--checkpoint", ckpt, "--candidates", str(cands), "--qrels", str(qrels), "--topics", "t",
+                "--max_length", "32", "--no_costs", "--threads", "1"]
+        assert_refused(evaluate, [*base, "--results", str(ro / "r.parquet"), "--table", str(tmp_path / "t.md")],
+                       "--results", str(ro))
+        assert_refused(evaluate, [*base, "--results", str(tmp_path / "r.parquet"), "--table", str(ro / "t.md")],
+                       "--table", str(ro))
+        Path(ckpt).chmod(0o555)  # the model dir, where 05 keeps the run files (eval/)
+        assert_refused(evaluate, [*base, "--results", str(tmp_path / "r.parquet"), "--table", str(tmp_path / "t.md")],
+                       "the run file", ckpt)
+    finally:
+        Path(ckpt).chmod(0o755)
+        ro.chmod(0o755)
+        if run2.exists():
+            run2.chmod(0o755)
+    assert snapshot(ro) == before and sorted(p.name for p in ro.iterdir()) == ["old"]
+    assert not [p.name for p in run2.iterdir() if p.name.startswith((".tmp-", "seen_"))]
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "t.md").exists()
+    assert not list(Path(ckpt).glob("eval/t*"))  # 05 refused before it scored
+
+
 # -- security ----------------------------------------------------------------------------------
 def test_a_model_dirs_config_cannot_lead_outside_it(tiny_models, tmp_path):
     from common.models.loading import load_model, reshape_checkpoint, save_model
@@ -435,6 +534,68 @@ def test_a_model_dirs_config_cannot_lead_outside_it(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="leads outside the model directory"):
         Ranker.load(str(tmp_path / "model"))
 
+
+
+def test_a_config_never_names_a_path_outside_its_dir(tiny_models, tmp_path, monkeypatch):
+    """An absolute query-encoder path in a model dir's config.json (what training wrote before)
+    is refused by every reader, naming the file and field; so is a hub-style name that is a path
+    here (transformers would open it from the working directory). Naming the encoder on the
+    command line still works, and a training stage named it again packs it into its checkpoints."""
+    from common.models.loading import load_model, reshape_checkpoint, save_model
+    from common.serving.rank import QUERY_ENCODER_FIELD, Ranker
+
+    teacher = str(tiny_models["bert"])
+    loaded = load_model(teacher, kind="bi")
+    setattr(loaded.model.config, QUERY_ENCODER_FIELD, teacher)
+    model = tmp_path / "model"
+    save_model(loaded.model, loaded.tokenizer, loaded.state, model)
+    message = f"{model / 'config.json'}: {QUERY_ENCODER_FIELD} {teacher!r} is not a relative path"
+    for read in (lambda: Ranker.load(str(model)), lambda: reshape_checkpoint(str(model), str(tmp_path / "r"))):
+        with pytest.raises(ValueError, match="is not a relative path inside the model dir") as err:
+            read()
+        assert str(err.value).startswith(message)
+    assert not (tmp_path / "r").exists()
+    triples = write_toy_triples(tmp_path / "t.tsv", 8)
+    args = ["--checkpoint_dir", str(model), "--model_kind", "bi", "--train_triples_file", str(triples),
+            "--num_training_samples", "8", *A]
+    assert_refused(train, [*args, "--output_dir", str(tmp_path / "run")], "is not a relative path", "config.json")
+    assert not (tmp_path / "run").exists()
+    explicit = Ranker.from_loaded(load_model(str(model)), query_encoder=teacher)  # the user names it
+    assert explicit.query_encoder == teacher
+    train([*args, "--output_dir", str(tmp_path / "packed"), "--query_encoder", teacher])
+    (ckpt,) = (tmp_path / "packed").glob("seen_*")
+    assert json.loads((ckpt / "config.json").read_text())[QUERY_ENCODER_FIELD] == "query_encoder"
+    assert Ranker.load(str(ckpt)).query_encoder == str(ckpt / "query_encoder")
+    # a name shaped like a hub name that is a directory here, outside the model dir
+    shutil.copytree(tiny_models["bert"], tmp_path / "org" / "name")
+    config = json.loads((model / "config.json").read_text())
+    config[QUERY_ENCODER_FIELD] = "org/name"
+    (model / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is no directory inside the model dir but a path here"):
+        Ranker.load(str(model))
+
+
+def test_a_module_folder_of_modules_json_stays_inside_the_dir(tiny_models, tmp_path):
+    """sentence-transformers' modules.json names its module folders (Pooling, Dense: weights that
+    a save copies): one outside the dir, by ``..`` or an absolute path, is refused on load."""
+    from common.models.loading import load_model, save_model
+
+    loaded = load_model(str(tiny_models["bert"]), kind="bi")
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "saved")
+    model = tmp_path / "model"  # a plain sentence-transformers dir: its modules.json is read
+    shutil.copytree(tiny_models["bert"], model)
+    shutil.copy(tmp_path / "saved" / "modules.json", model)
+    shutil.copytree(tmp_path / "saved" / "1_Pooling", model / "1_Pooling")
+    assert load_model(str(model), kind="bi").kind == "bi"
+    shutil.copytree(model / "1_Pooling", tmp_path / "outside")
+    modules = json.loads((model / "modules.json").read_text())
+    for folder in ("../outside", str(tmp_path / "outside")):
+        pooling = next(m for m in modules if m["type"].endswith("Pooling"))
+        pooling["path"] = folder
+        (model / "modules.json").write_text(json.dumps(modules))
+        with pytest.raises(ValueError, match=f"modules.json: module .* path '{folder}' leads outside"):
+            load_model(str(model), kind="bi")
 
 def test_slimrank_never_lets_a_model_dir_run_its_own_code():
     """Every from_pretrained / AutoConfig / AutoTokenizer call in slimrank says

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from itertools import islice
 
 import numpy as np
@@ -25,7 +26,8 @@ PASSAGES = ["a cat is a small animal with fur", "mount everest is 8849 metres ta
 
 
 def _disturbed_student(tiny_models, out, query_encoder=None):
-    """The tiny bert bi-encoder with noise on its layers (so it differs from its teacher)."""
+    """The tiny bert bi-encoder with noise on its layers (so it differs from its teacher); with
+    ``query_encoder`` that model kept inside it as ``query_encoder/`` (what training writes)."""
     loaded = load_model(str(tiny_models["bert"]), kind="bi")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -33,8 +35,11 @@ def _disturbed_student(tiny_models, out, query_encoder=None):
             if "encoder.layer" in name and p.ndim == 2:
                 p.add_(0.2 * torch.randn_like(p))
     if query_encoder:
-        setattr(loaded.model.config, QUERY_ENCODER_FIELD, query_encoder)
+        setattr(loaded.model.config, QUERY_ENCODER_FIELD, "query_encoder")
     save_model(loaded.model, loaded.tokenizer, loaded.state, out)
+    if query_encoder:
+        encoder = load_model(str(query_encoder), kind="bi")
+        save_model(encoder.model, encoder.tokenizer, encoder.state, out / "query_encoder")
     return out
 
 
@@ -52,7 +57,7 @@ def test_the_ranker_embeds_queries_with_the_named_encoder(tiny_models, tmp_path)
     symmetric = Ranker.load(str(plain)).score(QUERIES, PASSAGES)
     assert np.abs(expected - symmetric).max() > 1e-3  # the two encoders differ
     ranker = Ranker.load(str(named))
-    assert ranker.query_encoder == str(teacher)
+    assert ranker.query_encoder == str(named / "query_encoder")
     np.testing.assert_allclose(ranker.score(QUERIES, PASSAGES), expected, atol=1e-5)
     # an override on a model trained without one, and the same under bf16 for both sides
     override = Ranker.from_loaded(load_model(str(plain)), "torch", query_encoder=str(teacher))
@@ -107,7 +112,8 @@ def test_training_with_a_query_encoder_trains_passages_only(tiny_models, toy_tri
     before = _cosines(teacher, student)
     final = trainer.train()
     config = json.loads((final / "config.json").read_text())
-    assert config[QUERY_ENCODER_FIELD] == teacher
+    assert config[QUERY_ENCODER_FIELD] == "query_encoder"  # kept inside the checkpoint
+    assert (final / "query_encoder" / "config.json").is_file()
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     distill = [m["distill"] for m in metrics if m.get("event") == "train"]
     assert distill[-1] < distill[0], distill
@@ -118,7 +124,8 @@ def test_training_with_a_query_encoder_trains_passages_only(tiny_models, toy_tri
 
 def test_the_query_encoder_survives_pruning_and_reshaping(tiny_models, toy_triples, tmp_path):
     """A stage from a checkpoint that names a query encoder keeps it without the flag (03c
-    prunes under it), the reshaped dir names it, and another name is refused."""
+    prunes under it, its checkpoints keep it inside), the reshaped dir keeps it, and another
+    encoder is refused."""
     prune = importlib.import_module("03c_prune_mixed").main
     teacher = str(tiny_models["bert"])
     student = _disturbed_student(tiny_models, tmp_path / "student", query_encoder=teacher)
@@ -128,8 +135,10 @@ def test_the_query_encoder_survives_pruning_and_reshaping(tiny_models, toy_tripl
            "--distill_from", teacher, "--distill_target", "embeddings", "--contrastive_weight", "0",
            "--importance", "activation", "--exclude_layers", "", "--threads", "1"])
     (pruned,) = list((tmp_path / "prune").glob("seen_*"))
+    assert (pruned / "query_encoder" / "config.json").is_file()
     out, _, _ = reshape_checkpoint(str(pruned))
-    assert json.loads((out / "config.json").read_text())[QUERY_ENCODER_FIELD] == teacher
+    assert json.loads((out / "config.json").read_text())[QUERY_ENCODER_FIELD] == "query_encoder"
+    assert (out / "query_encoder" / "config.json").is_file()
     reshaped = Ranker.load(str(out))
     np.testing.assert_allclose(reshaped.score(QUERIES, PASSAGES), _cosines(teacher, out), atol=1e-5)
     other = _disturbed_student(tiny_models, tmp_path / "other")
@@ -204,28 +213,26 @@ def test_a_query_encoder_that_cannot_meet_the_passages_is_refused(tiny_models, t
                 "initial", lambda t: WarmupLinear(t.total_steps, 1))
 
 
-def test_local_query_encoders_are_found_from_anywhere(tiny_models, toy_triples, tmp_path, monkeypatch):
-    """A query encoder named by a path relative to the working directory is written as an
-    absolute path (the checkpoints load from any directory), the same dir named relatively again
-    is not a conflict, and a query encoder kept inside a model dir is copied by reshaping."""
+def test_local_query_encoders_travel_with_the_checkpoint(tiny_models, toy_triples, tmp_path, monkeypatch):
+    """A local --query_encoder (here relative to the working directory) is saved inside every
+    checkpoint and named relatively: the run dir moved elsewhere, the original encoder gone, the
+    checkpoint still finds it; the same encoder named again is not a conflict; reshaping keeps it."""
     teacher = load_model(str(tiny_models["bert"]), kind="bi")
     save_model(teacher.model, teacher.tokenizer, teacher.state, tmp_path / "encoders" / "q")
     student = _disturbed_student(tiny_models, tmp_path / "student")
     monkeypatch.chdir(tmp_path / "encoders")
     final = Trainer(_args(student, tmp_path / "run", tiny_models, toy_triples, query_encoder="q"),
                     "initial", lambda t: WarmupLinear(t.total_steps, 1)).train()
-    saved = json.loads((final / "config.json").read_text())[QUERY_ENCODER_FIELD]
-    assert saved == str((tmp_path / "encoders" / "q").resolve())
+    assert json.loads((final / "config.json").read_text())[QUERY_ENCODER_FIELD] == "query_encoder"
     Trainer(_args(final, tmp_path / "again", tiny_models, toy_triples, query_encoder="q"),
             "recover", lambda t: WarmupLinear(t.total_steps, 1))  # the same encoder: accepted
     monkeypatch.chdir(tmp_path)
-    expected = Ranker.load(str(final)).score(QUERIES, PASSAGES)
-    # a self-contained dir: the encoder inside it, named relatively; reshaping keeps it inside
-    inside = load_model(str(final), kind="bi")
-    setattr(inside.model.config, QUERY_ENCODER_FIELD, "query_encoder")
-    save_model(inside.model, inside.tokenizer, inside.state, tmp_path / "packed")
-    save_model(teacher.model, teacher.tokenizer, teacher.state, tmp_path / "packed" / "query_encoder")
-    out, _, _ = reshape_checkpoint(str(tmp_path / "packed"), str(tmp_path / "packed_reshaped"))
+    expected = _cosines(tmp_path / "encoders" / "q", final)
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    shutil.rmtree(tmp_path / "encoders")
+    moved = tmp_path / "moved" / final.name
+    np.testing.assert_allclose(Ranker.load(str(moved)).score(QUERIES, PASSAGES), expected, atol=1e-5)
+    out, _, _ = reshape_checkpoint(str(moved), str(tmp_path / "reshaped"))
     assert (out / "query_encoder" / "config.json").is_file()
     np.testing.assert_allclose(Ranker.load(str(out)).score(QUERIES, PASSAGES), expected, atol=1e-5)
 

@@ -14,6 +14,7 @@ import torch
 
 from common.evaluation import cost
 from common import layout
+from common.io import atomic_output, check_writable
 from common.hardware import machine_description, time_callable
 from common.data.formats import DataError, candidates_to_run, read_candidates, read_qrels
 from common.data.trec import check_fusable, evaluate_run, interpolate, write_trec_run
@@ -101,18 +102,21 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
     overlap = judged_overlap(candidates, qrels, candidates_path, qrels_path)
     if interpolate_weights:  # refused before the model scores, not after
         check_fusable(candidates, candidates_path)
+    ours = Path(loaded.path, layout.PRUNING_FILE).exists()  # never write into a package or hub cache
+    out = Path(output_dir) if output_dir else layout.eval_dir(loaded.path)
+    if output_dir or ours:  # a read-only model dir is refused before the scoring, not after
+        check_writable(out / f"{topics}.run", "the run file")
     scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist(), progress=True)
     suffix = result_key("", backend, query_encoder)
     queries_note = f" [queries: {ranker.query_encoder}]" if getattr(ranker, "query_encoder", None) else ""
     reranked = candidates.assign(score=scores)
     run = candidates_to_run(reranked, "score")
     means, per_query = evaluate_run(run, qrels)
-    ours = Path(loaded.path, layout.PRUNING_FILE).exists()  # never write into a package or hub cache
-    out = Path(output_dir) if output_dir else layout.eval_dir(loaded.path)
     files = suffix.replace(":", "_").replace("/", "_")
     if output_dir or ours:
         write_trec_run(run, out / f"{topics}{files}.run", tag="slimrank")
-        per_query.to_csv(out / f"{topics}{files}.per_query.tsv", sep="\t", index=False)
+        with atomic_output(out / f"{topics}{files}.per_query.tsv") as tmp:
+            per_query.to_csv(tmp, sep="\t", index=False)
     row = {"checkpoint": f"{checkpoint}{suffix}", "run": layout.run_name(checkpoint) + queries_note, "topics": topics,
            "query_encoder": getattr(ranker, "query_encoder", None),
            **_describe(ranker), **describe_backend(loaded.path, backend), **means, **overlap}

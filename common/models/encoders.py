@@ -22,8 +22,54 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from common.models.names import resolve_model_path
+from common.models.names import PACKAGED_MODELS, resolve_model_path
 from common.models.st_format import POOLINGS, EmbeddingSpec, canonical_pooling, read_pooling  # noqa: F401 (public here too)
+
+QUERY_ENCODER_FIELD = "slimrank_query_encoder"  # config.json of an asymmetric bi-encoder (common.serving.rank)
+INNER_QUERY_ENCODER = "query_encoder"  # where a checkpoint keeps a local query encoder (training copies it in)
+
+
+def config_path(model_dir: str | Path, name: str, field: str) -> str:
+    """A model named by a model dir's config.json (``field``): a directory inside ``model_dir``
+    named by a relative path (links followed, it must stay inside), or a packaged tag or hub name
+    (``name`` or ``org/name``) that is no path on this machine. Anything else is refused, so a
+    config never leads a read, or a copy, out of its directory: an absolute path, ``~``, ``..``
+    or a link out of the dir, a name that exists here outside the dir (transformers would open
+    it, relative to the working directory). A model elsewhere is named on the command line
+    (``--query_encoder PATH``), never by a config."""
+    name = str(name)
+    where = f"{Path(model_dir, 'config.json')}: {field} {name!r}"
+    how = ("refused (a model dir names a directory inside it, or a packaged tag or hub name; name a "
+           "model elsewhere on the command line: --query_encoder PATH)")
+    if not name.strip() or Path(name).is_absolute() or name.startswith("~") or "\\" in name:
+        raise ValueError(f"{where} is not a relative path inside the model dir: {how}")
+    root = Path(model_dir).resolve()
+    inside = (root / name).resolve()
+    if inside == root:
+        raise ValueError(f"{where} names the model dir itself: {how}")
+    if root in inside.parents:
+        if inside.is_dir():
+            return str(Path(model_dir, name))
+    elif (root / name).exists() or ".." in Path(name).parts:
+        raise ValueError(f"{where} leads outside the model directory: {how}")
+    if Path(name).exists():
+        raise ValueError(f"{where} is no directory inside the model dir but a path here "
+                         f"({Path(name).resolve()}): {how}")
+    if name in PACKAGED_MODELS or (name.count("/") <= 1 and not name.startswith(".")):
+        return name  # a packaged tag or a hub name
+    raise ValueError(f"{where} is neither a directory inside the model dir, nor a packaged tag or hub name: {how}")
+
+
+def query_encoder_source(name: str) -> tuple[str, str]:
+    """A ``--query_encoder`` named on the command line: (what to load, what a checkpoint's
+    config stores). A local directory loads by its absolute path and is kept inside every
+    checkpoint (``INNER_QUERY_ENCODER``: the checkpoint is self-contained and movable); a
+    packaged tag or hub name is stored as it is."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve()), INNER_QUERY_ENCODER
+    return name, name
+
 
 def pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     """Pool ``[batch, seq, dim]`` hidden states into ``[batch, dim]`` as sentence-transformers'

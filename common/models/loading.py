@@ -31,10 +31,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from common.models import m3, standalone
 from common.models.arch import adapter_for, kv_groups, layer_stack, set_module
 from common.models.decoders import is_decoder, prepare_decoder
-from common.models.encoders import embed_texts, read_pooling, similarity
+from common.models.encoders import (INNER_QUERY_ENCODER, QUERY_ENCODER_FIELD, config_path,  # noqa: F401 (public here too)
+                                    embed_texts, read_pooling, similarity)
 from common.models import st_format
 from common.models.names import PACKAGED_MODELS, resolve_model_path  # noqa: F401 (public here too)
-from common.io import atomic_write_text, refuse_foreign, refuse_inputs, temporary_dir
+from common.io import DirLock, atomic_write_text, refuse_foreign, refuse_inputs, temporary_dir
 from common.layout import (PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, is_model_artifact, reshaped_dir,
                            replace_dir)
 from common.models.segment import HEADS, SegmentCrossEncoder, encode_segment_pairs, is_segment
@@ -51,9 +52,6 @@ STOCK_FIELDS = ("auto_map", "slimrank_layout")
 
 def model_kind(model: nn.Module) -> str:
     return getattr(model.config, "slimrank_model_kind", "cross")
-
-
-QUERY_ENCODER_FIELD = "slimrank_query_encoder"  # config.json of an asymmetric bi-encoder (common.serving.rank)
 
 
 def pooling_of(model: nn.Module) -> str:
@@ -209,28 +207,6 @@ def check_weights_found(model: nn.Module, info: dict, path: str) -> None:
                          + ": it would run with random weights")
 
 
-def config_path(model_dir: str | Path, name: str, field: str) -> str:
-    """A model named by a model dir's config.json: a relative path resolves inside ``model_dir``
-    (symlinks followed) or is refused, unless it is a packaged tag or a hub name (``org/name``,
-    no ``..``); an absolute path must be a model dir (config.json). A config never leads a read,
-    or a copy, out of its directory through ``..`` or a link."""
-    name = str(name)
-    if Path(name).is_absolute():
-        if not Path(name, "config.json").is_file():
-            raise ValueError(f"{model_dir}/config.json: {field} {name!r} is not a model directory")
-        return name
-    root = Path(model_dir).resolve()
-    inside = (root / name).resolve()
-    if inside == root or root in inside.parents:
-        if inside.is_dir():
-            return str(Path(model_dir, name))
-    elif (root / name).exists() or ".." in Path(name).parts:
-        raise ValueError(f"{model_dir}/config.json: {field} {name!r} leads outside the model directory: "
-                         "refused (name a packaged tag, a hub name, or a directory inside the model dir)")
-    if name in PACKAGED_MODELS or (name.count("/") <= 1 and not name.startswith((".", "~"))):
-        return name  # a packaged tag or a hub name
-    raise ValueError(f"{model_dir}/config.json: {field} {name!r} is neither a directory inside the model "
-                     "dir, nor a packaged tag or hub name")
 def trained_head_labels(path: str) -> int | None:
     """The label count of a sequence-classification checkpoint's trained head (its config names
     a ``*ForSequenceClassification`` architecture); None for a base model (a fresh head is made).
@@ -397,30 +373,43 @@ def reshape_checkpoint(checkpoint_dir: str, output_dir: str | None = None,
         if target == source or target in source.parents:
             raise ValueError(f"--output_dir {out} is or holds the source checkpoint {checkpoint_dir}")
     refuse_inputs({"--output_dir": out}, inputs or {})
+    lock = DirLock(out)
+    lock.check()  # another 04 writing there (or a killed one's lock) is named, never joined
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (use --overwrite)")
         refuse_foreign(out, lambda p: is_model_artifact(p) or p.name == _inner_encoder(out))
-    loaded = load_model(checkpoint_dir, kind=kind, pooling=pooling,  # a bad source fails here, before any change
-                        query_instruction=query_instruction)
-    before = sum(p.numel() for p in loaded.model.parameters())
-    loaded.masks.remove()
-    if keep_layers:
-        keep_first_layers(loaded, keep_layers, keep_layers_note)
-    state = reshape(loaded.model, loaded.state)
-    after = sum(p.numel() for p in loaded.model.parameters())
-    inner = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)  # a query encoder kept inside the dir
-    if inner:
-        inner_path = Path(config_path(loaded.path, inner, QUERY_ENCODER_FIELD))
-    with temporary_dir(out) as tmp:  # a failed write (disk full) leaves no .tmp- behind
-        save_model(loaded.model, loaded.tokenizer, state, tmp)
-        if inner and not Path(inner).is_absolute() and inner_path.is_dir():
-            shutil.copytree(inner_path, tmp / inner)
-        if Path(checkpoint_dir, STATE_FILE).exists():
-            shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
-        if finish is not None:
-            finish(tmp)
-        replace_dir(tmp, out)  # the new model is complete: only now does the old one go
+    made = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)  # by the lock
+    lock.acquire()  # held until the new dir is in place (the old one goes with its lock file)
+    try:
+        loaded = load_model(checkpoint_dir, kind=kind, pooling=pooling,  # a bad source fails here, before any change
+                            query_instruction=query_instruction)
+        before = sum(p.numel() for p in loaded.model.parameters())
+        loaded.masks.remove()
+        if keep_layers:
+            keep_first_layers(loaded, keep_layers, keep_layers_note)
+        state = reshape(loaded.model, loaded.state)
+        after = sum(p.numel() for p in loaded.model.parameters())
+        inner = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)  # a query encoder kept inside the dir
+        if inner:
+            inner_path = Path(config_path(loaded.path, inner, QUERY_ENCODER_FIELD))
+        with temporary_dir(out) as tmp:  # a failed write (disk full) leaves no .tmp- behind
+            save_model(loaded.model, loaded.tokenizer, state, tmp)
+            if inner and inner_path.is_dir():
+                shutil.copytree(inner_path, tmp / inner)
+            if Path(checkpoint_dir, STATE_FILE).exists():
+                shutil.copy(Path(checkpoint_dir, STATE_FILE), tmp / STATE_FILE)
+            if finish is not None:
+                finish(tmp)
+            replace_dir(tmp, out)  # the new model is complete: only now does the old one go
+    finally:
+        lock.release()
+        for d in [out, *out.parents] if made else []:  # dirs made only for the lock of a failed write
+            if not d.is_dir() or any(d.iterdir()):
+                break
+            d.rmdir()
+            if d == made:
+                break
     return out, before, after
 
 

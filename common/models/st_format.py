@@ -110,11 +110,17 @@ def _modules(path: Path) -> list[dict]:
     if not file.is_file():
         return []
     entries = _json(file)
+    root = path.resolve()
     for entry in entries:
         kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
         if kind not in _KNOWN:
             raise ValueError(f"{file}: module {entry.get('idx', '?')} ({entry.get('type')}) is not supported "
                              f"by slimrank; a model is {' -> '.join(_KNOWN)} (Dense and Normalize optional)")
+        folder = str(entry.get("path", ""))  # read (and copied by a save) from inside the dir only
+        real = (root / folder).resolve()
+        if Path(folder).is_absolute() or not (real == root or root in real.parents):
+            raise ValueError(f"{file}: module {entry.get('idx', '?')} path {folder!r} leads outside the "
+                             "model directory: refused (a module folder is a relative path inside it)")
     return entries
 
 

@@ -46,7 +46,8 @@ AUTO = "auto"  # a shipped dir's measured fastest backend on this host, else tor
 
 def query_encoder_of(loaded: LoadedModel) -> str | None:
     """The encoder a bi model's queries go through (None: the model itself), as its config says:
-    a packaged tag, a hub name or a path (a relative path is tried against the model dir first)."""
+    a directory inside the model dir, a packaged tag or a hub name; anything that leads outside
+    the dir is refused (``common.models.encoders.config_path``)."""
     name = getattr(loaded.model.config, QUERY_ENCODER_FIELD, None)
     if not name:
         return None
@@ -59,8 +60,9 @@ def check_query_encoder(model: LoadedModel, encoder: LoadedModel, name: str) -> 
     encoder's own, so both must agree, and so must the embedding width; an encoder that names a
     query encoder itself (a chain) is refused too."""
     where = f"query encoder {name!r} (--query_encoder, or {QUERY_ENCODER_FIELD} in {model.path}/config.json)"
-    if query_encoder_of(encoder):
-        raise ValueError(f"{where}: names a query encoder of its own ({query_encoder_of(encoder)!r}); "
+    chain = getattr(encoder.model.config, QUERY_ENCODER_FIELD, None)  # named, never followed
+    if chain:
+        raise ValueError(f"{where}: names a query encoder of its own ({chain!r}); "
                          "name the model that embeds the queries directly")
     width = [getattr(m.model.config, "hidden_size", None) for m in (model, encoder)]
     if width[0] != width[1]:

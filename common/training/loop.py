@@ -41,6 +41,7 @@ from common.io import DirLock, atomic_write_text, refuse_foreign
 from common.training.losses import Loss, get_loss
 from common.training.kinds import KINDS
 from common.models.loading import load_model, save_model
+from common.models.encoders import INNER_QUERY_ENCODER, query_encoder_source
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
@@ -259,25 +260,33 @@ class Trainer:
     def _set_query_encoder(self, args: "TrainArgs") -> None:
         """--query_encoder (bi only), or the one the checkpoint's config names: load it frozen
         for the training forward and write it into the student's config (every checkpoint,
-        the in-training evaluation and later stages read it there)."""
+        the in-training evaluation and later stages read it there). A local encoder dir is
+        saved inside every checkpoint (``query_encoder/``, named relatively): a checkpoint is
+        self-contained, and a config never names a path outside its dir."""
         saved = getattr(self.model.config, QUERY_ENCODER_FIELD, None)
-
-        def where(name):  # a local dir by its absolute path, anything else by its name
-            return str(Path(name).resolve()) if Path(name).is_dir() else name
-        if args.query_encoder and saved and where(args.query_encoder) != where(query_encoder_of(self.loaded)):
-            raise ValueError(f"--query_encoder {args.query_encoder!r}: the checkpoint's queries are "
-                             f"embedded by {saved!r} (its config.json); a model keeps its query encoder")
-        name = args.query_encoder or saved
-        if not name:
+        self.query_encoder_path, self._inner_query_encoder = None, None
+        if not (args.query_encoder or saved):
             return
         if self.kind != "bi":
             raise ValueError(f"--query_encoder is for bi-encoders; this is a {self.kind} model")
-        setattr(self.model.config, QUERY_ENCODER_FIELD, name)
-        path = query_encoder_of(self.loaded)
-        if Path(path).is_dir():  # a local dir: its absolute path, so every checkpoint finds it
-            setattr(self.model.config, QUERY_ENCODER_FIELD, str(Path(path).resolve()))
+        if args.query_encoder:
+            path, stored = query_encoder_source(args.query_encoder)
+        else:
+            path = query_encoder_of(self.loaded)  # inside the checkpoint dir, or refused
+            stored = INNER_QUERY_ENCODER if Path(path).is_dir() else path
         encoder = load_model(path, self.device, kind="bi")
-        check_query_encoder(self.loaded, encoder, name)
+        check_query_encoder(self.loaded, encoder, args.query_encoder or saved)
+        if args.query_encoder and saved and not (Path(saved).is_absolute() and saved == path):
+            # (an absolute path, written by older versions, may be named again to pack it in)
+            ours = load_model(query_encoder_of(self.loaded), kind="bi") if saved != path else encoder
+            a, b = ours.model.state_dict(), encoder.model.state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
+                raise ValueError(f"--query_encoder {args.query_encoder!r}: the checkpoint's queries are "
+                                 f"embedded by {saved!r} (its config.json); a model keeps its query encoder")
+        setattr(self.model.config, QUERY_ENCODER_FIELD, stored)
+        self.query_encoder_path = path
+        if stored == INNER_QUERY_ENCODER:
+            self._inner_query_encoder = encoder  # saved into every checkpoint
         encoder.model.eval().requires_grad_(False)
         self.training_kind.query_encoder = encoder.model
 
@@ -472,7 +481,8 @@ class Trainer:
             self._eval_data = (candidates, qrels)
         candidates, qrels = self._eval_data
         ranker = Ranker.from_loaded(self.loaded, backend_for_precision(self.args.precision),
-                                    max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
+                                    max_length=self.args.max_length, batch_size=self.args.eval_batch_size,
+                                    query_encoder=self.query_encoder_path)
         scores = ranker.score(candidates["query"].tolist(), candidates["passage"].tolist())
         means, _per_query = evaluate_run(candidates_to_run(candidates.assign(score=scores), "score"), qrels)
         return means
@@ -521,6 +531,9 @@ class Trainer:
     def _write_checkpoint_files(self, tmp: Path, final: Path) -> dict:
         measures = self.evaluate()
         save_model(self.model, self.tokenizer, self.state, tmp)
+        if self._inner_query_encoder is not None:  # the config names it relatively: query_encoder/
+            q = self._inner_query_encoder
+            save_model(q.model, q.tokenizer, q.state, tmp / INNER_QUERY_ENCODER)
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         self.callback.save_files(self, tmp)
