@@ -577,3 +577,82 @@ def test_lora_under_ddp_two_gloo_ranks_equal_one_process(decoders, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
+
+# -- exact resume of a LoRA stage ------------------------------------------------------------------------
+def _final(run: Path) -> Path:
+    return sorted(run.glob("seen_*"), key=lambda p: p.name)[-1]
+
+
+@pytest.mark.parametrize("case", ["02-bi", "03c-cross-bf16"])
+def test_lora_stage_resumed_from_its_midpoint_equals_the_straight_run(case, decoders, tmp_path):
+    """N pairs straight vs N/2, then --resume of that checkpoint, then N/2: the same merged weights
+    and adapters (1e-6). 03c prunes in both halves (the frozen weights of units pruned before the
+    midpoint are zeroed again on resume), with bf16 frozen weights."""
+    from conftest import write_toy_triples
+
+    pairs, every = (64, 32) if case == "02-bi" else (128, 48)  # 03c: prune events at 32 and 64 pairs
+    triples = write_toy_triples(tmp_path / "t.tsv", pairs)
+    common = ["--train_triples_file", str(triples), "--batch_size", "16", "--max_length", "32", "--threads", "1",
+              "--device", "cpu", "--num_training_samples", str(pairs), "--num_checkpoint_samples", str(every),
+              "--learning_rate", "1e-2" if case == "02-bi" else "1e-3", "--lora_rank", "4", "--lora_alpha", "8"]
+    if case == "02-bi":
+        script = "02_train_initial"
+        start = ["--model_tag", str(decoders["llama"]), "--model_kind", "bi"]
+    else:
+        script = "03c_prune_mixed"
+        start = ["--checkpoint_dir", str(make_tiny_reranker("qwen3", tmp_path / "reranker", labels=1))]
+        common += ["--target_heads", "5", "--target_ffn", "24", "--num_prune_cycles", "2", "--precision", "bf16"]
+    main = importlib.import_module(script).main
+    main([*start, "--output_dir", str(tmp_path / "straight"), *common])
+    middle = sorted((tmp_path / "straight").glob(f"seen_{every:09d}*"))[0]
+    state = json.loads((middle / "trainer_state.json").read_text())
+    assert state["lora_base"]["model"] == str(Path(start[1]).resolve())
+    main(["--checkpoint_dir", str(middle), "--resume", "--output_dir", str(tmp_path / "resumed"), *common])
+    a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
+    assert a.name == b.name
+    for name in ("model.safetensors", "lora_adapters.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key].float(), y[key].float(), atol=1e-6, rtol=0)
+    adapters = load_file(str(a / "lora_adapters.safetensors"))
+    assert any("lora_B" in k for k in adapters) and all(v.dtype == torch.float32 for v in adapters.values())
+    if case != "02-bi":
+        assert load_file(str(a / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+        assert (json.loads((a / "pruning.json").read_text())["kept_heads"]
+                != json.loads((middle / "pruning.json").read_text())["kept_heads"])  # pruned after the midpoint
+        assert sum(map(len, json.loads((middle / "pruning.json").read_text())["kept_heads"])) < 8  # and before
+    assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "straight")[every // 16:]  # after it
+
+
+def test_lora_resume_refuses_a_changed_start_model_and_a_checkpoint_without_adapters(decoders, tmp_path):
+    import shutil
+
+    from conftest import write_toy_triples
+
+    source = tmp_path / "source"
+    shutil.copytree(decoders["llama"], source)
+    triples = write_toy_triples(tmp_path / "t.tsv", 32)
+    common = ["--train_triples_file", str(triples), "--batch_size", "16", "--max_length", "32", "--threads", "1",
+              "--device", "cpu", "--num_training_samples", "32", "--num_checkpoint_samples", "16",
+              "--learning_rate", "1e-2", "--lora_rank", "4", "--lora_alpha", "8"]
+    _train(["--model_tag", str(source), "--model_kind", "bi", "--output_dir", str(tmp_path / "run"), *common])
+    middle = tmp_path / "run" / "seen_000000016"
+
+    def refused(checkpoint: Path, out: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            _train(["--checkpoint_dir", str(checkpoint), "--resume", "--output_dir", str(tmp_path / out), *common])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "\n" not in message
+        assert not (tmp_path / out).exists() or not any((tmp_path / out).iterdir())
+        return message
+
+    bare = tmp_path / "bare" / middle.name
+    shutil.copytree(middle, bare)
+    (bare / "lora_adapters.safetensors").unlink()
+    assert "lora_adapters.safetensors: missing" in refused(bare, "out1")
+    model = AutoModel.from_pretrained(source)
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    model.save_pretrained(source)  # the start model changed after the stage began
+    assert "the start model has changed" in refused(middle, "out2")
