@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 GATES_FILE = "l0_gates.pt"
+LORA_FILE = "lora_adapters.safetensors"  # a LoRA stage's trainable tensors, for exact resume (common.models.lora)
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 OPENVINO = "openvino"  # sentence-transformers' OpenVINO backend reads <model>/openvino/openvino_model.xml
 OPENVINO_FILES = {"openvino": "openvino_model.xml", "openvino-int8": "openvino_model_qint8_quantized.xml"}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModel, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (AutoModel, AutoModelForSequenceClassification, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 160
@@ -46,6 +47,24 @@ def make_tiny_decoder(family: str, directory: Path) -> Path:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def make_tiny_reranker(family: str, directory: Path, labels: int = 1) -> Path:
+    """A ``*ForSequenceClassification`` decoder with a trained-looking head of ``labels`` labels
+    (a Qwen3-Reranker-style re-ranker: scored at the last non-padding token); its tokenizer has
+    no pad token (the config none either)."""
+    torch.manual_seed(0)
+    config = tiny_decoder_config(family)
+    config.num_labels = labels
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+        model.score.weight.normal_(std=0.5)  # a trained head is not at its init
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory

@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.evaluation import cost
 from common.models.encoders import encode
-from common.models.loading import keep_first_layers, load_model, reshape_checkpoint, save_model
+from common.models.loading import keep_first_layers, load_model, reshape_checkpoint, save_model, score_pairs
 from common.models.structure import analytic_param_count, zero_dead_weights
 from common.pruning.l3prune import choose, layerwise_losses
-from common.serving.rank import BiRanker
+from common.serving.onnx_export import export_onnx
+from common.serving.rank import BiRanker, Ranker
 from common.models.lora import add_lora
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_fixtures import DECODERS, make_tiny_decoder  # noqa: E402
+from llm_fixtures import DECODERS, make_tiny_decoder, make_tiny_reranker  # noqa: E402
 
 INSTRUCTION = "Instruct: given a web search query retrieve relevant passages that answer the query : "
 QUERIES = ["what is topic 3 about", "what is topic 5", "topic 1"]
@@ -362,3 +363,296 @@ def test_importance_scores_one_value_per_key_value_group(importance, decoders):
     assert [len(row) for row in heads] == [2] * 4 and [len(row) for row in ffn] == [48] * 4
     assert all(np.isfinite(heads[0])) and np.isfinite(ffn[0]).all()
     assert heads[0][0] != heads[0][1]  # the two groups of a layer are told apart
+
+
+# -- the cross kind: *ForSequenceClassification decoders (Qwen3-Reranker-style re-rankers) -----------
+RERANKER_LABELS = {"llama": 1, "mistral": 2, "qwen2": 1, "qwen3": 1}  # 2 labels: the relevant logit
+
+STOCK_CROSS = r"""
+import json, sys
+try:
+    import common  # noqa: F401
+    sys.exit("slimrank is importable")
+except ImportError:
+    pass
+import torch
+from sentence_transformers import CrossEncoder
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+path, queries, passages = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+out = {}
+with torch.no_grad():
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        batch = tokenizer(queries, passages, padding=True, return_tensors="pt")
+        logits = model(**batch).logits
+        out[side] = (logits[:, 1] if logits.shape[-1] == 2 else logits[:, 0]).tolist()
+out["cross_encoder"] = CrossEncoder(path, trust_remote_code=True, device="cpu").predict(
+    list(zip(queries, passages))).tolist()
+print(json.dumps(out))
+"""
+
+
+def _stock_cross(path: Path, cwd: Path) -> dict:
+    """transformers (right and left padding) and sentence-transformers' CrossEncoder on the dir, in a
+    clean interpreter (slimrank not importable)."""
+    done = subprocess.run([sys.executable, "-I", "-c", STOCK_CROSS, str(path), json.dumps(QUERIES),
+                           json.dumps(PASSAGES)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cross_scores(loaded, side: str = "right", queries=QUERIES, passages=PASSAGES) -> np.ndarray:
+    loaded.tokenizer.padding_side = side
+    try:
+        return score_pairs(loaded.model, loaded.tokenizer, queries, passages)
+    finally:
+        loaded.tokenizer.padding_side = "right"
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_reranker_keeps_its_head_pads_either_side_and_reshapes_to_a_stock_model(family, tmp_path, capsys):
+    """A trained 1- or 2-label ``*ForSequenceClassification`` decoder loads as a cross-encoder: its own
+    head, scored at the last non-padding token (pad = EOS, said once), left == right == unpadded;
+    masked == reshaped (1e-5); the reshaped dir in stock transformers / CrossEncoder (1e-5); ONNX (1e-4)."""
+    labels = RERANKER_LABELS[family]
+    source = make_tiny_reranker(family, tmp_path / "source", labels)
+    had_pad = AutoTokenizer.from_pretrained(source).pad_token is not None  # (Qwen2's tokenizer class adds one)
+    loaded = load_model(str(source))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no pad token" in line]
+    assert len(notes) == (0 if had_pad else 1)
+    config = loaded.model.config
+    assert loaded.kind == "cross" and config.num_labels == labels and not config.use_cache
+    assert config.pad_token_id == loaded.tokenizer.pad_token_id is not None
+    # the trained head, as transformers computes it (its own last-token pooling, pad id given)
+    trained = AutoModelForSequenceClassification.from_pretrained(source, pad_token_id=config.pad_token_id).eval()
+    batch = loaded.tokenizer(QUERIES, PASSAGES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = trained(**batch).logits[:, -1].numpy()
+    right = _cross_scores(loaded)
+    np.testing.assert_allclose(right, expected, atol=1e-5)
+    np.testing.assert_allclose(_cross_scores(loaded, "left"), right, atol=1e-5)
+    alone = np.array([_cross_scores(loaded, "right", [q], [p])[0] for q, p in zip(QUERIES, PASSAGES)])
+    np.testing.assert_allclose(alone, right, atol=1e-5)
+    assert np.ptp(right) > 1e-3  # the pairs are told apart (the pooled token is not padding)
+
+    _prune_groups(loaded.state)
+    loaded.masks.refresh()
+    zero_dead_weights(loaded.model, loaded.state)
+    masked = _cross_scores(loaded)
+    np.testing.assert_allclose(_cross_scores(loaded, "left"), masked, atol=1e-5)
+    save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "masked")
+    out, before, after = reshape_checkpoint(str(tmp_path / "masked"), str(tmp_path / "reshaped"))
+    reshaped = load_model(str(out))
+    assert after < before and reshaped.state.heads_per_layer == [2, 1, 0, 2]
+    assert reshaped.model.config.num_labels == labels and reshaped.model.score.out_features == labels
+    np.testing.assert_allclose(_cross_scores(reshaped), masked, atol=1e-5)
+    np.testing.assert_allclose(_cross_scores(reshaped, "left"), masked, atol=1e-5)
+
+    stock = _stock_cross(out, tmp_path)
+    np.testing.assert_allclose(np.array(stock["right"]), masked, atol=1e-5)
+    np.testing.assert_allclose(np.array(stock["left"]), masked, atol=1e-5)
+    cross_encoder = np.array(stock["cross_encoder"])
+    np.testing.assert_allclose(cross_encoder[:, 1] if labels == 2 else cross_encoder, masked, atol=1e-5)
+
+    info = export_onnx(reshaped, out, max_length=32)
+    assert info["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    np.testing.assert_allclose(Ranker.load(str(out), "onnx").score(QUERIES, PASSAGES), masked, atol=1e-4)
+    np.testing.assert_allclose(Ranker.load(str(out), "torch").score(QUERIES, PASSAGES), masked, atol=1e-5)
+
+
+def test_decoder_reranker_through_02_03abc_04_05(tmp_path):
+    """A 2-label Qwen3 re-ranker: 02 trains its head and layers a few steps, 03a/03b/03c each take a
+    prune step, 04 reshapes 03c's checkpoint (masked == reshaped) and exports ONNX, 05 scores it."""
+    import pandas as pd
+
+    from common.data.formats import read_candidates_json
+    from conftest import SHARED, write_toy_triples
+
+    script = lambda name: importlib.import_module(name).main  # noqa: E731
+    source = make_tiny_reranker("qwen3", tmp_path / "source", labels=2)
+    triples = write_toy_triples(tmp_path / "triples.tsv", 48)
+    common = ["--train_triples_file", str(triples), "--batch_size", "8", "--max_length", "32",
+              "--threads", "1", "--device", "cpu", "--num_checkpoint_samples", "16"]
+    script("02_train_initial")(["--model_tag", str(source), "--output_dir", str(tmp_path / "02"),
+                                "--num_training_samples", "16", "--learning_rate", "1e-3", *common])
+    initial = tmp_path / "02" / "seen_000000016"
+    start = load_model(str(source)).model
+    trained = load_model(str(initial))
+    assert trained.kind == "cross" and trained.model.score.out_features == 2
+    assert not torch.equal(trained.model.score.weight, start.score.weight)  # the head trained
+    assert not torch.equal(trained.model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+    assert all(np.isfinite(_train_losses(tmp_path / "02")))
+    stages = {"03a_prune_heads": ["--target_sparsity", "0.25"],
+              "03b_prune_intermediates": ["--target_sparsity", "0.25", "--num_prune_cycles", "1"],
+              "03c_prune_mixed": ["--target_heads", "2", "--target_ffn", "30", "--num_prune_cycles", "1"]}
+    for name, extra in stages.items():
+        script(name)(["--checkpoint_dir", str(initial), "--output_dir", str(tmp_path / name),
+                      "--num_training_samples", "32", *common, *extra])
+        pruned = load_model(str(sorted((tmp_path / name).glob("seen_*"))[-1]))
+        assert (sum(pruned.state.heads_per_layer) < 8) == (name != "03b_prune_intermediates")
+        assert (sum(pruned.state.ffn_per_layer) < 4 * 48) == (name != "03a_prune_heads")
+    masked_dir = sorted((tmp_path / "03c_prune_mixed").glob("seen_*"))[-1]
+    masked = load_model(str(masked_dir))
+    masked_scores = _cross_scores(masked)
+    script("04_reshape")(["--checkpoint_dir", str(masked_dir), "--onnx", "--max_length", "32"])
+    reshaped = load_model(str(masked_dir / "reshaped"))
+    assert reshaped.state.is_reshaped and reshaped.model.config.num_labels == 2
+    np.testing.assert_allclose(_cross_scores(reshaped), masked_scores, atol=1e-5)
+    export = json.loads((masked_dir / "reshaped" / "onnx" / "export.json").read_text())
+    assert export["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+    np.testing.assert_allclose(Ranker.load(str(masked_dir / "reshaped"), "onnx").score(QUERIES, PASSAGES),
+                               masked_scores, atol=1e-4)
+    cands = read_candidates_json(SHARED / "dl20" / "bm25.json")
+    small = cands[cands["qid"].isin(cands["qid"].unique()[:2])].groupby("qid").head(10)
+    small.to_parquet(tmp_path / "small.parquet")
+    script("05_eval_trec")(["--checkpoint", str(masked_dir / "reshaped"), "--candidates",
+                            str(tmp_path / "small.parquet"), "--qrels", str(SHARED / "dl20/qrels.txt"),
+                            "--topics", "dl20", "--results", str(tmp_path / "r.parquet"), "--table",
+                            str(tmp_path / "r.md"), "--max_length", "32", "--no_latency", "--threads", "1"])
+    result = pd.read_parquet(tmp_path / "r.parquet").iloc[0]
+    assert 0 <= result["ndcg@10"] <= 1
+    with pytest.raises(ValueError, match="--head segment_cosine is for encoder families"):
+        load_model(str(source), head="segment_cosine")
+
+
+# -- LoRA under DDP ------------------------------------------------------------------------------------
+def _lora_trainer(model: str, triples: str, scores: str, out: str, pairs: int = 48, **extra):
+    from common.training.loop import TrainArgs, Trainer
+    from common.training.schedules import WarmupLinear
+
+    args = TrainArgs(train_triples_file=triples, output_dir=out, num_training_samples=pairs, model_tag=model,
+                     model_kind="bi", distill_scores=scores, batch_size=16, max_length=32, learning_rate=1e-2,
+                     seed=1, threads=1, lora_rank=4, lora_alpha=8.0, **extra)
+    return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
+
+
+def _lora_ddp_worker(rank: int, world: int, port: int, *args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        _lora_trainer(*args).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _teacher_scores(triples: Path, path: Path) -> Path:
+    import pandas as pd
+
+    rows = len(triples.read_text().splitlines())
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"teacher_pos": rng.normal(2, 1, rows), "teacher_neg": rng.normal(0, 1, rows)}).to_parquet(path)
+    return path
+
+
+def test_lora_under_ddp_two_gloo_ranks_equal_one_process(decoders, tmp_path):
+    """A tiny llama bi-encoder, LoRA on every projection, margin-MSE on teacher scores (a loss per
+    triple, so that a rank's half of the batch is the same function as the whole): 2 gloo ranks
+    give the merged weights of 1 process. (The in-batch contrastive loss takes its negatives
+    from the rank's own rows, so it is not the same function under DDP.)"""
+    import torch.multiprocessing as mp
+
+    from conftest import write_toy_triples
+    from test_ddp import free_port
+
+    triples = write_toy_triples(tmp_path / "t.tsv")
+    scores = _teacher_scores(triples, tmp_path / "teacher.parquet")
+    model = str(decoders["llama"])
+    single_end = _lora_trainer(model, str(triples), str(scores), str(tmp_path / "single")).train()
+    mp.spawn(_lora_ddp_worker, args=(2, free_port(), model, str(triples), str(scores), str(tmp_path / "ddp")),
+             nprocs=2, join=True)
+    ddp_end = tmp_path / "ddp" / single_end.name
+    assert (ddp_end / "rng_rank1.pt").exists()
+    start = load_file(str(decoders["llama"] / "model.safetensors"))
+    a, b = load_file(str(single_end / "model.safetensors")), load_file(str(ddp_end / "model.safetensors"))
+    assert a.keys() == b.keys() and not any("lora" in k for k in a)
+    moved = [k for k in a if k in start and not torch.equal(a[k], start[k])]
+    assert len(moved) == 4 * 7  # every adapted projection, nothing else
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+# -- exact resume of a LoRA stage ------------------------------------------------------------------------
+def _final(run: Path) -> Path:
+    return sorted(run.glob("seen_*"), key=lambda p: p.name)[-1]
+
+
+@pytest.mark.parametrize("case", ["02-bi", "03c-cross-bf16"])
+def test_lora_stage_resumed_from_its_midpoint_equals_the_straight_run(case, decoders, tmp_path):
+    """N pairs straight vs N/2, then --resume of that checkpoint, then N/2: the same merged weights
+    and adapters (1e-6). 03c prunes in both halves (the frozen weights of units pruned before the
+    midpoint are zeroed again on resume), with bf16 frozen weights."""
+    from conftest import write_toy_triples
+
+    pairs, every = (64, 32) if case == "02-bi" else (128, 48)  # 03c: prune events at 32 and 64 pairs
+    triples = write_toy_triples(tmp_path / "t.tsv", pairs)
+    common = ["--train_triples_file", str(triples), "--batch_size", "16", "--max_length", "32", "--threads", "1",
+              "--device", "cpu", "--num_training_samples", str(pairs), "--num_checkpoint_samples", str(every),
+              "--learning_rate", "1e-2" if case == "02-bi" else "1e-3", "--lora_rank", "4", "--lora_alpha", "8"]
+    if case == "02-bi":
+        script = "02_train_initial"
+        start = ["--model_tag", str(decoders["llama"]), "--model_kind", "bi"]
+    else:
+        script = "03c_prune_mixed"
+        start = ["--checkpoint_dir", str(make_tiny_reranker("qwen3", tmp_path / "reranker", labels=1))]
+        common += ["--target_heads", "5", "--target_ffn", "24", "--num_prune_cycles", "2", "--precision", "bf16"]
+    main = importlib.import_module(script).main
+    main([*start, "--output_dir", str(tmp_path / "straight"), *common])
+    middle = sorted((tmp_path / "straight").glob(f"seen_{every:09d}*"))[0]
+    state = json.loads((middle / "trainer_state.json").read_text())
+    assert state["lora_base"]["model"] == str(Path(start[1]).resolve())
+    main(["--checkpoint_dir", str(middle), "--resume", "--output_dir", str(tmp_path / "resumed"), *common])
+    a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
+    assert a.name == b.name
+    for name in ("model.safetensors", "lora_adapters.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key].float(), y[key].float(), atol=1e-6, rtol=0)
+    adapters = load_file(str(a / "lora_adapters.safetensors"))
+    assert any("lora_B" in k for k in adapters) and all(v.dtype == torch.float32 for v in adapters.values())
+    if case != "02-bi":
+        assert load_file(str(a / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+        assert (json.loads((a / "pruning.json").read_text())["kept_heads"]
+                != json.loads((middle / "pruning.json").read_text())["kept_heads"])  # pruned after the midpoint
+        assert sum(map(len, json.loads((middle / "pruning.json").read_text())["kept_heads"])) < 8  # and before
+    assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "straight")[every // 16:]  # after it
+
+
+def test_lora_resume_refuses_a_changed_start_model_and_a_checkpoint_without_adapters(decoders, tmp_path):
+    import shutil
+
+    from conftest import write_toy_triples
+
+    source = tmp_path / "source"
+    shutil.copytree(decoders["llama"], source)
+    triples = write_toy_triples(tmp_path / "t.tsv", 32)
+    common = ["--train_triples_file", str(triples), "--batch_size", "16", "--max_length", "32", "--threads", "1",
+              "--device", "cpu", "--num_training_samples", "32", "--num_checkpoint_samples", "16",
+              "--learning_rate", "1e-2", "--lora_rank", "4", "--lora_alpha", "8"]
+    _train(["--model_tag", str(source), "--model_kind", "bi", "--output_dir", str(tmp_path / "run"), *common])
+    middle = tmp_path / "run" / "seen_000000016"
+
+    def refused(checkpoint: Path, out: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            _train(["--checkpoint_dir", str(checkpoint), "--resume", "--output_dir", str(tmp_path / out), *common])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "\n" not in message
+        assert not (tmp_path / out).exists() or not any((tmp_path / out).iterdir())
+        return message
+
+    bare = tmp_path / "bare" / middle.name
+    shutil.copytree(middle, bare)
+    (bare / "lora_adapters.safetensors").unlink()
+    assert "lora_adapters.safetensors: missing" in refused(bare, "out1")
+    model = AutoModel.from_pretrained(source)
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    model.save_pretrained(source)  # the start model changed after the stage began
+    assert "the start model has changed" in refused(middle, "out2")

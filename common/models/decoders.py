@@ -8,6 +8,11 @@ need before a decoder embeds text (the bi kind) like an encoder does.
   text with a special token of its own, its post-processor is extended to append EOS, and the saved tokenizer keeps doing it, so that
   stock tools (sentence-transformers) feed the model the same tokens.
 * The KV cache is of no use to an encoder and costs memory in training: ``use_cache`` is off.
+
+The cross kind (a ``*ForSequenceClassification`` decoder, Qwen3-Reranker-style, or a fresh head on
+a base decoder) needs nothing else: transformers' own head scores the last token that is not
+``config.pad_token_id`` (right or left padding alike), so the pad id set here is all it reads, and
+the saved config and tokenizer carry it to stock tools. The segment-cosine head is for encoders.
 """
 from __future__ import annotations
 
@@ -20,6 +25,14 @@ from common.models.arch import ADAPTERS
 def is_decoder(config) -> bool:
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
     return adapter is not None and adapter.is_decoder
+
+
+def check_cross_head(config, head: str | None, source: str) -> None:
+    """A decoder's cross kind is its classification head (the segment head needs bidirectional
+    attention and a separator token): one error otherwise."""
+    if head == "segment_cosine" and is_decoder(config):
+        raise ValueError(f"{source}: --head segment_cosine is for encoder families; a decoder LLM "
+                         f"({config.model_type}) re-ranks with its classification head (--head classifier)")
 
 
 def appends_eos(tokenizer) -> bool:

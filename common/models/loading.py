@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from common.models import m3, standalone
 from common.models.arch import adapter_for, kv_groups, layer_stack, set_module
-from common.models.decoders import is_decoder, prepare_decoder
+from common.models.decoders import check_cross_head, is_decoder, prepare_decoder
 from common.models.encoders import (INNER_QUERY_ENCODER, QUERY_ENCODER_FIELD, config_path,  # noqa: F401 (public here too)
                                     embed_texts, read_pooling, similarity)
 from common.models import st_format
@@ -161,6 +161,7 @@ def _load_model(path_or_tag: str, device: str | torch.device = "cpu",
             if kind == "bi":
                 _attach_embedding_spec(model, path, tokenizer)
             if kind == "cross":
+                check_cross_head(model.config, head, path)
                 model = SegmentCrossEncoder(model, tokenizer.sep_token_id)
         else:
             labels = trained_head_labels(path)

@@ -10,12 +10,23 @@ same model.
 ``merged_state_dict(model)`` is what a checkpoint saves: each adapted weight with its adapter
 merged in (W + scale * B A), the adapters' own tensors left out, the names of the plain model.
 A saved directory is a plain model; nothing of peft is needed to load it.
+
+Exact resume of a LoRA stage: a checkpoint also holds ``lora_adapters.safetensors``, every
+trainable tensor (the adapters and whatever is trained beside them: a scoring head, Dense
+layers) under the adapted model's names (:func:`save_trainable`). The frozen weights are those
+of the stage's start model (named in trainer_state.json), with the units the stage has pruned
+zeroed, as the running stage holds them; resume loads those, injects the adapters, loads the
+trainable tensors (:func:`load_trainable`) and checks that base + adapters give the
+checkpoint's merged weights (:func:`merged_mismatch`).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from common.layout import LORA_FILE
 from common.models.arch import adapter_for, layer_stack
 
 ADAPTER_NAME = "default"
@@ -86,3 +97,66 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = (value.float() + deltas[key].float()).to(value.dtype)
         out[key.replace(".base_layer.", ".")] = value
     return out
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the stage trains (requires grad), by its name in the adapted model."""
+    return {name: param.detach().to("cpu").contiguous() for name, param in model.named_parameters()
+            if param.requires_grad}
+
+
+def save_trainable(model: nn.Module, directory: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), str(Path(directory, LORA_FILE)), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def load_trainable(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a checkpoint's ``lora_adapters.safetensors`` into the adapted model: exactly its
+    trainable tensors, with their shapes, or a ``ValueError`` naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint, LORA_FILE)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing: this LoRA checkpoint holds merged weights only (written before "
+                         "LoRA stages saved their adapters), so it cannot be resumed; start a new stage from it")
+    weights = load_file(str(path))
+    wanted = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    wrong = sorted(set(wanted) ^ set(weights)) or [n for n, p in wanted.items() if p.shape != weights[n].shape]
+    if wrong:
+        raise ValueError(f"{path}: its tensors are not this stage's trainable weights (e.g. {wrong[0]!r}): "
+                         "resume with the checkpoint's --lora_rank / --lora_targets")
+    for name, param in wanted.items():
+        param.copy_(weights[name].to(param.device, param.dtype))
+
+
+@torch.no_grad()
+def merged_mismatch(model: nn.Module, weights_file: str | Path) -> str | None:
+    """The first tensor of a saved model (``model.safetensors``) that the adapted model, merged
+    as :func:`merged_state_dict` merges it, does not reproduce (up to 2 units in the last place
+    of its dtype); None when all do. Computed one tensor at a time (no second copy of the model)."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    lora = {name: m for name, m in model.named_modules() if _is_lora(m) and ADAPTER_NAME in m.lora_A}
+    with safe_open(str(weights_file), framework="pt") as saved:
+        for key in saved.keys():
+            owner, _, leaf = key.rpartition(".")
+            if owner in lora:
+                value = state[f"{owner}.base_layer.{leaf}"]
+                if leaf == "weight":
+                    value = (value.float() + lora[owner].get_delta_weight(ADAPTER_NAME).float()).to(value.dtype)
+            elif key in state:
+                value = state[key]
+            else:
+                return key
+            expected = saved.get_tensor(key)
+            if value.shape != expected.shape:
+                return key
+            if not torch.equal(value.cpu(), expected):
+                a, b = value.float().cpu(), expected.float()
+                tol = 2 * torch.finfo(expected.dtype).eps * max(float(b.abs().max()), 1.0)
+                if float((a - b).abs().max()) > tol:
+                    return key
+    return None

@@ -104,8 +104,13 @@ def _scoring_pass(model: nn.Module, batch: dict, handles: list, attn_implementat
     if attn_implementation:
         model.set_attn_implementation(attn_implementation)
     model.eval()
+    # bf16 frozen weights beside fp32 ones (a LoRA stage in bf16): the pass runs under bf16
+    # autocast, as the training forward does
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    device = next(model.parameters()).device
     try:
-        model(**batch)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(**batch)
     finally:
         for handle in handles:
             handle.remove()

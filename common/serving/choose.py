@@ -50,6 +50,9 @@ def benchmark_batch(tokenizer, names: list[str], batch: int = BATCH, length: int
     """``batch`` sequences of ``length`` ordinary tokens (no padding, no special token ids)."""
     special = set(getattr(tokenizer, "all_special_ids", []))
     ids = [i if i not in special else 1999 for i in range(1000, 1000 + length)]
+    if len(tokenizer) < 2000:  # a tiny vocabulary (test models): ordinary ids inside it
+        ordinary = [i for i in range(len(tokenizer)) if i not in special]
+        ids = [ordinary[j % len(ordinary)] for j in range(length)]
     inputs = {"input_ids": np.tile(np.asarray(ids, dtype=np.int64), (batch, 1)),
               "attention_mask": np.ones((batch, length), dtype=np.int64),
               "token_type_ids": np.zeros((batch, length), dtype=np.int64)}

@@ -111,7 +111,8 @@ class TrainArgs:
         help="bi-encoder: weight of the in-batch contrastive loss (0: distillation only)")
     lora_rank: int = arg(0, group="optimisation", bounds=(0, None, False, False),
         help="train LoRA adapters of this rank (peft) instead of every weight; merged into the "
-             "weights in every checkpoint, so a checkpoint is a plain model (0: full fine-tuning)")
+             "weights in every checkpoint, so a checkpoint is a plain model (0: full fine-tuning); the "
+             "checkpoint also keeps the adapters (lora_adapters.safetensors) for --resume")
     lora_alpha: float = arg(16.0, group="optimisation", bounds=(0, None, True, False),
         help="LoRA scale numerator (scale = alpha / rank)")
     lora_targets: Optional[list[str]] = arg(None, group="optimisation",
@@ -163,9 +164,6 @@ class TrainArgs:
             m3.parse_heads(self.heads)
         if self.lora_targets and not self.lora_rank:
             raise ValueError("--lora_targets needs --lora_rank (the adapters' rank)")
-        if self.lora_rank and self.resume:
-            raise ValueError("--resume of a LoRA stage: its checkpoints hold merged weights, not the "
-                             "adapters; start a new stage from the checkpoint instead")
         if bool(self.eval_candidates_file) != bool(self.eval_qrels_file):
             raise ValueError("--eval_candidates_file and --eval_qrels_file go together")
 

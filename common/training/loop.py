@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from common.training.args import TrainArgs
 from common.training.distributed import all_reduce_sum, barrier, init_distributed, process_group_backend
-from common.training.resume import (check_no_eval_overlap, check_resume_args, check_teacher_rows, library_versions,
-                                    read_metrics, read_source_state)
+from common.training.resume import (check_lora_resumed, check_no_eval_overlap, check_resume_args, check_teacher_rows,
+                                    library_versions, lora_base, read_metrics, read_source_state, restore_lora_base)
 from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates,
                          read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
@@ -48,7 +48,7 @@ from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_F
                            replace_dir, rng_file)
 from common.models.segment import is_segment
 from common.models.structure import Masks, zero_dead_weights
-from common.models.lora import add_lora
+from common.models.lora import add_lora, load_trainable, save_trainable
 
 log = logging.getLogger("slimrank")
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,14 +125,22 @@ class Trainer:
                             head=None if args.checkpoint_dir else args.head,
                             query_instruction=args.query_instruction,
                             heads=None if args.checkpoint_dir else args.heads)
+        self.lora_base = None  # a LoRA stage: its start model (resume rebuilds the frozen weights from it)
         if args.lora_rank:  # adapters wrap the projections: the masks go on the wrappers' inputs
             loaded.masks.remove()
+            self.lora_base = source_state.get("lora_base") if self.resuming else lora_base(args)
+            if self.resuming:
+                restore_lora_base(loaded, self.lora_base, args.checkpoint_dir)
             add_lora(loaded.model, args.lora_rank, args.lora_alpha, args.lora_targets)
+            if self.resuming:
+                load_trainable(loaded.model, args.checkpoint_dir)
             loaded.masks = Masks(loaded.model, loaded.state)
             if args.precision == "bf16":  # the frozen weights in bf16 (half the memory), adapters fp32
                 for name, param in loaded.model.named_parameters():
                     if not param.requires_grad:
                         param.data = param.data.to(torch.bfloat16)
+            if self.resuming:
+                check_lora_resumed(loaded.model, args.checkpoint_dir, self.lora_base)
         if args.gradient_checkpointing:
             if not getattr(loaded.model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"--gradient_checkpointing: {type(loaded.model).__name__} does not support it")
@@ -534,6 +542,8 @@ class Trainer:
         if self._inner_query_encoder is not None:  # the config names it relatively: query_encoder/
             q = self._inner_query_encoder
             save_model(q.model, q.tokenizer, q.state, tmp / INNER_QUERY_ENCODER)
+        if self.lora_base:
+            save_trainable(self.model, tmp)
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         self.callback.save_files(self, tmp)
@@ -545,6 +555,7 @@ class Trainer:
                  "versions": library_versions(), "metrics": self.metrics,
                  "distributed": {"backend": process_group_backend(), "world_size": self.world_size, "device": str(self.device)},
                  "callback": self.callback.state_dict(), "stage_args": self.callback.stage_args(),
+                 **({"lora_base": self.lora_base} if self.lora_base else {}),
                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         replace_dir(tmp, final)

@@ -13,8 +13,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from common.data.formats import DataError, open_text, read_candidates
-from common.layout import METRICS_FILE, OPTIMIZER_FILE, STATE_FILE, checkpoints
-from common.models.loading import PACKAGED_MODELS
+from common.layout import METRICS_FILE, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, checkpoints
+from common.models.loading import PACKAGED_MODELS, LoadedModel, load_model
 from common.training.args import RESUME_MAY_CHANGE, TrainArgs
 
 
@@ -98,6 +98,51 @@ def check_resume_args(args: "TrainArgs", state: dict, checkpoint_dir: str,
     if changed:
         raise ValueError(f"resuming {checkpoint_dir} with changed arguments: {'; '.join(changed)} "
                          "(these must match the checkpoint's trainer_state.json)")
+
+
+def lora_base(args: "TrainArgs") -> dict:
+    """What a fresh LoRA stage starts from, as its checkpoints record it (``lora_base`` in
+    trainer_state.json): the model and the loader arguments that shape its weights. A local
+    directory is named by its absolute path."""
+    name = args.checkpoint_dir or args.model_tag
+    fresh = not args.checkpoint_dir
+    return {"model": str(Path(name).resolve()) if Path(name).is_dir() else name, "kind": args.model_kind,
+            "pooling": args.pooling, "head": args.head if fresh else None, "heads": args.heads if fresh else None}
+
+
+def restore_lora_base(loaded: LoadedModel, base: dict | None, checkpoint: str) -> None:
+    """Give the model of a LoRA checkpoint (its merged weights) the frozen weights the running
+    stage held: its start model's (``base``), the units pruned so far zeroed
+    (``common.models.lora``: the adapters are loaded after they are injected)."""
+    from common.models.structure import zero_dead_weights
+
+    if not base:
+        raise DataError(f"{checkpoint}/{STATE_FILE}: a LoRA checkpoint that does not name the stage's start "
+                        "model (written before LoRA stages could resume): start a new stage from it instead")
+    where = f"{checkpoint}/{STATE_FILE}: lora_base {base['model']!r}"
+    try:
+        start = load_model(base["model"], "cpu", kind=base.get("kind"), pooling=base.get("pooling"),
+                           head=base.get("head"), heads=base.get("heads"))
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"{where}: the stage's start model cannot be loaded ({err})") from None
+    try:
+        loaded.model.load_state_dict(start.model.state_dict(), strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise DataError(f"{where} is not the model this stage started from ({first})") from None
+    zero_dead_weights(loaded.model, loaded.state)
+
+
+def check_lora_resumed(model, checkpoint: str, base: dict) -> None:
+    """Start weights + adapters must give the checkpoint's merged weights: else its start
+    model has changed since (``common.models.lora.merged_mismatch``)."""
+    from common.models.lora import merged_mismatch
+
+    wrong = merged_mismatch(model, Path(checkpoint, WEIGHTS_FILE))
+    if wrong:
+        raise DataError(f"{checkpoint}: its start model {base['model']!r} plus its LoRA adapters do not give its "
+                        f"weights ({wrong!r} differs): the start model has changed since the stage began, so "
+                        "the stage cannot be resumed exactly; start a new stage from the checkpoint instead")
 
 
 def check_teacher_rows(scores_file: str, rows: int, triples_file: str) -> None:
