@@ -38,6 +38,7 @@ import argparse
 import json
 from itertools import islice
 
+from common.kinds import KINDS
 from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
 from common.data.triples import DL20_TOPICS, check_text_queries
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layer_loss_triples", help="--keep_layers small|large: training triples to score")
     parser.add_argument("--layer_loss_rows", type=positive_int, default=256,
                         help="--keep_layers small|large: triples scored (the first N of the file)")
-    parser.add_argument("--model_kind", choices=["cross", "bi"],
+    parser.add_argument("--model_kind", choices=list(KINDS),
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
     parser.add_argument("--pooling", choices=POOLING_CHOICES,
                         help="bi-encoder from a plain model dir: its pooling (default: the dir's "

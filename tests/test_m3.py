@@ -181,7 +181,7 @@ def test_unified_training_trains_all_three_heads(tiny_models, toy_triples, tmp_p
 
 
 def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
-    """BiRanker.head_scores gives each head's pair scores (dense = its plain score), and 05's
+    """Ranker.head_scores gives each head's pair scores (dense = its plain score), and 05's
     evaluation adds a quality row per head and for the combination."""
     import pandas as pd
 

@@ -10,7 +10,7 @@ from common.models import m3
 from common.models.segment import HEADS
 from common.models.st_format import POOLING_CHOICES
 from common.training.argtypes import arg, argument_groups, check_declared, declared
-from common.training.kinds import KINDS
+from common.kinds import KINDS
 from common.training.losses import loss_class, score_distillation_losses
 
 DEFAULT_DISTILL_LOSS = "margin_mse"

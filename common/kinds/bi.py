@@ -1,26 +1,20 @@
-"""Model kinds in training: each kind owns its training forward and its loss inputs.
-
-:class:`CrossKind` (one sequence per (query, passage) pair) and :class:`BiKind` (queries and
-passages embedded alone, cosine scores) tokenise a batch of training rows, run the student,
-and offer the tensors the losses of ``common.training.losses`` take (``Forward.inputs``); they run the
-teacher of ``--distill_from`` on the same rows, say which tensors that distillation compares,
-how the task and distillation losses combine, which task loss trains on labels, and which
-arguments the kind refuses. ``common.training.loop.Trainer`` calls this interface and never branches
-on the kind; scoring (evaluation, 05, bench) is ``common.serving.rank.Ranker``'s kind classes.
-"""
+"""The bi-encoder kind: queries and passages embedded alone (the sentence-transformers chain of
+``common.models.encoders``: prompt, pooling, Dense layers, L2 normalisation), scored by the
+model's similarity (cosine, or dot); each distinct text is embedded once. A bi model whose config
+names a query encoder (``slimrank_query_encoder``, ``--query_encoder``) embeds its queries with
+that frozen encoder and only its passages itself (an asymmetric bi-encoder)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.hardware import time_callable
+from common.kinds.base import Forward, ModelKind, register_kind
 from common.models import m3
-from common.models.encoders import embedding_of, max_length_of, with_prompt
-from common.training.losses import Loss, get_loss
-from common.models.loading import autocast_context, encode_pairs, pooling_of, relevance_logit
-from common.models.segment import is_segment
+from common.models.encoders import embedding_of, max_length_of, similarity, with_prompt
+from common.models.loading import autocast_context, pooling_of, sorted_batches
 
 
 def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
@@ -29,95 +23,8 @@ def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
     return (queries[:, None, :] * passages.view(len(queries), 2, -1)).sum(-1)
 
 
-@dataclass
-class Forward:
-    """One forward pass over training rows: the loss inputs it offers, the tokenised batch the
-    pruning callback sees, and what the distillation needs of it (``extra``)."""
-
-    inputs: dict[str, torch.Tensor]
-    batch: dict
-    extra: dict
-
-
-class TrainingKind:
-    """The training side of a model kind, bound to the student's tokenizer and layout."""
-
-    name = ""
-    task_key = "task"  # the task loss's key in the logged train events
-    distill_beside_scores = True  # with --distill_scores, is --distill_from still trained on?
-
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int,
-                 precision: str):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.max_length, self.precision = max_length, precision
-
-    @classmethod
-    def check_args(cls, args, model: nn.Module) -> None:
-        """Refuse arguments this kind cannot train with (``ValueError``)."""
-
-    @classmethod
-    def label_loss(cls, args, model: nn.Module) -> Loss:
-        """The task loss without --distill_scores."""
-        raise NotImplementedError
-
-    def forward(self, model: nn.Module, rows: list[tuple[str, ...]], wanted: tuple[str, ...]) -> Forward:
-        """The student (``model``: the module that runs backward) on ``rows``; ``wanted``: the
-        task loss's inputs (a kind may skip the tensors nobody asks for)."""
-        raise NotImplementedError
-
-    def teacher_forward(self, teacher: nn.Module, rows: list[tuple[str, ...]], student: Forward) -> dict:
-        """The teacher on the same rows (called under ``torch.no_grad``)."""
-        raise NotImplementedError
-
-    def distill_inputs(self, student: Forward, teacher: dict, target: str) -> tuple:
-        """(student, teacher) arguments of the distillation loss for ``--distill_target``."""
-        raise NotImplementedError
-
-    def combine(self, task: torch.Tensor, distill: torch.Tensor, args) -> torch.Tensor:
-        return task + args.distill_weight * distill
-
-
-class CrossKind(TrainingKind):
-    """Cross-encoder: the task loss on the scores of each row's passages (or the 2-label
-    logits), distillation on the teacher's scores or (segment head) its segment embeddings."""
-
-    name = "cross"
-
-    @classmethod
-    def check_args(cls, args, model):
-        if args.distill_target == "embeddings" and not is_segment(model):
-            raise ValueError("--distill_target embeddings needs a bi-encoder or the segment_cosine head")
-
-    @classmethod
-    def label_loss(cls, args, model):
-        one_score = is_segment(model) or model.config.num_labels == 1  # a 1-label head: listwise
-        return get_loss("row_softmax" if one_score else "cross_entropy")
-
-    def forward(self, model, rows, wanted):
-        n = len(rows[0]) - 1
-        queries = [row[0] for row in rows for _ in range(n)]
-        passages = [x for row in rows for x in row[1:]]
-        batch = encode_pairs(self.tokenizer, queries, passages, self.max_length, self.model).to(self.device)
-        with autocast_context(self.device, self.precision):
-            output = model(**batch)
-        logits = output.logits.float()
-        student = relevance_logit(logits).view(len(rows), n)
-        return Forward({"logits": logits, "scores": student}, batch, {"output": output, "rows": n})
-
-    def teacher_forward(self, teacher, rows, student):
-        with autocast_context(self.device, self.precision):
-            return {"output": teacher(**student.batch)}
-
-    def distill_inputs(self, student, teacher, target):
-        if target == "embeddings":
-            keys = ("query_embeddings", "passage_embeddings")
-            return ([getattr(student.extra["output"], k) for k in keys],
-                    [getattr(teacher["output"], k) for k in keys])
-        scores = student.inputs["scores"]
-        return scores, relevance_logit(teacher["output"].logits.float()).view(*scores.shape)
-
-
-class BiKind(TrainingKind):
+@register_kind("bi")
+class BiKind(ModelKind):
     """Bi-encoder: in-batch contrastive on the query and passage embeddings (the task loss),
     distillation on the teacher's cosine scores or embeddings; with --distill_scores the task
     loss alone (--distill_from is not used then).
@@ -127,10 +34,96 @@ class BiKind(TrainingKind):
     without gradient, the scores are its queries against the student's passages, and embedding
     distillation compares passage embeddings only (the student's queries are never used)."""
 
-    name = "bi"
+    pairs = False
+    output = "normalised embeddings"
     task_key = "contrastive"
     distill_beside_scores = False
     query_encoder: nn.Module | None = None
+
+    @staticmethod
+    def runner_output(model, input_ids, attention_mask, extra):
+        encoder = getattr(model, "base_model", model)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return embedding_of(model, hidden, attention_mask)
+
+    @classmethod
+    def score(cls, ranker, queries, passages, progress=False):
+        """Each distinct text embedded once (the queries by the ranker's ``query_ranker`` when the
+        model names a query encoder); the model's similarity (cosine, or dot) of each pair."""
+        uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
+        up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
+        q = torch.from_numpy((ranker.query_ranker or ranker).encode(list(uq), progress, "query"))
+        p = torch.from_numpy(ranker.encode(list(up), progress, "passage"))
+        return similarity(ranker.loaded.model, q[torch.as_tensor(qi)], p[torch.as_tensor(pi)]).numpy()
+
+    @classmethod
+    def encode(cls, ranker, texts, progress=False, role=None):
+        """Embeddings ``[len(texts), dim]`` (float32) of ``texts`` as ``role`` (``query``,
+        ``passage``, None: no role), with the model's prompt for it."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        model = ranker.loaded.model
+        features = ranker.tokenizer(with_prompt(model, texts, role), truncation=True,
+                                    max_length=max_length_of(model, ranker.max_length))
+        features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = None
+        for idx, batch in sorted_batches(ranker.tokenizer, features, ranker.batch_size, progress, "encoding"):
+            emb = ranker.runner(dict(batch))
+            if out is None:
+                out = np.empty((len(texts), emb.shape[-1]), dtype=np.float32)
+            out[idx] = emb
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+    @classmethod
+    def head_scores(cls, ranker, queries, passages, progress=False):
+        """Every head's score of each pair, in the input order: ``dense`` and, for a model with
+        BGE-M3 heads (``common.models.m3``), ``sparse``, ``colbert`` and their weighted
+        ``combined`` sum. The sparse and ColBERT heads run in torch fp32 on the model's device
+        (whatever the backend: the ONNX exports hold the dense output only); each query's
+        passages go in batches beside it."""
+        module = m3.heads_of(ranker.loaded.model)
+        if module is None:
+            return {"dense": ranker.score(queries, passages, progress)}
+        if ranker.query_ranker is not None:
+            raise ValueError("sparse and ColBERT scores need the model's own query side (no query encoder)")
+        model, pooling = ranker.loaded.model, ranker.loaded.model.config.slimrank_pooling
+        names = ["dense", *(n for n in ("sparse", "colbert") if n in module.heads), "combined"]
+        out = {name: np.empty(len(queries), dtype=np.float32) for name in names}
+        rows: dict[str, list[int]] = {}
+        for i, query in enumerate(queries):
+            rows.setdefault(query, []).append(i)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for query, idx in rows.items():
+                    q = m3.encode_all(model, ranker.tokenizer, [query], pooling, ranker.max_length)
+                    for start in range(0, len(idx), ranker.batch_size):
+                        part = idx[start:start + ranker.batch_size]
+                        p = m3.encode_all(model, ranker.tokenizer, [passages[i] for i in part], pooling,
+                                          ranker.max_length)
+                        for name, value in m3.score_matrices(q, p).items():
+                            out[name][part] = value[0].float().cpu().numpy()
+        finally:
+            model.train(was_training)
+        return out
+
+    @staticmethod
+    def sequences_per_query(n_pairs):
+        return n_pairs + 1  # the passages and the query, each encoded alone
+
+    @classmethod
+    def extra_costs(cls, ranker, candidates, opts, device, passages: int = 1000):
+        """Corpus-encoding throughput (what indexing costs): passages/s over the first
+        ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
+        texts = list(dict.fromkeys(candidates["passage"]))[:passages]
+        encoder = type(ranker).from_loaded(ranker.loaded, ranker.backend, max_length=ranker.max_length,
+                                           batch_size=64)
+        mean_ms, std_ms = time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
+                                        min(opts.warmup, 1), device)
+        return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
+                "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
+                "encode_passages": len(texts)}
 
     @classmethod
     def check_args(cls, args, model):
@@ -143,8 +136,8 @@ class BiKind(TrainingKind):
     @classmethod
     def label_loss(cls, args, model):
         if m3.heads_of(model) is not None:  # BGE-M3 unified training with self-distillation
-            return get_loss("m3_self_distill", temperature=args.temperature)
-        return get_loss("in_batch_contrastive", temperature=args.temperature)
+            return "m3_self_distill", {"temperature": args.temperature}
+        return "in_batch_contrastive", {"temperature": args.temperature}
 
     def embed(self, model: nn.Module, texts: list[str], role: str,
               owner: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
@@ -223,6 +216,3 @@ class BiKind(TrainingKind):
 
     def combine(self, task, distill, args):
         return args.contrastive_weight * task + args.distill_weight * distill
-
-
-KINDS: dict[str, type[TrainingKind]] = {"cross": CrossKind, "bi": BiKind}
