@@ -43,7 +43,8 @@ from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
 from common.data.triples import DL20_TOPICS, check_text_queries
 from common.pruning.l3prune import RULES, choose, layers_to_keep, layerwise_losses, parse_keep_layers
-from common.models.loading import QUERY_ENCODER_FIELD, load_model, model_depth, reshape_checkpoint
+from common.models.loading import QUERY_ENCODER_FIELD, model_depth
+from common.kinds.loading import load_model, reshape_checkpoint
 from common.models.st_format import POOLING_CHOICES
 from common.serving.onnx_export import FP32_ROLES, export_onnx
 

@@ -20,7 +20,7 @@ import torch
 from common.kinds import BiKind
 from common.models.encoders import encode
 from common.pruning.importance import ActivationImportance, HeadConfidence, ffn_l1_scores
-from common.models.loading import load_model
+from common.kinds.loading import load_model
 
 
 def main(argv=None) -> None:

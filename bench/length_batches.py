@@ -22,7 +22,8 @@ import torch
 from common.cli import fail, positive_int
 from common.data.formats import DataError, TrainingBatches
 from common.kinds import CrossKind
-from common.models.loading import encode_pairs, load_model
+from common.models.loading import encode_pairs
+from common.kinds.loading import load_model
 from common.training.loop import TrainArgs, Trainer
 from common.training.resume import training_throughput
 from common.training.schedules import WarmupLinear

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.evaluation.cost import analytic_macs, architecture, fvcore_macs, worst_case_inputs
-from common.models.loading import load_model, reshape_checkpoint, save_model, score_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.models.names import resolve_model_path
 from common.models.structure import zero_dead_weights
 from common.pruning.importance import ffn_l1_scores, head_l1_scores, select_ffn, select_heads

@@ -166,7 +166,7 @@ def test_non_finite_numbers_are_refused_at_parse_time(script, flag, value, tiny_
 
 
 def test_weights_of_another_architecture_are_refused(tiny_models, tmp_path):
-    from common.models.loading import load_model
+    from common.kinds.loading import load_model
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_models["bert"], bad)
@@ -320,7 +320,8 @@ def test_fp16_and_missing_devices_are_refused(tiny_models, tmp_path):
 
 # -- tracebacks -> one error line --------------------------------------------------------------
 def test_a_query_longer_than_max_length_is_truncated_not_a_crash(tiny_models):
-    from common.models.loading import encode_pairs, load_model
+    from common.models.loading import encode_pairs
+    from common.kinds.loading import load_model
     from common.serving.rank import Ranker
 
     loaded = load_model(str(tiny_models["bert"]))
@@ -342,7 +343,7 @@ def test_a_query_longer_than_max_length_is_truncated_not_a_crash(tiny_models):
 def test_a_failed_write_leaves_no_temporary_dir(run, tmp_path, monkeypatch):
     import errno
 
-    from common.models import loading
+    from common.kinds import loading
 
     out, _ = run
 
@@ -392,7 +393,7 @@ def test_a_results_file_that_is_no_results_table_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_onnx_export_of_a_model_with_an_emptied_attention_layer(family, tiny_models, tmp_path):
-    from common.models.loading import load_model, save_model
+    from common.kinds.loading import load_model, save_model
     from common.models.structure import zero_dead_weights
 
     loaded = load_model(str(tiny_models[family]))
@@ -415,7 +416,7 @@ def test_onnx_export_of_a_model_with_an_emptied_attention_layer(family, tiny_mod
 
 # -- security ----------------------------------------------------------------------------------
 def test_a_model_dirs_config_cannot_lead_outside_it(tiny_models, tmp_path):
-    from common.models.loading import load_model, reshape_checkpoint, save_model
+    from common.kinds.loading import load_model, reshape_checkpoint, save_model
     from common.serving.rank import QUERY_ENCODER_FIELD, Ranker
 
     secret = tmp_path / "secret"

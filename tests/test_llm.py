@@ -17,7 +17,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from common.evaluation import cost
 from common.models.encoders import encode
-from common.models.loading import keep_first_layers, load_model, reshape_checkpoint, save_model
+from common.models.loading import keep_first_layers
+from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.models.structure import analytic_param_count, zero_dead_weights
 from common.pruning.l3prune import choose, layerwise_losses
 from common.serving.rank import Ranker

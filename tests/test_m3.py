@@ -12,7 +12,7 @@ from torch import nn
 
 from common.models import m3
 from common.training.losses import self_distill_loss
-from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.models.structure import zero_dead_weights
 
 QUERIES = ["what is a cat", "how tall is mount everest"]

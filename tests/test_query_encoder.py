@@ -15,7 +15,7 @@ import torch
 from common.data.formats import TriplesStream
 from common.kinds import BiKind
 from common.pruning.l3prune import layerwise_losses
-from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.serving.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs, Trainer, apply_loss

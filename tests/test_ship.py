@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from common.data.formats import read_candidates_json
-from common.models.loading import load_model, reshape_checkpoint, save_model, score_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.serving.onnx_export import SMOOTH_ALPHA, activation_maxima, export_onnx, smoothed_copy
 from common.kinds import CrossKind
 from common.serving.rank import Ranker

@@ -3,7 +3,7 @@ exactly (batched matrix products) or with FAISS, written as the candidates parqu
 ``bm25`` (so ``01 mine`` and ``01 teacher`` take it as they take a BM25 list).
 
 The subcommand ``dense`` of ``01_prefetch_passages.py`` is :func:`from_dense`. Any bi-encoder
-``common.models.loading.load_model`` opens (the packaged tag, a plain Hugging Face or
+``common.kinds.loading.load_model`` opens (the packaged tag, a plain Hugging Face or
 sentence-transformers dir, slimrank checkpoints masked or reshaped, shipped dirs) on any backend
 of ``common.serving.rank`` embeds the passages once; a bi model that names a query encoder (or
 ``query_encoder``) embeds the queries with it. Under ``torchrun`` the ranks share the encoding
@@ -148,7 +148,8 @@ def load_bi_encoder(name: str, backend: str = "auto", *, max_length: int = 256, 
                     device: str = "cpu", query_encoder: str | None = None, threads: int | None = None):
     """A bi-encoder ``Ranker`` of ``name`` on ``backend`` (a cross-encoder is refused)."""
     from common.kinds import BiKind
-    from common.models.loading import load_model, pick_device
+    from common.models.loading import pick_device
+    from common.kinds.loading import load_model
     from common.serving.rank import Ranker
 
     check_bi_encoder(name)

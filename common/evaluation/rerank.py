@@ -17,7 +17,8 @@ from common import layout
 from common.hardware import machine_description, time_callable
 from common.data.formats import DataError, candidates_to_run, read_candidates, read_qrels
 from common.data.trec import check_fusable, evaluate_run, interpolate, write_trec_run
-from common.models.loading import load_model, pick_device
+from common.models.loading import pick_device
+from common.kinds.loading import load_model
 from common.serving.rank import Ranker, describe_backend
 from common.models.segment import is_segment, mean_cross_attention
 from common.models.structure import reshape

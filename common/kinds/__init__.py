@@ -7,6 +7,6 @@ training batch becomes loss inputs. ``cross`` (``common.kinds.cross``) and ``bi`
 compares its name.
 """
 from common.kinds.base import KINDS, Forward, ModelKind, kind_of, register_kind  # noqa: F401
-from common.kinds import bi, cross  # noqa: F401 (registers the kinds)
+from common.kinds import cross, bi  # noqa: F401 (registers the kinds, cross first: the default)
 from common.kinds.bi import BiKind  # noqa: F401
 from common.kinds.cross import CrossKind  # noqa: F401

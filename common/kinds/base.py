@@ -92,6 +92,44 @@ class ModelKind:
         """Kind-specific cost columns of a results row (``opts``: ``common.evaluation.rerank.CostOptions``)."""
         return {}
 
+    # -- loading and saving (class level; ``common.kinds.loading`` calls these)
+
+    @classmethod
+    def build(cls, path: str, tokenizer, head: str | None, pooling: str | None) -> nn.Module:
+        """A fresh model of this kind from a plain directory, packaged tag or hub name (``head``,
+        ``pooling``: --head, --pooling, where the kind has them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_saved_head(cls, path: str, saved_head: str, head: str | None) -> None:
+        """Refuse a --head other than a checkpoint's own (``saved_head``)."""
+
+    @classmethod
+    def empty_model(cls, config, saved_head: str) -> nn.Module:
+        """A checkpoint's architecture, before its structure (pruning.json) and weights are applied."""
+        raise NotImplementedError
+
+    @classmethod
+    def finish_loaded(cls, model: nn.Module, config, saved_head: str) -> nn.Module:
+        """The restructured checkpoint model as this kind runs it (before its weights are loaded)."""
+        return model
+
+    @classmethod
+    def set_query_instruction(cls, model: nn.Module, query_instruction: str | None) -> None:
+        """--query_instruction on a fresh model (refused by a kind that has no queries alone)."""
+        if query_instruction:
+            raise ValueError("--query_instruction is for bi-encoders (queries embedded alone)")
+
+    @classmethod
+    def save_files(cls, model: nn.Module, directory, tensors: dict) -> None:
+        """What a model dir of this kind holds beside the weights, config and tokenizer."""
+
+    @classmethod
+    def stock_config(cls, model: nn.Module, config) -> tuple[str, str]:
+        """For stock tools: set this kind's fields of ``config`` (a copy) and say which
+        ``common.models.standalone`` class role and which ``transformers`` auto class open it."""
+        raise NotImplementedError
+
     # -- training (an instance)
 
     def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int,

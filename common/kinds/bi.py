@@ -5,6 +5,8 @@ names a query encoder (``slimrank_query_encoder``, ``--query_encoder``) embeds i
 that frozen encoder and only its passages itself (an asymmetric bi-encoder)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,15 +14,35 @@ from torch import nn
 
 from common.hardware import time_callable
 from common.kinds.base import Forward, ModelKind, register_kind
-from common.models import m3
+from transformers import AutoModel
+
+from common.models import m3, st_format
+from common.models.arch import adapter_for
 from common.models.encoders import embedding_of, max_length_of, similarity, with_prompt
-from common.models.loading import autocast_context, pooling_of, sorted_batches
+from common.models.loading import DENSE_PREFIX, autocast_context, bare_encoder, pooling_of, sorted_batches
 
 
 def pair_cosines(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
     """Bi-encoder scores ``(rows, 2)``: each query's dot product with its positive and its
     negative (``passages`` holds them in that order, row by row)."""
     return (queries[:, None, :] * passages.view(len(queries), 2, -1)).sum(-1)
+
+
+def _attach_embedding_spec(model: nn.Module, path: str, tokenizer) -> None:
+    """Give a bare encoder its sentence-transformers chain: the spec into its config, the Dense
+    layers (with their weights) as ``model.slimrank_dense``."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return
+    spec = st_format.read_embedding_spec(directory, getattr(tokenizer, "model_max_length", None))
+    model.config.slimrank_embedding = st_format.spec_dict(spec)
+    if spec.dense:
+        model.slimrank_dense = st_format.dense_module(spec.dense)
+        weights = st_format.dense_weights(directory)
+        model.load_state_dict(weights, strict=False)
+        missing = [k for k in model.state_dict() if k.startswith("slimrank_dense.") and k not in weights]
+        if missing:
+            raise ValueError(f"{directory}: Dense weights missing: {missing}")
 
 
 @register_kind("bi")
@@ -124,6 +146,41 @@ class BiKind(ModelKind):
         return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
                 "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
                 "encode_passages": len(texts)}
+
+
+    @classmethod
+    def build(cls, path, tokenizer, head, pooling):
+        model = bare_encoder(path, pooling)
+        _attach_embedding_spec(model, path, tokenizer)
+        return model
+
+    @classmethod
+    def empty_model(cls, config, saved_head):
+        return AutoModel.from_config(config)
+
+    @classmethod
+    def finish_loaded(cls, model, config, saved_head):
+        if st_format.EmbeddingSpec.from_config(config).dense:
+            model.slimrank_dense = st_format.dense_module(st_format.EmbeddingSpec.from_config(config).dense)
+        return model
+
+    @classmethod
+    def set_query_instruction(cls, model, query_instruction):
+        if query_instruction is not None:  # the sentence-transformers `query` prompt
+            spec = st_format.EmbeddingSpec.from_config(model.config)
+            spec.prompts = {**spec.prompts, "query": query_instruction}
+            model.config.slimrank_embedding = st_format.spec_dict(spec)
+
+    @classmethod
+    def save_files(cls, model, directory, tensors):
+        st_format.write_sentence_transformers_files(
+            directory, pooling_of(model), getattr(model.config, adapter_for(model.config).cfg_hidden),
+            st_format.EmbeddingSpec.from_config(model.config),
+            {k: v for k, v in tensors.items() if k.startswith(DENSE_PREFIX)})
+
+    @classmethod
+    def stock_config(cls, model, config):
+        return "encoder", "AutoModel"
 
     @classmethod
     def check_args(cls, args, model):

@@ -3,11 +3,16 @@ sequence (the model's own pair layout: the monoBERT template, or the segment hea
 ``common.models.segment``); its score is the relevant-class logit (``relevance_logit``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from common.kinds.base import Forward, ModelKind, register_kind
-from common.models.loading import autocast_context, encode_pairs, relevance_logit, sorted_batches
-from common.models.segment import is_segment
+from common.models import st_format
+from common.models.loading import (NUM_LABELS, autocast_context, bare_encoder, check_weights_found, encode_pairs,
+                                   relevance_logit, segment_pair_template, sorted_batches, trained_head_labels)
+from common.models.segment import SegmentCrossEncoder, is_segment
 
 
 @register_kind("cross")
@@ -35,6 +40,51 @@ class CrossKind(ModelKind):
     @staticmethod
     def sequences_per_query(n_pairs):
         return n_pairs  # one (query, passage) sequence per candidate
+
+
+    @classmethod
+    def build(cls, path, tokenizer, head, pooling):
+        if head == "segment_cosine":
+            return SegmentCrossEncoder(bare_encoder(path, pooling), tokenizer.sep_token_id)
+        labels = trained_head_labels(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=labels or NUM_LABELS, trust_remote_code=False, output_loading_info=True)
+        check_weights_found(model, info, path)
+        if labels and Path(path).is_dir():
+            activation = st_format.read_cross_activation(Path(path))
+            if activation:
+                model.config.slimrank_activation_fn = activation
+        return model
+
+    @classmethod
+    def check_saved_head(cls, path, saved_head, head):
+        if head is not None and head != saved_head:
+            raise ValueError(f"{path} has a {saved_head} head, not --head {head}")
+
+    @classmethod
+    def empty_model(cls, config, saved_head):
+        if saved_head != "classifier":
+            return AutoModel.from_config(config)
+        return AutoModelForSequenceClassification.from_config(config)
+
+    @classmethod
+    def finish_loaded(cls, model, config, saved_head):
+        return SegmentCrossEncoder(model) if saved_head != "classifier" else model
+
+    @classmethod
+    def save_files(cls, model, directory, tensors):
+        if is_segment(model):
+            segment_pair_template(Path(directory) / "tokenizer.json")
+
+    @classmethod
+    def stock_config(cls, model, config):
+        role, auto = ("segment" if is_segment(model) else "classifier"), "AutoModelForSequenceClassification"
+        one = role == "segment" or config.num_labels == 1
+        config.id2label = {0: "relevance"} if one else {0: "not_relevant", 1: "relevant"}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        activation = None if role == "segment" else getattr(config, st_format.ACTIVATION_FIELD, None)
+        config.sentence_transformers = {"activation_fn": activation or "torch.nn.modules.linear.Identity"}
+        return role, auto
 
     @classmethod
     def check_args(cls, args, model):

@@ -26,7 +26,8 @@ import torch
 from common.data.formats import TriplesStream
 from common.kinds import BiKind, kind_of
 from common.kinds.bi import pair_cosines
-from common.models.loading import LoadedModel, keep_first_layers, load_model
+from common.models.loading import keep_first_layers
+from common.kinds.loading import LoadedModel, load_model
 from common.serving.rank import check_query_encoder, query_encoder_of
 from common.training.loop import TrainArgs, apply_loss
 from common.training.losses import get_loss

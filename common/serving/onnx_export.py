@@ -37,7 +37,8 @@ from transformers import PreTrainedModel
 
 from common.kinds import kind_of
 from common.models.arch import adapter_for
-from common.models.loading import LoadedModel, encode_pairs
+from common.models.loading import encode_pairs
+from common.kinds.loading import LoadedModel
 from common.serving.rank import Ranker
 from common.serving.runners import OnnxRunner, RankingOutput, onnx_inputs
 from common.io import temporary_dir

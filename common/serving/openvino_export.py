@@ -24,7 +24,8 @@ import torch
 
 from common.io import temporary_dir
 from common.layout import ONNX_FILES, OPENVINO_FILES, onnx_dir, openvino_dir, replace_dir
-from common.models.loading import LoadedModel, encode_pairs
+from common.models.loading import encode_pairs
+from common.kinds.loading import LoadedModel
 from common.serving.onnx_export import sample_reference
 from common.kinds import kind_of
 from common.serving.rank import Ranker

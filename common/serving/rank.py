@@ -35,8 +35,8 @@ from common import layout
 from common.serving.runners import (BACKENDS, TORCH_PRECISION, make_runner, openvino_precision)
 from common.hardware import machine_description
 from common.kinds import BiKind, kind_of
-from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, load_model, pick_device,
-                                   pooling_of)
+from common.models.loading import QUERY_ENCODER_FIELD, config_path, pick_device, pooling_of
+from common.kinds.loading import LoadedModel, load_model
 
 AUTO = "auto"  # a shipped dir's measured fastest backend on this host, else torch fp32 (resolve_backend)
 

@@ -17,7 +17,8 @@ from torch import nn
 from common import layout
 from common.layout import ONNX_FILES, OPENVINO_FILES
 from common.kinds import kind_of
-from common.models.loading import LoadedModel, autocast_context, model_kind, pooling_of
+from common.models.loading import autocast_context, pooling_of
+from common.kinds.loading import LoadedModel, kind_of_model
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "openvino", "openvino-int8")
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
@@ -31,7 +32,7 @@ class RankingOutput(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.kind = kind_of(model_kind(model))
+        self.kind = kind_of_model(model)
         self.pooling = pooling_of(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

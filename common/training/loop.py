@@ -40,7 +40,7 @@ from common.training.hidden import LayerOutputs, hidden_mse
 from common.io import DirLock, atomic_write_text, refuse_foreign
 from common.training.losses import Loss, get_loss
 from common.kinds import BiKind, kind_of
-from common.models.loading import load_model, save_model
+from common.kinds.loading import load_model, save_model
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
 from common.layout import (METRICS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, checkpoint_name, is_run_artifact,
