@@ -38,12 +38,14 @@ import argparse
 import json
 from itertools import islice
 
+from common.kinds import KINDS
 from common.cli import fail, parse_args, positive_int
 from common.data.formats import TriplesStream
 from common.data.triples import DL20_TOPICS, check_text_queries
 from common.pruning.l3prune import (RULES, choose, earlier_layer_losses, layers_to_keep, layerwise_losses,
                                     parse_keep_layers)
-from common.models.loading import QUERY_ENCODER_FIELD, load_model, model_depth, reshape_checkpoint
+from common.models.loading import QUERY_ENCODER_FIELD, model_depth
+from common.kinds.loading import load_model, reshape_checkpoint
 from common.models.st_format import POOLING_CHOICES
 from common.serving.onnx_export import FP32_ROLES, export_onnx
 
@@ -72,7 +74,7 @@ def main(argv=None) -> None:
                         help="--keep_layers small|large from the layerwise loss an earlier L3Prune drop of "
                              "the same checkpoint computed (its output dir or pruning.json), not computed "
                              "again: both configurations from one loss, as the seed's autoprune")
-    parser.add_argument("--model_kind", choices=["cross", "bi"],
+    parser.add_argument("--model_kind", choices=list(KINDS),
                         help="for a plain model dir or tag (e.g. a bi-encoder baseline)")
     parser.add_argument("--pooling", choices=POOLING_CHOICES,
                         help="bi-encoder from a plain model dir: its pooling (default: the dir's "

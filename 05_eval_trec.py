@@ -25,6 +25,7 @@ import torch
 
 from common.cli import fail, nonneg_int, parse_args, positive_int, unit_float
 from common.data.formats import DataError
+from common.kinds import KINDS
 from common.io import check_writable, refuse_inputs
 from common.serving.rank import AUTO, resolve_backend
 from common.serving.runners import BACKENDS
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
                    help="bi-encoders: embed the queries with this encoder (tag, hub name or path; "
                         "e.g. the unpruned model beside a pruned passage encoder); rows are keyed "
                         "<checkpoint>+queries:<MODEL>")
-    p.add_argument("--model_kind", choices=["cross", "bi"],
+    p.add_argument("--model_kind", choices=list(KINDS),
                    help="for a plain model dir or tag (our checkpoints know their kind)")
     args = parse_args(p, argv)
     if args.query_encoder is not None and (args.first_stage or not args.query_encoder.strip()):

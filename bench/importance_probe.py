@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.kinds import BiKind
 from common.models.encoders import encode
 from common.pruning.importance import ActivationImportance, HeadConfidence, ffn_l1_scores
-from common.models.loading import load_model
+from common.kinds.loading import load_model
 
 
 def main(argv=None) -> None:
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     half = args.texts // 2
     calib, held = qs[:half] + ps[:half], qs[half:] + ps[half:]
 
-    loaded = load_model(args.model, kind="bi")
+    loaded = load_model(args.model, kind=BiKind.name)
     model, tok, state = loaded.model.eval(), loaded.tokenizer, loaded.state
     reference = encode(model, tok, held, max_length=args.max_length)
 

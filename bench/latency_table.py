@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cli import positive_int  # noqa: E402
 from common.evaluation.latency import TABLE_BACKENDS, measure_table  # noqa: E402
 from common.io import atomic_write_text  # noqa: E402
+from common.kinds import KINDS  # noqa: E402
 
 
 def grid(top: int, steps: int) -> list[int]:
@@ -31,7 +32,7 @@ def grid(top: int, steps: int) -> list[int]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the reference model dir or tag (its widths bound the grid)")
-    p.add_argument("--model_kind", choices=["cross", "bi"], help="for a plain model dir or tag")
+    p.add_argument("--model_kind", choices=list(KINDS), help="for a plain model dir or tag")
     p.add_argument("--backend", required=True, choices=TABLE_BACKENDS)
     p.add_argument("--heads", type=int, nargs="+", help="head counts (default: 0 .. all in 4 steps)")
     p.add_argument("--ffn", type=int, nargs="+", help="FFN widths (default: 0 .. all in 4 steps)")

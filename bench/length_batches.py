@@ -21,7 +21,9 @@ import torch
 
 from common.cli import fail, positive_int
 from common.data.formats import DataError, TrainingBatches
-from common.models.loading import encode_pairs, load_model
+from common.kinds import CrossKind
+from common.models.loading import encode_pairs
+from common.kinds.loading import load_model
 from common.training.loop import TrainArgs, Trainer
 from common.training.resume import training_throughput
 from common.training.schedules import WarmupLinear
@@ -30,7 +32,7 @@ from common.training.schedules import WarmupLinear
 def padding_share(args, grouped: bool) -> float:
     """Padded / all tokens over the first batches of ``args.padding_pairs`` pairs (cross-encoder
     layout; whole windows of --group_by_length give its real effect)."""
-    tokenizer = load_model(args.model, "cpu", kind="cross").tokenizer
+    tokenizer = load_model(args.model, "cpu", kind=CrossKind.name).tokenizer
     rows_per_batch = args.batch_size // 2
     batches = TrainingBatches(args.triples, start_row=0, rows_per_batch=rows_per_batch,
                               group_by_length=grouped, seed=args.seed)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.evaluation.cost import worst_case_inputs  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
+from common.kinds import KINDS  # noqa: E402
 from common.data.formats import read_candidates  # noqa: E402
 from common.serving.rank import Ranker, describe_backend  # noqa: E402
 from common.serving.runners import BACKENDS
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--encode", action="store_true",
                    help="bi-encoders: time encoding the candidate passages (what indexing pays)")
-    p.add_argument("--model_kind", choices=["cross", "bi"], help="for plain model dirs or tags")
+    p.add_argument("--model_kind", choices=list(KINDS), help="for plain model dirs or tags")
     args = p.parse_args(argv)
     if args.rounds < 2 or args.queries < 1:
         p.error("--rounds must be >= 2 (a spread needs two) and --queries >= 1")

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.evaluation.cost import analytic_macs, architecture, fvcore_macs, worst_case_inputs
-from common.models.loading import load_model, reshape_checkpoint, save_model, score_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.models.names import resolve_model_path
 from common.models.structure import zero_dead_weights
 from common.pruning.importance import ffn_l1_scores, head_l1_scores, select_ffn, select_heads
@@ -236,7 +236,7 @@ def test_packaged_tokenizer_one_label_checkpoint_loads_with_its_logit(tmp_path):
     tokenizer loads; its score is the logit; 02-style continued training takes a listwise loss."""
     from argparse import Namespace
 
-    from common.training.kinds import CrossKind
+    from common.kinds import CrossKind
     source = build("bert", "cross2", tmp_path / "two")
     config = tiny_config("bert")
     config.num_labels = 1
@@ -245,8 +245,8 @@ def test_packaged_tokenizer_one_label_checkpoint_loads_with_its_logit(tmp_path):
     _tokenizer().save_pretrained(tmp_path / "one")
     loaded = load_model(str(tmp_path / "one"))
     assert loaded.model.classifier.out_features == 1
-    assert CrossKind.label_loss(Namespace(), loaded.model).name == "row_softmax"
-    assert CrossKind.label_loss(Namespace(), load_model(str(source)).model).name == "cross_entropy"
+    assert CrossKind.label_loss(Namespace(), loaded.model)[0] == "row_softmax"
+    assert CrossKind.label_loss(Namespace(), load_model(str(source)).model)[0] == "cross_entropy"
     # a base model (no trained head) still gets a fresh 2-label head
     base = load_model("all-MiniLM-L6-v2")
     assert base.model.config.num_labels == 2

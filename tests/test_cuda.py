@@ -34,7 +34,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from common.data.formats import write_candidates  # noqa: E402
 from common.hardware import time_callable  # noqa: E402
 from common.evaluation.rerank import CostOptions, evaluate_model  # noqa: E402
-from common.models.loading import load_model, reshape_checkpoint, resolve_model_path, score_pairs  # noqa: E402
+from common.models.loading import resolve_model_path  # noqa: E402
+from common.kinds.loading import load_model, reshape_checkpoint, score_pairs  # noqa: E402
 from common.pruning.cycles import PruneArgs, PruneCallback  # noqa: E402
 from common.pruning.l0 import L0Args, L0Callback  # noqa: E402
 from common.serving.rank import Ranker  # noqa: E402

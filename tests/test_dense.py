@@ -13,7 +13,7 @@ import torch
 
 from common.data import dense
 from common.data.formats import TriplesStream, read_candidates
-from common.models.loading import load_model, save_model
+from common.kinds.loading import load_model, save_model
 from common.serving.rank import Ranker
 
 prefetch = importlib.import_module("01_prefetch_passages").main
@@ -252,7 +252,7 @@ def test_dense_refusals(encoders, inputs, tmp_path, tiny_models):
 def test_pruned_encoder_masked_torch_equals_reshaped_onnx(tiny_models, inputs, tmp_path):
     """A pruned bi-encoder indexes like any other: the masked checkpoint on torch and its
     reshaped, ONNX-exported form on onnxruntime give the same list."""
-    from common.models.loading import reshape_checkpoint
+    from common.kinds.loading import reshape_checkpoint
     from common.models.structure import zero_dead_weights
     from common.serving.onnx_export import export_onnx
 

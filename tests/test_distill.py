@@ -235,7 +235,7 @@ def test_teacher_backend_auto_takes_the_export_and_onnx_matches_torch(built, tin
     study's sets) and, for one with it, the backend measured fastest (here made the int8 graph;
     common.serving.choose); onnxruntime fp32 gives torch's teacher scores."""
     from common.serving import choose
-    from common.models.loading import load_model, reshape_checkpoint
+    from common.kinds.loading import load_model, reshape_checkpoint
     monkeypatch.setattr(choose, "measure_backend", lambda loaded, backend, batch: 1.0 if backend == "onnx-int8" else 2.0)
     from common.serving.onnx_export import export_onnx
     root, stats = built

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.data.formats import read_candidates
-from common.models.loading import load_model, score_pairs
+from common.kinds.loading import load_model, score_pairs
 from conftest import SHARED
 
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not found")

@@ -1,14 +1,18 @@
-"""A new loss and a new pruning criterion are one class each, registered here and nowhere else,
+"""A new loss, a new pruning criterion and a new model kind are one class each, registered here and nowhere else,
 and the real trainer / pruning callback use them by name."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from common.kinds import KINDS, BiKind, register_kind
+from common.kinds.loading import load_model, save_model
 from common.pruning.importance import Importance, register_importance
+from common.serving.rank import Ranker
 from common.training.losses import Loss, get_loss, register_loss
 from common.pruning.cycles import PruneArgs, PruneCallback
 from common.training.schedules import WarmupLinear
@@ -133,3 +137,40 @@ def test_losses_check_their_input_shapes():
         get_loss("embedding_mse")([torch.zeros(2, 8)], [torch.zeros(2, 4)])
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         get_loss("nope")
+
+
+# -- the toy model kind: a bi-encoder that ranks by the opposite of its cosine, and says its
+# queries cost two sequences each (what a kind is: one class, registered by name)
+class ToyReversedBi(BiKind):
+    @classmethod
+    def score(cls, ranker, queries, passages, progress=False):
+        return -BiKind.score(ranker, queries, passages, progress)
+
+    @staticmethod
+    def sequences_per_query(n_pairs):
+        return n_pairs + 2
+
+
+def test_a_registered_kind_is_what_loading_scoring_and_training_use(tiny_models, toy_triples, tmp_path):
+    register_kind("toy_reversed_bi")(ToyReversedBi)
+    try:
+        queries, passages = ["what is a cat", "what is a cat"], ["a cat is an animal", "stocks fell"]
+        loaded = load_model(str(tiny_models["bert"]), kind="toy_reversed_bi")
+        assert loaded.kind == "toy_reversed_bi"
+        save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "toy")
+        again = load_model(str(tmp_path / "toy"))  # config.json keeps the kind's name
+        assert again.kind == "toy_reversed_bi"
+        ranker = Ranker.from_loaded(again)
+        assert ranker.kind is ToyReversedBi and ranker.sequences_per_query(100) == 102
+        bi = Ranker.from_loaded(load_model(str(tiny_models["bert"]), kind="bi"))
+        np.testing.assert_allclose(ranker.score(queries, passages), -bi.score(queries, passages), atol=1e-6)
+        trainer = Trainer(_args(tiny_models, toy_triples, tmp_path / "t", model_kind="toy_reversed_bi",
+                                num_training_samples=8), "initial", lambda t: WarmupLinear(t.total_steps, 1))
+        assert isinstance(trainer.training_kind, ToyReversedBi)
+        assert trainer.train().is_dir()
+        with pytest.raises(ValueError, match=r"model kind must be one of \('cross', 'bi', 'toy_reversed_bi'\)"):
+            load_model(str(tiny_models["bert"]), kind="nope")
+        with pytest.raises(ValueError, match="--model_kind must be one of cross, bi, toy_reversed_bi, got 'nope'"):
+            _args(tiny_models, toy_triples, tmp_path / "x", model_kind="nope").validate()
+    finally:
+        KINDS.pop("toy_reversed_bi")

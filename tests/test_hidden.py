@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common.training.hidden import LayerOutputs, hidden_mse
-from common.models.loading import encode_pairs, load_model, save_model
+from common.models.loading import encode_pairs
+from common.kinds.loading import load_model, save_model
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs, Trainer
 

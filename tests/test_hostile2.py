@@ -141,7 +141,7 @@ def test_reshape_holds_its_output_dir_like_a_training_stage(run, tmp_path):
     naming the holder's pid, a stale lock is named with the command that removes it (nothing
     written either time), and the lock is gone once the new model is in place."""
     from common.io import LOCK_FILE
-    from common.models.loading import reshape_checkpoint
+    from common.kinds.loading import reshape_checkpoint
 
     out_run, _ = run
     ckpt = str(out_run / "seen_000000016")
@@ -200,7 +200,7 @@ def test_non_finite_numbers_are_refused_at_parse_time(script, flag, value, tiny_
 
 
 def test_weights_of_another_architecture_are_refused(tiny_models, tmp_path):
-    from common.models.loading import load_model
+    from common.kinds.loading import load_model
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_models["bert"], bad)
@@ -354,7 +354,8 @@ def test_fp16_and_missing_devices_are_refused(tiny_models, tmp_path):
 
 # -- tracebacks -> one error line --------------------------------------------------------------
 def test_a_query_longer_than_max_length_is_truncated_not_a_crash(tiny_models):
-    from common.models.loading import encode_pairs, load_model
+    from common.models.loading import encode_pairs
+    from common.kinds.loading import load_model
     from common.serving.rank import Ranker
 
     loaded = load_model(str(tiny_models["bert"]))
@@ -376,7 +377,7 @@ def test_a_query_longer_than_max_length_is_truncated_not_a_crash(tiny_models):
 def test_a_failed_write_leaves_no_temporary_dir(run, tmp_path, monkeypatch):
     import errno
 
-    from common.models import loading
+    from common.kinds import loading
 
     out, _ = run
 
@@ -426,7 +427,7 @@ def test_a_results_file_that_is_no_results_table_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_onnx_export_of_a_model_with_an_emptied_attention_layer(family, tiny_models, tmp_path):
-    from common.models.loading import load_model, save_model
+    from common.kinds.loading import load_model, save_model
     from common.models.structure import zero_dead_weights
 
     loaded = load_model(str(tiny_models[family]))
@@ -514,7 +515,7 @@ def test_a_read_only_disk_is_one_error_line_and_leaves_nothing(run, tmp_path, mo
 
 # -- security ----------------------------------------------------------------------------------
 def test_a_model_dirs_config_cannot_lead_outside_it(tiny_models, tmp_path):
-    from common.models.loading import load_model, reshape_checkpoint, save_model
+    from common.kinds.loading import load_model, reshape_checkpoint, save_model
     from common.serving.rank import QUERY_ENCODER_FIELD, Ranker
 
     secret = tmp_path / "secret"
@@ -541,7 +542,7 @@ def test_a_config_never_names_a_path_outside_its_dir(tiny_models, tmp_path, monk
     is refused by every reader, naming the file and field; so is a hub-style name that is a path
     here (transformers would open it from the working directory). Naming the encoder on the
     command line still works, and a training stage named it again packs it into its checkpoints."""
-    from common.models.loading import load_model, reshape_checkpoint, save_model
+    from common.kinds.loading import load_model, reshape_checkpoint, save_model
     from common.serving.rank import QUERY_ENCODER_FIELD, Ranker
 
     teacher = str(tiny_models["bert"])
@@ -579,7 +580,7 @@ def test_a_config_never_names_a_path_outside_its_dir(tiny_models, tmp_path, monk
 def test_a_module_folder_of_modules_json_stays_inside_the_dir(tiny_models, tmp_path):
     """sentence-transformers' modules.json names its module folders (Pooling, Dense: weights that
     a save copies): one outside the dir, by ``..`` or an absolute path, is refused on load."""
-    from common.models.loading import load_model, save_model
+    from common.kinds.loading import load_model, save_model
 
     loaded = load_model(str(tiny_models["bert"]), kind="bi")
     save_model(loaded.model, loaded.tokenizer, loaded.state, tmp_path / "saved")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from common.evaluation.cost import analytic_macs
 from common.pruning.l0 import Gates, L0Args, L0Callback, deterministic, prob_nonzero, sample
-from common.models.loading import load_model, reshape_checkpoint, score_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, score_pairs
 from common.models.structure import PruningState
 from common.training.loop import TrainArgs, Trainer
 

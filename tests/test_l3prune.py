@@ -7,7 +7,8 @@ import json
 import pytest
 
 from common.pruning.l3prune import choose, layerwise_losses
-from common.models.loading import keep_first_layers, load_model, score_pairs
+from common.models.loading import keep_first_layers
+from common.kinds.loading import load_model, score_pairs
 
 
 def test_choice_of_small_and_large():

@@ -17,11 +17,12 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from common.evaluation import cost
 from common.models.encoders import encode
-from common.models.loading import keep_first_layers, load_model, reshape_checkpoint, save_model, score_pairs
+from common.models.loading import keep_first_layers
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.models.structure import analytic_param_count, zero_dead_weights
 from common.pruning.l3prune import choose, layerwise_losses
 from common.serving.onnx_export import export_onnx
-from common.serving.rank import BiRanker, Ranker
+from common.serving.rank import Ranker
 from common.models.lora import add_lora
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,7 +108,7 @@ print(json.dumps({{"queries": q.tolist(), "passages": p.tolist(), "prompts": st.
 
 def _ours(path: Path) -> tuple[np.ndarray, np.ndarray]:
     loaded = load_model(str(path))
-    ranker = BiRanker.from_loaded(loaded)
+    ranker = Ranker.from_loaded(loaded)
     return ranker.encode(QUERIES, role="query"), ranker.encode(PASSAGES, role="passage")
 
 
@@ -310,8 +311,8 @@ def test_onnx_fp32_of_a_pruned_decoder_equals_torch(family, decoders, tmp_path):
     export = json.loads((tmp_path / "out" / "onnx" / "export.json").read_text())
     assert export["onnx"]["max_abs_diff_vs_torch"] < 1e-4
     pairs = (QUERIES * 2, PASSAGES * 2)
-    torch_scores = BiRanker.load(str(tmp_path / "out"), "torch").score(*pairs)
-    onnx_scores = BiRanker.load(str(tmp_path / "out"), "onnx").score(*pairs)
+    torch_scores = Ranker.load(str(tmp_path / "out"), "torch").score(*pairs)
+    onnx_scores = Ranker.load(str(tmp_path / "out"), "onnx").score(*pairs)
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
 
 
@@ -330,7 +331,7 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_saves_a_plain_model(decod
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["args"]["lora_targets"] == ["q_proj", "v_proj"]
     again = load_model(str(final))
-    assert np.isfinite(BiRanker.from_loaded(again).encode(PASSAGES)).all()
+    assert np.isfinite(Ranker.from_loaded(again).encode(PASSAGES)).all()
 
 
 def test_a_tokenizer_that_closes_texts_with_a_special_token_gets_no_second_one():

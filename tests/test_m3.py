@@ -12,7 +12,7 @@ from torch import nn
 
 from common.models import m3
 from common.training.losses import self_distill_loss
-from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.models.structure import zero_dead_weights
 
 QUERIES = ["what is a cat", "how tall is mount everest"]
@@ -181,7 +181,7 @@ def test_unified_training_trains_all_three_heads(tiny_models, toy_triples, tmp_p
 
 
 def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
-    """BiRanker.head_scores gives each head's pair scores (dense = its plain score), and 05's
+    """Ranker.head_scores gives each head's pair scores (dense = its plain score), and 05's
     evaluation adds a quality row per head and for the combination."""
     import pandas as pd
 

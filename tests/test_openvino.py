@@ -20,7 +20,7 @@ pytest.importorskip("nncf")
 from common import layout  # noqa: E402
 from common.data.formats import read_candidates_json  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
-from common.models.loading import load_model  # noqa: E402
+from common.kinds.loading import load_model  # noqa: E402
 from common.serving import choose, openvino_export, rank, runners  # noqa: E402
 from common.serving.onnx_export import export_onnx  # noqa: E402
 from common.serving.rank import Ranker  # noqa: E402

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from common.pruning.importance import HeadConfidence, select_ffn, select_heads
-from common.models.loading import encode_pairs, load_model, reshape_checkpoint, save_model, score_pairs
+from common.models.loading import encode_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.pruning.cycles import PruneArgs, PruneCallback, make_plan
 from common.models.structure import PruningState, analytic_param_count, zero_dead_weights
 from common.training.loop import TrainArgs, Trainer
@@ -294,7 +295,7 @@ def test_activation_importance_finds_silent_units(tiny_models):
     write nothing into the residual stream: they score 0 and are the first selected; scores
     are keyed by original index, also after units were masked; counts survive flat()/load."""
     from common.pruning.importance import ActivationImportance
-    from common.models.loading import load_model
+    from common.kinds.loading import load_model
 
     loaded = load_model(str(tiny_models["bert"]))
     model, state = loaded.model, loaded.state

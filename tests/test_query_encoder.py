@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from common.data.formats import TriplesStream
-from common.training.kinds import BiKind
+from common.kinds import BiKind
 from common.pruning.l3prune import layerwise_losses
-from common.models.loading import load_model, reshape_checkpoint, save_model
+from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.serving.rank import QUERY_ENCODER_FIELD, Ranker, check_query_encoder
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs, Trainer, apply_loss
+from common.training.losses import get_loss
 
 QUERIES = ["what is a cat", "how tall is everest", "what is a cat"]
 PASSAGES = ["a cat is a small animal with fur", "mount everest is 8849 metres tall", "the stock market fell"]
@@ -277,7 +278,8 @@ def test_l3prune_scores_an_asymmetric_model_with_its_query_encoder(tiny_models, 
     kind = BiKind(student.model.eval(), student.tokenizer, torch.device("cpu"), 32, "fp32")
     kind.query_encoder = load_model(teacher, kind="bi").model.eval()
     rows = list(islice(iter(TriplesStream(str(toy_triples))), 16))
-    loss = kind.label_loss(TrainArgs, kind.model)
+    name, options = kind.label_loss(TrainArgs, kind.model)
+    loss = get_loss(name, **options)
     with torch.no_grad():
         by_hand = float(apply_loss(loss, kind.forward(kind.model, rows, loss.inputs).inputs))
     assert abs(asym[-1] - by_hand) < 1e-5

@@ -35,7 +35,7 @@ def test_dense_study_on_a_tiny_shared_dir(tmp_path, tiny_models):
     """The study's rows and table over a miniature shared dir (bm25 left out: no JVM here)."""
     import json
 
-    from common.models.loading import load_model, save_model
+    from common.kinds.loading import load_model, save_model
 
     shared = tmp_path / "shared"
     lists = {"dl20": [("1", "what is a cat", ["c1", "c2", "s1"]), ("2", "stock market news", ["s1", "s2"])],

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from common.models.encoders import encode
 from common.evaluation.cost import fvcore_macs, worst_case_inputs
-from common.models.loading import (encode_pairs, load_model, reshape_checkpoint, save_model,
-                             score_pairs)
+from common.models.loading import encode_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.pruning.cycles import PruneArgs, PruneCallback
 from common.training.schedules import WarmupLinear
 from common.models.segment import (SCALE_INIT, cross_attention_mass, encode_segment_pairs,

@@ -15,9 +15,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from common.data.formats import read_candidates_json
-from common.models.loading import load_model, reshape_checkpoint, save_model, score_pairs
+from common.kinds.loading import load_model, reshape_checkpoint, save_model, score_pairs
 from common.serving.onnx_export import SMOOTH_ALPHA, activation_maxima, export_onnx, smoothed_copy
-from common.serving.rank import BiRanker, CrossRanker, Ranker
+from common.kinds import CrossKind
+from common.serving.rank import Ranker
 from common.models.structure import zero_dead_weights
 from conftest import SHARED
 
@@ -113,7 +114,7 @@ def test_pruned_dir_opens_in_stock_tools_without_slimrank(family, role, tiny_mod
     ours = _load(out, role)
     stock = run_stock(out, role, tmp_path)
     if role == "bi":
-        expected = BiRanker.from_loaded(ours).encode(PASSAGES)
+        expected = Ranker.from_loaded(ours).encode(PASSAGES)
         np.testing.assert_allclose(np.array(stock["transformers"]), expected, atol=1e-5)
         np.testing.assert_allclose(np.array(stock["sentence_transformers"]), expected, atol=1e-5)
         return
@@ -244,7 +245,7 @@ def test_smoothed_int8_keeps_the_function_and_loses_less(tiny_models, tmp_path):
 def test_ranker_torch_equals_score_pairs_and_ranks(tiny_models):
     cross = load_model(str(tiny_models["bert"]), head="segment_cosine")
     ranker = Ranker.from_loaded(cross, "torch", batch_size=4)
-    assert isinstance(ranker, CrossRanker)
+    assert ranker.kind is CrossKind
     expected = score_pairs(cross.model, cross.tokenizer, QUERIES, PASSAGES, batch_size=4)
     np.testing.assert_array_equal(ranker.score(QUERIES, PASSAGES), expected)
     ranked = ranker.rank("what is a cat", PASSAGES)

@@ -3,7 +3,7 @@ exactly (batched matrix products) or with FAISS, written as the candidates parqu
 ``bm25`` (so ``01 mine`` and ``01 teacher`` take it as they take a BM25 list).
 
 The subcommand ``dense`` of ``01_prefetch_passages.py`` is :func:`from_dense`. Any bi-encoder
-``common.models.loading.load_model`` opens (the packaged tag, a plain Hugging Face or
+``common.kinds.loading.load_model`` opens (the packaged tag, a plain Hugging Face or
 sentence-transformers dir, slimrank checkpoints masked or reshaped, shipped dirs) on any backend
 of ``common.serving.rank`` embeds the passages once; a bi model that names a query encoder (or
 ``query_encoder``) embeds the queries with it. Under ``torchrun`` the ranks share the encoding
@@ -132,23 +132,28 @@ def _config_of(name: str):
 def check_bi_encoder(name: str) -> None:
     """Refuse a cross-encoder given where a bi-encoder is needed: a slimrank checkpoint of the
     cross kind, or a plain model whose config names a sequence-classification head."""
+    from common.kinds import KINDS
+
     config = _config_of(name)
     kind = getattr(config, "slimrank_model_kind", None)
     heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
-    if kind == "cross" or (kind is None and heads):
-        why = "slimrank_model_kind cross" if kind == "cross" else f"architectures {heads}"
+    pairs = kind in KINDS and KINDS[kind].pairs
+    if pairs or (kind is None and heads):
+        why = f"slimrank_model_kind {kind}" if pairs else f"architectures {heads}"
         raise ValueError(f"--encoder {name} is a cross-encoder ({why} in its config.json): the dense "
                          "first stage embeds passages with a bi-encoder")
 
 
 def load_bi_encoder(name: str, backend: str = "auto", *, max_length: int = 256, batch_size: int = 64,
                     device: str = "cpu", query_encoder: str | None = None, threads: int | None = None):
-    """A ``BiRanker`` of ``name`` on ``backend`` (a cross-encoder is refused)."""
-    from common.models.loading import load_model, pick_device
+    """A bi-encoder ``Ranker`` of ``name`` on ``backend`` (a cross-encoder is refused)."""
+    from common.kinds import BiKind
+    from common.models.loading import pick_device
+    from common.kinds.loading import load_model
     from common.serving.rank import Ranker
 
     check_bi_encoder(name)
-    loaded = load_model(name, pick_device(device), kind="bi")
+    loaded = load_model(name, pick_device(device), kind=BiKind.name)
     return Ranker.from_loaded(loaded, backend, max_length=max_length, batch_size=batch_size,
                               threads=threads, query_encoder=query_encoder)
 

@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from common.kinds import BiKind
 from common.models.encoders import encode, load_encoder
 from common.data.formats import (DataError, TriplesStream, read_candidates_json, read_qrels,
                          read_queries_tsv, write_candidates, write_triples_tsv)
@@ -299,7 +300,7 @@ def build_distillation_set(queries: Mapping[str, str], collection: Mapping[str, 
         p_emb, q_emb = encode(model, tokenizer, p_texts, **kw), encode(model, tokenizer, q_texts, **kw)
     else:
         ranker = Ranker.load(teacher, backend, max_length=teacher_max_length,
-                             batch_size=teacher_batch_size, kind="bi", threads=threads)
+                             batch_size=teacher_batch_size, kind=BiKind.name, threads=threads)
         # cosine, as the torch path (a model without a Normalize module embeds unnormalised)
         p_emb = F.normalize(torch.from_numpy(ranker.encode(p_texts, progress, "passage")), dim=-1)
         q_emb = F.normalize(torch.from_numpy(ranker.encode(q_texts, progress, "query")), dim=-1)

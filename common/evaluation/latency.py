@@ -114,7 +114,8 @@ def predicted_ratio(table: dict, heads_per_layer: list[int], ffn_per_layer: list
 def cut_model(reference: str, kind: str | None, heads: int | None = None, ffn: int | None = None):
     """The reference model (a LoadedModel, reshaped), or with ``heads``/``ffn`` given its first
     layer alone, reshaped to the first ``heads`` heads and ``ffn`` FFN neurons present."""
-    from common.models.loading import keep_first_layers, load_model
+    from common.models.loading import keep_first_layers
+    from common.kinds.loading import load_model
     from common.models.structure import reshape
 
     loaded = load_model(reference, "cpu", kind=kind)

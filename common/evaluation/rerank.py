@@ -18,7 +18,8 @@ from common.io import atomic_output, check_writable
 from common.hardware import machine_description, time_callable
 from common.data.formats import DataError, candidates_to_run, read_candidates, read_qrels
 from common.data.trec import check_fusable, evaluate_run, interpolate, write_trec_run
-from common.models.loading import load_model, pick_device
+from common.models.loading import pick_device
+from common.kinds.loading import load_model
 from common.serving.rank import Ranker, describe_backend
 from common.models.segment import is_segment, mean_cross_attention
 from common.models.structure import reshape
@@ -46,7 +47,7 @@ def _describe(ranker: Ranker) -> dict:
     stage = trainer_state.get("stage", "base")
     return {"method": stage + ("+reshape" if state.is_reshaped and state.history else ""),
             "model_kind": loaded.kind, "head": getattr(loaded.model.config, "slimrank_head", None)
-            or ranker.default_head, "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
+            or ranker.kind.default_head, "family": state.family, "seen_pairs": trainer_state.get("seen_pairs", 0),
             "heads": state.total_heads, "ffn": state.total_ffn,
             "heads_per_layer": ",".join(map(str, state.heads_per_layer)),
             "ffn_per_layer": ",".join(map(str, state.ffn_per_layer))}
@@ -126,7 +127,7 @@ def evaluate_model(checkpoint: str, candidates_path: str, qrels_path: str, topic
             loaded.model, loaded.tokenizer, first["query"].tolist(), first["passage"].tolist(),
             max_length)
     fused_rows = []
-    if loaded.kind == "bi" and getattr(loaded.model, "m3_heads", None) is not None:
+    if getattr(loaded.model, "m3_heads", None) is not None:
         # BGE-M3 heads (common.models.m3): a quality-only row for each head and their combination
         for name, values in ranker.head_scores(candidates["query"].tolist(), candidates["passage"].tolist()).items():
             if name == "dense":

@@ -27,7 +27,7 @@ The segments are derived from the input ids (segment 1 starts after the first se
 any pair batch works: our layout from :func:`encode_segment_pairs`, or a tokenizer's own pair
 template (``[CLS] a [SEP] b [SEP]``, used for worst-case cost inputs). ``token_type_ids``
 are ignored (one type). The head lives in the config (``slimrank_head``), so a checkpoint
-knows it; :func:`common.models.loading.load_model` rebuilds it.
+knows it; :func:`common.kinds.loading.load_model` rebuilds it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The modeling code a slimrank model directory carries with it (``modeling_slimrank.py``).
 
-This file imports only torch and transformers, never ``common``: ``common.models.loading.save_model``
+This file imports only torch and transformers, never ``common``: ``common.kinds.loading.save_model``
 copies it into every model directory it writes, with an ``auto_map`` in ``config.json``, so that
 stock tools open the directory without slimrank installed::
 

@@ -26,10 +26,13 @@ from types import SimpleNamespace
 import torch
 
 from common.data.formats import TriplesStream
-from common.training.kinds import KINDS, pair_cosines
-from common.models.loading import LoadedModel, keep_first_layers, load_model
+from common.kinds import BiKind, kind_of
+from common.kinds.bi import pair_cosines
+from common.models.loading import keep_first_layers
+from common.kinds.loading import LoadedModel, load_model
 from common.serving.rank import check_query_encoder, query_encoder_of
 from common.training.loop import TrainArgs, apply_loss
+from common.training.losses import get_loss
 
 RULES = ("small", "large")
 
@@ -81,12 +84,13 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
     losses = []
     depth = loaded.state.num_layers
     queries = None  # an asymmetric bi-encoder: its queries go through its frozen query encoder
-    name = query_encoder_of(loaded) if loaded.kind == "bi" else None
+    pairs = kind_of(loaded.kind).pairs
+    name = query_encoder_of(loaded) if not pairs else None
     if name:
-        encoder = load_model(name, device, kind="bi")
+        encoder = load_model(name, device, kind=BiKind.name)
         check_query_encoder(loaded, encoder, name)
         queries = encoder.model.eval()
-    if loaded.kind == "bi":
+    if not pairs:
         return _bi_layerwise_losses(loaded, data, per_step, args, device, max_length, queries)
     for k in range(1, depth + 1):
         cut = copy.copy(loaded)
@@ -95,10 +99,11 @@ def layerwise_losses(loaded: LoadedModel, triples_file: str, rows: int = 256, ba
         if k < depth:
             keep_first_layers(cut, k)
         cut.model.eval()
-        kind = KINDS[loaded.kind](cut.model, loaded.tokenizer, device, max_length, "fp32")
+        kind = kind_of(loaded.kind)(cut.model, loaded.tokenizer, device, max_length, "fp32")
         if queries is not None:
             kind.query_encoder = queries
-        loss = kind.label_loss(args, cut.model)
+        loss_name, options = kind.label_loss(args, cut.model)
+        loss = get_loss(loss_name, **options)
         total = count = 0
         for start in range(0, len(data), per_step):
             chunk = data[start:start + per_step]
@@ -114,8 +119,9 @@ def _bi_layerwise_losses(loaded: LoadedModel, data, per_step: int, args, device,
     """Every depth's contrastive loss from one forward pass per batch (see the module docstring)."""
     was_training = loaded.model.training
     loaded.model.eval()
-    kind = KINDS["bi"](loaded.model, loaded.tokenizer, device, max_length, "fp32")
-    loss = kind.label_loss(args, loaded.model)
+    kind = kind_of(loaded.kind)(loaded.model, loaded.tokenizer, device, max_length, "fp32")
+    loss_name, options = kind.label_loss(args, loaded.model)
+    loss = get_loss(loss_name, **options)
     totals = [0.0] * loaded.state.num_layers
     try:
         for start in range(0, len(data), per_step):

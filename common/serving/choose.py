@@ -86,7 +86,7 @@ def _read(cache: Path) -> dict:
 
 def fastest_backend(path: str | Path) -> str:
     """The cached choice for this host class, else measure every candidate, cache, choose."""
-    from common.models.loading import load_model
+    from common.kinds.loading import load_model
     from common.serving.runners import onnx_inputs
 
     cache, key, stamp = Path(path, layout.BACKEND_CHOICE_FILE), host_key(), _exports_stamp(path)

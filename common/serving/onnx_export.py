@@ -35,8 +35,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 from transformers import PreTrainedModel
 
+from common.kinds import kind_of
 from common.models.arch import adapter_for
-from common.models.loading import LoadedModel, encode_pairs
+from common.models.loading import encode_pairs
+from common.kinds.loading import LoadedModel
 from common.serving.rank import Ranker
 from common.serving.runners import OnnxRunner, RankingOutput, onnx_inputs
 from common.io import temporary_dir
@@ -63,7 +65,7 @@ def sample_batch(loaded: LoadedModel, max_length: int) -> dict[str, torch.Tensor
     """A small padded batch in the model's own input layout (pairs, or single texts)."""
     queries = [q for q in SAMPLE_QUERIES for _ in SAMPLE_PASSAGES]
     passages = SAMPLE_PASSAGES * len(SAMPLE_QUERIES)
-    if loaded.kind == "bi":
+    if not kind_of(loaded.kind).pairs:
         batch = loaded.tokenizer(passages + SAMPLE_QUERIES, truncation=True, max_length=max_length,
                                  padding=True, return_tensors="pt")
     else:
@@ -273,7 +275,7 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
         if smoothing:
             source.unlink()  # only its int8 graph is kept
         int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())
-        info = {"inputs": list(batch), "output": "scores" if loaded.kind == "cross" else "normalised embeddings",
+        info = {"inputs": list(batch), "output": kind_of(loaded.kind).output,
                 "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "onnx": {"file": ONNX_FILES["onnx"], "recipe": f"fp32 (TorchScript exporter, {EXPORT_ATTENTION} attention)",
                          "max_abs_diff_vs_torch": fp32_diff},

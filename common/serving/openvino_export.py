@@ -24,9 +24,11 @@ import torch
 
 from common.io import temporary_dir
 from common.layout import ONNX_FILES, OPENVINO_FILES, onnx_dir, openvino_dir, replace_dir
-from common.models.loading import LoadedModel, encode_pairs
+from common.models.loading import encode_pairs
+from common.kinds.loading import LoadedModel
 from common.serving.onnx_export import sample_reference
-from common.serving.rank import BiRanker, CrossRanker
+from common.kinds import kind_of
+from common.serving.rank import Ranker
 from common.serving.runners import OpenVinoRunner, TorchRunner, onnx_inputs, openvino_precision
 
 MAX_ABS_DIFF_FP32 = 1e-4  # the IR in fp32 vs PyTorch fp32 on the sample inputs
@@ -38,7 +40,7 @@ def calibration_items(loaded: LoadedModel, queries: list[str], passages: list[st
     """One unpadded input per calibration sequence, in the graph's input layout: each pair
     (cross), or each distinct query and passage alone (bi)."""
     names = onnx_inputs(loaded)
-    if loaded.kind == "bi":
+    if not kind_of(loaded.kind).pairs:
         texts = list(dict.fromkeys(list(passages) + list(queries)))
         rows = [loaded.tokenizer(t, truncation=True, max_length=max_length) for t in texts]
     else:
@@ -49,7 +51,7 @@ def calibration_items(loaded: LoadedModel, queries: list[str], passages: list[st
 
 
 def _ranker(loaded: LoadedModel, runner, max_length: int):
-    return {"cross": CrossRanker, "bi": BiRanker}[loaded.kind](loaded, runner, "check", max_length, 32)
+    return Ranker(loaded, runner, "check", max_length, 32)
 
 
 def agreement(loaded: LoadedModel, runner, triples: list[tuple[str, str, str]], max_length: int) -> dict:
@@ -105,7 +107,7 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
                 raise ValueError(f"{directory}: the OpenVINO IR at {name} differs from PyTorch by {diff:.2e} "
                                  f"(> {bounds.get(name, MAX_ABS_DIFF_BF16):g}) on the sample inputs: not written")
         info = {"source": f"{ONNX_FILES['onnx']} (onnx/)", "inputs": list(batch),
-                "output": "scores" if loaded.kind == "cross" else "normalised embeddings",
+                "output": kind_of(loaded.kind).output,
                 "openvino_version": openvino.__version__, "nncf": nncf.__version__, "torch": torch.__version__,
                 "exported_on_default_precision": precision,
                 "openvino": {"file": xml.name, "recipe": "fp32 weights (converted from the ONNX graph), "

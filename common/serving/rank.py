@@ -14,15 +14,12 @@ has native bf16, AVX512-BF16 or AMX, fp32 elsewhere; :func:`openvino_precision`)
 --openvino`` writes into ``<model dir>/openvino/`` (``common.serving.openvino_export``). ``auto``
 takes the backend measured fastest on this host class (``common.serving.choose``).
 
-Model kinds are classes: :class:`CrossRanker` scores a (query, passage) pair in one sequence
-(the model's own pair layout: the monoBERT template or the segment head's); :class:`BiRanker`
-embeds queries and passages alone and scores by cosine, each distinct text once; a bi model
-whose config names a query encoder (``slimrank_query_encoder``: trained with
-``--query_encoder``, see ``common.training.kinds``) embeds its queries with that frozen encoder and only
-its passages itself (an asymmetric bi-encoder: a pruned passage encoder beside the unpruned query
-encoder whose embedding space it was trained to). Both batch
-length-sorted (``common.models.loading.sorted_batches``) without gradients; ``score`` keeps the
-input order, ``rank`` sorts one query's passages.
+Model kinds are classes (``common.kinds``): the kind scores (a cross-encoder's (query, passage)
+pair in one sequence; a bi-encoder's queries and passages embedded alone, cosine, each distinct
+text once, its queries by the frozen query encoder its config names, ``slimrank_query_encoder``:
+an asymmetric bi-encoder); the ranker holds the model, its tokenizer, one runner, the maximum
+length and batch size. Both batch length-sorted (``common.models.loading.sorted_batches``)
+without gradients; ``score`` keeps the input order, ``rank`` sorts one query's passages.
 """
 from __future__ import annotations
 
@@ -36,10 +33,10 @@ import torch
 
 from common import layout
 from common.serving.runners import (BACKENDS, TORCH_PRECISION, make_runner, openvino_precision)
-from common.hardware import machine_description, time_callable
-from common.models.encoders import max_length_of, similarity, with_prompt
-from common.models.loading import (QUERY_ENCODER_FIELD, LoadedModel, config_path, encode_pairs, load_model,
-                             pick_device, pooling_of, sorted_batches)
+from common.hardware import machine_description
+from common.kinds import BiKind, kind_of
+from common.models.loading import QUERY_ENCODER_FIELD, config_path, pick_device, pooling_of
+from common.kinds.loading import LoadedModel, load_model
 
 AUTO = "auto"  # a shipped dir's measured fastest backend on this host, else torch fp32 (resolve_backend)
 
@@ -83,24 +80,26 @@ def backend_for_precision(precision: str) -> str:
 def _query_encoder(name: str, device: str) -> LoadedModel:
     """A frozen query encoder, loaded once per process and device (every evaluation of a run, and
     every in-training evaluation, embeds its queries with the same weights)."""
-    encoder = load_model(name, device, kind="bi")
+    encoder = load_model(name, device, kind=BiKind.name)
     encoder.model.eval().requires_grad_(False)
     return encoder
 
 
 class Ranker:
-    """Tokenise, batch and score with one runner; :meth:`load` picks the kind's class."""
+    """Tokenise, batch and score with one runner, as the model's kind (``kind``: its class in
+    ``common.kinds``) says."""
 
-    kind = ""
-    default_head = None  # the head a results row names when the config names none
+    query_ranker: "Ranker | None" = None  # embeds the queries when the model names a query encoder
+    query_encoder: str | None = None
 
     def __init__(self, loaded: LoadedModel, runner, backend: str, max_length: int = 256,
                  batch_size: int = 64):
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        specials = loaded.tokenizer.num_special_tokens_to_add(pair=loaded.kind == "cross")
-        if max_length <= specials + (loaded.kind == "cross"):
+        self.kind = kind_of(loaded.kind)
+        specials = loaded.tokenizer.num_special_tokens_to_add(pair=self.kind.pairs)
+        if max_length <= specials + self.kind.pairs:
             raise ValueError(f"max_length {max_length} leaves no room for text: this model's "
                              f"tokenizer adds {specials} special tokens per sequence")
         self.loaded, self.tokenizer, self.runner = loaded, loaded.tokenizer, runner
@@ -125,11 +124,10 @@ class Ranker:
             raise ValueError(f"backend torch-fp16 needs a CUDA device (the model is on "
                              f"{next(loaded.model.parameters()).device.type}): use torch, torch-bf16 or an exported backend")
         runner = make_runner(loaded, backend, threads)
-        ranker = {"cross": CrossRanker, "bi": BiRanker}[loaded.kind](loaded, runner, backend, max_length,
-                                                                      batch_size)
-        if query_encoder and loaded.kind != "bi":
+        ranker = cls(loaded, runner, backend, max_length, batch_size)
+        if query_encoder and ranker.kind.pairs:
             raise ValueError(f"a query encoder is for bi-encoders; {loaded.path} is a {loaded.kind} model")
-        query_encoder = query_encoder or (query_encoder_of(loaded) if loaded.kind == "bi" else None)
+        query_encoder = query_encoder or (query_encoder_of(loaded) if not ranker.kind.pairs else None)
         if query_encoder:
             # same torch precision as the passages; an ONNX passage side keeps the query
             # encoder's own default (torch fp32 unless it is a shipped dir itself)
@@ -148,13 +146,26 @@ class Ranker:
         """The same ranker (same runner, same query encoder) scoring ``batch_size`` at a time."""
         ranker = copy.copy(self)
         ranker.batch_size = batch_size
-        if getattr(self, "query_ranker", None) is not None:
+        if self.query_ranker is not None:
             ranker.query_ranker = self.query_ranker.with_batch_size(batch_size)
         return ranker
 
     def score(self, queries: list[str], passages: list[str], progress: bool = False) -> np.ndarray:
         """One score per (query, passage) pair, in the input order."""
-        raise NotImplementedError
+        self._check(queries, passages)
+        if not len(queries):
+            return np.empty(0, dtype=np.float32)
+        return self.kind.score(self, queries, passages, progress)
+
+    def encode(self, texts: list[str], progress: bool = False, role: str | None = None) -> np.ndarray:
+        """Embeddings ``[len(texts), dim]`` (float32) of ``texts`` as ``role`` (``query``,
+        ``passage``, None: no role), for a kind that embeds texts alone."""
+        return self.kind.encode(self, texts, progress, role)
+
+    def head_scores(self, queries, passages, progress: bool = False) -> dict[str, np.ndarray]:
+        """Every scoring head's score of each pair (``dense``, and a kind's own heads)."""
+        self._check(queries, passages)
+        return self.kind.head_scores(self, queries, passages, progress)
 
     def run(self, batch: dict) -> np.ndarray:
         """The runner on one ready batch (e.g. worst-case cost inputs)."""
@@ -162,11 +173,11 @@ class Ranker:
 
     def sequences_per_query(self, n_pairs: int) -> int:
         """Encoder sequences one query with ``n_pairs`` candidates costs (MACs of a query)."""
-        raise NotImplementedError
+        return self.kind.sequences_per_query(n_pairs)
 
     def extra_costs(self, candidates, opts, device: torch.device) -> dict:
         """Kind-specific cost columns of a results row (``opts``: ``common.evaluation.rerank.CostOptions``)."""
-        return {}
+        return self.kind.extra_costs(self, candidates, opts, device)
 
     def rank(self, query: str, passages: list[str], top_k: int | None = None) -> list[tuple[int, float]]:
         """``(passage index, score)`` pairs, best first (ties keep the input order); the best
@@ -191,108 +202,6 @@ class Ranker:
             raise TypeError(f"queries and passages must be strings, got a {type(bad).__name__}: {bad!r}")
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
-
-
-class CrossRanker(Ranker):
-    kind = "cross"
-    default_head = "classifier"
-
-    def sequences_per_query(self, n_pairs: int) -> int:
-        return n_pairs  # one (query, passage) sequence per candidate
-
-    def score(self, queries, passages, progress: bool = False) -> np.ndarray:
-        self._check(queries, passages)
-        if not len(queries):
-            return np.empty(0, dtype=np.float32)
-        features = encode_pairs(self.tokenizer, list(queries), list(passages), self.max_length,
-                                self.loaded.model, padding=False)
-        scores = np.empty(len(queries), dtype=np.float32)
-        for idx, batch in sorted_batches(self.tokenizer, features, self.batch_size, progress):
-            scores[idx] = self.runner(dict(batch))
-        return scores
-
-
-class BiRanker(Ranker):
-    kind = "bi"
-    query_ranker: "BiRanker | None" = None  # embeds the queries when the model names a query encoder
-    query_encoder: str | None = None
-
-    def sequences_per_query(self, n_pairs: int) -> int:
-        return n_pairs + 1  # the passages and the query, each encoded alone
-
-    def extra_costs(self, candidates, opts, device, passages: int = 1000) -> dict:
-        """Corpus-encoding throughput (what indexing costs): passages/s over the first
-        ``passages`` distinct candidate passages, batches of 64, mean ± std over repeats."""
-        texts = list(dict.fromkeys(candidates["passage"]))[:passages]
-        encoder = Ranker.from_loaded(self.loaded, self.backend, max_length=self.max_length, batch_size=64)
-        mean_ms, std_ms = time_callable(lambda: encoder.encode(texts), max(1, opts.repeats - 1),
-                                             min(opts.warmup, 1), device)
-        return {"encode_passages_per_s": len(texts) / (mean_ms / 1000),
-                "encode_passages_per_s_std": len(texts) * std_ms / 1000 / (mean_ms / 1000) ** 2,
-                "encode_passages": len(texts)}
-
-    def encode(self, texts: list[str], progress: bool = False, role: str | None = None) -> np.ndarray:
-        """Embeddings ``[len(texts), dim]`` (float32) of ``texts`` as ``role`` (``query``,
-        ``passage``, None: no role), with the model's prompt for it."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not a single string")
-        model = self.loaded.model
-        features = self.tokenizer(with_prompt(model, texts, role), truncation=True,
-                                  max_length=max_length_of(model, self.max_length))
-        features = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out = None
-        for idx, batch in sorted_batches(self.tokenizer, features, self.batch_size, progress, "encoding"):
-            emb = self.runner(dict(batch))
-            if out is None:
-                out = np.empty((len(texts), emb.shape[-1]), dtype=np.float32)
-            out[idx] = emb
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
-
-    def head_scores(self, queries, passages, progress: bool = False) -> dict[str, np.ndarray]:
-        """Every head's score of each pair, in the input order: ``dense`` and, for a model with
-        BGE-M3 heads (``common.models.m3``), ``sparse``, ``colbert`` and their weighted
-        ``combined`` sum. The sparse and ColBERT heads run in torch fp32 on the model's device
-        (whatever the backend: the ONNX exports hold the dense output only); each query's
-        passages go in batches beside it."""
-        from common.models import m3
-
-        self._check(queries, passages)
-        module = m3.heads_of(self.loaded.model)
-        if module is None:
-            return {"dense": self.score(queries, passages, progress)}
-        if self.query_ranker is not None:
-            raise ValueError("sparse and ColBERT scores need the model's own query side (no query encoder)")
-        model, pooling = self.loaded.model, self.loaded.model.config.slimrank_pooling
-        names = ["dense", *(n for n in ("sparse", "colbert") if n in module.heads), "combined"]
-        out = {name: np.empty(len(queries), dtype=np.float32) for name in names}
-        rows: dict[str, list[int]] = {}
-        for i, query in enumerate(queries):
-            rows.setdefault(query, []).append(i)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for query, idx in rows.items():
-                    q = m3.encode_all(model, self.tokenizer, [query], pooling, self.max_length)
-                    for start in range(0, len(idx), self.batch_size):
-                        part = idx[start:start + self.batch_size]
-                        p = m3.encode_all(model, self.tokenizer, [passages[i] for i in part], pooling,
-                                          self.max_length)
-                        for name, value in m3.score_matrices(q, p).items():
-                            out[name][part] = value[0].float().cpu().numpy()
-        finally:
-            model.train(was_training)
-        return out
-
-    def score(self, queries, passages, progress: bool = False) -> np.ndarray:
-        self._check(queries, passages)
-        if not len(queries):
-            return np.empty(0, dtype=np.float32)
-        uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
-        up, pi = np.unique(np.asarray(passages, dtype=object), return_inverse=True)
-        q = torch.from_numpy((self.query_ranker or self).encode(list(uq), progress, "query"))
-        p = torch.from_numpy(self.encode(list(up), progress, "passage"))
-        return similarity(self.loaded.model, q[torch.as_tensor(qi)], p[torch.as_tensor(pi)]).numpy()
 
 
 def resolve_backend(path: str | Path, backend: str) -> str:

@@ -16,33 +16,29 @@ from torch import nn
 
 from common import layout
 from common.layout import ONNX_FILES, OPENVINO_FILES
-from common.models.encoders import embedding_of
-from common.models.loading import LoadedModel, autocast_context, model_kind, pooling_of, relevance_logit
+from common.kinds import kind_of
+from common.models.loading import autocast_context, pooling_of
+from common.kinds.loading import LoadedModel, kind_of_model
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "openvino", "openvino-int8")
 TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "torch-fp16": "fp16"}
 
 
 class RankingOutput(nn.Module):
-    """What a ranker needs from a model, as one module (the graph ONNX export traces): the
-    relevance score of each pair (cross) or the embedding of each text (bi: its sentence-transformers
-    chain, ``common.models.encoders.embedding_of``)."""
+    """What a ranker needs from a model, as one module (the graph ONNX export traces): what its
+    kind computes per sequence (``runner_output``: a cross-encoder's relevance score of each pair,
+    a bi-encoder's embedding of each text)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.kind = model_kind(model)
+        self.kind = kind_of_model(model)
         self.pooling = pooling_of(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        if self.kind == "bi":
-            encoder = getattr(self.model, "base_model", self.model)
-            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-            return embedding_of(self.model, hidden, attention_mask)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-        return relevance_logit(logits).float()
+        return self.kind.runner_output(self.model, input_ids, attention_mask, extra)
 
 
 class TorchRunner:
@@ -141,7 +137,7 @@ def onnx_inputs(loaded: LoadedModel) -> list[str]:
     """The inputs the exported graph takes: token types only where the model uses them (the
     monoBERT pair template of a family that has them)."""
     names = ["input_ids", "attention_mask"]
-    uses_types = (loaded.kind == "cross" and getattr(loaded.model.config, "slimrank_head", None) is None
+    uses_types = (kind_of(loaded.kind).pairs and getattr(loaded.model.config, "slimrank_head", None) is None
                   and "token_type_ids" in loaded.tokenizer.model_input_names
                   and getattr(loaded.model.config, "type_vocab_size", 1) > 1)
     return names + (["token_type_ids"] if uses_types else [])

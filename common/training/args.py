@@ -10,7 +10,7 @@ from common.models import m3
 from common.models.segment import HEADS
 from common.models.st_format import POOLING_CHOICES
 from common.training.argtypes import arg, argument_groups, check_declared, declared
-from common.training.kinds import KINDS
+from common.kinds import KINDS
 from common.training.losses import loss_class, score_distillation_losses
 
 DEFAULT_DISTILL_LOSS = "margin_mse"
@@ -80,8 +80,9 @@ class TrainArgs:
         help="passages per training row: 2 = (query, pos, neg) triples; n > 2 = listwise "
              "groups (query + n passages; --distill_scores with teacher_0..teacher_{n-1}, "
              "--distill_loss kl); --batch_size counts (query, passage) pairs either way")
-    model_kind: Optional[str] = arg(None, group="model", choices=KINDS, resume_may_change=True,
-        help="cross (default) or bi, for a fresh start; checkpoints know their kind")
+    model_kind: Optional[str] = arg(None, group="model", resume_may_change=True,
+        help="a registered model kind (common.kinds): cross (default) or bi, for a fresh start; "
+             "checkpoints know their kind")
     head: Optional[str] = arg(None, group="model", choices=HEADS, resume_may_change=True,
         help="cross-encoder head for a fresh start: classifier (monoBERT, 2 labels; default) or "
              "segment_cosine (starts as the model's own bi-encoder: common.models.segment)")
@@ -134,6 +135,8 @@ class TrainArgs:
 
     def validate(self) -> None:
         check_declared(self)
+        if self.model_kind is not None and self.model_kind not in KINDS:
+            raise ValueError(f"--model_kind must be one of {', '.join(KINDS)}, got {self.model_kind!r}")
         if self.batch_size < self.group_size or self.batch_size % self.group_size:
             raise ValueError(f"--batch_size ({self.batch_size} pairs) must be a multiple of "
                              f"--group_size ({self.group_size})")

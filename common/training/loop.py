@@ -39,8 +39,8 @@ from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
 from common.io import DirLock, atomic_write_text, refuse_foreign
 from common.training.losses import Loss, get_loss
-from common.training.kinds import KINDS
-from common.models.loading import load_model, save_model
+from common.kinds import BiKind, kind_of
+from common.kinds.loading import load_model, save_model
 from common.models.encoders import INNER_QUERY_ENCODER, query_encoder_source
 from common.serving.rank import (QUERY_ENCODER_FIELD, Ranker, backend_for_precision, check_query_encoder,
                          query_encoder_of)
@@ -149,9 +149,9 @@ class Trainer:
         self.loaded = loaded  # the student, as common.serving.rank scores it (Trainer.evaluate)
         self.kind = loaded.kind
         self.segment = is_segment(self.model)
-        kind = KINDS[self.kind]
+        kind = kind_of(self.kind)
         kind.check_args(args, self.model)
-        specials = self.tokenizer.num_special_tokens_to_add(pair=self.kind == "cross")
+        specials = self.tokenizer.num_special_tokens_to_add(pair=kind.pairs)
         if args.max_length <= specials:
             raise ValueError(f"--max_length {args.max_length} leaves no room for text: this model's "
                              f"tokenizer adds {specials} special tokens per sequence")
@@ -275,18 +275,18 @@ class Trainer:
         self.query_encoder_path, self._inner_query_encoder = None, None
         if not (args.query_encoder or saved):
             return
-        if self.kind != "bi":
+        if self.training_kind.pairs:
             raise ValueError(f"--query_encoder is for bi-encoders; this is a {self.kind} model")
         if args.query_encoder:
             path, stored = query_encoder_source(args.query_encoder)
         else:
             path = query_encoder_of(self.loaded)  # inside the checkpoint dir, or refused
             stored = INNER_QUERY_ENCODER if Path(path).is_dir() else path
-        encoder = load_model(path, self.device, kind="bi")
+        encoder = load_model(path, self.device, kind=BiKind.name)
         check_query_encoder(self.loaded, encoder, args.query_encoder or saved)
         if args.query_encoder and saved and not (Path(saved).is_absolute() and saved == path):
             # (an absolute path, written by older versions, may be named again to pack it in)
-            ours = load_model(query_encoder_of(self.loaded), kind="bi") if saved != path else encoder
+            ours = load_model(query_encoder_of(self.loaded), kind=BiKind.name) if saved != path else encoder
             a, b = ours.model.state_dict(), encoder.model.state_dict()
             if a.keys() != b.keys() or not all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
                 raise ValueError(f"--query_encoder {args.query_encoder!r}: the checkpoint's queries are "
@@ -302,7 +302,11 @@ class Trainer:
         """The task loss (on labels, or with --distill_scores the --distill_loss) and, with
         --distill_from, the loss to that model's scores or embeddings."""
         a = self.args
-        task = get_loss(a.distill_loss) if a.distill_scores else self.training_kind.label_loss(a, self.model)
+        if a.distill_scores:
+            task = get_loss(a.distill_loss)
+        else:
+            name, options = self.training_kind.label_loss(a, self.model)
+            task = get_loss(name, **options)
         distill = None
         if a.distill_from:
             distill = get_loss("embedding_mse" if a.distill_target == "embeddings" else "margin_mse")
@@ -423,7 +427,7 @@ class Trainer:
         """One optimizer step: the task loss (``self.loss``: the --distill_loss to the teacher
         scores of --distill_scores, else the kind's loss on labels) on the kind's forward pass,
         plus, with --distill_from, the distillation loss (``self.distill``) to the teacher's
-        counterpart, combined as the kind says (``common.training.kinds``)."""
+        counterpart, combined as the kind says (``common.kinds``)."""
         kind = self.training_kind
         hidden = self.args.distill_hidden > 0
         with LayerOutputs(self.model) if hidden else nullcontext() as student_layers:

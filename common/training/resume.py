@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from common.data.formats import DataError, open_text, read_candidates
 from common.layout import METRICS_FILE, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, checkpoints
-from common.models.loading import PACKAGED_MODELS, LoadedModel, load_model
+from common.models.loading import PACKAGED_MODELS
+from common.kinds.loading import LoadedModel, load_model
 from common.training.args import RESUME_MAY_CHANGE, TrainArgs
 
 
