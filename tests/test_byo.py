@@ -44,14 +44,26 @@ def _tokenizer(family: str = "bert"):
     return tokenizer
 
 
-def build(family: str, kind: str, directory: Path) -> Path:
-    """A tiny random-init model of ``family`` as its owner saved it (module docstring)."""
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "mlp_dropout",
+                "embedding_dropout", "classifier_dropout")
+
+
+def build(family: str, kind: str, directory: Path, dropout: float | None = None, **config_values) -> Path:
+    """A tiny random-init model of ``family`` as its owner saved it (module docstring);
+    ``dropout``: every dropout rate of the config (ModernBERT's default is 0, BERT's 0.1);
+    ``config_values``: other config attributes."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     torch.manual_seed(0)
     config = tiny_config(family)
+    if dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    for key, value in config_values.items():
+        setattr(config, key, value)
     raw = directory.with_name(directory.name + "-hf")
     tokenizer = _tokenizer(family)
     if kind == "bi":

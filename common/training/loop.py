@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -157,6 +158,8 @@ class Trainer:
         self._refuse_inputs_in_output()
         self.callback.check(self)
         # the module that runs forward/backward: DDP averages gradients over ranks
+        if self.world_size > 1:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self._unused_by_kind())
         self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
                                                       self.device.type == "cuda" else None)
                               if self.world_size > 1 else self.model)
@@ -293,15 +296,39 @@ class Trainer:
 
     def _param_groups(self) -> list[dict]:
         """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
-        segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
+        segment head's gates in a group of their own (--gate_learning_rate, no decay); the
+        score bias of :meth:`_untrainable_score_bias` in none."""
         gates = [self.model.cross_gate] if self.segment else []
-        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in gates)]
+        held = gates + [p for p in [self._untrainable_score_bias()] if p is not None]
+        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in held)]
         groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": self.args.weight_decay},
                   {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
         if gates:
             groups.append({"params": gates, "weight_decay": 0.0,
                            "lr": self.args.gate_learning_rate or self.args.learning_rate})
         return groups
+
+    def _unused_by_kind(self) -> list[str]:
+        """Parameters no loss of the kind reaches: a bi-encoder's pooler (the embedding is pooled
+        from the last hidden states). They get no gradient on any rank, so DDP must not wait for
+        one (it would stop at the second step); one process skips them the same way (AdamW
+        leaves a parameter without a gradient as it is)."""
+        if self.kind != "bi":
+            return []
+        return [name for name, _ in self.model.named_parameters() if ".pooler." in f".{name}"]
+
+    def _untrainable_score_bias(self) -> nn.Parameter | None:
+        """The bias of a 1-label head's output projection when every loss on its score is
+        shift-invariant (row softmax, margin MSE, KL): its gradient is zero in exact arithmetic,
+        and AdamW would turn the rounding noise of that zero into steps of the learning rate,
+        moving the trained score's offset (a CrossEncoder's sigmoid) at random, differently on
+        every number of DDP ranks. It is left out of the optimizer: it keeps its trained value."""
+        losses = [loss for loss in (self.loss, self.distill) if loss is not None]
+        if self.kind != "cross" or self.segment or self.model.config.num_labels != 1 \
+                or not all(loss.shift_invariant for loss in losses):
+            return None
+        outputs = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+        return outputs[-1].bias if outputs else None
 
     def _load_training_state(self, ckpt: Path, state: dict) -> None:
         def load(name: str, device=self.device):
