@@ -69,8 +69,8 @@ def build(family: str, kind: str, directory: Path, dropout: float | None = None,
     if kind == "bi":
         AutoModel.from_config(config).save_pretrained(raw)
         tokenizer.save_pretrained(raw)
-        modules = [Transformer(str(raw), max_seq_length=48), Pooling(32, pooling_mode=POOLING[family]),
-                   Dense(32, 24)]
+        modules = [Transformer(str(raw), max_seq_length=48),
+                   Pooling(config.hidden_size, pooling_mode=POOLING[family]), Dense(config.hidden_size, 24)]
         if family != "roberta":  # roberta: a dot-product model (no Normalize)
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, prompts=PROMPTS, device="cpu",
@@ -294,34 +294,39 @@ def test_bad_input_is_one_error_naming_the_file(tmp_path):
         adapter_for(config)
 
 
-def test_l0_shape_target_on_a_one_label_xlm_roberta(tmp_path):
-    """03d --target_layers 6 --target_heads 36 on an 8-layer x 8-head XLM-RoBERTa re-ranker
-    (BGE-M3's 24 x 16 -> 18 x 12, scaled): exactly 6 layers and 36 heads kept, and it reshapes."""
+@pytest.mark.parametrize("kind,target", [("cross1", "per_layer"), ("bi", "per_layer"), ("cross1", "total")])
+def test_l0_seed_shape_on_xlm_roberta(kind, target, tmp_path):
+    """03d --target_layers 6 --target_heads_per_layer 6 on an 8-layer x 8-head XLM-RoBERTa (BGE-M3's
+    24 x 16 -> 18 x 12, scaled), a 1-label re-ranker (bge-reranker-*) and a bi-encoder (BGE-M3):
+    exactly 6 layers of exactly 6 heads after the stage, and masked == reshaped (1e-5). ``total``:
+    --target_heads 36 counts heads over all layers (the split is learned)."""
     import importlib
 
     from conftest import write_toy_triples
-    from transformers import XLMRobertaConfig
-    config = XLMRobertaConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=8, intermediate_size=48,
-                              max_position_embeddings=130, type_vocab_size=2, pad_token_id=0,
-                              vocab_size=30522, num_labels=1)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "ce")
-    _tokenizer().save_pretrained(tmp_path / "ce")
+    source = build("xlm-roberta", kind, tmp_path / "source", hidden_size=64, num_hidden_layers=8,
+                   num_attention_heads=8, intermediate_size=48)
     triples = write_toy_triples(tmp_path / "triples.tsv", 32)
+    heads = ["--target_heads_per_layer", "6"] if target == "per_layer" else ["--target_heads", "36"]
+    bi = ["--model_kind", "bi", "--distill_from", str(source), "--distill_target", "embeddings",
+          "--contrastive_weight", "0"] if kind == "bi" else []
     importlib.import_module("03d_prune_l0").main([
-        "--model_tag", str(tmp_path / "ce"), "--train_triples_file", str(triples), "--output_dir",
+        "--model_tag", str(source), "--train_triples_file", str(triples), "--output_dir",
         str(tmp_path / "l0"), "--num_training_samples", "32", "--batch_size", "8", "--max_length", "32",
         "--num_checkpoint_samples", "32", "--threads", "1", "--device", "cpu",
-        "--target_layers", "6", "--target_heads", "36", "--l0_learning_rate", "0.2"])
+        "--target_layers", "6", *heads, "--l0_learning_rate", "0.2", *bi])
     last = sorted((tmp_path / "l0").glob("seen_*"))[-1]
     info = json.loads((last / "pruning.json").read_text())
-    assert sum(info["heads_per_layer"]) == 36
     kept_layers = [h or f for h, f in zip(info["heads_per_layer"], info["ffn_per_layer"])]
-    assert sum(1 for k in kept_layers if k) == 6
-    masked = load_model(str(last))
-    assert masked.model.config.num_labels == 1
+    assert sum(1 for k in kept_layers if k) == 6 and sum(info["heads_per_layer"]) == 36
+    if target == "per_layer":
+        assert sorted(info["heads_per_layer"]) == [0, 0] + [6] * 6
+        assert info["history"][-1]["l0"]["targets"] == {"heads": 36 / 64, "layers": 6 / 8}
+    masked = load_model(str(last), kind="bi" if kind == "bi" else None)
+    if kind == "cross1":
+        assert masked.model.config.num_labels == 1
     out, _, _ = reshape_checkpoint(str(last))
     reshaped = load_model(str(out))
+    assert reshaped.state.heads_per_layer == info["heads_per_layer"]
     np.testing.assert_allclose(scores(reshaped), scores(masked), atol=1e-5)
 
 
@@ -372,3 +377,4 @@ def test_pipeline_on_a_trained_one_label_cross_encoder(tmp_path):
                             str(tmp_path / "r.parquet"), "--table", str(tmp_path / "r.md"), "--max_length", "32",
                             "--no_costs"])
     assert 0 <= pd.read_parquet(tmp_path / "r.parquet").iloc[0]["ndcg@10"] <= 1
+
