@@ -9,6 +9,7 @@ The matrix (``FAMILIES`` x ``KINDS``) builds each model the way its owner would 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -378,3 +379,78 @@ def test_pipeline_on_a_trained_one_label_cross_encoder(tmp_path):
                             "--no_costs"])
     assert 0 <= pd.read_parquet(tmp_path / "r.parquet").iloc[0]["ndcg@10"] <= 1
 
+
+# -- the docs' table of families x kinds x what is tested, against the tests' parametrisation ---
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bring_your_own.md"
+TABLE_KINDS = {"cross 1 label": "cross1", "cross 2 labels": "cross2", "bi": "bi", "segment": "segment"}
+
+
+def doc_table() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(header, {family: {column: cell}}) of the table (a row may name several families)."""
+    lines = [line for line in DOC.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(header), line
+        for family in cells[0].split(" (")[0].split(", "):
+            rows[family] = dict(zip(header[1:], cells[1:]))
+    return header, rows
+
+
+def parametrised(test) -> list[dict]:
+    """The arguments of each case of ``test`` (the product of its parametrize marks)."""
+    cases = [{}]
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            names = [n.strip() for n in mark.args[0].split(",")]
+            values = [v if len(names) > 1 else (v,) for v in mark.args[1]]
+            cases = [case | dict(zip(names, v)) for case in cases for v in values]
+    return cases
+
+
+def named_tests(cell: str) -> list[str]:
+    """The test files a cell names: ``✓ ... (test_a, test_b)``."""
+    found = re.search(r"\((test_\w+(?:, test_\w+)*)\)$", cell)
+    return found.group(1).split(", ") if found else []
+
+
+def test_docs_table_is_the_test_matrix():
+    """docs/bring_your_own.md's table: a bare ✓ in a kind column is a cell of this file's matrix and
+    every cell of the matrix is one; the MACs, DDP and resume columns list what the
+    parametrisations of test_byo, test_ddp and test_pruning run; a ✓ naming a file names one that
+    exists and tests that family."""
+    import test_ddp
+    import test_pruning
+
+    header, rows = doc_table()
+    assert header[1:4] == ["cross, 1 label (CrossEncoder dir)", "cross, 2 labels", "bi (SentenceTransformer dir)"]
+    macs_column, ddp_column, resume_column = header[5:8]
+    assert (macs_column, ddp_column, resume_column) == ("MACs fvcore == analytic", "DDP 2 gloo ranks == 1",
+                                                      "exact resume")
+    matrix = {(case["family"], case["kind"]) for case in parametrised(test_matrix_load_prune_reshape_stock_onnx)}
+    assert matrix == {(f, k) for f in FAMILIES for k in KINDS}
+    marked = {(family, kind) for family, cells in rows.items() for kind, column in zip(KINDS, header[1:4])
+              if cells[column].startswith("✓") and not named_tests(cells[column])}
+    assert marked == matrix
+    for family in FAMILIES:  # the bi cell says the pooling the matrix builds
+        assert POOLING[family] in rows[family][header[3]]
+
+    macs = {case["family"] for case in parametrised(test_macs_equal_the_analytic_count)}
+    assert {f for f, cells in rows.items() if named_tests(cells[macs_column]) == ["test_byo"]} == macs
+    for column, test, file in ((ddp_column, test_ddp.test_two_ranks_equal_one_process_on_byo_families, "test_ddp"),
+                               (resume_column, test_pruning.test_prune_and_resume_equals_straight_run_on_byo_families,
+                                "test_pruning")):
+        kinds: dict[str, set] = {}
+        for case in parametrised(test):
+            kinds.setdefault(case["family"], set()).add(case["model_kind"])
+        for family, tested in kinds.items():
+            cell = rows[family][column]
+            listed = {TABLE_KINDS[k] for k in cell.removeprefix("✓").split(" (")[0].strip().split(", ")}
+            assert cell.startswith("✓") and listed == tested and file in named_tests(cell), (family, column, cell)
+    for family, cells in rows.items():
+        for column, cell in cells.items():
+            for name in named_tests(cell):
+                assert cell.startswith("✓"), (family, column, cell)
+                text = (Path(__file__).with_name(f"{name}.py")).read_text()
+                assert f'"{family}"' in text, f"{name}.py does not test {family} ({column})"
