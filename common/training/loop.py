@@ -308,6 +308,17 @@ class Trainer:
                            "lr": self.args.gate_learning_rate or self.args.learning_rate})
         return groups
 
+    def _global_batch(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An in-batch loss's inputs gathered from every rank (with gradient), so that its
+        negatives are the global batch's, as in one process (the rows in rank order: a
+        permutation, which the loss does not see). Every rank computes the same global loss;
+        the gather's backward sums the ranks' gradients into each rank's own rows (world x
+        the one-process gradient), and DDP's average over ranks brings it back."""
+        if self.world_size == 1:
+            return inputs
+        from torch.distributed.nn.functional import all_gather
+        return {k: torch.cat(all_gather(v), 0) if k in self.loss.inputs else v for k, v in inputs.items()}
+
     def _unused_by_kind(self) -> list[str]:
         """Parameters no loss of the kind reaches: a bi-encoder's pooler (the embedding is pooled
         from the last hidden states). They get no gradient on any rank, so DDP must not wait for
@@ -441,7 +452,7 @@ class Trainer:
         self._last_batch = student.batch
         if self.teacher_scores is not None:
             student.inputs["teacher_scores"] = self._teacher_rows(len(rows))
-        task = apply_loss(self.loss, student.inputs)
+        task = apply_loss(self.loss, self._global_batch(student.inputs) if self.loss.in_batch else student.inputs)
         if self.teacher is None or (self.teacher_scores is not None and not kind.distill_beside_scores):
             loss, parts = task, {}
         else:

@@ -57,6 +57,7 @@ class Loss:
     inputs: tuple[str, ...] = ()
     listwise: bool = False  # True: any number of passages per row (else pairs: 2)
     shift_invariant: bool = False  # True: one constant added to every score of a row changes nothing
+    in_batch: bool = False  # True: rows are each other's negatives: under DDP, over the global batch
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         self.check(*tensors)
@@ -151,6 +152,7 @@ class InBatchContrastive(Loss):
     products), its own positive - passage ``i * k`` of ``k`` per query - the target."""
 
     inputs = ("query_embeddings", "passage_embeddings")
+    in_batch = True
 
     def __init__(self, temperature: float = 0.02):
         self.temperature = temperature
