@@ -226,7 +226,7 @@ def test_prune_and_resume_equals_straight_run_on_byo_families(family, model_kind
                     PruneCallback("mixed", PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2)))
         args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=48,
                          num_checkpoint_samples=every, model_tag=model, checkpoint_dir=checkpoint_dir,
-                         batch_size=8, max_length=32, learning_rate=5e-4, seed=5, **bi)
+                         batch_size=8, max_length=32, learning_rate=5e-4, seed=5, threads=1, **bi)
         trainer = Trainer(args, stage, callback.schedule, callback)
         if stop:
             trainer.total_steps = stop
