@@ -186,6 +186,7 @@ class Trainer:
     def _set_up_training(self, args: TrainArgs, schedule, source_state: dict | None) -> None:
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
+        self._held_bias = self._untrainable_score_bias()
         if self.resuming:
             self.callback.load_state_dict(source_state.get("callback", {}))
         self.scheduler = LambdaLR(self.optimizer, schedule(self))
@@ -296,11 +297,9 @@ class Trainer:
 
     def _param_groups(self) -> list[dict]:
         """AdamW weight decay on matrices only: none on LayerNorm weights and biases; the
-        segment head's gates in a group of their own (--gate_learning_rate, no decay); the
-        score bias of :meth:`_untrainable_score_bias` in none."""
+        segment head's gates in a group of their own (--gate_learning_rate, no decay)."""
         gates = [self.model.cross_gate] if self.segment else []
-        held = gates + [p for p in [self._untrainable_score_bias()] if p is not None]
-        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in held)]
+        rest = [p for p in self.model.parameters() if p.requires_grad and not any(p is g for g in gates)]
         groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": self.args.weight_decay},
                   {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
         if gates:
@@ -333,7 +332,8 @@ class Trainer:
         shift-invariant (row softmax, margin MSE, KL): its gradient is zero in exact arithmetic,
         and AdamW would turn the rounding noise of that zero into steps of the learning rate,
         moving the trained score's offset (a CrossEncoder's sigmoid) at random, differently on
-        every number of DDP ranks. It is left out of the optimizer: it keeps its trained value."""
+        every number of DDP ranks. Its gradient is dropped before each step (AdamW leaves a
+        parameter without one as it is): it keeps its trained value."""
         losses = [loss for loss in (self.loss, self.distill) if loss is not None]
         if self.kind != "cross" or self.segment or self.model.config.num_labels != 1 \
                 or not all(loss.shift_invariant for loss in losses):
@@ -475,6 +475,8 @@ class Trainer:
     def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
+        if self._held_bias is not None:
+            self._held_bias.grad = None
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
