@@ -6,7 +6,8 @@ the whole FFN block learn beside the weights; a Lagrangian drives the expected c
 (--target_macs_ratio: multiply-adds per --max_length sequence / the unpruned model's; or
 --target_latency_ratio with --latency_table FILE: the serving time bench/latency_table.py
 measured on the serving backend and host, as a linear cost, / the unpruned model's) or shape
-(--target_heads, --target_ffn per layer on average, --target_layers) to the target over
+(--target_heads in total or --target_heads_per_layer in each kept layer, --target_ffn per layer
+on average, --target_layers) to the target over
 --l0_warmup_fraction of the stage. The LR of the weights warms up (--warmup_fraction) and decays
 linearly. At the last step the gates become masks that meet the target exactly, their values
 folded into the weights: the last checkpoint is an ordinary masked one that 04_reshape.py
@@ -22,6 +23,8 @@ holds the expected cost on that schedule.
       --num_training_samples 8192 --target_macs_ratio 0.33 --learning_rate 1e-4
   python 03d_prune_l0.py initial ... --target_macs_ratio 0.33 --l0_init importance \
       --l0_init_cost full --target_ramp 0.2          # warm start, target reached by 20 %
+  python 03d_prune_l0.py initial --checkpoint_dir path/to/bge-m3 --model_kind bi ... --target_layers 18 \
+      --target_heads_per_layer 12                  # the seed's shape: 24 x 16 heads -> 18 x 12
   python 03d_prune_l0.py initial ... --latency_table results/latency/openvino_epyc.json --target_latency_ratio 0.5
 """
 from common.cli import apply_mode, mode_positional, parse, run_stage

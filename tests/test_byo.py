@@ -9,6 +9,7 @@ The matrix (``FAMILIES`` x ``KINDS``) builds each model the way its owner would 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,21 +45,33 @@ def _tokenizer(family: str = "bert"):
     return tokenizer
 
 
-def build(family: str, kind: str, directory: Path) -> Path:
-    """A tiny random-init model of ``family`` as its owner saved it (module docstring)."""
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "mlp_dropout",
+                "embedding_dropout", "classifier_dropout")
+
+
+def build(family: str, kind: str, directory: Path, dropout: float | None = None, **config_values) -> Path:
+    """A tiny random-init model of ``family`` as its owner saved it (module docstring);
+    ``dropout``: every dropout rate of the config (ModernBERT's default is 0, BERT's 0.1);
+    ``config_values``: other config attributes."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     torch.manual_seed(0)
     config = tiny_config(family)
+    if dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    for key, value in config_values.items():
+        setattr(config, key, value)
     raw = directory.with_name(directory.name + "-hf")
     tokenizer = _tokenizer(family)
     if kind == "bi":
         AutoModel.from_config(config).save_pretrained(raw)
         tokenizer.save_pretrained(raw)
-        modules = [Transformer(str(raw), max_seq_length=48), Pooling(32, pooling_mode=POOLING[family]),
-                   Dense(32, 24)]
+        modules = [Transformer(str(raw), max_seq_length=48),
+                   Pooling(config.hidden_size, pooling_mode=POOLING[family]), Dense(config.hidden_size, 24)]
         if family != "roberta":  # roberta: a dot-product model (no Normalize)
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, prompts=PROMPTS, device="cpu",
@@ -282,34 +295,39 @@ def test_bad_input_is_one_error_naming_the_file(tmp_path):
         adapter_for(config)
 
 
-def test_l0_shape_target_on_a_one_label_xlm_roberta(tmp_path):
-    """03d --target_layers 6 --target_heads 36 on an 8-layer x 8-head XLM-RoBERTa re-ranker
-    (BGE-M3's 24 x 16 -> 18 x 12, scaled): exactly 6 layers and 36 heads kept, and it reshapes."""
+@pytest.mark.parametrize("kind,target", [("cross1", "per_layer"), ("bi", "per_layer"), ("cross1", "total")])
+def test_l0_seed_shape_on_xlm_roberta(kind, target, tmp_path):
+    """03d --target_layers 6 --target_heads_per_layer 6 on an 8-layer x 8-head XLM-RoBERTa (BGE-M3's
+    24 x 16 -> 18 x 12, scaled), a 1-label re-ranker (bge-reranker-*) and a bi-encoder (BGE-M3):
+    exactly 6 layers of exactly 6 heads after the stage, and masked == reshaped (1e-5). ``total``:
+    --target_heads 36 counts heads over all layers (the split is learned)."""
     import importlib
 
     from conftest import write_toy_triples
-    from transformers import XLMRobertaConfig
-    config = XLMRobertaConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=8, intermediate_size=48,
-                              max_position_embeddings=130, type_vocab_size=2, pad_token_id=0,
-                              vocab_size=30522, num_labels=1)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "ce")
-    _tokenizer().save_pretrained(tmp_path / "ce")
+    source = build("xlm-roberta", kind, tmp_path / "source", hidden_size=64, num_hidden_layers=8,
+                   num_attention_heads=8, intermediate_size=48)
     triples = write_toy_triples(tmp_path / "triples.tsv", 32)
+    heads = ["--target_heads_per_layer", "6"] if target == "per_layer" else ["--target_heads", "36"]
+    bi = ["--model_kind", "bi", "--distill_from", str(source), "--distill_target", "embeddings",
+          "--contrastive_weight", "0"] if kind == "bi" else []
     importlib.import_module("03d_prune_l0").main([
-        "--model_tag", str(tmp_path / "ce"), "--train_triples_file", str(triples), "--output_dir",
+        "--model_tag", str(source), "--train_triples_file", str(triples), "--output_dir",
         str(tmp_path / "l0"), "--num_training_samples", "32", "--batch_size", "8", "--max_length", "32",
         "--num_checkpoint_samples", "32", "--threads", "1", "--device", "cpu",
-        "--target_layers", "6", "--target_heads", "36", "--l0_learning_rate", "0.2"])
+        "--target_layers", "6", *heads, "--l0_learning_rate", "0.2", *bi])
     last = sorted((tmp_path / "l0").glob("seen_*"))[-1]
     info = json.loads((last / "pruning.json").read_text())
-    assert sum(info["heads_per_layer"]) == 36
     kept_layers = [h or f for h, f in zip(info["heads_per_layer"], info["ffn_per_layer"])]
-    assert sum(1 for k in kept_layers if k) == 6
-    masked = load_model(str(last))
-    assert masked.model.config.num_labels == 1
+    assert sum(1 for k in kept_layers if k) == 6 and sum(info["heads_per_layer"]) == 36
+    if target == "per_layer":
+        assert sorted(info["heads_per_layer"]) == [0, 0] + [6] * 6
+        assert info["history"][-1]["l0"]["targets"] == {"heads": 36 / 64, "layers": 6 / 8}
+    masked = load_model(str(last), kind="bi" if kind == "bi" else None)
+    if kind == "cross1":
+        assert masked.model.config.num_labels == 1
     out, _, _ = reshape_checkpoint(str(last))
     reshaped = load_model(str(out))
+    assert reshaped.state.heads_per_layer == info["heads_per_layer"]
     np.testing.assert_allclose(scores(reshaped), scores(masked), atol=1e-5)
 
 
@@ -360,3 +378,79 @@ def test_pipeline_on_a_trained_one_label_cross_encoder(tmp_path):
                             str(tmp_path / "r.parquet"), "--table", str(tmp_path / "r.md"), "--max_length", "32",
                             "--no_costs"])
     assert 0 <= pd.read_parquet(tmp_path / "r.parquet").iloc[0]["ndcg@10"] <= 1
+
+
+# -- the docs' table of families x kinds x what is tested, against the tests' parametrisation ---
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bring_your_own.md"
+TABLE_KINDS = {"cross 1 label": "cross1", "cross 2 labels": "cross2", "bi": "bi", "segment": "segment"}
+
+
+def doc_table() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(header, {family: {column: cell}}) of the table (a row may name several families)."""
+    lines = [line for line in DOC.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(header), line
+        for family in cells[0].split(" (")[0].split(", "):
+            rows[family] = dict(zip(header[1:], cells[1:]))
+    return header, rows
+
+
+def parametrised(test) -> list[dict]:
+    """The arguments of each case of ``test`` (the product of its parametrize marks)."""
+    cases = [{}]
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            names = [n.strip() for n in mark.args[0].split(",")]
+            values = [v if len(names) > 1 else (v,) for v in mark.args[1]]
+            cases = [case | dict(zip(names, v)) for case in cases for v in values]
+    return cases
+
+
+def named_tests(cell: str) -> list[str]:
+    """The test files a cell names: ``✓ ... (test_a, test_b)``."""
+    found = re.search(r"\((test_\w+(?:, test_\w+)*)\)$", cell)
+    return found.group(1).split(", ") if found else []
+
+
+def test_docs_table_is_the_test_matrix():
+    """docs/bring_your_own.md's table: a bare ✓ in a kind column is a cell of this file's matrix and
+    every cell of the matrix is one; the MACs, DDP and resume columns list what the
+    parametrisations of test_byo, test_ddp and test_pruning run; a ✓ naming a file names one that
+    exists and tests that family."""
+    import test_ddp
+    import test_pruning
+
+    header, rows = doc_table()
+    assert header[1:4] == ["cross, 1 label (CrossEncoder dir)", "cross, 2 labels", "bi (SentenceTransformer dir)"]
+    macs_column, ddp_column, resume_column = header[5:8]
+    assert (macs_column, ddp_column, resume_column) == ("MACs fvcore == analytic", "DDP 2 gloo ranks == 1",
+                                                      "exact resume")
+    matrix = {(case["family"], case["kind"]) for case in parametrised(test_matrix_load_prune_reshape_stock_onnx)}
+    assert matrix == {(f, k) for f in FAMILIES for k in KINDS}
+    marked = {(family, kind) for family, cells in rows.items() for kind, column in zip(KINDS, header[1:4])
+              if cells[column].startswith("✓") and not named_tests(cells[column])}
+    assert marked == matrix
+    for family in FAMILIES:  # the bi cell says the pooling the matrix builds
+        assert POOLING[family] in rows[family][header[3]]
+
+    macs = {case["family"] for case in parametrised(test_macs_equal_the_analytic_count)}
+    assert {f for f, cells in rows.items() if named_tests(cells[macs_column]) == ["test_byo"]} == macs
+    for column, test, file in ((ddp_column, test_ddp.test_two_ranks_equal_one_process_on_byo_families, "test_ddp"),
+                               (resume_column, test_pruning.test_prune_and_resume_equals_straight_run_on_byo_families,
+                                "test_pruning")):
+        kinds: dict[str, set] = {}
+        for case in parametrised(test):
+            kinds.setdefault(case["family"], set()).add(case["model_kind"].split("-")[0])  # bi-contrastive: bi
+        for family, tested in kinds.items():
+            cell = rows[family][column]
+            listed = {TABLE_KINDS[k] for k in cell.removeprefix("✓").split(" (")[0].strip().split(", ")}
+            assert cell.startswith("✓") and listed == tested and file in named_tests(cell), (family, column, cell)
+    for family, cells in rows.items():
+        for column, cell in cells.items():
+            for name in named_tests(cell):
+                assert cell.startswith("✓"), (family, column, cell)
+                text = (Path(__file__).with_name(f"{name}.py")).read_text()
+                assert f'"{family}"' in text, f"{name}.py does not test {family} ({column})"

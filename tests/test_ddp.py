@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.models.loading import resolve_model_path
+from common.models.loading import load_model, resolve_model_path
 from common.pruning.cycles import PruneArgs, PruneCallback
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs, Trainer
@@ -31,10 +32,14 @@ def no_dropout_model(directory: Path) -> Path:
     return directory
 
 
-def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> Trainer:
+def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int, model_kind: str = "cross") -> Trainer:
+    """``model_kind`` bi: distilled to the unpruned model's embeddings (03c's bi-encoder recipe);
+    bi-contrastive: the in-batch contrastive loss (02's bi-encoder training)."""
+    bi = dict(model_kind="bi", distill_from=model, distill_target="embeddings", contrastive_weight=0.0) \
+        if model_kind == "bi" else dict(model_kind="bi") if model_kind == "bi-contrastive" else {}
     args = TrainArgs(train_triples_file=triples, output_dir=out, num_training_samples=pairs,
                      model_tag=model, batch_size=16, max_length=32, learning_rate=1e-3, seed=1,
-                     threads=1, head="segment_cosine" if kind.startswith("segment") else None)
+                     threads=1, head="segment_cosine" if kind.startswith("segment") else None, **bi)
     if kind == "initial":
         return Trainer(args, "initial", lambda t: WarmupLinear(t.total_steps, 1))
     if kind == "l0":
@@ -47,11 +52,11 @@ def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int) -> T
 
 
 def _worker(rank: int, world: int, port: int, kind: str, model: str, triples: str, out: str,
-            pairs: int) -> None:
+            pairs: int, model_kind: str = "cross") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        make_trainer(kind, model, triples, out, pairs).train()
+        make_trainer(kind, model, triples, out, pairs, model_kind).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -95,6 +100,49 @@ def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
         pb = json.loads((ddp_end / "pruning.json").read_text())
         assert pa["history"][-1]["l0"]["macs_ratio"] <= 0.5
         assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+
+
+@pytest.mark.parametrize("family,model_kind,kind", [("xlm-roberta", "cross1", "heads"), ("xlm-roberta", "bi", "l0"),
+                                                    ("modernbert", "cross1", "l0"), ("modernbert", "bi", "heads"),
+                                                    ("xlm-roberta", "bi-contrastive", "initial")])
+def test_two_ranks_equal_one_process_on_byo_families(family, model_kind, kind, tmp_path):
+    """XLM-RoBERTa and ModernBERT (tests/test_byo.py's models: a trained 1-label CrossEncoder
+    dir, a SentenceTransformer dir with its pooling, Dense and prompts), dropout off: a prune
+    stage on 2 gloo ranks gives the weights, the scores and the structure of 1 process; and a
+    bi-encoder's in-batch contrastive training, whose negatives are the global batch's.
+
+    Initializer range 0.2: at 0.02 a random-init model under a listwise loss has gradients near
+    AdamW's eps (1e-8), where rounding (one sum vs two) decides the size of a step. Attention
+    key biases are compared by their effect (the scores), not their values: softmax over keys
+    is invariant to them, so their gradient is rounding noise, which AdamW turns into steps."""
+    from conftest import write_toy_triples
+    from test_byo import build, scores
+
+    model = str(build(family, model_kind.split("-")[0], tmp_path / "m", dropout=0.0, initializer_range=0.2))
+    model_kind = model_kind if model_kind.startswith("bi") else "cross"
+    triples = str(write_toy_triples(tmp_path / "t.tsv"))
+    single_end = make_trainer(kind, model, triples, str(tmp_path / "single"), 48, model_kind).train()
+    mp.spawn(_worker, args=(2, free_port(), kind, model, triples, str(tmp_path / "ddp"), 48, model_kind),
+             nprocs=2, join=True)
+    ddp_end = tmp_path / "ddp" / single_end.name
+    a, b = load_file(str(single_end / "model.safetensors")), load_file(str(ddp_end / "model.safetensors"))
+    start = load_file(str(Path(model) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # the contrastive loss's logits are dot products / 0.02: its rounding is 50 x larger (without
+    # the global batch's negatives the weights differ by 5e-3)
+    atol = 5e-5 if model_kind == "bi-contrastive" else 1e-5
+    for key in a:
+        if not key.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
+    assert sum(not torch.equal(a[k], start[k]) for k in a) > len(a) // 2  # it trained
+    np.testing.assert_allclose(scores(load_model(str(ddp_end))), scores(load_model(str(single_end))), atol=atol)
+    pa = json.loads((single_end / "pruning.json").read_text())
+    pb = json.loads((ddp_end / "pruning.json").read_text())
+    assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+    assert kind == "initial" or sum(map(len, pa["kept_heads"])) < 12  # the stage pruned
+    if model_kind == "cross":  # a 1-label head under a listwise loss: its bias has no gradient, and is kept
+        bias = [k for k in a if k.startswith("classifier") and k.endswith("bias") and a[k].numel() == 1]
+        assert len(bias) == 1 and torch.equal(a[bias[0]], start[bias[0]])
 
 
 def _resume_worker(rank: int, world: int, port: int, model: str, triples: str, out: str,

@@ -95,6 +95,25 @@ def test_final_masks_meet_a_shape_target_exactly():
         L0Args()
 
 
+def test_final_masks_meet_a_per_layer_head_target_exactly():
+    """--target_heads_per_layer H: the top H heads of each kept layer; the layers are chosen among
+    those with H heads left (layer 2 has 2 here); a model without enough such layers is refused."""
+    gates = random_gates()
+    heads, ffn = gates.final_masks(L0Args(target_heads_per_layer=3, target_layers=2))
+    assert [len(h) for h in heads] == [3, 3, 0] and [len(f) for f in ffn] == [37, 37, 0]
+    score = deterministic(gates.head).detach()
+    for layer in (0, 1):  # the best 3 of the layer, whatever the other layers' scores
+        assert heads[layer] == sorted(torch.argsort(score[layer], descending=True, stable=True)[:3].tolist())
+    heads, _ = gates.final_masks(L0Args(target_heads_per_layer=2, target_ffn=5))
+    assert [len(h) for h in heads] == [2, 2, 2] and set(heads[2]) <= {0, 1}
+    with pytest.raises(ValueError, match=r"--target_heads_per_layer 3: layer\(s\) \[2\] have fewer heads left \(\[2\]\)"):
+        gates.final_masks(L0Args(target_heads_per_layer=3))
+    with pytest.raises(ValueError, match="not both"):
+        L0Args(target_heads=6, target_heads_per_layer=2)
+    assert L0Args(target_heads_per_layer=2, target_layers=2).heads_in_total(3) == 4
+    assert L0Args(target_heads_per_layer=2).heads_in_total(3) == 6
+
+
 def l0_args(tiny_models, triples, out, kind="cross", **kw) -> TrainArgs:
     base = dict(train_triples_file=str(triples), output_dir=str(out), num_training_samples=64,
                 model_tag=str(tiny_models["bert"]), batch_size=8, max_length=32, learning_rate=1e-3,
@@ -191,7 +210,11 @@ def test_script_refuses_two_kinds_of_target_in_one_error_line(tiny_models, toy_t
     base = ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(toy_triples),
             "--output_dir", str(tmp_path / "o"), "--num_training_samples", "32", "--batch_size", "8"]
     for extra, message in ((["--target_macs_ratio", "0.5", "--target_heads", "3"], "either"),
-                           ([], "give a target"), (["--target_macs_ratio", "1.5"], "target_macs_ratio")):
+                           ([], "give a target"), (["--target_macs_ratio", "1.5"], "target_macs_ratio"),
+                           (["--target_heads", "6", "--target_heads_per_layer", "2"], "not both"),
+                           (["--target_heads_per_layer", "5"], "--target_heads_per_layer 5 in 3 layers is more "
+                            "than the model has: 0 of its layers have that many heads (heads per layer: [4, 4, 4])"),
+                           (["--target_heads_per_layer", "2", "--target_layers", "4"], "--target_layers 4")):
         with pytest.raises(SystemExit) as exit_info:
             script.main(base + extra)
         text = str(exit_info.value.code)

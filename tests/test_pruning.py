@@ -209,6 +209,44 @@ def test_prune_and_resume_equals_straight_run(kind, tiny_models, toy_triples, tm
         assert train[pairs + 8] > train[pairs]
 
 
+@pytest.mark.parametrize("family,model_kind,stage", [("xlm-roberta", "cross1", "mixed"), ("xlm-roberta", "bi", "l0"),
+                                                     ("modernbert", "cross1", "l0"), ("modernbert", "bi", "mixed")])
+def test_prune_and_resume_equals_straight_run_on_byo_families(family, model_kind, stage, toy_triples, tmp_path):
+    """XLM-RoBERTa and ModernBERT as their owners save them (tests/test_byo.py: a trained 1-label
+    CrossEncoder dir, a SentenceTransformer dir with pooling, Dense and prompts), dropout 0.1:
+    a prune stage stopped at its first checkpoint and resumed equals the straight run."""
+    from common.pruning.l0 import L0Args, L0Callback
+    from test_byo import build
+
+    model = str(build(family, model_kind, tmp_path / "m", dropout=0.1))
+    bi = dict(model_kind="bi", distill_from=model, distill_target="embeddings", contrastive_weight=0.0) \
+        if model_kind == "bi" else {}
+
+    def run(out, every=0, checkpoint_dir=None, stop=None):
+        callback = (L0Callback(L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2)) if stage == "l0" else
+                    PruneCallback("mixed", PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2)))
+        args = TrainArgs(train_triples_file=str(toy_triples), output_dir=str(out), num_training_samples=48,
+                         num_checkpoint_samples=every, model_tag=model, checkpoint_dir=checkpoint_dir,
+                         batch_size=8, max_length=32, learning_rate=5e-4, seed=5, threads=1, **bi)
+        trainer = Trainer(args, stage, callback.schedule, callback)
+        if stop:
+            trainer.total_steps = stop
+        return trainer.train()
+
+    straight = run(tmp_path / "a")
+    half = run(tmp_path / "b", every=16, stop=2)
+    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    assert end.name == straight.name
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    pa = json.loads((straight / "pruning.json").read_text())
+    pb = json.loads((end / "pruning.json").read_text())
+    assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+    assert sum(map(len, pa["kept_heads"])) < 12  # the stage pruned
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_fvcore_counts_the_reshaped_model_analytically(family, tiny_models, tmp_path):
     """fvcore (with the SDPA handler) on a model reshaped by our surgery == the analytic count

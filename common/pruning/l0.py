@@ -25,8 +25,8 @@ Monte Carlo mean of the sampled masks' costs). The target is a cost
 (``--target_latency_ratio`` with ``--latency_table FILE`` of ``bench/latency_table.py``: the
 table's time as a cost linear in heads and neurons, ``common.evaluation.latency.linear_costs``,
 at ``--max_length``, so the expectation stays exact; the final shape's bilinear prediction is
-recorded beside it) or a shape (``--target_heads`` in total, ``--target_ffn`` neurons per kept
-layer on average, ``--target_layers``).
+recorded beside it) or a shape (``--target_heads`` in total or ``--target_heads_per_layer`` in each
+kept layer, ``--target_ffn`` neurons per kept layer on average, ``--target_layers``).
 
 Lagrangian. For each constrained quantity c (a ratio to the unpruned model) and its target t,
 ``lambda_1 * (c - t) + lambda_2 * (c - t) ** 2`` is added to the loss; the gates descend it, the
@@ -36,7 +36,9 @@ over ``--l0_warmup_fraction`` of the stage.
 
 End of the stage. The gates become masks that meet the target exactly: units are ranked by
 their deterministic gate (head gate x block gate); a shape target keeps the top-k of each kind
-(layers first); a cost target splits the budget between heads and neurons as the expected
+(layers first; with ``--target_heads_per_layer H`` the top H heads of each kept layer, the layers
+chosen among those with H heads left; during the stage the Lagrangian holds the total, H x the
+kept layers); a cost target splits the budget between heads and neurons as the expected
 gates do and fills it greedily, to within one neuron's cost. The kept units' deterministic
 gate values are folded into the output projections' columns (exact: W (g * x) = (W diag g) x),
 the gates removed, and the checkpoint is an ordinary masked one.
@@ -116,6 +118,9 @@ class L0Args:
         help="--target_latency_ratio: a latency table of the serving backend (bench/latency_table.py)")
     target_heads: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
         help="shape target: heads kept in total")
+    target_heads_per_layer: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
+        help="shape target: heads kept in each kept layer (BGE-M3's 24 x 16 -> 18 x 12: --target_layers 18 "
+             "--target_heads_per_layer 12); instead of --target_heads")
     target_ffn: Optional[int] = arg(None, group="l0 gates", bounds=(0, None, False, False),
         help="shape target: FFN neurons kept per layer on average (total / kept layers)")
     target_layers: Optional[int] = arg(None, group="l0 gates", bounds=(1, None, False, False),
@@ -144,21 +149,31 @@ class L0Args:
 
     def validate(self) -> None:
         check_declared(self)
-        shape = (self.target_heads, self.target_ffn, self.target_layers)
+        shape = (self.target_heads, self.target_heads_per_layer, self.target_ffn, self.target_layers)
         if self.target_macs_ratio is not None and self.target_latency_ratio is not None:
             raise ValueError("give either --target_macs_ratio or --target_latency_ratio, not both")
         if self.cost_ratio is not None and any(v is not None for v in shape):
             raise ValueError("give either --target_macs_ratio/--target_latency_ratio (a cost) or --target_heads/"
-                             "--target_ffn/--target_layers (a shape), not both")
+                             "--target_heads_per_layer/--target_ffn/--target_layers (a shape), not both")
         if self.cost_ratio is None and all(v is None for v in shape):
             raise ValueError("give a target: --target_macs_ratio, --target_latency_ratio, or "
-                             "--target_heads/--target_ffn/--target_layers")
+                             "--target_heads/--target_heads_per_layer/--target_ffn/--target_layers")
+        if self.target_heads is not None and self.target_heads_per_layer is not None:
+            raise ValueError("give either --target_heads (in total) or --target_heads_per_layer (in each kept "
+                             "layer), not both")
         if (self.target_latency_ratio is None) != (self.latency_table is None):
             raise ValueError("--target_latency_ratio and --latency_table go together")
         for flag, used in (("--l0_init importance", self.l0_init == "importance"),
                            ("--target_ramp", self.target_ramp is not None)):
             if used and self.target_macs_ratio is None:
                 raise ValueError(f"{flag} works on a cost target: give --target_macs_ratio")
+
+    def heads_in_total(self, num_layers: int) -> Optional[int]:
+        """The heads a shape target keeps in all: --target_heads, or --target_heads_per_layer
+        x the kept layers (--target_layers, else all ``num_layers``)."""
+        if self.target_heads_per_layer is not None:
+            return self.target_heads_per_layer * (self.target_layers or num_layers)
+        return self.target_heads
 
     @property
     def cost_ratio(self) -> Optional[float]:
@@ -333,20 +348,32 @@ class Gates(nn.Module):
             if k_ffn == int(ffn_ok.sum()):  # every neuron fits: give the rest of the budget to heads
                 k_heads = min(int(head_ok.sum()), max(0, math.floor((budget - k_ffn * per_neuron) / per_head)))
         else:
+            per_layer = args.target_heads_per_layer
+            eligible = head_ok.sum(1) >= (per_layer or 0)  # a kept layer has the heads it must keep
             if args.target_layers is not None:
                 if args.target_layers > L:
                     raise ValueError(f"--target_layers {args.target_layers} > the model's {L} layers")
                 layer_score = (det["attn_block"] + det["ffn_block"]) / 2 + 1e-6 * (
                     prob_nonzero(self.attn_block) + prob_nonzero(self.ffn_block))
-                dropped = torch.argsort(layer_score, descending=True)[args.target_layers:]
+                layer_score = torch.where(eligible, layer_score, torch.full_like(layer_score, -1.0))
+                dropped = torch.argsort(layer_score, descending=True, stable=True)[args.target_layers:]
                 head_ok[dropped] = False
                 ffn_ok[dropped] = False
+                eligible[dropped] = True  # a dropped layer keeps nothing
+            if per_layer is not None and not bool(eligible.all()):
+                short = [i for i in range(L) if not bool(eligible[i])]
+                raise ValueError(f"--target_heads_per_layer {per_layer}: layer(s) {short} have fewer heads "
+                                 f"left ({[int(head_ok[i].sum()) for i in short]})")
             k_heads = int(head_ok.sum()) if args.target_heads is None else args.target_heads
             k_ffn = int(ffn_ok.sum()) if args.target_ffn is None else args.target_ffn * (args.target_layers or L)
             if k_heads > int(head_ok.sum()) or k_ffn > int(ffn_ok.sum()):
                 raise ValueError(f"the target ({k_heads} heads, {k_ffn} FFN neurons) is more than the "
                                  f"model has ({int(head_ok.sum())}, {int(ffn_ok.sum())})")
-        heads = _top(head_score, head_ok, k_heads)
+        if args.cost_ratio is None and args.target_heads_per_layer is not None:  # the top H of each kept layer
+            heads = [_top(head_score[i:i + 1], head_ok[i:i + 1], args.target_heads_per_layer)[0]
+                     if head_ok[i].any() else [] for i in range(L)]
+        else:
+            heads = _top(head_score, head_ok, k_heads)
         ffn = _top(ffn_score, ffn_ok, k_ffn)
         return heads, ffn
 
@@ -414,6 +441,13 @@ class L0Callback(Callback):
         if a.target_heads is not None and a.target_heads > state.total_heads:
             raise ValueError(f"--target_heads {a.target_heads} is more than the model has "
                              f"({state.total_heads} heads)")
+        if a.target_heads_per_layer is not None:
+            layers = a.target_layers or state.num_layers
+            full = sum(1 for h in state.heads_per_layer if h >= a.target_heads_per_layer)
+            if full < layers:
+                raise ValueError(f"--target_heads_per_layer {a.target_heads_per_layer} in {layers} layers is more "
+                                 f"than the model has: {full} of its layers have that many heads (heads per "
+                                 f"layer: {state.heads_per_layer})")
         if a.target_ffn is not None and a.target_ffn * (a.target_layers or state.num_layers) > state.total_ffn:
             raise ValueError(f"--target_ffn {a.target_ffn} per layer is more than the model has "
                              f"({state.total_ffn} FFN neurons in {state.num_layers} layers)")
@@ -483,7 +517,8 @@ class L0Callback(Callback):
             return ["macs"]
         if self.l0.target_latency_ratio is not None:
             return ["latency"]
-        return [name for name, value in (("heads", self.l0.target_heads), ("ffn", self.l0.target_ffn),
+        heads = self.l0.target_heads if self.l0.target_heads_per_layer is None else self.l0.target_heads_per_layer
+        return [name for name, value in (("heads", heads), ("ffn", self.l0.target_ffn),
                                          ("layers", self.l0.target_layers)) if value is not None]
 
     def quantities(self) -> dict[str, torch.Tensor]:
@@ -510,7 +545,7 @@ class L0Callback(Callback):
         g, a = self.gates, self.l0
         L, H = g.head.shape
         F = g.ffn.shape[1]
-        final = {"macs": a.target_macs_ratio, "latency": a.target_latency_ratio, "heads": (a.target_heads or 0) / (L * H),
+        final = {"macs": a.target_macs_ratio, "latency": a.target_latency_ratio, "heads": (a.heads_in_total(L) or 0) / (L * H),
                  "ffn": (a.target_ffn or 0) * (a.target_layers or L) / (L * F), "layers": (a.target_layers or 0) / L}
         return {name: final[name] for name in self.constraints()}
 

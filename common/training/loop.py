@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -166,6 +167,8 @@ class Trainer:
         self._refuse_inputs_in_output()
         self.callback.check(self)
         # the module that runs forward/backward: DDP averages gradients over ranks
+        if self.world_size > 1:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self._unused_by_kind())
         self.forward_model = (DistributedDataParallel(self.model, device_ids=[self.device] if
                                                       self.device.type == "cuda" else None)
                               if self.world_size > 1 else self.model)
@@ -192,6 +195,7 @@ class Trainer:
     def _set_up_training(self, args: TrainArgs, schedule, source_state: dict | None) -> None:
         self.total_steps = args.num_training_samples // args.batch_size
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=args.learning_rate)
+        self._held_bias = self._untrainable_score_bias()
         if self.resuming:
             self.callback.load_state_dict(source_state.get("callback", {}))
         self.scheduler = LambdaLR(self.optimizer, schedule(self))
@@ -324,6 +328,40 @@ class Trainer:
                            "lr": self.args.gate_learning_rate or self.args.learning_rate})
         return groups
 
+    def _global_batch(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An in-batch loss's inputs gathered from every rank (with gradient), so that its
+        negatives are the global batch's, as in one process (the rows in rank order: a
+        permutation, which the loss does not see). Every rank computes the same global loss;
+        the gather's backward sums the ranks' gradients into each rank's own rows (world x
+        the one-process gradient), and DDP's average over ranks brings it back."""
+        if self.world_size == 1:
+            return inputs
+        from torch.distributed.nn.functional import all_gather
+        return {k: torch.cat(all_gather(v), 0) if k in self.loss.inputs else v for k, v in inputs.items()}
+
+    def _unused_by_kind(self) -> list[str]:
+        """Parameters no loss of the kind reaches: a bi-encoder's pooler (the embedding is pooled
+        from the last hidden states). They get no gradient on any rank, so DDP must not wait for
+        one (it would stop at the second step); one process skips them the same way (AdamW
+        leaves a parameter without a gradient as it is)."""
+        if self.kind != "bi":
+            return []
+        return [name for name, _ in self.model.named_parameters() if ".pooler." in f".{name}"]
+
+    def _untrainable_score_bias(self) -> nn.Parameter | None:
+        """The bias of a 1-label head's output projection when every loss on its score is
+        shift-invariant (row softmax, margin MSE, KL): its gradient is zero in exact arithmetic,
+        and AdamW would turn the rounding noise of that zero into steps of the learning rate,
+        moving the trained score's offset (a CrossEncoder's sigmoid) at random, differently on
+        every number of DDP ranks. Its gradient is dropped before each step (AdamW leaves a
+        parameter without one as it is): it keeps its trained value."""
+        losses = [loss for loss in (self.loss, self.distill) if loss is not None]
+        if self.kind != "cross" or self.segment or self.model.config.num_labels != 1 \
+                or not all(loss.shift_invariant for loss in losses):
+            return None
+        outputs = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+        return outputs[-1].bias if outputs else None
+
     def _load_training_state(self, ckpt: Path, state: dict) -> None:
         def load(name: str, device=self.device):
             try:  # weights_only: a pickled object other than tensors and containers is refused
@@ -435,7 +473,7 @@ class Trainer:
         self._last_batch = student.batch
         if self.teacher_scores is not None:
             student.inputs["teacher_scores"] = self._teacher_rows(len(rows))
-        task = apply_loss(self.loss, student.inputs)
+        task = apply_loss(self.loss, self._global_batch(student.inputs) if self.loss.in_batch else student.inputs)
         if self.teacher is None or (self.teacher_scores is not None and not kind.distill_beside_scores):
             loss, parts = task, {}
         else:
@@ -458,6 +496,8 @@ class Trainer:
     def _update(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
+        if self._held_bias is not None:
+            self._held_bias.grad = None
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -56,6 +56,8 @@ class Loss:
     name: str = ""
     inputs: tuple[str, ...] = ()
     listwise: bool = False  # True: any number of passages per row (else pairs: 2)
+    shift_invariant: bool = False  # True: one constant added to every score of a row changes nothing
+    in_batch: bool = False  # True: rows are each other's negatives: under DDP, over the global batch
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         self.check(*tensors)
@@ -101,6 +103,7 @@ class RowSoftmax(Loss):
     segment-cosine head, which gives one score per pair)."""
 
     inputs = ("scores",)
+    shift_invariant = True
     listwise = True
 
     def check(self, scores: torch.Tensor) -> None:
@@ -116,6 +119,7 @@ class MarginMSE(Loss):
     """MSE between the student's (positive - negative) score margin and the teacher's."""
 
     inputs = ("scores", "teacher_scores")
+    shift_invariant = True
 
     def check(self, scores: torch.Tensor, teacher: torch.Tensor) -> None:
         self._rows("scores", scores, 2)
@@ -130,6 +134,7 @@ class ListwiseKL(Loss):
     """KL(teacher softmax || student softmax) over each row's passages, mean over rows."""
 
     inputs = ("scores", "teacher_scores")
+    shift_invariant = True
     listwise = True
 
     def check(self, scores: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -147,6 +152,7 @@ class InBatchContrastive(Loss):
     products), its own positive - passage ``i * k`` of ``k`` per query - the target."""
 
     inputs = ("query_embeddings", "passage_embeddings")
+    in_batch = True
 
     def __init__(self, temperature: float = 0.02):
         self.temperature = temperature
