@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.models.loading import load_model, resolve_model_path
+from common.models.loading import resolve_model_path
+from common.kinds.loading import load_model
 from common.pruning.cycles import PruneArgs, PruneCallback
 from common.training.schedules import WarmupLinear
 from common.training.loop import TrainArgs, Trainer

@@ -142,6 +142,11 @@ class ModelKind:
         """Refuse arguments this kind cannot train with (``ValueError``)."""
 
     @classmethod
+    def unused_parameters(cls, model: nn.Module) -> list[str]:
+        """Names of parameters no loss of this kind reaches (DDP must not wait for their gradient)."""
+        return []
+
+    @classmethod
     def label_loss(cls, args, model: nn.Module) -> tuple[str, dict]:
         """The task loss without --distill_scores: a registered loss name and its options
         (``common.training.losses.get_loss``)."""

@@ -191,6 +191,11 @@ class BiKind(ModelKind):
                              "on its own queries: drop --query_encoder and --distill_scores")
 
     @classmethod
+    def unused_parameters(cls, model):
+        # the embedding is pooled from the last hidden states: a BERT-family pooler gets no gradient
+        return [name for name, _ in model.named_parameters() if ".pooler." in f".{name}"]
+
+    @classmethod
     def label_loss(cls, args, model):
         if m3.heads_of(model) is not None:  # BGE-M3 unified training with self-distillation
             return "m3_self_distill", {"temperature": args.temperature}

@@ -344,9 +344,7 @@ class Trainer:
         from the last hidden states). They get no gradient on any rank, so DDP must not wait for
         one (it would stop at the second step); one process skips them the same way (AdamW
         leaves a parameter without a gradient as it is)."""
-        if self.kind != "bi":
-            return []
-        return [name for name, _ in self.model.named_parameters() if ".pooler." in f".{name}"]
+        return self.training_kind.unused_parameters(self.model)
 
     def _untrainable_score_bias(self) -> nn.Parameter | None:
         """The bias of a 1-label head's output projection when every loss on its score is
@@ -356,7 +354,7 @@ class Trainer:
         every number of DDP ranks. Its gradient is dropped before each step (AdamW leaves a
         parameter without one as it is): it keeps its trained value."""
         losses = [loss for loss in (self.loss, self.distill) if loss is not None]
-        if self.kind != "cross" or self.segment or self.model.config.num_labels != 1 \
+        if not self.training_kind.pairs or self.segment or self.model.config.num_labels != 1 \
                 or not all(loss.shift_invariant for loss in losses):
             return None
         outputs = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
