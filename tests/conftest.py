@@ -93,3 +93,15 @@ def run(tiny_models, tmp_path):
          "--num_training_samples", "16", "--num_checkpoint_samples", "8",
          "--batch_size", "8", "--max_length", "32", "--threads", "1", "--device", "cpu"])
     return out, triples
+
+
+def straight_and_resumed(run, root: Path):
+    """One stage trained straight (``root/a``) and stopped at its first checkpoint (step 2), then
+    resumed from it (``root/b``); ``run(out, every=0, checkpoint_dir=None, stop=None)`` trains it
+    and returns its last checkpoint. Returns both last checkpoints and their weights."""
+    from safetensors.torch import load_file
+
+    straight = run(root / "a")
+    half = run(root / "b", every=16, stop=2)
+    end = run(root / "b", every=16, checkpoint_dir=str(half))
+    return straight, end, load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))

@@ -27,6 +27,21 @@ evaluate = importlib.import_module("05_eval_trec").main
 prefetch = importlib.import_module("01_prefetch_passages").main
 
 
+def assert_lock_named(script, args, out):
+    """A live holder of ``out``'s lock is refused naming its pid; a dead one's lock is named with
+    the command that removes it, never taken."""
+    from common.io import LOCK_FILE
+
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / LOCK_FILE).write_text(f"{holder.pid}\n")
+        assert_refused(script, args, "in use by process", str(holder.pid))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_refused(script, args, "stale lock", f"rm {out / LOCK_FILE}")
+
+
 def toy_candidates(path: Path, first_stage_score=None) -> Path:
     """A candidates parquet of 2 queries x 3 passages (written by the project's writer)."""
     from common.data.formats import write_candidates
@@ -122,14 +137,7 @@ def test_a_run_dir_is_held_by_one_process(tiny_models, tmp_path):
     out.mkdir()
     args = ["--model_tag", str(tiny_models["bert"]), "--train_triples_file", str(triples),
             "--output_dir", str(out), "--num_training_samples", "8", "--overwrite", *A]
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (out / LOCK_FILE).write_text(f"{holder.pid}\n")
-        assert_refused(train, args, "in use by process", str(holder.pid))
-    finally:
-        holder.kill()
-        holder.wait()
-    assert_refused(train, args, "stale lock", f"rm {out / LOCK_FILE}")  # named, not taken
+    assert_lock_named(train, args, out)  # named, not taken
     assert (out / LOCK_FILE).exists() and not (out / "seen_000000008").exists()
     (out / LOCK_FILE).unlink()
     train(args)
@@ -148,14 +156,7 @@ def test_reshape_holds_its_output_dir_like_a_training_stage(run, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     args = ["--checkpoint_dir", ckpt, "--output_dir", str(out), "--overwrite"]
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (out / LOCK_FILE).write_text(f"{holder.pid}\n")
-        assert_refused(reshape, args, "in use by process", str(holder.pid))
-    finally:
-        holder.kill()
-        holder.wait()
-    assert_refused(reshape, args, "stale lock", f"rm {out / LOCK_FILE}")
+    assert_lock_named(reshape, args, out)
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written, the lock not taken
     (out / LOCK_FILE).unlink()
     held = []

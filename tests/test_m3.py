@@ -14,6 +14,7 @@ from common.models import m3
 from common.training.losses import self_distill_loss
 from common.kinds.loading import load_model, reshape_checkpoint, save_model
 from common.models.structure import zero_dead_weights
+from conftest import straight_and_resumed
 
 QUERIES = ["what is a cat", "how tall is mount everest"]
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
@@ -217,8 +218,6 @@ def test_ranker_and_05_score_every_head(tiny_models, tmp_path):
 def test_training_with_heads_resumes_exactly(tiny_models, toy_triples, tmp_path):
     """Stopped at a checkpoint and resumed, unified training ends where a straight run ends:
     encoder and both heads (their optimizer state travels with the checkpoint)."""
-    from safetensors.torch import load_file
-
     from common.training.loop import TrainArgs, Trainer
     from common.training.schedules import WarmupLinear
 
@@ -232,10 +231,7 @@ def test_training_with_heads_resumes_exactly(tiny_models, toy_triples, tmp_path)
             trainer.total_steps = stop
         return trainer.train()
 
-    straight = run(tmp_path / "a")
-    half = run(tmp_path / "b", every=16, stop=2)
-    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    straight, end, a, b = straight_and_resumed(run, tmp_path)
     assert not any(k.startswith("m3_heads") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)

@@ -14,6 +14,7 @@ from common.kinds.loading import load_model, reshape_checkpoint, save_model, sco
 from common.pruning.cycles import PruneArgs, PruneCallback, make_plan
 from common.models.structure import PruningState, analytic_param_count, zero_dead_weights
 from common.training.loop import TrainArgs, Trainer
+from conftest import straight_and_resumed
 
 QUERIES = ["what is a cat", "how tall is mount everest", "define entropy"] * 2
 PASSAGES = ["a cat is a small domesticated carnivorous mammal",
@@ -233,11 +234,8 @@ def test_prune_and_resume_equals_straight_run_on_byo_families(family, model_kind
             trainer.total_steps = stop
         return trainer.train()
 
-    straight = run(tmp_path / "a")
-    half = run(tmp_path / "b", every=16, stop=2)
-    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
+    straight, end, a, b = straight_and_resumed(run, tmp_path)
     assert end.name == straight.name
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
@@ -316,10 +314,7 @@ def test_bi_encoder_training_resumes_exactly(tiny_models, toy_triples, tmp_path)
             trainer.total_steps = stop
         return trainer.train()
 
-    straight = run(tmp_path / "a")
-    half = run(tmp_path / "b", every=16, stop=2)
-    end = run(tmp_path / "b", every=16, checkpoint_dir=str(half))
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(end / "model.safetensors"))
+    straight, end, a, b = straight_and_resumed(run, tmp_path)
     assert not any(k.startswith("classifier") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
