@@ -12,6 +12,7 @@ It depends on nothing else in the package, so every module may use it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -20,17 +21,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched."""
+    On any exception the temporary file is removed and ``path`` is left untouched; a failed
+    write (``OSError``: a full or read-only disk) names ``path`` in its message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno not in _WRITE_FAILURES or str(path) in str(err) or str(tmp) in str(err):
+            raise
+        raise type(err)(err.errno, f"{path}: {err.strerror or err}") from None  # same class, the file named
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -41,6 +51,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """``safetensors.torch.save_file`` whose failure (a full disk: ``SafetensorError``, which is
+    no ``OSError``) is an ``OSError`` naming the file, as every other failed write."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        raise OSError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:

@@ -117,7 +117,9 @@ MODEL_DIR_FILES = frozenset({
     "config.json", WEIGHTS_FILE, PRUNING_FILE, STATE_FILE, "modeling_slimrank.py", "modules.json",
     "sentence_bert_config.json", "1_Pooling", "2_Normalize", ONNX, "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja"})
+    "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
+    "config_sentence_transformers.json", "sparse_linear.pt", "colbert_linear.pt", OPENVINO, BACKEND_CHOICE_FILE})
+_DENSE_FOLDER = re.compile(r"^\d+_Dense$")  # a bi-encoder's sentence-transformers Dense modules
 
 
 def is_model_artifact(path: str | Path) -> bool:
@@ -127,7 +129,7 @@ def is_model_artifact(path: str | Path) -> bool:
     name = Path(path).name
     for prefix in (".tmp-", ".old-"):
         name = name[len(prefix):] if name.startswith(prefix) else name
-    return name in MODEL_DIR_FILES
+    return name in MODEL_DIR_FILES or bool(_DENSE_FOLDER.match(name))
 
 
 def run_name(checkpoint: str | Path) -> str:

@@ -376,23 +376,25 @@ def test_a_query_longer_than_max_length_is_truncated_not_a_crash(tiny_models):
 
 
 def test_a_failed_write_leaves_no_temporary_dir(run, tmp_path, monkeypatch):
-    import errno
-
-    from common.kinds import loading
+    """A full disk as safetensors reports it (``SafetensorError``, no ``OSError``) is one error
+    line naming the file, and nothing is left behind (04 and 02)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
 
     out, _ = run
 
     def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(loading, "save_file", full)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     target = tmp_path / "models" / "r"
     assert_refused(reshape, ["--checkpoint_dir", str(out / "seen_000000016"), "--output_dir", str(target)],
-                   "No space left")
+                   "No space left", "model.safetensors")
     assert not (tmp_path / "models").exists()  # nor the dirs made for it
     triples = write_toy_triples(tmp_path / "t.tsv", 8)
     run2 = tmp_path / "run2"
     assert_refused(train, ["--model_tag", str(out / "seen_000000016"), "--train_triples_file", str(triples),
-                           "--output_dir", str(run2), "--num_training_samples", "8", *A], "No space left")
+                           "--output_dir", str(run2), "--num_training_samples", "8", *A], "No space left",
+                   "model.safetensors")
     assert not [p.name for p in run2.iterdir() if p.name != "metrics.jsonl"]
 
 
@@ -614,3 +616,20 @@ def test_slimrank_never_lets_a_model_dir_run_its_own_code():
                     keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
                     calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", keywords.get("trust_remote_code")))
     assert calls and all(value == "False" for _, value in calls), [c for c in calls if c[1] != "False"]
+
+
+def test_files_slimrank_writes_into_a_model_dir_do_not_block_its_overwrite(run, tmp_path):
+    """04 --overwrite replaces a model dir that holds what slimrank itself wrote there later:
+    auto's backend choice (Ranker.load(dir, "auto")), an OpenVINO IR, M3 head files, Dense folders."""
+    out, _ = run
+    target = tmp_path / "model"
+    args = ["--checkpoint_dir", str(out / "seen_000000016"), "--output_dir", str(target)]
+    reshape(args)
+    (target / "backend_choice.json").write_text("{}")
+    (target / "openvino").mkdir()
+    (target / "2_Dense").mkdir()
+    (target / "sparse_linear.pt").write_bytes(b"")
+    reshape(args + ["--overwrite"])
+    assert (target / "model.safetensors").is_file() and not (target / "backend_choice.json").exists()
+    (target / "notes.txt").write_text("mine")  # a user's file still blocks it
+    assert_refused(reshape, args + ["--overwrite"], "notes.txt")

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from common.io import DirLock, refuse_foreign, refuse_inputs, temporary_dir
+from common.io import DirLock, refuse_foreign, refuse_inputs, save_tensors, temporary_dir
 from common.kinds.base import KINDS, kind_of
 from common.kinds.cross import CrossKind
 from common.layout import PRUNING_FILE, STATE_FILE, WEIGHTS_FILE, is_model_artifact, reshaped_dir, replace_dir
@@ -169,8 +169,7 @@ def save_model(model: nn.Module, tokenizer, state: PruningState, directory: str 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain_state_dict(model).items()
                if not k.startswith(m3.HEADS_PREFIX)}  # the M3 heads go to their own files
     # the Dense layers of a bi-encoder live in their sentence-transformers folders (st_format)
-    save_file({k: v for k, v in tensors.items() if not k.startswith(DENSE_PREFIX)},
-              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors({k: v for k, v in tensors.items() if not k.startswith(DENSE_PREFIX)}, directory / WEIGHTS_FILE)
     m3.save_heads(model, directory)  # sparse_linear.pt / colbert_linear.pt, FlagEmbedding's files
     describe_for_stock_tools(model, state).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.io import save_tensors
 from common.layout import LORA_FILE
 from common.models.arch import adapter_for, layer_stack
 
@@ -106,9 +107,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: nn.Module, directory: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(trainable_state(model), str(Path(directory, LORA_FILE)), metadata={"format": "pt"})
+    save_tensors(trainable_state(model), Path(directory, LORA_FILE))
 
 
 @torch.no_grad()

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from common.io import atomic_write_text
+from common.io import atomic_write_text, save_tensors
 
 POOLINGS = ("mean", "cls", "max", "lasttoken", "weightedmean")
 POOLING_ALIASES = {"last": "lasttoken", "weighted_mean": "weightedmean"}  # L3Prune / SGPT's names
@@ -251,8 +251,8 @@ def write_sentence_transformers_files(directory: Path, pooling: str, dim: int, s
         folder.mkdir(exist_ok=True)
         atomic_write_text(folder / "config.json", json.dumps(entry, indent=1))
         prefix = f"slimrank_dense.{i}."
-        save_file({k[len(prefix):]: v.detach().cpu().contiguous() for k, v in dense_state.items()
-                   if k.startswith(prefix)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors({k[len(prefix):]: v.detach().cpu().contiguous() for k, v in dense_state.items()
+                      if k.startswith(prefix)}, folder / "model.safetensors")
     if spec.normalize:
         (directory / chain[-1][1]).mkdir(exist_ok=True)
     atomic_write_text(directory / ST_CONFIG, json.dumps(
