@@ -66,3 +66,13 @@ def test_the_l3prune_study_settings_are_read_by_its_recipe():
         settings = recipe_settings(str(file), names)
         assert set(settings["recoveries"].split(",")) <= {"full", "lora"}
         assert set(settings["poolings"].split(",")) <= {"mean", "weightedmean", "cls", "max", "lasttoken"}
+
+
+@pytest.mark.parametrize("recipe, folder", [("recipes/l3prune.sh", "l3prune"), ("recipes/m3.sh", "m3")])
+def test_every_study_settings_file_is_read_by_its_recipe(recipe, folder):
+    names = declared(recipe)
+    files = sorted((ROOT / "recipes/config" / folder).glob("*.toml"))
+    assert files
+    for file in files:
+        settings = recipe_settings(str(file), names)
+        assert set(settings) == set(names) and settings["root"].startswith("runs/")
