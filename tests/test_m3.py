@@ -259,8 +259,133 @@ def test_pruning_with_heads_keeps_them(tiny_models, toy_triples, tmp_path):
          "--target_ffn", "24", "--exclude_layers", "", *common])
     (pruned,) = list((tmp_path / "mixed").glob("seen_*"))
     assert all((pruned / name).is_file() for name in m3.HEAD_FILES.values())
-    importlib.import_module("04_reshape").main(["--checkpoint_dir", str(pruned)])
+    importlib.import_module("04_reshape").main(["--checkpoint_dir", str(pruned), "--onnx", "--max_length", "32"])
     masked, reshaped = three_scores(load_model(str(pruned))), three_scores(load_model(str(pruned / "reshaped")))
     assert load_model(str(pruned)).state.total_heads == 8
     for name in masked:
         torch.testing.assert_close(reshaped[name], masked[name], atol=1e-5, rtol=0)
+    # --onnx: the reshaped graph's three outputs are the torch model's, and score as the masked one
+    from common.serving.rank import Ranker
+
+    diffs = graph_vs_torch(pruned / "reshaped")
+    assert max(diffs.values()) <= 1e-4, diffs
+    queries, passages = [QUERIES[0]] * 3 + [QUERIES[1]] * 3, PASSAGES * 2
+    want = Ranker.load(str(pruned), max_length=32).head_scores(queries, passages)
+    got = Ranker.load(str(pruned / "reshaped"), "onnx", max_length=32).head_scores(queries, passages)
+    assert set(got) == set(want) == {"dense", "sparse", "colbert", "combined"}
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the heads in ONNX
+
+
+def graph_vs_torch(directory, texts=QUERIES + PASSAGES, file="model.onnx") -> dict:
+    """The exported graph run as a plain onnxruntime user runs it, against the torch model of
+    ``directory``: each head's max |difference| (dense embedding, per-id sparse vector, ColBERT
+    vectors), after checking the graph zeroes special tokens and padding."""
+    import onnxruntime
+
+    loaded = load_model(str(directory))
+    session = onnxruntime.InferenceSession(str(directory / "onnx" / file), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output", "sparse_weights", "colbert_vecs"]
+    batch = loaded.tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (mask == 0).any()  # the batch has padding
+    dense, weights, vecs = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    assert weights.shape == ids.shape and vecs.shape[:2] == (len(texts), ids.shape[1] - 1)
+    special = np.isin(ids, loaded.tokenizer.all_special_ids) | (mask == 0)
+    assert (weights[special] == 0).all() and (weights[~special] > 0).any()
+    assert (vecs[mask[:, 1:] == 0] == 0).all()
+    np.testing.assert_allclose(np.linalg.norm(vecs[mask[:, 1:] == 1], axis=-1), 1, atol=1e-5)
+    # the per-id max outside the graph, as FlagEmbedding's _process_token_weights does it
+    lexical = np.zeros((len(texts), loaded.model.config.vocab_size), dtype=np.float32)
+    for row in range(len(texts)):
+        np.maximum.at(lexical[row], ids[row], weights[row])
+    loaded.model.eval()
+    with torch.no_grad():
+        want = m3.encode_all(loaded.model, loaded.tokenizer, texts, "mean", max_length=32)
+    return {"dense": float(np.abs(dense - want["dense"].numpy()).max()),
+            "sparse": float(np.abs(lexical - want["sparse"].numpy()).max()),
+            "colbert": float(np.abs(vecs - want["colbert"][0].numpy()).max())}
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def m3_dir(request, tiny_models, tmp_path):
+    """A saved bi-encoder with the three heads, exported to ONNX (fp32 and int8)."""
+    from common.serving.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_models[request.param]), kind="bi", heads="dense,sparse,colbert")
+    with torch.no_grad():  # random-init: make some lexical weights positive
+        loaded.model.m3_heads.sparse_linear.bias.fill_(0.5)
+    out = tmp_path / "m3"
+    save_model(loaded.model, loaded.tokenizer, loaded.state, out)
+    return out, export_onnx(load_model(str(out)), out, max_length=64)
+
+
+def test_onnx_exports_the_three_heads(m3_dir):
+    """model.onnx outputs output, sparse_weights and colbert_vecs, each torch's within 1e-4
+    (checked at export time too, and recorded); the int8 graph has the same outputs."""
+    out, info = m3_dir
+    diffs = graph_vs_torch(out)
+    assert max(diffs.values()) <= 1e-4, diffs
+    assert list(info["outputs"]) == ["output", "sparse_weights", "colbert_vecs"]
+    assert set(info["onnx"]["max_abs_diff_vs_torch_by_output"]) == set(info["outputs"])
+    assert max(info["onnx"]["max_abs_diff_vs_torch_by_output"].values()) <= 1e-4
+    assert info["onnx"]["max_abs_diff_vs_torch"] == info["onnx"]["max_abs_diff_vs_torch_by_output"]["output"]
+    int8 = graph_vs_torch(out, file="model_int8.onnx")
+    assert 0 < max(int8.values()) < 0.1, int8  # the quantized graph: close, not equal
+
+
+def test_head_scores_run_on_the_onnx_outputs(m3_dir, tmp_path):
+    """Ranker.head_scores on onnx == torch within 1e-4 for every head and the combination; on
+    onnx-int8 it uses the quantized graph's outputs; a graph exported without the heads' outputs
+    (an older export) falls back to torch for sparse and ColBERT."""
+    import shutil
+
+    from common.serving.onnx_export import export_onnx
+    from common.serving.rank import Ranker
+
+    out, _ = m3_dir
+    queries = [QUERIES[0]] * 3 + [QUERIES[1]] * 3
+    passages = PASSAGES + PASSAGES[::-1]
+    scores = {backend: Ranker.load(str(out), backend, max_length=32, batch_size=2).head_scores(queries, passages)
+              for backend in ("torch", "onnx", "onnx-int8")}
+    assert set(scores["onnx"]) == {"dense", "sparse", "colbert", "combined"}
+    assert (scores["torch"]["sparse"] > 0).any()
+    for name, want in scores["torch"].items():
+        np.testing.assert_allclose(scores["onnx"][name], want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(scores["onnx-int8"][name], want, atol=0.05, rtol=0)
+    assert not np.array_equal(scores["onnx-int8"]["colbert"], scores["onnx"]["colbert"])
+
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    shutil.rmtree(old / "onnx")
+    bare = load_model(str(old))
+    del bare.model.m3_heads  # exported as before the heads had outputs
+    export_onnx(bare, old, max_length=64)
+    ranker = Ranker.load(str(old), "onnx", max_length=32, batch_size=2)
+    assert ranker.runner.outputs == ["output"]
+    got = ranker.head_scores(queries, passages)
+    for name in ("sparse", "colbert"):  # the torch path, bit for bit
+        np.testing.assert_array_equal(got[name], scores["torch"][name])
+    np.testing.assert_allclose(got["dense"], scores["torch"]["dense"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bi", "cross"])
+def test_a_model_without_heads_exports_its_one_output(kind, tiny_models, tmp_path):
+    import onnx
+
+    from common.serving.onnx_export import export_onnx
+
+    loaded = load_model(str(tiny_models["bert"]), kind=kind)
+    out = tmp_path / kind
+    save_model(loaded.model, loaded.tokenizer, loaded.state, out)
+    info = export_onnx(load_model(str(out)), out, max_length=64)
+    for file in ("model.onnx", "model_int8.onnx"):
+        graph = onnx.load(str(out / "onnx" / file)).graph
+        assert [o.name for o in graph.output] == ["output"]
+        dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+        assert dims[0] == "batch" and len(dims) == (2 if kind == "bi" else 1)
+    assert "outputs" not in info and "max_abs_diff_vs_torch_by_output" not in info["onnx"]

@@ -100,15 +100,27 @@ class BiKind(ModelKind):
     def head_scores(cls, ranker, queries, passages, progress=False):
         """Every head's score of each pair, in the input order: ``dense`` and, for a model with
         BGE-M3 heads (``common.models.m3``), ``sparse``, ``colbert`` and their weighted
-        ``combined`` sum. The sparse and ColBERT heads run in torch fp32 on the model's device
-        (whatever the backend: the ONNX exports hold the dense output only); each query's
-        passages go in batches beside it."""
+        ``combined`` sum; each query's passages go in batches beside it. On the onnx / onnx-int8
+        backends the heads come from the graph's ``sparse_weights`` / ``colbert_vecs`` outputs
+        (``dense`` from its ``output``), the per-id max and the scores computed from them; a graph
+        without those outputs (one exported before the heads were) and every other backend run
+        the heads in torch fp32 on the model's device."""
         module = m3.heads_of(ranker.loaded.model)
         if module is None:
             return {"dense": ranker.score(queries, passages, progress)}
         if ranker.query_ranker is not None:
             raise ValueError("sparse and ColBERT scores need the model's own query side (no query encoder)")
         model, pooling = ranker.loaded.model, ranker.loaded.model.config.slimrank_pooling
+        graph = getattr(ranker.runner, "outputs", None)
+        if graph is not None and set(m3.graph_outputs(model)) <= set(graph):
+            def represent(texts):
+                batch = ranker.tokenizer(texts, truncation=True, max_length=ranker.max_length, padding=True,
+                                         return_tensors="np")
+                return m3.from_graph_outputs(ranker.runner.named(batch, m3.graph_outputs(model)),
+                                             batch["input_ids"], batch["attention_mask"], module)
+        else:
+            def represent(texts):
+                return m3.encode_all(model, ranker.tokenizer, texts, pooling, ranker.max_length)
         names = ["dense", *(n for n in ("sparse", "colbert") if n in module.heads), "combined"]
         out = {name: np.empty(len(queries), dtype=np.float32) for name in names}
         rows: dict[str, list[int]] = {}
@@ -119,11 +131,10 @@ class BiKind(ModelKind):
         try:
             with torch.no_grad():
                 for query, idx in rows.items():
-                    q = m3.encode_all(model, ranker.tokenizer, [query], pooling, ranker.max_length)
+                    q = represent([query])
                     for start in range(0, len(idx), ranker.batch_size):
                         part = idx[start:start + ranker.batch_size]
-                        p = m3.encode_all(model, ranker.tokenizer, [passages[i] for i in part], pooling,
-                                          ranker.max_length)
+                        p = represent([passages[i] for i in part])
                         for name, value in m3.score_matrices(q, p).items():
                             out[name][part] = value[0].float().cpu().numpy()
         finally:

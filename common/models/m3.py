@@ -22,6 +22,10 @@ Unified training with self-distillation (:func:`self_distill_loss`) is the seed'
 ``unified_finetuning`` + ``use_self_distill``: each head's cross-entropy and the ensemble's
 (``1 * dense + 0.3 * sparse + 1 * colbert``), then the KL-style soft cross-entropy of each head
 from the ensemble's (detached) softmax.
+
+The ONNX export of a model with heads (:class:`HeadOutputs`) outputs the dense embedding
+(``output``), the token weights (``sparse_weights``) and the ColBERT vectors (``colbert_vecs``);
+:func:`from_graph_outputs` turns them back into :func:`represent`'s dict.
 """
 from __future__ import annotations
 
@@ -60,17 +64,24 @@ class M3Heads(nn.Module):
         self.sparse_linear = nn.Linear(hidden, 1) if "sparse" in heads else None
         self.colbert_linear = nn.Linear(hidden, colbert_dim or hidden) if "colbert" in heads else None
 
-    def sparse(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def token_weights(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, seq]`` ReLU weight of each token, 0 for special tokens and padding (what the
+        ONNX export outputs as ``sparse_weights``; :func:`lexical_max` takes the max per id)."""
+        weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)
+        keep = torch.ones_like(weights)
+        if self.special_ids:
+            special = torch.tensor(self.special_ids, dtype=input_ids.dtype, device=input_ids.device)
+            keep = ((input_ids[..., None] == special).sum(-1) == 0).to(weights.dtype)
+        if attention_mask is not None:
+            keep = keep * attention_mask.to(weights.dtype)
+        return weights * keep
+
+    def sparse(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, vocab]`` lexical weights: the max ReLU weight of each token id in a text,
         0 for ids absent from it and for special tokens (padding is a special token)."""
-        weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)  # [batch, seq]
-        out = torch.zeros(input_ids.shape[0], self.vocab_size, dtype=weights.dtype, device=weights.device)
-        out = out.scatter_reduce(-1, input_ids, weights, reduce="amax", include_self=True)
-        if self.special_ids:
-            keep = torch.ones(self.vocab_size, dtype=weights.dtype, device=weights.device)
-            keep[self.special_ids] = 0
-            out = out * keep
-        return out
+        return lexical_max(self.token_weights(hidden, input_ids, attention_mask), input_ids, self.vocab_size)
 
     def colbert(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``([batch, seq - 1, dim], mask [batch, seq - 1])``: the tokens after the first, mapped,
@@ -78,6 +89,13 @@ class M3Heads(nn.Module):
         mask = attention_mask[:, 1:]
         vectors = self.colbert_linear(hidden[:, 1:]) * mask[..., None].to(hidden.dtype)
         return F.normalize(vectors, p=2, dim=-1), mask
+
+
+def lexical_max(weights: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[batch, vocab]``: the max of each token id's ``[batch, seq]`` weights (>= 0) in a text,
+    0 for ids absent from it (FlagEmbedding's ``_process_token_weights``, as a dense vector)."""
+    out = torch.zeros(input_ids.shape[0], vocab_size, dtype=weights.dtype, device=weights.device)
+    return out.scatter_reduce(-1, input_ids.long(), weights, reduce="amax", include_self=True)
 
 
 def sparse_scores(query: torch.Tensor, passage: torch.Tensor) -> torch.Tensor:
@@ -167,7 +185,7 @@ def represent(hidden: torch.Tensor, batch: dict, pooling: str, module: M3Heads |
 
     out = {"dense": F.normalize(pool(hidden, batch["attention_mask"], pooling), p=2, dim=-1)}
     if module is not None and module.sparse_linear is not None:
-        out["sparse"] = module.sparse(hidden, batch["input_ids"])
+        out["sparse"] = module.sparse(hidden, batch["input_ids"], batch["attention_mask"])
     if module is not None and module.colbert_linear is not None:
         out["colbert"] = module.colbert(hidden, batch["attention_mask"])
     return out
@@ -193,3 +211,58 @@ def score_matrices(queries: dict, passages: dict, weights: dict[str, float] = EN
     if combined:
         scores["combined"] = ensemble(scores, weights)
     return scores
+
+
+# ----------------------------------------------------------------------------- in an ONNX graph
+
+# a bi model's exported graph (common.serving.onnx_export): the embedding under the name every
+# export's first output has, then, with heads, each head's per-token representation
+GRAPH_OUTPUTS = {"dense": "output", "sparse": "sparse_weights", "colbert": "colbert_vecs"}
+GRAPH_AXES = {"output": {0: "batch"}, "sparse_weights": {0: "batch", 1: "sequence"},
+              "colbert_vecs": {0: "batch", 1: "colbert_tokens"}}  # colbert_tokens = sequence - 1
+
+
+def graph_outputs(model: nn.Module) -> list[str]:
+    """The outputs of ``model``'s exported graph, in order: ``output`` alone for a model without
+    heads (every kind), then ``sparse_weights`` / ``colbert_vecs`` for the heads it carries."""
+    module = heads_of(model)
+    return [GRAPH_OUTPUTS[name] for name in (module.heads if module is not None else ("dense",))]
+
+
+class HeadOutputs(nn.Module):
+    """The graph a bi model with heads is exported as: ``(embedding, sparse_weights,
+    colbert_vecs)`` (those of its heads), per text: the embedding its ``RankingOutput`` gives,
+    ``[batch, seq]`` token weights (:meth:`M3Heads.token_weights`: after ReLU, special tokens and
+    padding 0) and ``[batch, seq - 1, dim]`` ColBERT vectors (L2-normalised, padding zeroed).
+    The wrapped model is the attribute ``model``, as in ``RankingOutput`` (the graph's node names
+    follow module paths)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from common.models.encoders import embedding_of
+
+        encoder = getattr(self.model, "base_model", self.model)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        module = heads_of(self.model)
+        out = [embedding_of(self.model, hidden, attention_mask)]
+        if module.sparse_linear is not None:
+            out.append(module.token_weights(hidden.float(), input_ids, attention_mask))
+        if module.colbert_linear is not None:
+            out.append(module.colbert(hidden.float(), attention_mask)[0])
+        return tuple(out)
+
+
+def from_graph_outputs(outputs: dict, input_ids, attention_mask, module: M3Heads) -> dict:
+    """:func:`represent`'s dict from an exported graph's outputs (name -> array) on one batch:
+    the per-id max of ``sparse_weights`` (:func:`lexical_max`), ``colbert_vecs`` with their mask."""
+    input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    out = {"dense": torch.as_tensor(outputs[GRAPH_OUTPUTS["dense"]]).float()}
+    if module.sparse_linear is not None:
+        out["sparse"] = lexical_max(torch.as_tensor(outputs[GRAPH_OUTPUTS["sparse"]]).float(), input_ids,
+                                    module.vocab_size)
+    if module.colbert_linear is not None:
+        out["colbert"] = (torch.as_tensor(outputs[GRAPH_OUTPUTS["colbert"]]).float(), attention_mask[:, 1:])
+    return out

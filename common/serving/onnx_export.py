@@ -2,8 +2,9 @@
 
 The traced graph is :class:`common.serving.runners.RankingOutput` (scores for a cross-encoder, normalised
 embeddings for a bi-encoder) with dynamic batch and sequence axes, so onnxruntime computes what
-the torch backend computes; the export is checked against PyTorch on sample inputs before it is
-kept (``MAX_ABS_DIFF``). The int8 file is onnxruntime's dynamic quantization: int8 weights with
+the torch backend computes; a bi model with BGE-M3 heads also outputs ``sparse_weights`` and
+``colbert_vecs`` after it (:func:`graph_module`, ``common.models.m3.HeadOutputs``). Every output
+is checked against PyTorch on sample inputs before the export is kept (``MAX_ABS_DIFF``). The int8 file is onnxruntime's dynamic quantization: int8 weights with
 one scale per output channel, activations quantized per batch at run time, only the MatMul
 weights (embeddings, layer norms and softmax stay fp32); ``keep_fp32`` leaves named projections
 (e.g. every layer's FFN output, ``ffn_out``) in fp32. Stock attention is traced in its eager form
@@ -36,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from common.kinds import kind_of
+from common.models import m3
 from common.models.arch import adapter_for
 from common.models.loading import encode_pairs
 from common.kinds.loading import LoadedModel
@@ -53,6 +55,12 @@ EXPORT_ATTENTION = "eager"
 # projections an int8 graph may keep in fp32 (``keep_fp32``): adapter roles (``common.models.arch``)
 FP32_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 SMOOTH_ALPHA = 0.8  # migration strength of the smoothing (0: none onto the weights, 1: all)
+HEAD_OUTPUT_DOCS = {  # export.json's "outputs" for a bi model with BGE-M3 heads
+    "output": "[batch, dim] the dense embedding (normalised); score = dot product",
+    "sparse_weights": "[batch, sequence] each token's lexical weight (ReLU, special tokens and padding 0); "
+                      "a text's vector = the max weight per token id (input_ids); score = dot product",
+    "colbert_vecs": "[batch, sequence - 1, dim] the ColBERT vectors of the tokens after the first "
+                    "(L2-normalised, padding zeroed; mask = attention_mask[:, 1:]); score = MaxSim"}
 SAMPLE_QUERIES = ["what is the boiling point of water at altitude",
                   "who wrote the declaration of independence", "symptoms of iron deficiency"]
 SAMPLE_PASSAGES = ["Water boils at lower temperatures as altitude increases, because the air "
@@ -80,6 +88,21 @@ def sample_reference(loaded: LoadedModel, max_length: int) -> tuple[dict, np.nda
     with torch.no_grad():
         reference = RankingOutput(loaded.model).eval()(**batch).numpy()
     return batch, reference, {k: v.numpy() for k, v in batch.items()}
+
+
+def graph_module(model: nn.Module) -> nn.Module:
+    """What the export traces: :class:`RankingOutput` (one output, ``output``), or for a bi model
+    with BGE-M3 heads :class:`common.models.m3.HeadOutputs` (``output``, then ``sparse_weights``
+    and/or ``colbert_vecs``: ``m3.graph_outputs``)."""
+    return (m3.HeadOutputs(model) if m3.heads_of(model) is not None else RankingOutput(model)).eval()
+
+
+def graph_references(model: nn.Module, batch: dict) -> dict[str, np.ndarray]:
+    """PyTorch fp32's value of each graph output (``m3.graph_outputs``) on ``batch``."""
+    with torch.no_grad():
+        values = graph_module(model)(**batch)
+    values = values if isinstance(values, tuple) else (values,)
+    return {name: value.numpy() for name, value in zip(m3.graph_outputs(model), values)}
 
 
 class SmoothedLinear(nn.Module):
@@ -168,9 +191,9 @@ def _export(module: nn.Module, batch: dict, path: Path) -> None:
     (``EXPORT_ATTENTION``) and emptied linears as :class:`EmptyLinear`, then switch both back.
     The segment head's own attention is left as it is: its SDPA call takes an additive float
     mask, which exports without the NaN guard."""
-    names = list(batch)
+    names, outputs = list(batch), m3.graph_outputs(module)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["output"] = {0: "batch"}
+    axes.update({name: m3.GRAPH_AXES[name] for name in outputs})
     switched = [m for m in module.modules() if isinstance(m, PreTrainedModel)
                 and m.config._attn_implementation == "sdpa"]
     empty = _empty_linears(module)
@@ -182,8 +205,8 @@ def _export(module: nn.Module, batch: dict, path: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             # the TorchScript-based exporter: its graphs ran faster here than the dynamo exporter's
-            torch.onnx.export(RankingOutput(module).eval(), tuple(batch[n] for n in names), str(path),
-                              input_names=names, output_names=["output"], dynamic_axes=axes,
+            torch.onnx.export(graph_module(module), tuple(batch[n] for n in names), str(path),
+                              input_names=names, output_names=outputs, dynamic_axes=axes,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
     finally:
         for encoder in switched:
@@ -234,7 +257,9 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
     ``calibration``: (queries, passages) of training-side pairs: the int8 graph is quantized
     from the smoothed model (module docstring); without it, from the model as it is.
     ``keep_fp32``: projections (``FP32_ROLES``) left in fp32 in every layer of the int8 graph.
-    ``calibration_source``: where the calibration pairs came from (recorded in export.json)."""
+    ``calibration_source``: where the calibration pairs came from (recorded in export.json).
+    A bi model with BGE-M3 heads gets their outputs beside ``output`` (:func:`graph_module`),
+    each checked against PyTorch as ``output`` is and listed under ``outputs`` in export.json."""
     if not loaded.state.is_reshaped:
         raise ValueError(f"{loaded.path}: a masked checkpoint: reshape it first (04_reshape.py)")
     unknown = sorted(set(keep_fp32) - set(FP32_ROLES))
@@ -243,18 +268,28 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
     directory = Path(directory)
     out = onnx_dir(directory)
     with temporary_dir(out) as tmp:  # nothing half-written: the temporary directory goes on any failure
-        batch, reference, feed = sample_reference(loaded, max_length)
+        batch = sample_batch(loaded, max_length)
+        references, feed = graph_references(loaded.model, batch), {k: v.numpy() for k, v in batch.items()}
 
-        def exported(module: nn.Module, path: Path, what: str) -> float:
-            """Export ``module`` to ``path``; its max |difference| from PyTorch, refused over the bound."""
+        def differences(path: Path) -> dict[str, float]:
+            """Each output's max |difference| from PyTorch fp32 on the sample inputs."""
+            got = OnnxRunner(path).named(feed)
+            if list(got) != list(references):
+                raise ValueError(f"{path}: outputs {list(got)}, expected {list(references)}")
+            return {name: float(np.abs(got[name] - ref).max()) for name, ref in references.items()}
+
+        def exported(module: nn.Module, path: Path, what: str) -> dict[str, float]:
+            """Export ``module`` to ``path``; each output's max |difference| from PyTorch,
+            refused over the bound."""
             _export(module, batch, path)
-            diff = float(np.abs(OnnxRunner(path)(feed) - reference).max())
-            if not diff <= MAX_ABS_DIFF:
-                raise ValueError(f"{directory}: the {what} differs from PyTorch by {diff:.2e} "
-                                 f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
-            return diff
+            diffs = differences(path)
+            for name, diff in diffs.items():
+                if not diff <= MAX_ABS_DIFF:
+                    raise ValueError(f"{directory}: the {what}'s {name} differs from PyTorch by {diff:.2e} "
+                                     f"(> {MAX_ABS_DIFF:g}) on the sample inputs: not written")
+            return diffs
 
-        fp32_diff = exported(loaded.model, tmp / ONNX_FILES["onnx"], "ONNX graph")
+        fp32_diffs = exported(loaded.model, tmp / ONNX_FILES["onnx"], "ONNX graph")
         source, recipe = tmp / ONNX_FILES["onnx"], "dynamic int8, per-channel weights, " + "+".join(INT8_OPS) + " only"
         smoothing = None
         if calibration is not None:
@@ -264,7 +299,7 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
             smoothing = {"alpha": SMOOTH_ALPHA, "calibration_pairs": len(queries), "linears": len(maxima),
                          "calibration_source": str(Path(calibration_source).resolve()) if calibration_source else None,
                          "max_abs_diff_vs_torch_fp32": exported(smoothed_copy(loaded.model, maxima, SMOOTH_ALPHA),
-                                                                source, "smoothed graph")}
+                                                                source, "smoothed graph")["output"]}
             recipe += f", smoothed (SmoothQuant, alpha {SMOOTH_ALPHA}) on {len(queries)} calibration pairs"
         excluded = fp32_nodes(loaded, source, tuple(keep_fp32))
         if excluded:
@@ -274,14 +309,18 @@ def export_onnx(loaded: LoadedModel, directory: str | Path, max_length: int = 25
                          nodes_to_exclude=excluded + empty_matmuls(source))
         if smoothing:
             source.unlink()  # only its int8 graph is kept
-        int8_diff = float(np.abs(OnnxRunner(tmp / ONNX_FILES["onnx-int8"])(feed) - reference).max())
+        int8_diffs = differences(tmp / ONNX_FILES["onnx-int8"])
         info = {"inputs": list(batch), "output": kind_of(loaded.kind).output,
                 "opset": OPSET, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "onnx": {"file": ONNX_FILES["onnx"], "recipe": f"fp32 (TorchScript exporter, {EXPORT_ATTENTION} attention)",
-                         "max_abs_diff_vs_torch": fp32_diff},
+                         "max_abs_diff_vs_torch": fp32_diffs["output"]},
                 "onnx-int8": {"file": ONNX_FILES["onnx-int8"],
                               "recipe": recipe, "smoothing": smoothing, "fp32_nodes": excluded,
-                              "max_abs_diff_vs_torch": int8_diff}}
+                              "max_abs_diff_vs_torch": int8_diffs["output"]}}
+        if len(references) > 1:  # BGE-M3 heads: every output, and each one's difference
+            info["outputs"] = {name: HEAD_OUTPUT_DOCS[name] for name in references}
+            info["onnx"]["max_abs_diff_vs_torch_by_output"] = fp32_diffs
+            info["onnx-int8"]["max_abs_diff_vs_torch_by_output"] = int8_diffs
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
     replace_dir(tmp, out)
     return info

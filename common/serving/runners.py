@@ -78,10 +78,18 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, batch: dict) -> np.ndarray:
+        """The graph's first output (scores, or embeddings)."""
+        return self.named(batch, self.outputs[:1])[self.outputs[0]]
+
+    def named(self, batch: dict, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs ``names`` (default: all; a bi model with BGE-M3 heads has
+        ``sparse_weights`` / ``colbert_vecs`` beside ``output``, ``common.models.m3``) by name."""
         feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
-        return self.session.run(None, feed)[0]
+        names = list(self.outputs if names is None else names)
+        return dict(zip(names, self.session.run(names, feed)))
 
 
 def openvino_precision() -> str:
