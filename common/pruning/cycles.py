@@ -122,12 +122,7 @@ def make_plan(kind: str, prune: PruneArgs, state: PruningState, total_steps: int
         if kind != "mixed":
             raise ValueError("--target_latency_ratio is a target of 03c_prune_mixed.py")
         events = prune.num_prune_cycles or 10
-        warmup_steps = prune.num_warmup_samples // batch_size
-        cycle_steps = (total_steps - warmup_steps) // (events + 1)
-        if cycle_steps < 1:
-            raise ValueError(f"{total_steps} steps cannot hold {warmup_steps} warmup steps and "
-                             f"{events + 1} cycles: raise --num_training_samples")
-        return PrunePlan(warmup_steps, cycle_steps, [], [], latency_events=events)
+        return PrunePlan(*_cycles(prune, total_steps, batch_size, events), [], [], latency_events=events)
     if kind in ("heads", "mixed"):
         if prune.target_heads is not None:
             heads_total = state.total_heads - prune.target_heads
@@ -151,14 +146,19 @@ def make_plan(kind: str, prune: PruneArgs, state: PruningState, total_steps: int
         events = prune.num_prune_cycles or 10
     if events < 1:
         raise ValueError("nothing to prune: the target equals the current structure")
+    return PrunePlan(*_cycles(prune, total_steps, batch_size, events),
+                     _spread(heads_total, events) if heads_total else [],
+                     _spread(ffn_total, events) if ffn_total else [])
+
+
+def _cycles(prune: PruneArgs, total_steps: int, batch_size: int, events: int) -> tuple[int, int]:
+    """Warmup steps and steps per cycle for ``events`` prune cycles + 1 recovery cycle."""
     warmup_steps = prune.num_warmup_samples // batch_size
     cycle_steps = (total_steps - warmup_steps) // (events + 1)  # + 1 recovery cycle
     if cycle_steps < 1:
         raise ValueError(f"{total_steps} steps cannot hold {warmup_steps} warmup steps and "
                          f"{events + 1} cycles: raise --num_training_samples")
-    return PrunePlan(warmup_steps, cycle_steps,
-                     _spread(heads_total, events) if heads_total else [],
-                     _spread(ffn_total, events) if ffn_total else [])
+    return warmup_steps, cycle_steps
 
 
 class PruneCallback(Callback):
@@ -197,6 +197,8 @@ class PruneCallback(Callback):
     def check_latency(self, trainer: Trainer) -> None:
         """The table fits the model and the target can be met (and is not met already)."""
         state, p = trainer.state, self.prune
+        if self.kind != "mixed":
+            raise ValueError("--target_latency_ratio is a target of 03c_prune_mixed.py")
         self.cost = LatencyCost(p.latency_table, state.num_heads, state.ffn_size, trainer.args.max_length)
         if trainer.resuming:
             return
