@@ -48,6 +48,10 @@ def make_trainer(kind: str, model: str, triples: str, out: str, pairs: int, mode
 
         callback = L0Callback(L0Args(target_macs_ratio=0.5, l0_learning_rate=0.2))
         return Trainer(args, "l0", callback.schedule, callback)
+    if kind == "latency":  # 03c to a predicted-time target, the table written beside the triples
+        callback = PruneCallback("mixed", PruneArgs(target_latency_ratio=0.5, latency_table=str(
+            Path(triples).with_name("latency.json")), num_prune_cycles=2, score_fraction=1.0, allow_empty_layers=True))
+        return Trainer(args, "mixed", callback.schedule, callback)
     callback = PruneCallback("heads", PruneArgs(target_sparsity=0.25, score_fraction=1.0))
     return Trainer(args, "heads", callback.schedule, callback)
 
@@ -74,11 +78,14 @@ def model_dir(tmp_path_factory) -> str:
     return str(no_dropout_model(tmp_path_factory.mktemp("nodrop") / "m"))
 
 
-@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48), ("segment_heads", 48), ("l0", 48)])
+@pytest.mark.parametrize("kind,pairs", [("initial", 16), ("heads", 48), ("segment_heads", 48), ("l0", 48),
+                                        ("latency", 48)])
 def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
     from conftest import write_toy_triples
+    from test_latency_prune import write_table
 
     triples = str(write_toy_triples(tmp_path / "t.tsv"))
+    write_table(tmp_path / "latency.json")
     single = make_trainer(kind, model_dir, triples, str(tmp_path / "single"), pairs)
     single_end = single.train()
     mp.spawn(_worker, args=(2, free_port(), kind, model_dir, triples, str(tmp_path / "ddp"), pairs),
@@ -96,6 +103,14 @@ def test_two_ranks_equal_one_process(kind, pairs, model_dir, tmp_path):
         assert [[(h["layer"], h["head"]) for h in e["heads"]] for e in ha] == \
                [[(h["layer"], h["head"]) for h in e["heads"]] for e in hb]
         assert [e["scored_pairs"] for e in ha] == [e["scored_pairs"] for e in hb]
+    if kind == "latency":  # the summed head scores choose the same shape and the same heads
+        pa = json.loads((single_end / "pruning.json").read_text())
+        pb = json.loads((ddp_end / "pruning.json").read_text())
+        sa, sb = pa["history"][0]["latency_shape"], pb["history"][0]["latency_shape"]
+        assert (sa["heads_per_layer"], sa["ffn_per_layer"]) == (sb["heads_per_layer"], sb["ffn_per_layer"])
+        assert sa["predicted_ratio"] <= 0.5 and any(e.get("heads") for e in pa["history"])
+        assert pa["kept_heads"] == pb["kept_heads"] and pa["kept_ffn"] == pb["kept_ffn"]
+        assert [e["scored_pairs"] for e in pa["history"]] == [e["scored_pairs"] for e in pb["history"]]
     if kind == "l0":  # the same gates on every rank: the same learned structure
         pa = json.loads((single_end / "pruning.json").read_text())
         pb = json.loads((ddp_end / "pruning.json").read_text())

@@ -401,3 +401,14 @@ def select_ffn(scores: list[list[float]], state: PruningState, per_layer: int,
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     return chosen
+
+
+def select_per_layer(scores: list[list[float]], kept: list[list[int]], amounts: dict[int, int]) -> dict[int, list[int]]:
+    """The ``amounts[layer]`` lowest-scoring live units (heads or neurons, original indices) of
+    each layer, ties broken by index; layers with nothing to remove are left out."""
+    chosen = {}
+    for layer, amount in amounts.items():
+        if amount > 0:
+            ranked = sorted((scores[layer][u], u) for u in kept[layer])
+            chosen[layer] = sorted(u for _s, u in ranked[:amount])
+    return chosen
