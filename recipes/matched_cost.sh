@@ -38,7 +38,9 @@
 # packaged all-MiniLM-L6-v2) and the pruned model only the passages, in both stages; the models
 # name it in their config, so the report scores them that way; the unpruned row stays symmetric),
 # hidden (0: weight of the layer-wise hidden-state distillation to the same teacher (--distill_hidden:
-# student layer i vs teacher layer i, CoFi-style), in both stages).
+# student layer i vs teacher layer i, CoFi-style), in both stages), l0_init (constant; importance: the l0
+# arm's gates start from activation importance at the target cost, 03d --l0_init), target_ramp (none:
+# the Lagrangian over the first half; F: the l0 arm's target reached over the first F of the stage and held).
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
 # Outputs: $root/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model), and from `report`
 # $root/results.md (DL20 and DL21), speedup.txt and figures/ (06).
@@ -51,7 +53,7 @@ case "${3:-}" in "") CONTINUE=0 ;; continue) CONTINUE=1 ;;
   *) echo "error: the third argument may only be 'continue', got ${3}" >&2; exit 1 ;; esac
 SETTINGS=$($PY -m common.settings "$CONFIG" kind=bi root= pairs=12288 recovery_pairs=12288 lr=1e-4 recovery_lr= \
   batch=32 max_length=128 threads=1 seed=42 precision=fp32 ratio=3 l3=small data=data initial= loss=embeddings \
-  query_encoder= hidden=0)
+  query_encoder= hidden=0 l0_init=constant target_ramp=)
 eval "$SETTINGS"
 case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/matched_cross} ;;
   *) echo "error: $CONFIG: kind must be bi or cross, got $KIND" >&2; exit 1 ;; esac
@@ -133,7 +135,7 @@ case "$ARM" in
   l0)
     ratio=$($PY -c "print(1 / $RATIO)")
     finished "$RUN/prune" "$PAIRS" || $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
-      --target_macs_ratio "$ratio" --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
+      --target_macs_ratio "$ratio" --l0_init "$L0_INIT" ${TARGET_RAMP:+--target_ramp "$TARGET_RAMP"} --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
     ;;
   first_n|l3prune)
     keep=$(( 6 / RATIO )); [ "$ARM" = l3prune ] && keep=$L3
