@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.evaluation.cost import worst_case_inputs  # noqa: E402
+from common.evaluation.latency import load_table, predicted_speedup  # noqa: E402
 from common.hardware import machine_description  # noqa: E402
 from common.kinds import KINDS  # noqa: E402
 from common.data.formats import read_candidates  # noqa: E402
@@ -60,9 +61,17 @@ def main(argv=None) -> None:
     p.add_argument("--encode", action="store_true",
                    help="bi-encoders: time encoding the candidate passages (what indexing pays)")
     p.add_argument("--model_kind", choices=list(KINDS), help="for plain model dirs or tags")
+    p.add_argument("--latency_table", help="a table of bench/latency_table.py: print each candidate's predicted "
+                   "speed-up (at --max_length tokens) and measured / predicted (the serving issue asks >= 0.9)")
     args = p.parse_args(argv)
     if args.rounds < 2 or args.queries < 1:
         p.error("--rounds must be >= 2 (a spread needs two) and --queries >= 1")
+    table = None
+    if args.latency_table:
+        try:
+            table = load_table(args.latency_table)
+        except ValueError as err:
+            raise SystemExit(f"error: --latency_table: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {}
@@ -121,6 +130,16 @@ def main(argv=None) -> None:
         print(f"{label:9s} {statistics.mean(times['baseline']) / statistics.mean(times[name]):.2f}x "
               f"(per-round ratios: median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, "
               f"max {max(ratios):.2f})")
+        if table is not None:
+            shape = {n: (models[n].loaded.state.heads_per_layer, models[n].loaded.state.ffn_per_layer)
+                     for n in ("baseline", name)}
+            predicted = predicted_speedup(table, shape["baseline"], shape[name], args.max_length)
+            measured = statistics.mean(times["baseline"]) / statistics.mean(times[name])
+            backends = {models[n].backend for n in ("baseline", name)}
+            same = "" if backends == {table["backend"]} else \
+                f"; not comparable: the table is of backend {table['backend']}, these run on {', '.join(sorted(backends))}"
+            print(f"{'predicted':9s} {predicted:.2f}x (latency table {args.latency_table}, at {args.max_length} "
+                  f"tokens{same}); measured / predicted {measured / predicted:.2f}")
 
 
 if __name__ == "__main__":

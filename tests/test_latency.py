@@ -90,3 +90,33 @@ def test_latency_table_script_writes_what_the_predictor_reads(backend, tiny_mode
                    "--out", str(tmp_path / "x.json")])
     assert "--heads must be increasing and start at 0" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_speedup_bench_holds_the_measured_speed_up_against_the_table(tiny_models, tmp_path, capsys):
+    """bench/speedup.py --latency_table: the candidate's predicted speed-up over the baseline (from
+    each model's own per-layer shape) and measured / predicted; a table of another backend is named."""
+    table = synthetic_table()
+    table.update(layers=3, num_heads=4, ffn_size=37, heads=[0, 2, 4], ffn=[0, 20, 37])
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    spec = importlib.util.spec_from_file_location("speedup", ROOT / "bench" / "speedup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = str(tiny_models["bert"])
+    module.main(["--baseline", model, "--candidate", model, "--rounds", "2", "--max_length", "16",
+                 "--threads", "1", "--latency_table", str(path)])
+    out = capsys.readouterr().out
+    predicted = latency.predicted_speedup(table, ([4] * 3, [37] * 3), ([4] * 3, [37] * 3), 16)
+    assert predicted == pytest.approx(1.0)
+    line = next(x for x in out.splitlines() if x.startswith("predicted"))
+    assert line.startswith("predicted 1.00x") and "measured / predicted" in line and "not comparable" not in line
+    assert latency.predicted_speedup(table, ([4] * 3, [37] * 3), ([2, 0, 4], [20, 0, 37]), 64) == pytest.approx(
+        latency.predict_ms(table, [4] * 3, [37] * 3, 64) / latency.predict_ms(table, [2, 0, 4], [20, 0, 37], 64))
+    table["backend"] = "openvino"
+    path.write_text(json.dumps(table))
+    module.main(["--baseline", model, "--candidate", model, "--rounds", "2", "--max_length", "16",
+                 "--threads", "1", "--latency_table", str(path)])
+    assert "not comparable: the table is of backend openvino, these run on torch" in capsys.readouterr().out
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match="error: --latency_table: .*without field"):
+        module.main(["--baseline", model, "--candidate", model, "--latency_table", str(path)])

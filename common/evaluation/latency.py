@@ -110,6 +110,13 @@ def predicted_ratio(table: dict, heads_per_layer: list[int], ffn_per_layer: list
     return predict_ms(table, heads_per_layer, ffn_per_layer, length) / full
 
 
+def predicted_speedup(table: dict, baseline: tuple[list[int], list[int]],
+                      candidate: tuple[list[int], list[int]], length: float | None = None) -> float:
+    """Predicted speed-up of ``candidate`` over ``baseline``, each (heads per layer, FFN widths per
+    layer), on the table's backend and host: what a measured speed-up is held against."""
+    return predict_ms(table, *baseline, length) / predict_ms(table, *candidate, length)
+
+
 # -- measuring ----------------------------------------------------------------------------------
 def cut_model(reference: str, kind: str | None, heads: int | None = None, ffn: int | None = None):
     """The reference model (a LoadedModel, reshaped), or with ``heads``/``ffn`` given its first
