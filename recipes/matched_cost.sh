@@ -83,7 +83,7 @@ if [ "$LOSS" = main ] && [ ! -f "$DATA/distill_fused/teacher_scores.parquet" ]; 
   $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 --output_dir "$DATA/distill_fused"
 fi
 COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" --distill_weight "$WEIGHT"
-        --learning_rate "$LR" --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
+        --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED" --threads "$THREADS"
         --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 [ "$HIDDEN" = 0 ] || COMMON+=(--distill_hidden "$HIDDEN")
@@ -130,12 +130,12 @@ case "$ARM" in
     importance=confidence; [ "$ARM" = activation ] && importance=activation
     finished "$RUN/prune" "$PAIRS" || $PY 03c_prune_mixed.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
       --importance "$importance" --exclude_layers "" --num_prune_cycles 6 --target_heads "$HEADS" --target_ffn "$FFN" \
-      --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
+      --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --learning_rate "$LR" "${COMMON[@]}"
     ;;
   l0)
     ratio=$($PY -c "print(1 / $RATIO)")
     finished "$RUN/prune" "$PAIRS" || $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
-      --target_macs_ratio "$ratio" --l0_init "$L0_INIT" ${TARGET_RAMP:+--target_ramp "$TARGET_RAMP"} --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) "${COMMON[@]}"
+      --target_macs_ratio "$ratio" --l0_init "$L0_INIT" ${TARGET_RAMP:+--target_ramp "$TARGET_RAMP"} --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --learning_rate "$LR" "${COMMON[@]}"
     ;;
   first_n|l3prune)
     keep=$(( 6 / RATIO )); [ "$ARM" = l3prune ] && keep=$L3
@@ -144,7 +144,7 @@ case "$ARM" in
     echo "$RUN/dropped" > "$RUN/pruned.txt"
     $PY 02_train_initial.py --stage recover --checkpoint_dir "$RUN/dropped" --output_dir "$RUN/recover" \
       --num_training_samples $(( PAIRS + RECOVERY_PAIRS )) --num_checkpoint_samples $(( (PAIRS + RECOVERY_PAIRS) / 4 )) \
-      --seen_pairs 0 "${COMMON[@]}"
+      --seen_pairs 0 --learning_rate "$LR" "${COMMON[@]}"
     latest "$RUN/recover" > "$RUN/final.txt"
     echo "== $NAME done: $(cat "$RUN/final.txt")"
     exit 0

@@ -76,3 +76,17 @@ def test_every_study_settings_file_is_read_by_its_recipe(recipe, folder):
     for file in files:
         settings = recipe_settings(str(file), names)
         assert set(settings) == set(names) and settings["root"].startswith("runs/")
+
+
+def test_no_matched_cost_command_gives_an_option_twice():
+    """The scripts refuse an option given twice: every training command of the matched-cost recipe,
+    with the arrays it expands, names --learning_rate (and every other flag) once."""
+    text = (ROOT / "recipes/matched_cost.sh").read_text().replace("\\\n", " ")
+    arrays = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+)=\((.*?)\)\s*$", text, re.S | re.M)}
+    commands = [line for line in text.splitlines() if re.search(r"\$PY (0[1-6]_\w+\.py)", line)]
+    assert len(commands) >= 5
+    for line in commands:
+        words = line + " " + " ".join(body for name, body in arrays.items() if f"${{{name}[@]}}" in line)
+        flags = re.findall(r"(?<![\w-])(--[a-z_0-9]+)", words)
+        repeated = {f for f in flags if flags.count(f) > 1}
+        assert not repeated, (line.strip()[:80], repeated)
