@@ -41,16 +41,16 @@ $PY 05_eval_trec.py --checkpoint all-MiniLM-L6-v2 --model_kind bi --candidates d
   --qrels "$SHARED/dl20/qrels.txt" --topics dl20 --results "$RUN/fusion.parquet" --table "$RUN/fusion.md" \
   --max_length 256 --no_costs --interpolate $WEIGHTS
 
-COMMON=(--model_tag all-MiniLM-L6-v2 --num_training_samples "$PAIRS" --num_checkpoint_samples "$PAIRS"
+COMMON=(--model_tag all-MiniLM-L6-v2
         --learning_rate 3e-5 --batch_size 32 --max_length 128 --seed 42 --precision bf16 --threads "$THREADS")
 MARGIN=(--distill_scale 10)
 KL=(--group_size 8 --distill_loss kl --distill_scale 20)
 last() { $PY -m common.layout latest "$1"; }
 
-$PY 02_train_initial.py "${COMMON[@]}" "${MARGIN[@]}" --train_triples_file data/distill/triples.tsv \
+$PY 02_train_initial.py "${COMMON[@]}" --num_training_samples "$PAIRS" --num_checkpoint_samples "$PAIRS" "${MARGIN[@]}" --train_triples_file data/distill/triples.tsv \
   --distill_scores data/distill/teacher_scores.parquet --output_dir "$RUN/margin_mse"
 $PY 05_eval_trec.py --checkpoint "$(last "$RUN/margin_mse")" "${RES[@]}"
-$PY 02_train_initial.py "${COMMON[@]}" "${KL[@]}" --train_triples_file data/distill/groups.tsv \
+$PY 02_train_initial.py "${COMMON[@]}" --num_training_samples "$PAIRS" --num_checkpoint_samples "$PAIRS" "${KL[@]}" --train_triples_file data/distill/groups.tsv \
   --distill_scores data/distill/group_scores.parquet --output_dir "$RUN/listwise_kl"
 $PY 05_eval_trec.py --checkpoint "$(last "$RUN/listwise_kl")" "${RES[@]}"
 
