@@ -34,24 +34,14 @@ for r in "${RECOVER[@]}"; do
   case "$r" in full|lora) ;; *) echo "error: $CONFIG: recoveries may hold full and lora, got $r" >&2; exit 1 ;; esac
 done
 TRIPLES="$DATA/distill/triples.tsv"
-[ -f "$TRIPLES" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
-for year in dl20 dl21; do
-  [ -f "$DATA/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
-    --tag bm25 --output "$DATA/$year.bm25.candidates.parquet" --run_file "$DATA/$year.bm25.run"
-done
+embedded_data "$DATA"
 layers() { $PY -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['num_hidden_layers'])" "$1"; }
 latest() { $PY -m common.layout latest "$1"; }
 
 if [ "$REPORT" = 1 ]; then
   mapfile -t MODELS < <(for f in "$ROOT"/*/final.txt "$ROOT"/*/dropped.txt; do [ -f "$f" ] && cat "$f"; done | sort -u)
   [ ${#MODELS[@]} -gt 0 ] || { echo "error: no finished arm in $ROOT (no */final.txt)" >&2; exit 1; }
-  rm -f "$ROOT"/results.parquet "$ROOT"/results.md
-  for year in dl20 dl21; do
-    $PY 05_eval_trec.py --checkpoint "$MODEL" "${MODELS[@]}" --model_kind bi --backend torch --no_latency \
-      --max_length "$MAX_LENGTH" --threads "$THREADS" --candidates "$DATA/$year.bm25.candidates.parquet" \
-      --qrels "$SHARED/$year/qrels.txt" --topics "$year" --results "$ROOT/results.parquet" --table "$ROOT/results.md"
-  done
-  cat "$ROOT/results.md"
+  score_bi "$ROOT" "$DATA" "$MAX_LENGTH" "$THREADS" "$MODEL" "${MODELS[@]}"
   exit 0
 fi
 

@@ -11,3 +11,26 @@ guard_run() {
   if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$1"; fi
   if [ -e "$1" ]; then echo "error: $1 exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
 }
+
+# embedded_data DATA: the embedded distillation set (DATA/distill, 20 held-out training-side topics) and the DL20 /
+# DL21 BM25 candidates, each made once
+embedded_data() {
+  [ -f "$1/distill/triples.tsv" ] || $PY 01_prefetch_passages.py distill --output_dir "$1/distill" --shared "$SHARED" --holdout 20
+  for year in dl20 dl21; do
+    [ -f "$1/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
+      --tag bm25 --output "$1/$year.bm25.candidates.parquet" --run_file "$1/$year.bm25.run"
+  done
+}
+
+# score_bi ROOT DATA MAX_LENGTH THREADS MODEL...: DL20 and DL21 NDCG@10 (05, torch, no timing) of bi-encoders into
+# ROOT/results.parquet and one table ROOT/results.md (both replaced), printed
+score_bi() {
+  local root=$1 data=$2 max_length=$3 threads=$4; shift 4
+  rm -f "$root"/results.parquet "$root"/results.md
+  for year in dl20 dl21; do
+    $PY 05_eval_trec.py --checkpoint "$@" --model_kind bi --backend torch --no_latency --max_length "$max_length" \
+      --threads "$threads" --candidates "$data/$year.bm25.candidates.parquet" --qrels "$SHARED/$year/qrels.txt" \
+      --topics "$year" --results "$root/results.parquet" --table "$root/results.md"
+  done
+  cat "$root/results.md"
+}

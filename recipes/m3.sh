@@ -30,11 +30,7 @@ SETTINGS=$($PY -m common.settings "$CONFIG" model=all-MiniLM-L6-v2 root=runs/m3 
 eval "$SETTINGS"
 case "$RATIO" in 2|3) ;; *) echo "error: $CONFIG: ratio must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
 TRIPLES="$DATA/distill/triples.tsv"
-[ -f "$TRIPLES" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
-for year in dl20 dl21; do
-  [ -f "$DATA/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
-    --tag bm25 --output "$DATA/$year.bm25.candidates.parquet" --run_file "$DATA/$year.bm25.run"
-done
+embedded_data "$DATA"
 latest() { $PY -m common.layout latest "$1"; }
 COMMON=(--train_triples_file "$TRIPLES" --model_kind bi --batch_size "$BATCH" --max_length "$MAX_LENGTH" --seed "$SEED"
         --threads "$THREADS" --precision "$PRECISION" --num_training_samples "$PAIRS"
@@ -44,13 +40,7 @@ COMMON=(--train_triples_file "$TRIPLES" --model_kind bi --batch_size "$BATCH" --
 if [ "$REPORT" = 1 ]; then
   mapfile -t MODELS < <(for s in unified prune pruned recover; do f="$ROOT/$s.txt"; [ -f "$f" ] && cat "$f"; done)
   [ ${#MODELS[@]} -gt 0 ] || { echo "error: no finished stage in $ROOT (no <stage>.txt)" >&2; exit 1; }
-  rm -f "$ROOT"/results.parquet "$ROOT"/results.md
-  for year in dl20 dl21; do
-    $PY 05_eval_trec.py --checkpoint "$MODEL" "${MODELS[@]}" --model_kind bi --backend torch --no_latency \
-      --max_length "$MAX_LENGTH" --threads "$THREADS" --candidates "$DATA/$year.bm25.candidates.parquet" \
-      --qrels "$SHARED/$year/qrels.txt" --topics "$year" --results "$ROOT/results.parquet" --table "$ROOT/results.md"
-  done
-  cat "$ROOT/results.md"
+  score_bi "$ROOT" "$DATA" "$MAX_LENGTH" "$THREADS" "$MODEL" "${MODELS[@]}"
   exit 0
 fi
 

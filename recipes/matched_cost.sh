@@ -74,11 +74,7 @@ case "$LOSS" in
         DISTILL+=(--distill_scores "$DATA/distill_fused/teacher_scores.parquet" --distill_scale 5.4) ;;
   *) echo "error: $CONFIG: loss must be embeddings or main, got $LOSS" >&2; exit 1 ;;
 esac
-[ -f "$DATA/distill/triples.tsv" ] || $PY 01_prefetch_passages.py distill --output_dir "$DATA/distill" --shared "$SHARED" --holdout 20
-for year in dl20 dl21; do
-  [ -f "$DATA/$year.bm25.candidates.parquet" ] || $PY 01_prefetch_passages.py json --input "$SHARED/$year/bm25.json" \
-    --tag bm25 --output "$DATA/$year.bm25.candidates.parquet" --run_file "$DATA/$year.bm25.run"
-done
+embedded_data "$DATA"
 if [ "$LOSS" = main ] && [ ! -f "$DATA/distill_fused/teacher_scores.parquet" ]; then
   $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 --output_dir "$DATA/distill_fused"
 fi
