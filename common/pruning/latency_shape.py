@@ -17,6 +17,7 @@ every FFN neuron each lose 1, so heads and neurons are compared on one scale.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Callable
 
 from common.evaluation.latency import load_table, predict_ms
@@ -97,8 +98,8 @@ def choose_shape(head_scores: list[list[float]], ffn_scores: list[list[float]], 
     start_h, start_f = list(heads), list(ffn)
     share_h = _shares(head_scores, kept_heads, layers, "head")
     share_f = _shares(ffn_scores, kept_ffn, layers, "FFN neuron")
-    prefix_h = {i: [0.0, *_cumsum(row)] for i, row in share_h.items()}
-    prefix_f = {i: [0.0, *_cumsum(row)] for i, row in share_f.items()}
+    prefix_h = {i: [0.0, *accumulate(row)] for i, row in share_h.items()}
+    prefix_f = {i: [0.0, *accumulate(row)] for i, row in share_f.items()}
 
     def lost(prefix, start, now, to):  # the units ranked start-now .. start-to (lowest first)
         return prefix[start - to] - prefix[start - now]
@@ -128,10 +129,3 @@ def choose_shape(head_scores: list[list[float]], ffn_scores: list[list[float]], 
     return {"heads_per_layer": heads, "ffn_per_layer": ffn, "predicted_ratio": round(total / full, 6),
             "importance_lost": round(removed, 6)}
 
-
-def _cumsum(values: list[float]) -> list[float]:
-    out, running = [], 0.0
-    for v in values:
-        running += v
-        out.append(running)
-    return out
