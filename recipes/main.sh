@@ -51,18 +51,8 @@ step "2/10 distillation set with held-out DL21 topics (20), and its BM25-fused t
     --output_dir "$DATA/distill_fused" --overwrite
 
 # settings of each training stage: recipes/config/main/{initial,prune,recover}.toml; here, paths
-# and sizes (which SMOKE changes)
-TRAIN=(--train_triples_file "$DATA/distill_fused/triples.tsv" --distill_scores "$DATA/distill_fused/teacher_scores.parquet"
-       --max_length "$MAX_LENGTH" --eval_candidates_file "$DATA/distill/holdout.candidates.parquet"
-       --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
-
-# bf16 autocast (the configs' precision) needs native bf16 (AVX512-BF16 / AMX); emulated it is tens
-# of times slower, so on such a CPU the training stages run in fp32 (and say so)
-PREC=()
-if ! $PY -c "import sys; from common.hardware import cpu_has_native_bf16 as f; sys.exit(f() is False)"; then
-  echo "note: this CPU has no native bf16: the training stages run with --precision fp32"
-  PREC=(--precision fp32)
-fi
+# and sizes (which SMOKE changes): TRAIN and PREC (recipes/lib.sh)
+main_train_args "$DATA" "$MAX_LENGTH"
 
 step "3/10 initial cross-encoder (segment-cosine head from the bi-encoder): $TRAIN_PAIRS pairs"
 $PY 02_train_initial.py --config recipes/config/main/initial.toml --output_dir "$RUN/initial" \

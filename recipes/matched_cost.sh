@@ -40,7 +40,9 @@
 # hidden (0: weight of the layer-wise hidden-state distillation to the same teacher (--distill_hidden:
 # student layer i vs teacher layer i, CoFi-style), in both stages), l0_init (constant; importance: the l0
 # arm's gates start from activation importance at the target cost, 03d --l0_init), target_ramp (none:
-# the Lagrangian over the first half; F: the l0 arm's target reached over the first F of the stage and held).
+# the Lagrangian over the first half; F: the l0 arm's target reached over the first F of the stage and held),
+# triples (the training stream, loss embeddings only: default $data/distill/triples.tsv; e.g. a set of
+# `01 mix` with pseudo-queries, recipes/augment.sh).
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
 # Outputs: $root/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model), and from `report`
 # $root/results.md (DL20 and DL21), speedup.txt and figures/ (06).
@@ -53,7 +55,7 @@ case "${3:-}" in "") CONTINUE=0 ;; continue) CONTINUE=1 ;;
   *) echo "error: the third argument may only be 'continue', got ${3}" >&2; exit 1 ;; esac
 SETTINGS=$($PY -m common.settings "$CONFIG" kind=bi root= pairs=12288 recovery_pairs=12288 lr=1e-4 recovery_lr= \
   batch=32 max_length=128 threads=1 seed=42 precision=fp32 ratio=3 l3=small data=data initial= loss=embeddings \
-  query_encoder= hidden=0 l0_init=constant target_ramp=)
+  query_encoder= hidden=0 l0_init=constant target_ramp= triples=)
 eval "$SETTINGS"
 case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/matched_cross} ;;
   *) echo "error: $CONFIG: kind must be bi or cross, got $KIND" >&2; exit 1 ;; esac
@@ -66,10 +68,11 @@ else
   BASE=$INITIAL; KIND_ARGS=()
   DISTILL=(--distill_target embeddings)
 fi
-TRIPLES="$DATA/distill/triples.tsv"; WEIGHT=1
+WEIGHT=1
 case "$LOSS" in
-  embeddings) ;;
+  embeddings) TRIPLES=${TRIPLES:-$DATA/distill/triples.tsv} ;;
   main) [ "$KIND" = cross ] || { echo "error: $CONFIG: loss main is the cross-encoder's loss (kind cross)" >&2; exit 1; }
+        [ -z "$TRIPLES" ] || { echo "error: $CONFIG: triples is for loss embeddings (main reads the fused set)" >&2; exit 1; }
         TRIPLES="$DATA/distill_fused/triples.tsv"; WEIGHT=10
         DISTILL+=(--distill_scores "$DATA/distill_fused/teacher_scores.parquet" --distill_scale 5.4) ;;
   *) echo "error: $CONFIG: loss must be embeddings or main, got $LOSS" >&2; exit 1 ;;

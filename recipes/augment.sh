@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The augmentation curve (issue #37, results/augment/plan.md): does text made from the training-side
+# passages (pseudo-queries: crops, inverse-cloze sentences, keywords; 01_prefetch_passages.py augment)
+# carry a pruned bi-encoder past the data it has, as real queries would?
+#
+#   bash recipes/augment.sh data     # data/augment/pseudo (pseudo-queries over data/distill's passages, never
+#                                    # a DL20 candidate; its BM25 and teacher), mixed with the real stream:
+#                                    # data/augment/mix_1x (6,144 real + 6,144 pseudo), mix_3x (+ 18,432)
+#   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation
+#   bash recipes/matched_cost.sh recipes/config/augment/aug_3x.toml activation
+#   bash recipes/augment.sh report   # DL20 / DL21 NDCG@10 of the packaged encoder, the 0x point (run 11:
+#                                    # recipes/config/matched_cost/bi_3x_quarter.toml) and each arm
+#
+# The real stream is data/distill/triples.tsv; its first 6,144 triples are what run 11 trained on.
+source "$(dirname "$0")/lib.sh"
+ACTION=${1:?usage: bash recipes/augment.sh data|report}
+DATA=data; OUT=data/augment; ROOT=runs/augment
+REAL=6144; PSEUDO_QUERIES=${PSEUDO_QUERIES:-1300}
+case "$ACTION" in
+  data)
+    embedded_data "$DATA"
+    [ -f "$OUT/pseudo/triples.tsv" ] || $PY 01_prefetch_passages.py augment --from_set "$DATA/distill" \
+      --output_dir "$OUT/pseudo" --num_queries "$PSEUDO_QUERIES"
+    for times in 1 3; do
+      [ -f "$OUT/mix_${times}x/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/pseudo" \
+        --take "$REAL" $(( times * REAL )) --output_dir "$OUT/mix_${times}x"
+    done ;;
+  report)
+    mapfile -t FINALS < <(for f in runs/matched_3x_quarter/bi_activation_3x/final.txt "$ROOT"/aug_*/bi_activation_3x/final.txt; do
+      [ -f "$f" ] && cat "$f"; done)
+    [ ${#FINALS[@]} -gt 0 ] || { echo "error: no finished arm (runs/matched_3x_quarter, $ROOT/aug_*)" >&2; exit 1; }
+    mkdir -p "$ROOT"
+    score_bi "$ROOT" "$DATA" 128 2 all-MiniLM-L6-v2 "${FINALS[@]}" ;;
+  *) echo "error: the action must be data or report, got $ACTION" >&2; exit 1 ;;
+esac

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The latency study (results/latency/plan.md): the main job's initial model pruned to a predicted
+# serving time on the host's fastest backend, at the main job's budget (recipes/config/main: 10,240
+# pruning pairs, 8,192 recovery pairs, the same loss and data), then shipped for OpenVINO and scored.
+# Run in a checkout where `bash recipes/main.sh` and `bash recipes/openvino_main.sh` have run
+# (runs/main, runs/ov: the initial and the MAC-target recovered model on OpenVINO):
+#
+#   bash recipes/latency_main.sh 0.5      # runs/latency_main/ratio_0.5: 03c -> 04 -> recover -> ship -> DL20
+#   bash recipes/latency_main.sh 0.33
+#   bash recipes/latency_main.sh report   # one benchmark: every model against the unpruned one on OpenVINO
+#                                         # (with the table's prediction) and against torch fp32
+#
+# 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host); DL20 is scored
+# once per model and backend (torch fp32, openvino, openvino-int8) into runs/latency_main/results.md.
+source "$(dirname "$0")/lib.sh"
+ARG=${1:?usage: bash recipes/latency_main.sh RATIO|report}
+ROOT=runs/latency_main; DATA=${DATA:-data}; MAX_LENGTH=128
+TABLE=${TABLE:-results/latency/openvino_epyc.json}
+PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}
+latest() { $PY -m common.layout latest "$1"; }
+INITIAL=$(latest runs/main/initial)
+[ -d runs/ov/initial/openvino ] && [ -d runs/ov/recovered/openvino ] || \
+  { echo "error: runs/ov/{initial,recovered} missing: run bash recipes/openvino_main.sh first" >&2; exit 1; }
+CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --queries 3 --rounds 10 --threads 2)
+
+if [ "$ARG" = report ]; then
+  mapfile -t SHIPPED < <(for d in "$ROOT"/ratio_*/final; do [ -d "$d/openvino" ] && echo "$d"; done)
+  [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final" >&2; exit 1; }
+  OV=(); ALL=(--candidate runs/ov/initial@openvino --candidate runs/ov/initial@openvino-int8)
+  for d in runs/ov/recovered "${SHIPPED[@]}"; do
+    OV+=(--candidate "$d@openvino"); ALL+=(--candidate "$d@openvino" --candidate "$d@openvino-int8")
+  done
+  { echo "== on OpenVINO: over the unpruned model on OpenVINO (the peer), against $TABLE"
+    $PY bench/speedup.py --baseline runs/ov/initial@openvino "${OV[@]}" "${CAND[@]}" --latency_table "$TABLE"
+    echo "== over the unpruned model in torch fp32"
+    $PY bench/speedup.py --baseline "$INITIAL" "${ALL[@]}" "${CAND[@]}"
+  } | tee "$ROOT/speedup.txt"
+  cat "$ROOT/results.md"
+  exit 0
+fi
+
+RATIO=$ARG
+$PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
+  { echo "error: the ratio must be a number in (0, 1) or 'report', got $ARG" >&2; exit 1; }
+RUN="$ROOT/ratio_$RATIO"
+guard_run "$RUN"
+main_train_args "$DATA" "$MAX_LENGTH"
+$PY 03c_prune_mixed.py initial --config recipes/config/latency/prune.toml --latency_table "$TABLE" \
+  --target_latency_ratio "$RATIO" --checkpoint_dir "$INITIAL" --distill_from "$INITIAL" --output_dir "$RUN/mixed" \
+  --num_training_samples "$PRUNE_PAIRS" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}"
+PRUNED=$(latest "$RUN/mixed")
+$PY 04_reshape.py --checkpoint_dir "$PRUNED"
+$PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
+  --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
+  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
+FINAL=$(latest "$RUN/recover")
+# shipped as openvino_main.sh ships the main job's models: ONNX fp32 / int8 and OpenVINO IR / int8 IR,
+# calibrated on training-side triples
+$PY 04_reshape.py --checkpoint_dir "$FINAL" --output_dir "$RUN/final" --openvino \
+  --calibration_triples "$DATA/distill_fused/triples.tsv" --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
+RES=(--candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20
+     --results "$ROOT/results.parquet" --table "$ROOT/results.md" --max_length "$MAX_LENGTH" --no_latency)
+for backend in torch openvino openvino-int8; do
+  $PY 05_eval_trec.py --checkpoint "$RUN/final" --backend "$backend" "${RES[@]}"
+done
+echo "== ratio $RATIO done: $RUN/final"
