@@ -7,6 +7,9 @@
 #
 #   bash recipes/latency_main.sh 0.5      # runs/latency_main/ratio_0.5: 03c -> 04 -> recover -> ship -> DL20
 #   bash recipes/latency_main.sh 0.33
+#   RECOVERY_PAIRS=32768 PRUNED_FROM=runs/latency_main/ratio_0.5 bash recipes/latency_main.sh 0.5
+#                                         # runs/latency_main/ratio_0.5_recover_32768: the pruned model of
+#                                         # ratio_0.5 recovered 4x longer (no new pruning stage)
 #   bash recipes/latency_main.sh report   # one benchmark: every model against the unpruned one on OpenVINO
 #                                         # (with the table's prediction) and against torch fp32
 #
@@ -42,14 +45,20 @@ fi
 RATIO=$ARG
 $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
   { echo "error: the ratio must be a number in (0, 1) or 'report', got $ARG" >&2; exit 1; }
-RUN="$ROOT/ratio_$RATIO"
+RUN="$ROOT/ratio_$RATIO"; [ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$RECOVERY_PAIRS"
 guard_run "$RUN"
 main_train_args "$DATA" "$MAX_LENGTH"
+if [ -n "${PRUNED_FROM:-}" ]; then  # the pruning stage of another arm at this ratio
+  grep -q "\"target_latency_ratio\": $RATIO," "$PRUNED_FROM/mixed/metrics.jsonl" || \
+    { echo "error: PRUNED_FROM=$PRUNED_FROM: no pruning stage to ratio $RATIO there" >&2; exit 1; }
+  mkdir -p "$RUN"; ln -s "$(realpath "$PRUNED_FROM/mixed")" "$RUN/mixed"
+else
 $PY 03c_prune_mixed.py initial --config recipes/config/latency/prune.toml --latency_table "$TABLE" \
   --target_latency_ratio "$RATIO" --checkpoint_dir "$INITIAL" --distill_from "$INITIAL" --output_dir "$RUN/mixed" \
   --num_training_samples "$PRUNE_PAIRS" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}"
+fi
 PRUNED=$(latest "$RUN/mixed")
-$PY 04_reshape.py --checkpoint_dir "$PRUNED"
+[ -f "$PRUNED/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED"
 $PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
   --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
