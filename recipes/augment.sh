@@ -5,9 +5,10 @@
 #
 #   bash recipes/augment.sh data     # data/augment/pseudo (pseudo-queries over data/distill's passages, never
 #                                    # a DL20 candidate; its BM25 and teacher), mixed with the real stream:
-#                                    # data/augment/mix_1x (6,144 real + 6,144 pseudo), mix_3x (+ 18,432)
-#   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation
-#   bash recipes/matched_cost.sh recipes/config/augment/aug_3x.toml activation
+#                                    # data/augment/mix_1x (6,144 real + 6,144 pseudo), mix_3x (+ 18,432);
+#                                    # data/augment/pseudo_big (2,800 pseudo-queries, made alike) for
+#                                    # mix_7x (6,144 real + 43,008 pseudo)
+#   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation   # also aug_3x, aug_7x
 #   bash recipes/augment.sh report   # DL20 / DL21 NDCG@10 of the packaged encoder, the 0x point (run 11:
 #                                    # recipes/config/matched_cost/bi_3x_quarter.toml) and each arm
 #
@@ -15,14 +16,17 @@
 source "$(dirname "$0")/lib.sh"
 ACTION=${1:?usage: bash recipes/augment.sh data|report}
 DATA=data; OUT=data/augment; ROOT=runs/augment
-REAL=6144; PSEUDO_QUERIES=${PSEUDO_QUERIES:-1300}
+REAL=6144
 case "$ACTION" in
   data)
     embedded_data "$DATA"
-    [ -f "$OUT/pseudo/triples.tsv" ] || $PY 01_prefetch_passages.py augment --from_set "$DATA/distill" \
-      --output_dir "$OUT/pseudo" --num_queries "$PSEUDO_QUERIES"
-    for times in 1 3; do
-      [ -f "$OUT/mix_${times}x/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/pseudo" \
+    for set in pseudo:1300 pseudo_big:2800; do
+      [ -f "$OUT/${set%%:*}/triples.tsv" ] || $PY 01_prefetch_passages.py augment --from_set "$DATA/distill" \
+        --output_dir "$OUT/${set%%:*}" --num_queries "${set#*:}"
+    done
+    for mix in 1:pseudo 3:pseudo 7:pseudo_big; do
+      times=${mix%%:*}
+      [ -f "$OUT/mix_${times}x/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/${mix#*:}" \
         --take "$REAL" $(( times * REAL )) --output_dir "$OUT/mix_${times}x"
     done ;;
   report)
