@@ -29,9 +29,12 @@ CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGT
 if [ "$ARG" = report ]; then
   mapfile -t SHIPPED < <(for d in "$ROOT"/ratio_*/final; do [ -d "$d/openvino" ] && echo "$d"; done)
   [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final" >&2; exit 1; }
-  OV=(); ALL=(--candidate runs/ov/initial@openvino --candidate runs/ov/initial@openvino-int8)
+  # every dir on openvino; on openvino-int8 those that have its IR (04 --openvino --calibration_triples)
+  OV=(); ALL=(--candidate runs/ov/initial@openvino)
+  [ -f runs/ov/initial/openvino/openvino_model_qint8_quantized.xml ] && ALL+=(--candidate runs/ov/initial@openvino-int8)
   for d in runs/ov/recovered "${SHIPPED[@]}"; do
-    OV+=(--candidate "$d@openvino"); ALL+=(--candidate "$d@openvino" --candidate "$d@openvino-int8")
+    OV+=(--candidate "$d@openvino"); ALL+=(--candidate "$d@openvino")
+    [ -f "$d/openvino/openvino_model_qint8_quantized.xml" ] && ALL+=(--candidate "$d@openvino-int8")
   done
   { echo "== on OpenVINO: over the unpruned model on OpenVINO (the peer), against $TABLE"
     $PY bench/speedup.py --baseline runs/ov/initial@openvino "${OV[@]}" "${CAND[@]}" --latency_table "$TABLE"
@@ -49,7 +52,8 @@ RUN="$ROOT/ratio_$RATIO"; [ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$R
 guard_run "$RUN"
 main_train_args "$DATA" "$MAX_LENGTH"
 if [ -n "${PRUNED_FROM:-}" ]; then  # the pruning stage of another arm at this ratio
-  grep -q "\"target_latency_ratio\": $RATIO," "$PRUNED_FROM/mixed/metrics.jsonl" || \
+  $PY -c "import json, sys; sys.exit(not any(e.get('event') == 'latency_shape' and e['target_latency_ratio'] == float(sys.argv[2])
+    for e in map(json.loads, open(sys.argv[1]))))" "$PRUNED_FROM/mixed/metrics.jsonl" "$RATIO" 2>/dev/null || \
     { echo "error: PRUNED_FROM=$PRUNED_FROM: no pruning stage to ratio $RATIO there" >&2; exit 1; }
   mkdir -p "$RUN"; ln -s "$(realpath "$PRUNED_FROM/mixed")" "$RUN/mixed"
 else
