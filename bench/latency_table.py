@@ -22,6 +22,7 @@ from common.cli import positive_int  # noqa: E402
 from common.evaluation.latency import TABLE_BACKENDS, measure_table  # noqa: E402
 from common.io import atomic_write_text  # noqa: E402
 from common.kinds import KINDS  # noqa: E402
+from common.serving.onnx_export import FP32_ROLES  # noqa: E402
 
 
 def grid(top: int, steps: int) -> list[int]:
@@ -40,12 +41,17 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=positive_int, default=100, help="sequences per batch (candidates per query)")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=5, help="timed batches per point (the median)")
+    p.add_argument("--int8_keep_fp32", nargs="+", choices=FP32_ROLES, default=[], metavar="ROLE",
+                   help="onnx-int8: leave these projections of every layer in fp32, as the shipped export "
+                        "does (04_reshape.py --int8_keep_fp32, e.g. ffn_out)")
     p.add_argument("--out", required=True, help="the table (json)")
     args = p.parse_args(argv)
     for flag in ("heads", "ffn"):
         values = getattr(args, flag)
         if values is not None and (values[0] != 0 or sorted(set(values)) != values):
             p.error(f"--{flag} must be increasing and start at 0 (the base of every layer's cost)")
+    if args.int8_keep_fp32 and args.backend != "onnx-int8":
+        p.error(f"--int8_keep_fp32 shapes onnx-int8 graphs; --backend is {args.backend}")
     if sorted(set(args.lengths)) != args.lengths:
         p.error("--lengths must be increasing")
     try:
@@ -55,13 +61,14 @@ def main(argv=None) -> None:
         heads = args.heads or grid(len(first.present_heads[0]), 4)
         ffn = args.ffn or grid(len(first.present_ffn[0]), 4)
         table = measure_table(args.model, args.model_kind, args.backend, heads, ffn, args.lengths,
-                              args.batch, args.rounds, args.threads)
+                              args.batch, args.rounds, args.threads, keep_fp32=tuple(args.int8_keep_fp32))
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     atomic_write_text(args.out, json.dumps(table, indent=1))
     ratios = [m / p for m, p in zip(table["whole_model_ms"], table["predicted_whole_model_ms"])]
-    print(f"wrote {args.out} ({table['host']}); whole model measured / predicted: "
-          + ", ".join(f"{r:.2f} @ {n}" for r, n in zip(ratios, args.lengths)))
+    print(f"wrote {args.out} ({table['host']}); whole model measured / additive prediction: "
+          + ", ".join(f"{r:.2f} @ {n}" for r, n in zip(ratios, args.lengths))
+          + " (the gap is the fixed cost every prediction adds: common.evaluation.latency.residual_ms)")
 
 
 if __name__ == "__main__":

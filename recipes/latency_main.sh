@@ -2,16 +2,18 @@
 # The latency study (results/latency/plan.md): the main job's initial model pruned to a predicted
 # serving time on the host's fastest backend, at the main job's budget (recipes/config/main: 10,240
 # pruning pairs, 8,192 recovery pairs, the same loss and data), then shipped for OpenVINO and scored.
-# Run in a checkout where `bash recipes/main.sh` and `bash recipes/openvino_main.sh` have run
-# (runs/main, runs/ov: the initial and the MAC-target recovered model on OpenVINO):
+# Run in a checkout where `bash recipes/main.sh` has run (runs/main):
 #
 #   bash recipes/latency_main.sh 0.5      # runs/latency_main/ratio_0.5: 03c -> 04 -> recover -> ship -> DL20
 #   bash recipes/latency_main.sh 0.33
-#   RECOVERY_PAIRS=32768 PRUNED_FROM=runs/latency_main/ratio_0.5 bash recipes/latency_main.sh 0.5
-#                                         # runs/latency_main/ratio_0.5_recover_32768: the pruned model of
-#                                         # ratio_0.5 recovered 4x longer (no new pruning stage)
-#   bash recipes/latency_main.sh report   # one benchmark: every model against the unpruned one on OpenVINO
-#                                         # (with the table's prediction) and against torch fp32
+#   RECOVERY_PAIRS=32768 bash recipes/latency_main.sh 0.5
+#                                         # runs/latency_main/ratio_0.5_recover_32768: recovered 4x longer;
+#                                         # with PRUNED_FROM=runs/latency_main/ratio_0.5, from that arm's
+#                                         # pruned model (no new pruning stage)
+#   bash recipes/latency_main.sh report   # ships the unpruned and the MAC-target model (the main job's) as the
+#                                         # arms are shipped; one benchmark per backend: every model over the
+#                                         # unpruned one on OpenVINO (against TABLE) and on onnx-int8 (against
+#                                         # ONNX_TABLE, where it exists), and over the unpruned one in torch fp32
 #
 # 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host); DL20 is scored
 # once per model and backend (torch fp32, openvino, openvino-int8) into runs/latency_main/results.md.
@@ -19,25 +21,34 @@ source "$(dirname "$0")/lib.sh"
 ARG=${1:?usage: bash recipes/latency_main.sh RATIO|report}
 ROOT=runs/latency_main; DATA=${DATA:-data}; MAX_LENGTH=128
 TABLE=${TABLE:-results/latency/openvino_epyc.json}
+ONNX_TABLE=${ONNX_TABLE:-results/latency/onnx-int8-ffn_out_epyc.json}
 PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}
 latest() { $PY -m common.layout latest "$1"; }
 INITIAL=$(latest runs/main/initial)
-[ -d runs/ov/initial/openvino ] && [ -d runs/ov/recovered/openvino ] || \
-  { echo "error: runs/ov/{initial,recovered} missing: run bash recipes/openvino_main.sh first" >&2; exit 1; }
 CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --queries 3 --rounds 10 --threads 2)
+# ship SRC DIR: every model of the study shipped alike: ONNX fp32 / int8 (FFN output in fp32) and OpenVINO IR /
+# NNCF int8 IR, calibrated on training-side triples
+ship() {
+  [ -f "$2/openvino/openvino_model_qint8_quantized.xml" ] || $PY 04_reshape.py --checkpoint_dir "$1" --output_dir "$2" \
+    --openvino --calibration_triples "$DATA/distill_fused/triples.tsv" --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
+}
 
 if [ "$ARG" = report ]; then
   mapfile -t SHIPPED < <(for d in "$ROOT"/ratio_*/final; do [ -d "$d/openvino" ] && echo "$d"; done)
   [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final" >&2; exit 1; }
-  # every dir on openvino; on openvino-int8 those that have its IR (04 --openvino --calibration_triples)
-  OV=(); ALL=(--candidate runs/ov/initial@openvino)
-  [ -f runs/ov/initial/openvino/openvino_model_qint8_quantized.xml ] && ALL+=(--candidate runs/ov/initial@openvino-int8)
-  for d in runs/ov/recovered "${SHIPPED[@]}"; do
-    OV+=(--candidate "$d@openvino"); ALL+=(--candidate "$d@openvino")
-    [ -f "$d/openvino/openvino_model_qint8_quantized.xml" ] && ALL+=(--candidate "$d@openvino-int8")
+  ship "$INITIAL" "$ROOT/unpruned"
+  ship "$(latest runs/main/recover)" "$ROOT/mac_target"
+  OV=(); ONNX=(); ALL=(--candidate "$ROOT/unpruned@openvino" --candidate "$ROOT/unpruned@openvino-int8")
+  for d in "$ROOT/mac_target" "${SHIPPED[@]}"; do
+    OV+=(--candidate "$d@openvino"); ONNX+=(--candidate "$d@onnx-int8")
+    ALL+=(--candidate "$d@openvino" --candidate "$d@openvino-int8")
   done
   { echo "== on OpenVINO: over the unpruned model on OpenVINO (the peer), against $TABLE"
-    $PY bench/speedup.py --baseline runs/ov/initial@openvino "${OV[@]}" "${CAND[@]}" --latency_table "$TABLE"
+    $PY bench/speedup.py --baseline "$ROOT/unpruned@openvino" "${OV[@]}" "${CAND[@]}" --latency_table "$TABLE"
+    if [ -f "$ONNX_TABLE" ]; then
+      echo "== on onnx-int8: over the unpruned model on onnx-int8, against $ONNX_TABLE"
+      $PY bench/speedup.py --baseline "$ROOT/unpruned@onnx-int8" "${ONNX[@]}" "${CAND[@]}" --latency_table "$ONNX_TABLE"
+    fi
     echo "== over the unpruned model in torch fp32"
     $PY bench/speedup.py --baseline "$INITIAL" "${ALL[@]}" "${CAND[@]}"
   } | tee "$ROOT/speedup.txt"
@@ -66,11 +77,7 @@ PRUNED=$(latest "$RUN/mixed")
 $PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
   --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
-FINAL=$(latest "$RUN/recover")
-# shipped as openvino_main.sh ships the main job's models: ONNX fp32 / int8 and OpenVINO IR / int8 IR,
-# calibrated on training-side triples
-$PY 04_reshape.py --checkpoint_dir "$FINAL" --output_dir "$RUN/final" --openvino \
-  --calibration_triples "$DATA/distill_fused/triples.tsv" --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
+ship "$(latest "$RUN/recover")" "$RUN/final"
 RES=(--candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20
      --results "$ROOT/results.parquet" --table "$ROOT/results.md" --max_length "$MAX_LENGTH" --no_latency)
 for backend in torch openvino openvino-int8; do

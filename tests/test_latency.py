@@ -44,6 +44,44 @@ def test_predictor_interpolates_the_grid():
         latency.predict_ms(table, [1, 2], [3])
 
 
+def test_the_time_no_layer_owns_is_a_fixed_cost_of_every_shape():
+    """whole_model_ms beyond the additive prediction of the reference: added to every shape's
+    prediction (interpolated in length), so the reference is predicted as measured and a pruned
+    shape's ratio is not flattered; the 03c shape chooser and L0's linear costs see it too."""
+
+    table = synthetic_table()
+    full64, full128 = 3 + 3 * 5.0, 5 + 3 * 10.0
+    table["whole_model_ms"] = [full64 + 2.0, full128 + 6.0]
+    assert latency.residual_ms(table, 64) == pytest.approx(2.0)
+    assert latency.residual_ms(table, 96) == pytest.approx(4.0)
+    assert latency.residual_ms(table) == pytest.approx(6.0)  # default: the longest length
+    assert latency.predict_ms(table, [4] * 3, [200] * 3, 128) == pytest.approx(full128 + 6.0)
+    assert latency.additive_ms(table, [4] * 3, [200] * 3, 128) == pytest.approx(full128)
+    pruned = ([2, 0, 4], [100, 0, 200])
+    ratio = latency.predicted_ratio(table, *pruned, 64)
+    assert ratio == pytest.approx((3 + 3 + 0 + 5 + 2.0) / (full64 + 2.0))
+    assert ratio > latency.additive_ms(table, *pruned, 64) / full64  # the fixed cost does not shrink
+    assert latency.predicted_speedup(table, ([4] * 3, [200] * 3), pruned, 64) == pytest.approx(1 / ratio)
+    base, _c, _a, _b = latency.linear_costs(table, 64)
+    assert base == pytest.approx(3 + 2.0)
+    no_whole = synthetic_table()
+    assert latency.residual_ms(no_whole, 64) == 0.0 and latency.linear_costs(no_whole, 64)[0] == pytest.approx(3)
+    table["whole_model_ms"] = [1.0, 1.0]  # far below the additive model: never more than half the base off
+    assert latency.residual_ms(table, 64) == pytest.approx(-1.5)
+
+
+def test_the_shape_chooser_costs_include_the_residual(tmp_path):
+    from common.pruning.latency_shape import LatencyCost
+
+    table = synthetic_table()
+    table["whole_model_ms"] = [3 + 3 * 5.0 + 2.0, 5 + 3 * 10.0 + 6.0]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    cost = LatencyCost(str(path), 4, 200, 64)
+    assert cost.base == pytest.approx(3 + 2.0) and cost.layer(4, 200) == pytest.approx(5.0)
+    assert cost.ratio([2, 0, 4], [100, 0, 200]) == pytest.approx(latency.predicted_ratio(table, [2, 0, 4], [100, 0, 200], 64))
+
+
 def test_load_table_refuses_a_malformed_file(tmp_path):
     path = tmp_path / "t.json"
     path.write_text("{not json")
@@ -83,7 +121,11 @@ def test_latency_table_script_writes_what_the_predictor_reads(backend, tiny_mode
     assert np.shape(table["measured_ms"]) == (2, 2, 2) and np.all(np.asarray(table["measured_ms"]) > 0)
     assert table["base_ms"] == [table["measured_ms"][k][0][0] for k in range(2)]
     assert table["predicted_whole_model_ms"] == pytest.approx(
-        [latency.predict_ms(table, [4] * 3, [37] * 3, n) for n in (16, 32)])
+        [latency.additive_ms(table, [4] * 3, [37] * 3, n) for n in (16, 32)])
+    # with the residual, the reference model is predicted as it was measured
+    assert [latency.predict_ms(table, [4] * 3, [37] * 3, n) for n in (16, 32)] == pytest.approx(
+        [max(w, p - 0.5 * b) for w, p, b in zip(table["whole_model_ms"], table["predicted_whole_model_ms"],
+                                                table["base_ms"])])
     assert all(m > 0 for m in table["whole_model_ms"])
     with pytest.raises(SystemExit):
         _script()(["--model", str(tiny_models["bert"]), "--backend", backend, "--heads", "2", "4",
@@ -120,3 +162,23 @@ def test_speedup_bench_holds_the_measured_speed_up_against_the_table(tiny_models
     path.write_text("{}")
     with pytest.raises(SystemExit, match="error: --latency_table: .*without field"):
         module.main(["--baseline", model, "--candidate", model, "--latency_table", str(path)])
+
+
+def test_onnx_int8_table_keeps_the_shipped_fp32_projections(tiny_models, tmp_path, capsys):
+    """--int8_keep_fp32 times the int8 graphs as 04 --int8_keep_fp32 ships them, recorded in the
+    table; asked of another backend it is refused before anything is measured or written."""
+    out = tmp_path / "int8.json"
+    _script()(["--model", str(tiny_models["bert"]), "--backend", "onnx-int8", "--heads", "0", "4", "--ffn", "0", "37",
+               "--lengths", "16", "--batch", "2", "--rounds", "1", "--threads", "1", "--int8_keep_fp32", "ffn_out",
+               "--out", str(out)])
+    table = latency.load_table(out)
+    assert table["int8_keep_fp32"] == ["ffn_out"] and table["backend"] == "onnx-int8"
+    assert np.all(np.asarray(table["measured_ms"]) > 0)
+    with pytest.raises(SystemExit):
+        _script()(["--model", str(tiny_models["bert"]), "--backend", "torch", "--int8_keep_fp32", "ffn_out",
+                   "--out", str(tmp_path / "y.json")])
+    assert "--int8_keep_fp32 shapes onnx-int8 graphs; --backend is torch" in capsys.readouterr().err
+    assert not (tmp_path / "y.json").exists()
+    with pytest.raises(ValueError, match="int8_keep_fp32 shapes onnx-int8 graphs"):
+        latency.measure_table(str(tiny_models["bert"]), None, "onnx", [0, 4], [0, 37], [16], 2, 1, 1,
+                              keep_fp32=("ffn_out",))

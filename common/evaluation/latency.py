@@ -5,11 +5,16 @@ reference model (its embeddings, first layer and head) with that layer reshaped 
 (heads, FFN width) of a grid, at each input length, on batches of ``batch`` sequences:
 ``measured_ms[length][i][j]`` for ``heads[i]``, ``ffn[j]``. ``base_ms[length]`` is the grid's
 (0 heads, 0 FFN) point: embeddings, head and an emptied layer; a layer of (h, f) costs
-``measured - base`` over it. :func:`predict_ms` adds the base and every layer's interpolated cost
-(bilinear in heads and FFN width, linear in length, clamped to the grid), so the pruned
-model's predicted time and its ratio to the unpruned model's (:func:`predicted_ratio`) are
-what the pruners can minimise; ``whole_model_ms`` (the reference model as it is, timed the
-same way) against its prediction says how far the additive model holds on this backend.
+``measured - base`` over it. :func:`additive_ms` adds the base and every layer's interpolated
+cost (bilinear in heads and FFN width, linear in length, clamped to the grid).
+``whole_model_ms`` is the reference model as it is, timed the same way; what it takes beyond its
+own additive prediction (``predicted_whole_model_ms``) is time no single layer owns (on OpenVINO
+~10 % of the model: a graph of many layers is not the sum of one-layer graphs), and
+:func:`residual_ms` reads it. :func:`predict_ms` is the additive time plus that residual, a fixed
+cost of every shape (it does not shrink with pruning), so the pruned model's predicted time and
+its ratio to the unpruned model's (:func:`predicted_ratio`), what the pruners minimise, are not
+flattered by the part of the time pruning cannot remove. A table without ``whole_model_ms`` has
+no residual.
 """
 from __future__ import annotations
 
@@ -69,10 +74,10 @@ def layer_ms(table: dict, heads: float, ffn: float, length_index: int) -> float:
     return float(top * (1 - wi) + bottom * wi)
 
 
-def predict_ms(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int],
-               length: float | None = None) -> float:
-    """Predicted ms of one batch of the table's size through a model of these layer widths, at
-    ``length`` tokens (default: the table's longest), interpolated linearly between lengths."""
+def additive_ms(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int],
+                length: float | None = None) -> float:
+    """The base and these layers' costs, one batch of the table's size at ``length`` tokens
+    (default: the table's longest), interpolated linearly between lengths."""
     if len(heads_per_layer) != len(ffn_per_layer):
         raise ValueError(f"{len(heads_per_layer)} head counts but {len(ffn_per_layer)} FFN widths")
     lengths = table["lengths"]
@@ -85,11 +90,33 @@ def predict_ms(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int]
     return at(k0) * (1 - w) + at(k1) * w
 
 
+def residual_ms(table: dict, length: float | None = None) -> float:
+    """The reference model's measured time beyond its additive prediction at ``length``
+    (interpolated between the table's lengths; 0 for a table without ``whole_model_ms``), never
+    below minus half the base (an empty model keeps a positive time)."""
+    if "whole_model_ms" not in table:
+        return 0.0
+    lengths = table["lengths"]
+    reference = ([table["num_heads"]] * table["layers"], [table["ffn_size"]] * table["layers"])
+    gap = [table["whole_model_ms"][k] - additive_ms(table, *reference, n) for k, n in enumerate(lengths)]
+    k0, k1, w = _interp_axis(lengths, lengths[-1] if length is None else length)
+    base = table["base_ms"][k0] * (1 - w) + table["base_ms"][k1] * w
+    return max(gap[k0] * (1 - w) + gap[k1] * w, -0.5 * base)
+
+
+def predict_ms(table: dict, heads_per_layer: list[int], ffn_per_layer: list[int],
+               length: float | None = None) -> float:
+    """Predicted ms of one batch of the table's size through a model of these layer widths at
+    ``length`` tokens (default: the table's longest): :func:`additive_ms` plus :func:`residual_ms`."""
+    return additive_ms(table, heads_per_layer, ffn_per_layer, length) + residual_ms(table, length)
+
+
 def linear_costs(table: dict, length: float | None = None) -> tuple[float, float, float, float]:
     """The table as a cost linear in heads and neurons, what L0 gates can take an expectation of
     (``common.pruning.l0``): a least-squares fit ``layer = c + a * heads + b * neurons`` over the
     grid's non-empty layers at ``length`` (interpolated between the table's lengths); returns
-    (base ms, per-layer constant c, ms per head a, ms per neuron b), a and b at least 1e-9."""
+    (base ms with the table's residual, per-layer constant c, ms per head a, ms per neuron b), a
+    and b at least 1e-9."""
     lengths = table["lengths"]
     k0, k1, w = _interp_axis(lengths, lengths[-1] if length is None else length)
     grid = [np.asarray(table["measured_ms"][k], dtype=float) - table["base_ms"][k] for k in (k0, k1)]
@@ -98,7 +125,7 @@ def linear_costs(table: dict, length: float | None = None) -> tuple[float, float
     design = np.stack([np.ones(h.size), h.ravel(), f.ravel()], axis=1)
     used = (h.ravel() > 0) | (f.ravel() > 0)  # the empty layer is the base, not a point of the fit
     c, a, b = np.linalg.lstsq(design[used], y[used], rcond=None)[0]
-    base = table["base_ms"][k0] * (1 - w) + table["base_ms"][k1] * w
+    base = table["base_ms"][k0] * (1 - w) + table["base_ms"][k1] * w + residual_ms(table, length)
     return float(base), float(c), max(float(a), 1e-9), max(float(b), 1e-9)
 
 
@@ -136,16 +163,17 @@ def cut_model(reference: str, kind: str | None, heads: int | None = None, ffn: i
     return loaded.__class__(loaded.model.eval(), loaded.tokenizer, loaded.state, loaded.masks, loaded.path)
 
 
-def backend_runner(loaded, backend: str, workdir: Path, threads: int):
+def backend_runner(loaded, backend: str, workdir: Path, threads: int, keep_fp32: tuple[str, ...] = ()):
     """A runner of ``backend`` for an in-memory model: torch directly, the ONNX/OpenVINO
-    backends through an export into ``workdir`` (checked against torch as every export is)."""
+    backends through an export into ``workdir`` (checked against torch as every export is);
+    ``keep_fp32``: projections the int8 graph leaves in fp32, as ``04 --int8_keep_fp32`` ships them."""
     from common.layout import export_file
     from common.serving.onnx_export import export_onnx
     from common.serving.runners import TORCH_PRECISION, OnnxRunner, OpenVinoRunner, TorchRunner
 
     if backend in TORCH_PRECISION:
         return TorchRunner(loaded, TORCH_PRECISION[backend])
-    export_onnx(loaded, workdir, max_length=64)
+    export_onnx(loaded, workdir, max_length=64, keep_fp32=keep_fp32)
     if backend.startswith("onnx"):
         return OnnxRunner(export_file(workdir, backend), threads)
     from common.serving.openvino_export import export_openvino
@@ -155,9 +183,11 @@ def backend_runner(loaded, backend: str, workdir: Path, threads: int):
 
 
 def measure_table(reference: str, kind: str | None, backend: str, heads: list[int], ffn: list[int],
-                  lengths: list[int], batch: int, rounds: int, threads: int, progress: bool = True) -> dict:
+                  lengths: list[int], batch: int, rounds: int, threads: int, progress: bool = True,
+                  keep_fp32: tuple[str, ...] = ()) -> dict:
     """The latency table of ``backend`` on this host (module docstring): every (heads, ffn)
-    point of the grid at every length, and the reference model whole."""
+    point of the grid at every length, and the reference model whole. ``keep_fp32`` (onnx-int8
+    only): the int8 graphs keep those projections in fp32, recorded as ``int8_keep_fp32``."""
     import torch
 
     from common.hardware import host_key, machine_description
@@ -166,6 +196,8 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
 
     if backend not in TABLE_BACKENDS:
         raise ValueError(f"backend must be one of {TABLE_BACKENDS}, got {backend!r}")
+    if keep_fp32 and backend != "onnx-int8":
+        raise ValueError(f"int8_keep_fp32 shapes onnx-int8 graphs; the backend is {backend}")
     torch.set_num_threads(threads)
     whole = cut_model(reference, kind)
     names = onnx_inputs(whole)
@@ -179,13 +211,14 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
         for i, h in enumerate(heads):
             for j, f in enumerate(ffn):
-                runner = backend_runner(cut_model(reference, kind, h, f), backend, Path(tmp, f"{h}_{f}"), threads)
+                runner = backend_runner(cut_model(reference, kind, h, f), backend, Path(tmp, f"{h}_{f}"), threads,
+                                        keep_fp32)
                 for k, n in enumerate(lengths):
                     measured[k][i][j] = time_runner(runner, inputs[n], rounds)
                 if progress:
                     print(f"heads {h:3d} ffn {f:5d}: " + ", ".join(f"{measured[k][i][j]:.1f} ms @ {n}"
                                                                   for k, n in enumerate(lengths)), flush=True)
-        runner = backend_runner(whole, backend, Path(tmp, "whole"), threads)
+        runner = backend_runner(whole, backend, Path(tmp, "whole"), threads, keep_fp32)
         whole_ms = [time_runner(runner, inputs[n], rounds) for n in lengths]
     base = [measured[k][0][0] if heads[0] == 0 and ffn[0] == 0 else None for k in range(len(lengths))]
     if base[0] is None:
@@ -195,7 +228,9 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
              "kind": whole.kind, "layers": state.num_layers, "num_heads": top_heads, "ffn_size": top_ffn,
              "head_size": state.head_size, "batch": batch, "lengths": lengths, "heads": heads, "ffn": ffn,
              "rounds": rounds, "base_ms": base, "measured_ms": measured, "whole_model_ms": whole_ms}
-    table["predicted_whole_model_ms"] = [
-        predict_ms(table, [len(h) for h in state.present_heads], [len(f) for f in state.present_ffn], n)
+    if keep_fp32:
+        table["int8_keep_fp32"] = list(keep_fp32)
+    table["predicted_whole_model_ms"] = [  # the additive model's check; the gap is residual_ms
+        additive_ms(table, [len(h) for h in state.present_heads], [len(f) for f in state.present_ffn], n)
         for n in lengths]
     return table

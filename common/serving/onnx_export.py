@@ -224,15 +224,19 @@ def fp32_nodes(loaded: LoadedModel, graph_path: Path, roles: tuple[str, ...]) ->
     adapter = adapter_for(loaded.model.config)
     pattern = re.compile(rf"(^|\.){re.escape(adapter.layers)}\.\d+\."
                          rf"({'|'.join(re.escape(getattr(adapter, r)) for r in roles)})$")
-    names = [name for name, module in loaded.model.named_modules()  # an emptied one has no MatMul
-             if isinstance(module, nn.Linear) and pattern.search(name) and module.in_features and module.out_features]
+    linears = [(name, module) for name, module in loaded.model.named_modules()
+               if isinstance(module, nn.Linear) and pattern.search(name)]
+    if not linears:
+        raise ValueError(f"{graph_path}: the model has no {list(roles)} projection (common.models.arch)")
+    # an emptied projection (every neuron or head pruned) has no MatMul: nothing to keep in fp32
+    names = [name for name, module in linears if module.in_features and module.out_features]
     scopes = ["/model/" + re.sub(r"\.(?!\d)", "/", name) for name in names]  # layer.0 stays one scope
     present = {node.name for node in onnx.load(str(graph_path), load_external_data=False).graph.node}
     # a smoothed graph (SmoothedLinear) names the projection's MatMul one scope deeper: .../linear/MatMul
     nodes = [next((n for n in (f"{s}/MatMul", f"{s}/linear/MatMul") if n in present), f"{s}/MatMul")
              for s in scopes]
     missing = [n for n in nodes if n not in present]
-    if not nodes or missing:
+    if missing:
         raise ValueError(f"{graph_path}: no MatMul node for {missing or list(roles)}: the exporter's "
                          "node names changed (common.serving.onnx_export.fp32_nodes)")
     return nodes
