@@ -2,7 +2,8 @@
 """Training pairs/s with and without --group_by_length, on a small sample of a training file.
 
 For each setting: the share of the tokens of the batches that is padding (the tokenizer on the
-exact batches a stage would train, over --padding_pairs; no model run), then a short 02 stage (Trainer) whose
+exact batches a stage would train, over --padding_pairs, padded as the stage pads them: grouped
+batches in chunks of LENGTH_CHUNK sequences of similar length; no model run), then a short 02 stage (Trainer) whose
 pairs/s come from its metrics.jsonl (common.training.resume.training_throughput: the first step
 left out). The two stages alternate over --rounds, each in its own temporary output dir, so
 that a machine's drift hits both alike. Quality is not measured here.
@@ -24,7 +25,7 @@ from common.data.formats import DataError, TrainingBatches
 from common.kinds import CrossKind
 from common.models.loading import encode_pairs
 from common.kinds.loading import load_model
-from common.training.loop import TrainArgs, Trainer
+from common.training.loop import LENGTH_CHUNK, TrainArgs, Trainer
 from common.training.resume import training_throughput
 from common.training.schedules import WarmupLinear
 
@@ -40,9 +41,10 @@ def padding_share(args, grouped: bool) -> float:
     for _, batch in zip(range(args.padding_pairs // args.batch_size), batches):
         queries = [row[0] for _, row in batch for _ in range(2)]
         passages = [p for _, row in batch for p in row[1:]]
-        mask = encode_pairs(tokenizer, queries, passages, args.max_length)["attention_mask"]
-        real += int(mask.sum())
-        padded += mask.numel()
+        lengths = encode_pairs(tokenizer, queries, passages, args.max_length)["attention_mask"].sum(dim=1)
+        chunks = lengths.sort().values.split(LENGTH_CHUNK) if grouped else [lengths]
+        real += int(lengths.sum())
+        padded += sum(int(c.max()) * len(c) for c in chunks)
     return 1 - real / padded
 
 
@@ -50,7 +52,7 @@ def one_stage(args, grouped: bool, out: Path) -> float:
     train = TrainArgs(train_triples_file=args.triples, output_dir=str(out), num_training_samples=args.pairs,
                       model_tag=args.model, batch_size=args.batch_size, max_length=args.max_length,
                       device=args.device, precision=args.precision, threads=args.threads, seed=args.seed,
-                      group_by_length=grouped, learning_rate=3e-5)
+                      group_by_length=grouped, learning_rate=3e-5, head=args.head)
     Trainer(train, "initial", lambda t: WarmupLinear(t.total_steps, 0)).train()
     return training_throughput(out)["pairs/s"]
 
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--triples", required=True, help="query<TAB>positive<TAB>negative (plain or .gz)")
     p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--head", help="the cross-encoder head (default: the model's; the main job: segment_cosine)")
     p.add_argument("--pairs", type=positive_int, default=256, help="pairs per stage (a multiple of --batch_size)")
     p.add_argument("--padding_pairs", type=positive_int, default=2048,
                    help="pairs the padding share is measured on (tokenizer only)")

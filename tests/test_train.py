@@ -237,3 +237,62 @@ def test_group_by_length_resumes_exactly_with_the_teacher_scores_of_its_rows(tin
     from common.training.resume import training_throughput
     rate = training_throughput(tmp_path / "a")  # the first step is left out
     assert rate["pairs timed"] == 40 and rate["pairs/s"] > 0 and rate["device"] == "cpu"
+
+
+@pytest.mark.parametrize("head", ["classifier", "segment_cosine"])
+def test_length_chunks_compute_the_whole_batch_with_less_padding(head, tiny_models):
+    """chunked_call: the batch's sequences in length-sorted chunks, each cut to its own longest,
+    give the scores, embeddings and gradients of the whole padded batch, in the batch's order."""
+    from common.kinds.base import chunked_call
+    from common.kinds.loading import load_model
+    from common.models.loading import encode_pairs
+
+    loaded = load_model(str(tiny_models["bert"]), "cpu", kind="cross", head=head)
+    model = loaded.model.eval()
+    queries = [f"query {i}" for i in range(20)]
+    passages = [" ".join(["word"] * (3 + (i * 7) % 40)) for i in range(20)]
+    batch = encode_pairs(loaded.tokenizer, queries, passages, 64, model)
+    widths = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    whole = model(**batch)
+    whole.logits.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    chunked = chunked_call(model, batch, 8)
+    chunked.logits.float().square().sum().backward()
+    handle.remove()
+    full = batch["input_ids"].shape[1]
+    assert widths[0] == (20, full) and [w[0] for w in widths[1:]] == [8, 8, 4]
+    assert sum(n * t for n, t in widths[1:]) < 20 * full and max(t for _, t in widths[1:]) == full
+    mask = batch["attention_mask"].bool()
+    for key, value in whole.items():
+        if value is not None:
+            assert chunked[key].shape == value.shape
+            if value.dim() == 3:  # a token axis: what the padding positions hold is no output
+                value, got = value[mask], chunked[key][mask]
+            else:
+                got = chunked[key]
+            torch.testing.assert_close(got, value, atol=2e-5, rtol=1e-4)
+    for name, param in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], atol=2e-5, rtol=1e-3)
+    assert chunked_call(model, batch, 0).logits.shape == whole.logits.shape  # 0: one call
+
+
+def test_group_by_length_chunks_a_cross_encoder_batch(tiny_models, toy_triples, tmp_path):
+    """--group_by_length runs a cross-encoder's batch in chunks (LENGTH_CHUNK sequences); not with
+    --distill_hidden (one forward per step), nor without --group_by_length."""
+    from common.training.loop import LENGTH_CHUNK
+
+    chunked = Trainer(args_for(tiny_models["bert"], toy_triples, tmp_path / "a", 32, group_by_length=True,
+                               batch_size=32), "initial", warmup_linear)
+    assert chunked.training_kind.length_chunk == LENGTH_CHUNK
+    plain = Trainer(args_for(tiny_models["bert"], toy_triples, tmp_path / "b", 32, batch_size=32), "initial",
+                    warmup_linear)
+    assert plain.training_kind.length_chunk == 0
+    hidden = Trainer(args_for(tiny_models["bert"], toy_triples, tmp_path / "c", 32, group_by_length=True, batch_size=32,
+                              distill_from=str(tiny_models["bert"]), distill_hidden=1.0), "initial", warmup_linear)
+    assert hidden.training_kind.length_chunk == 0
+    chunked.train()
+    assert any(tmp_path.joinpath("a").glob("seen_*"))

@@ -50,6 +50,42 @@ class Forward:
     extra: dict
 
 
+def chunked_call(module: nn.Module, batch: dict, chunk: int):
+    """``module(**batch)`` with the batch's sequences sorted by length and run in chunks of at most
+    ``chunk``, each cut to its own longest sequence (right padding: the padding a whole batch
+    pads to its longest is left out; the function is the same: padding is masked), the outputs put back in
+    the batch's order. Per-sequence outputs (first dim the batch) are concatenated; those with a
+    token axis (dim 1) are padded back to the batch's width with zeros. ``chunk`` 0 or at least
+    the batch: one call. Every forward of a chunk is part of one autograd graph, so one backward
+    follows as after a single call."""
+    mask = batch["attention_mask"]
+    n, width = mask.shape
+    if chunk <= 0 or n <= chunk:
+        return module(**batch)
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    parts = []
+    for index in order.split(chunk):
+        keep = int(lengths[index].max())
+        parts.append(module(**{k: (v[index][:, :keep] if torch.is_tensor(v) and v.shape[:2] == (n, width)
+                                   else v[index] if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
+                               for k, v in batch.items()}))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    merged = {}
+    for key, first in parts[0].items():
+        if first is None:
+            continue
+        if not torch.is_tensor(first):
+            raise ValueError(f"chunked forward: output {key} is not a tensor; run the batch at once")
+        values = [part[key] for part in parts]
+        if first.dim() >= 3:  # a token axis: back to the batch's width
+            pad = [0, 0] * (first.dim() - 2)
+            values = [torch.nn.functional.pad(v, pad + [0, width - v.shape[1]]) for v in values]
+        merged[key] = torch.cat(values)[inverse]
+    return parts[0].__class__(**merged)
+
+
 class ModelKind:
     """One kind of model; the class holds what the kind is, an instance its training side,
     bound to the student's tokenizer and layout."""
@@ -133,9 +169,11 @@ class ModelKind:
     # -- training (an instance)
 
     def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int,
-                 precision: str):
+                 precision: str, length_chunk: int = 0):
+        """``length_chunk``: run a batch's sequences in chunks of at most this many, of similar
+        length, each padded only to its own longest (:func:`chunked_call`; 0: the batch at once)."""
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.max_length, self.precision = max_length, precision
+        self.max_length, self.precision, self.length_chunk = max_length, precision, length_chunk
 
     @classmethod
     def check_args(cls, args, model: nn.Module) -> None:

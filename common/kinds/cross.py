@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from common.kinds.base import Forward, ModelKind, register_kind
+from common.kinds.base import Forward, ModelKind, chunked_call, register_kind
 from common.models import st_format
 from common.models.decoders import check_cross_head
 from common.models.loading import (NUM_LABELS, autocast_context, bare_encoder, check_weights_found, encode_pairs,
@@ -105,14 +105,14 @@ class CrossKind(ModelKind):
         passages = [x for row in rows for x in row[1:]]
         batch = encode_pairs(self.tokenizer, queries, passages, self.max_length, self.model).to(self.device)
         with autocast_context(self.device, self.precision):
-            output = model(**batch)
+            output = chunked_call(model, batch, self.length_chunk)
         logits = output.logits.float()
         student = relevance_logit(logits).view(len(rows), n)
         return Forward({"logits": logits, "scores": student}, batch, {"output": output, "rows": n})
 
     def teacher_forward(self, teacher, rows, student):
         with autocast_context(self.device, self.precision):
-            return {"output": teacher(**student.batch)}
+            return {"output": chunked_call(teacher, student.batch, self.length_chunk)}
 
     def distill_inputs(self, student, teacher, target):
         if target == "embeddings":

@@ -8,7 +8,10 @@ count pairs. Checkpoints (``output_dir/seen_{pairs:09d}[_heads_H_ffn_F]/``) hold
 Resuming from one continues with the next unseen triple, the same LR and the same RNG
 stream, so N pairs + resume + N pairs equals 2N pairs straight. With ``--group_by_length`` the
 rows come in batches of similar length in a seeded order (``common.data.formats.TrainingBatches``),
-which a resumed stage recomputes: the same equality holds. Train events log ``elapsed_s``, the
+which a resumed stage recomputes: the same equality holds; and a kind that runs pairs (cross)
+runs each batch's sequences in chunks of ``LENGTH_CHUNK`` of similar length, each padded only to
+its own longest (``common.kinds.base.chunked_call``: the same function, less padding), except
+under DDP, ``--distill_hidden`` or left padding (one forward per step there). Train events log ``elapsed_s``, the
 seconds since the process's loop began (``common.training.resume.training_throughput``: pairs/s).
 """
 from __future__ import annotations
@@ -52,6 +55,8 @@ from common.models.structure import Masks, zero_dead_weights
 from common.models.lora import add_lora, load_trainable, save_trainable
 
 log = logging.getLogger("slimrank")
+LENGTH_CHUNK = 16  # --group_by_length: sequences per forward chunk of a cross-encoder batch
+
 def apply_loss(loss: Loss, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Call ``loss`` on the tensors it names (``loss.inputs``) out of what the step offers."""
     missing = [k for k in loss.inputs if k not in inputs]
@@ -159,7 +164,12 @@ class Trainer:
         if args.distill_hidden and args.distill_scores and not kind.distill_beside_scores:
             raise ValueError(f"--distill_hidden: a {self.kind} model trained on --distill_scores "
                              "does not run its --distill_from teacher")
-        self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision)
+        # --group_by_length also runs each batch's sequences in length-sorted chunks (less padding still:
+        # a row's passages differ in length); one forward per step where DDP or --distill_hidden need it,
+        # and for a tokenizer that pads on the left (positions would move with the padding)
+        chunk = LENGTH_CHUNK if (args.group_by_length and self.world_size == 1 and not args.distill_hidden
+                                 and getattr(self.tokenizer, "padding_side", "right") == "right") else 0
+        self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision, chunk)
         self._set_query_encoder(args)
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
