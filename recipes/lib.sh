@@ -36,12 +36,14 @@ score_bi() {
 }
 
 # main_train_args DATA MAX_LENGTH: the main job's training arrays. TRAIN: the BM25-fused distillation set
-# (DATA/distill_fused), monitored on the 20 held-out training-side topics; PREC: empty, or --precision fp32
-# where the CPU has no native bf16 (the configs' bf16 autocast emulated is tens of times slower; said once)
+# (DATA/distill_fused), monitored on the 20 held-out training-side topics (GROUP_BY_LENGTH=1: with
+# --group_by_length); PREC: empty, or --precision fp32 where the CPU has no native bf16 (the configs' bf16
+# autocast emulated is tens of times slower; said once)
 main_train_args() {
   TRAIN=(--train_triples_file "$1/distill_fused/triples.tsv" --distill_scores "$1/distill_fused/teacher_scores.parquet"
          --max_length "$2" --eval_candidates_file "$1/distill/holdout.candidates.parquet"
          --eval_qrels_file "$1/distill/holdout.qrels.txt")
+  [ "${GROUP_BY_LENGTH:-0}" = 1 ] && TRAIN+=(--group_by_length)
   PREC=()
   if ! $PY -c "import sys; from common.hardware import cpu_has_native_bf16 as f; sys.exit(f() is False)"; then
     echo "note: this CPU has no native bf16: the training stages run with --precision fp32"

@@ -17,6 +17,7 @@
 # training is monitored on the 20 held-out DL21 topics.
 # Outputs: data/, $RUN/ (checkpoints, results.parquet, results.md, speedup.txt), figures/.
 # Re-run over an existing $RUN with OVERWRITE=1. Sizes: TRAIN_PAIRS, PRUNE_PAIRS, RECOVERY_PAIRS, MAX_LENGTH.
+# GROUP_BY_LENGTH=1: every training stage with --group_by_length (results/throughput).
 # SMOKE=1: the same steps in miniature (300 queries over 3,000 passages, 5 held-out topics, a few
 # hundred pairs per stage, 5 DL20 queries) into runs/smoke, data/smoke and runs/smoke/figures:
 # what CI runs.
