@@ -65,6 +65,27 @@ def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
         raise OSError(f"{path}: {' '.join(str(err).split())}") from None
 
 
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` whose failed write (a full disk: a ``RuntimeError`` from its zip writer,
+    "unexpected pos ..." or "iostream error") is an ``OSError`` naming the file and the space
+    left on its filesystem, as every other failed write."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:200]
+        raise OSError(f"{path}: the write failed ({first}); {_free_mib(Path(path).parent)} MiB free "
+                      "on its filesystem") from None
+
+
+def _free_mib(directory: Path) -> str:
+    try:
+        return str(shutil.disk_usage(directory).free // 2**20)
+    except OSError:
+        return "?"
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move the complete directory ``tmp`` onto ``final``. An existing ``final`` is renamed
     aside first and deleted last, so at no moment is neither copy on disk."""

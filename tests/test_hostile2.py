@@ -398,6 +398,29 @@ def test_a_failed_write_leaves_no_temporary_dir(run, tmp_path, monkeypatch):
     assert not [p.name for p in run2.iterdir() if p.name != "metrics.jsonl"]
 
 
+def test_a_full_disk_under_torch_save_is_one_error_line(run, tmp_path, monkeypatch):
+    """A full disk as ``torch.save`` reports it (a ``RuntimeError`` from its zip writer, as CI
+    once printed in a traceback) is one error line naming optimizer.pt and the space left, and
+    the stage leaves no checkpoint, finished or temporary."""
+    import torch
+
+    out, _ = run
+    save = torch.save
+
+    def full_on_optimizer(obj, path, *a, **k):
+        if str(path).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 102447808 vs 102447696")
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_on_optimizer)
+    triples = write_toy_triples(tmp_path / "t.tsv", 8)
+    run2 = tmp_path / "run2"
+    message = assert_refused(train, ["--model_tag", str(out / "seen_000000016"), "--train_triples_file",
+                                     str(triples), "--output_dir", str(run2), "--num_training_samples", "8", *A],
+                             "optimizer.pt", "unexpected pos", "MiB free")
+    assert "Traceback" not in message
+    assert not [p.name for p in run2.iterdir() if p.name != "metrics.jsonl"]
+
+
 def test_a_truncated_metrics_line_is_tolerated_on_resume(run, capsys):
     out, triples = run
     metrics = out / "metrics.jsonl"

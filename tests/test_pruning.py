@@ -356,6 +356,57 @@ def test_activation_importance_finds_silent_units(tiny_models):
         PruneArgs(importance="magnitude")
 
 
+@pytest.mark.parametrize("importance", ["activation", "confidence"])
+def test_scores_over_length_chunks_equal_the_whole_batch(importance, tiny_models):
+    """The importance scores are sums over sequences: observed over the batch's length-sorted
+    chunks (each padded only to its own longest, as --group_by_length's scoring pass runs) they
+    equal those of the whole padded batch, tokens / pairs counted alike."""
+    from common.kinds.base import length_chunks
+    from common.pruning.importance import get_importance
+
+    loaded = load_model(str(tiny_models["bert"]))
+    model, state = loaded.model, loaded.state
+    queries = [f"query {i}" for i in range(12)]
+    passages = [" ".join(["word"] * (2 + (i * 11) % 30)) for i in range(12)]
+    batch = encode_pairs(loaded.tokenizer, queries, passages, 64, model)
+    whole, chunked = get_importance(importance, state), get_importance(importance, state)
+    whole.observe(model, batch)
+    parts = list(length_chunks(batch, 5))
+    assert [len(index) for index, _ in parts] == [5, 5, 2]
+    assert sum(p["input_ids"].numel() for _, p in parts) < batch["input_ids"].numel()
+    for _index, part in parts:
+        chunked.observe(model, part)
+    assert chunked.observed() == whole.observed() > 0
+    for a, b in ((whole.head_scores(model), chunked.head_scores(model)),
+                 (whole.ffn_scores(model), chunked.ffn_scores(model))):
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-4)
+    assert [(i, p) for i, p in length_chunks(batch, 0)] == [(None, batch)]  # 0: the batch at once
+
+
+def test_group_by_length_scores_in_chunks_during_pruning(tiny_models, tmp_path, monkeypatch):
+    """03c with --group_by_length: the scoring pass sees the training forward's chunks
+    (LENGTH_CHUNK sequences at most), never the whole padded batch."""
+    from common.pruning.importance import ActivationImportance
+    from common.training.loop import LENGTH_CHUNK
+    from test_train import write_varied_triples
+
+    seen = []
+    original = ActivationImportance.observe
+
+    def spy(self, model, batch):
+        seen.append(tuple(batch["input_ids"].shape))
+        return original(self, model, batch)
+    monkeypatch.setattr(ActivationImportance, "observe", spy)
+    triples = write_varied_triples(tmp_path / "v.tsv")
+    callback = PruneCallback("mixed", PruneArgs(target_heads=9, target_ffn=25, num_prune_cycles=2,
+                                                score_fraction=0.5, importance="activation"))
+    trainer = Trainer(prune_args(tiny_models, triples, tmp_path / "o", batch_size=32, num_training_samples=192,
+                                 group_by_length=True, max_length=64), "mixed", callback.schedule, callback)
+    trainer.train()
+    assert seen and all(n <= LENGTH_CHUNK for n, _ in seen) and len({t for _, t in seen}) > 1
+    assert trainer.state.total_heads == 9
+
+
 def test_reshaped_bi_encoder_recovers_by_embedding_distillation(tiny_models, toy_triples, tmp_path):
     """A recovery stage on a reshaped bi-encoder: 02's loop trains the small model itself
     (its shapes stay), distilling the unpruned parent's embeddings, and moves closer to it."""

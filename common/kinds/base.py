@@ -50,26 +50,39 @@ class Forward:
     extra: dict
 
 
+def length_chunks(batch: dict, chunk: int):
+    """``(index, sub-batch)`` pairs: the batch's sequences sorted by length (stable), in chunks of at
+    most ``chunk``, each cut to its own longest sequence (right padding: tensors shaped (batch,
+    width) are cut, those shaped (batch,) indexed, the rest passed as they are). ``chunk`` 0 or at
+    least the batch: the whole batch, once, with ``index`` None."""
+    mask = batch["attention_mask"]
+    n, width = mask.shape
+    if chunk <= 0 or n <= chunk:
+        yield None, batch
+        return
+    lengths = mask.sum(dim=1)
+    for index in torch.argsort(lengths, stable=True).split(chunk):
+        keep = int(lengths[index].max())
+        yield index, {k: (v[index][:, :keep] if torch.is_tensor(v) and v.shape[:2] == (n, width)
+                          else v[index] if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
+                      for k, v in batch.items()}
+
+
 def chunked_call(module: nn.Module, batch: dict, chunk: int):
-    """``module(**batch)`` with the batch's sequences sorted by length and run in chunks of at most
-    ``chunk``, each cut to its own longest sequence (right padding: the padding a whole batch
-    pads to its longest is left out; the function is the same: padding is masked), the outputs put back in
+    """``module(**batch)`` run over :func:`length_chunks` (the padding a whole batch pads to its
+    longest is left out; the function is the same: padding is masked), the outputs put back in
     the batch's order. Per-sequence outputs (first dim the batch) are concatenated; those with a
     token axis (dim 1) are padded back to the batch's width with zeros. ``chunk`` 0 or at least
     the batch: one call. Every forward of a chunk is part of one autograd graph, so one backward
     follows as after a single call."""
-    mask = batch["attention_mask"]
-    n, width = mask.shape
+    n, width = batch["attention_mask"].shape
     if chunk <= 0 or n <= chunk:
         return module(**batch)
-    lengths = mask.sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
-    parts = []
-    for index in order.split(chunk):
-        keep = int(lengths[index].max())
-        parts.append(module(**{k: (v[index][:, :keep] if torch.is_tensor(v) and v.shape[:2] == (n, width)
-                                   else v[index] if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
-                               for k, v in batch.items()}))
+    indices, parts = [], []
+    for index, part in length_chunks(batch, chunk):
+        indices.append(index)
+        parts.append(module(**part))
+    order = torch.cat(indices)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
     merged = {}

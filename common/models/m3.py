@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.io import atomic_output
+from common.io import atomic_output, save_torch
 
 HEAD_NAMES = ("dense", "sparse", "colbert")
 HEAD_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
@@ -172,7 +172,7 @@ def save_heads(model: nn.Module, directory: str | Path) -> None:
             state = {k: v.detach().to("cpu").contiguous().clone()
                      for k, v in getattr(module, f"{name}_linear").state_dict().items()}
             with atomic_output(Path(directory) / HEAD_FILES[name]) as tmp:
-                torch.save(state, tmp)
+                save_torch(state, tmp)
 
 
 HEADS_PREFIX = "m3_heads."  # the heads' tensors in a model's state dict (saved to their own files)

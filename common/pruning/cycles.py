@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from common.kinds.base import length_chunks
 from common.training.argtypes import arg, check_declared
 from common.pruning.importance import (Importance, get_importance, importance_names, select_ffn, select_heads,
                                        select_per_layer)
@@ -248,7 +249,10 @@ class PruneCallback(Callback):
         latency = bool(self.plan.latency_events)  # per-layer amounts, known at the event: score both kinds
         window_start = math.floor(self.plan.cycle_steps * (1 - self.prune.score_fraction))
         if within > window_start and self.scorer.needs_data(heads or latency, ffn or latency):
-            self.scorer.observe(trainer.model, batch)
+            # the scores are sums over sequences: under --group_by_length the pass runs in the
+            # training forward's length-sorted chunks too, each padded only to its own longest
+            for _index, part in length_chunks(batch, trainer.training_kind.length_chunk):
+                self.scorer.observe(trainer.model, part)
         if within == self.plan.cycle_steps:
             if latency:
                 self.prune_to_shape(trainer, cycle)

@@ -82,6 +82,8 @@ from common.evaluation.cost import analytic_macs, architecture
 from common.evaluation.latency import linear_costs, load_table, predicted_ratio
 from common.training.schedules import WarmupLinear
 from common.models.structure import PruningState, zero_dead_weights
+from common.io import save_torch
+from common.kinds.base import length_chunks
 from common.layout import GATES_FILE
 from common.training.loop import Callback, Trainer
 
@@ -504,7 +506,8 @@ class L0Callback(Callback):
             with torch.no_grad():
                 for start in range(0, len(rows), per_batch):
                     batch = trainer.training_kind.forward(model, rows[start:start + per_batch], ()).batch
-                    scorer.observe(model, batch)
+                    for _index, part in length_chunks(batch, trainer.training_kind.length_chunk):
+                        scorer.observe(model, part)
         finally:
             model.train(was_training)
         full = self.gates.ratio_with_offset(0.0)
@@ -567,7 +570,7 @@ class L0Callback(Callback):
     def save_files(self, trainer: Trainer, directory: Path) -> None:
         if self.finished or self.gates is None:
             return
-        torch.save({"gates": self.gates.state_dict(), "lambdas": self.lambdas.detach().cpu(),
+        save_torch({"gates": self.gates.state_dict(), "lambdas": self.lambdas.detach().cpu(),
                     "gate_optimizer": self.gate_optimizer.state_dict(),
                     "lambda_optimizer": self.lambda_optimizer.state_dict(), "start": self.start},
                    directory / GATES_FILE)

@@ -41,7 +41,7 @@ from common.data.formats import (DataError, TrainingBatches, candidates_to_run, 
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
-from common.io import DirLock, atomic_write_text, refuse_foreign
+from common.io import DirLock, atomic_write_text, refuse_foreign, save_torch
 from common.training.losses import Loss, get_loss
 from common.kinds import BiKind, kind_of
 from common.kinds.loading import load_model, save_model
@@ -568,7 +568,7 @@ class Trainer:
             rng["scaler"] = self.scaler.state_dict()
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            torch.save(rng, tmp / self._rng_file())
+            save_torch(rng, tmp / self._rng_file())
         except BaseException:  # a full or read-only disk: no half checkpoint left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -596,8 +596,8 @@ class Trainer:
             save_model(q.model, q.tokenizer, q.state, tmp / INNER_QUERY_ENCODER)
         if self.lora_base:
             save_trainable(self.model, tmp)
-        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        save_torch(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        save_torch(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         self.callback.save_files(self, tmp)
         entry = {"seen_pairs": self.seen_pairs, "stage_pairs": self.stage_pairs,
                  "heads": self.state.total_heads, "ffn": self.state.total_ffn, **measures}
