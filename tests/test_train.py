@@ -280,6 +280,33 @@ def test_length_chunks_compute_the_whole_batch_with_less_padding(head, tiny_mode
     assert chunked_call(model, batch, 0).logits.shape == whole.logits.shape  # 0: one call
 
 
+def test_length_batches_bench_runs_a_script_stage_per_chunk_size(tiny_models, tmp_path, capsys):
+    """bench/length_batches.py --stage: the real 03c stage, file order and one grouped setting per
+    --chunks, alternating; padding falls with the chunk size; each setting reports its speed-up."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("length_batches", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "length_batches.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    triples = write_varied_triples(tmp_path / "v.tsv")
+    model = str(tiny_models["bert"])
+    bench.main(["--triples", str(triples), "--model", model, "--pairs", "64", "--batch_size", "8",
+                "--max_length", "64", "--padding_pairs", "64", "--threads", "1", "--chunks", "8", "4",
+                "--stage", "03c_prune_mixed.py", "--stage_args",
+                f"initial --checkpoint_dir {model} --num_prune_cycles 2 --target_heads 9 --target_ffn 25 "
+                "--importance activation --score_fraction 0.5"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if "padding" in x]
+    assert [x.split(":")[0].strip() for x in lines] == ["file order", "group_by_length, chunks of 8",
+                                                        "group_by_length, chunks of 4"]
+    shares = [float(x.split("padding")[1].split("%")[0]) for x in lines]
+    assert shares[0] > shares[1] > shares[2]
+    assert all("speed-up" in x for x in lines) and lines[0].endswith("speed-up 1.00x")
+    from common.training.loop import LENGTH_CHUNK
+    assert LENGTH_CHUNK == 16  # the bench put the module's chunk back
+
+
 def test_group_by_length_chunks_a_cross_encoder_batch(tiny_models, toy_triples, tmp_path):
     """--group_by_length runs a cross-encoder's batch in chunks (LENGTH_CHUNK sequences); not with
     --distill_hidden (one forward per step), nor without --group_by_length."""
