@@ -8,6 +8,9 @@ the (0, 0) point is the base every layer's cost is measured over.
 
   python bench/latency_table.py --model all-MiniLM-L6-v2 --model_kind cross --backend openvino \
       --lengths 64 128 --threads 2 --out results/latency/openvino_epyc.json
+
+openvino-int8 calibrates every grid point's IR (NNCF static, as 04 ships it) on the first
+--calibration_pairs pairs of --calibration_triples (training-side triples, never evaluation topics).
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def main(argv=None) -> None:
     p.add_argument("--int8_keep_fp32", nargs="+", choices=FP32_ROLES, default=[], metavar="ROLE",
                    help="onnx-int8: leave these projections of every layer in fp32, as the shipped export "
                         "does (04_reshape.py --int8_keep_fp32, e.g. ffn_out)")
+    p.add_argument("--calibration_triples", help="openvino-int8: training-side triples to calibrate on")
+    p.add_argument("--calibration_pairs", type=positive_int, default=64,
+                   help="openvino-int8: pairs calibrated on (query + each passage of the first triples)")
     p.add_argument("--out", required=True, help="the table (json)")
     args = p.parse_args(argv)
     for flag in ("heads", "ffn"):
@@ -52,17 +58,33 @@ def main(argv=None) -> None:
             p.error(f"--{flag} must be increasing and start at 0 (the base of every layer's cost)")
     if args.int8_keep_fp32 and args.backend != "onnx-int8":
         p.error(f"--int8_keep_fp32 shapes onnx-int8 graphs; --backend is {args.backend}")
+    if (args.backend == "openvino-int8") != bool(args.calibration_triples):
+        p.error("--calibration_triples goes with --backend openvino-int8, and it needs them")
     if sorted(set(args.lengths)) != args.lengths:
         p.error("--lengths must be increasing")
     try:
         from common.evaluation.latency import cut_model
 
+        calibration = None
+        if args.calibration_triples:
+            from itertools import islice
+
+            from common.data.formats import TriplesStream
+
+            rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
+            pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
+            if not pairs:
+                raise ValueError(f"--calibration_triples {args.calibration_triples}: no triples")
+            calibration = ([q for q, _ in pairs], [p for _, p in pairs])
         first = cut_model(args.model, args.model_kind).state
         heads = args.heads or grid(len(first.present_heads[0]), 4)
         ffn = args.ffn or grid(len(first.present_ffn[0]), 4)
         table = measure_table(args.model, args.model_kind, args.backend, heads, ffn, args.lengths,
-                              args.batch, args.rounds, args.threads, keep_fp32=tuple(args.int8_keep_fp32))
-    except ValueError as err:
+                              args.batch, args.rounds, args.threads, keep_fp32=tuple(args.int8_keep_fp32),
+                              calibration=calibration)
+        if args.calibration_triples:
+            table["calibration_file"] = args.calibration_triples
+    except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}")
     atomic_write_text(args.out, json.dumps(table, indent=1))
     ratios = [m / p for m, p in zip(table["whole_model_ms"], table["predicted_whole_model_ms"])]

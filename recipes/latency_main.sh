@@ -12,8 +12,9 @@
 #                                         # pruned model (no new pruning stage)
 #   bash recipes/latency_main.sh report   # ships the unpruned and the MAC-target model (the main job's) as the
 #                                         # arms are shipped; one benchmark per backend: every model over the
-#                                         # unpruned one on OpenVINO (against TABLE) and on onnx-int8 (against
-#                                         # ONNX_TABLE, where it exists), and over the unpruned one in torch fp32
+#                                         # unpruned one on OpenVINO (against TABLE), on openvino-int8 (against
+#                                         # OV_INT8_TABLE) and on onnx-int8 (against ONNX_TABLE), each where its
+#                                         # table exists, and over the unpruned one in torch fp32
 #
 # 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host); DL20 is scored
 # once per model and backend (torch fp32, openvino, openvino-int8) into runs/latency_main/results.md.
@@ -22,6 +23,7 @@ ARG=${1:?usage: bash recipes/latency_main.sh RATIO|report}
 ROOT=runs/latency_main; DATA=${DATA:-data}; MAX_LENGTH=128
 TABLE=${TABLE:-results/latency/openvino_epyc.json}
 ONNX_TABLE=${ONNX_TABLE:-results/latency/onnx-int8-ffn_out_epyc.json}
+OV_INT8_TABLE=${OV_INT8_TABLE:-results/latency/openvino-int8_epyc.json}
 PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}
 latest() { $PY -m common.layout latest "$1"; }
 INITIAL=$(latest runs/main/initial)
@@ -38,13 +40,17 @@ if [ "$ARG" = report ]; then
   [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final" >&2; exit 1; }
   ship "$INITIAL" "$ROOT/unpruned"
   ship "$(latest runs/main/recover)" "$ROOT/mac_target"
-  OV=(); ONNX=(); ALL=(--candidate "$ROOT/unpruned@openvino" --candidate "$ROOT/unpruned@openvino-int8")
+  OV=(); OV8=(); ONNX=(); ALL=(--candidate "$ROOT/unpruned@openvino" --candidate "$ROOT/unpruned@openvino-int8")
   for d in "$ROOT/mac_target" "${SHIPPED[@]}"; do
-    OV+=(--candidate "$d@openvino"); ONNX+=(--candidate "$d@onnx-int8")
+    OV+=(--candidate "$d@openvino"); OV8+=(--candidate "$d@openvino-int8"); ONNX+=(--candidate "$d@onnx-int8")
     ALL+=(--candidate "$d@openvino" --candidate "$d@openvino-int8")
   done
   { echo "== on OpenVINO: over the unpruned model on OpenVINO (the peer), against $TABLE"
     $PY bench/speedup.py --baseline "$ROOT/unpruned@openvino" "${OV[@]}" "${CAND[@]}" --latency_table "$TABLE"
+    if [ -f "$OV_INT8_TABLE" ]; then
+      echo "== on openvino-int8: over the unpruned model on openvino-int8, against $OV_INT8_TABLE"
+      $PY bench/speedup.py --baseline "$ROOT/unpruned@openvino-int8" "${OV8[@]}" "${CAND[@]}" --latency_table "$OV_INT8_TABLE"
+    fi
     if [ -f "$ONNX_TABLE" ]; then
       echo "== on onnx-int8: over the unpruned model on onnx-int8, against $ONNX_TABLE"
       $PY bench/speedup.py --baseline "$ROOT/unpruned@onnx-int8" "${ONNX[@]}" "${CAND[@]}" --latency_table "$ONNX_TABLE"

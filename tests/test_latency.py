@@ -182,3 +182,26 @@ def test_onnx_int8_table_keeps_the_shipped_fp32_projections(tiny_models, tmp_pat
     with pytest.raises(ValueError, match="int8_keep_fp32 shapes onnx-int8 graphs"):
         latency.measure_table(str(tiny_models["bert"]), None, "onnx", [0, 4], [0, 37], [16], 2, 1, 1,
                               keep_fp32=("ffn_out",))
+
+
+def test_openvino_int8_table_calibrates_every_point_as_the_shipped_ir(tiny_models, toy_triples, tmp_path, capsys):
+    """--backend openvino-int8: every grid point's IR is NNCF-quantized on the calibration pairs (their
+    number and file recorded); without --calibration_triples, or with them for another backend, it is
+    refused before anything is measured or written."""
+    pytest.importorskip("nncf")
+    out = tmp_path / "ov-int8.json"
+    _script()(["--model", str(tiny_models["bert"]), "--backend", "openvino-int8", "--heads", "0", "4", "--ffn", "0",
+               "37", "--lengths", "16", "--batch", "2", "--rounds", "1", "--threads", "1", "--calibration_triples",
+               str(toy_triples), "--calibration_pairs", "8", "--out", str(out)])
+    table = latency.load_table(out)
+    assert table["backend"] == "openvino-int8" and table["precision"].startswith("int8 (NNCF static)")
+    assert table["calibration_pairs"] == 8 and table["calibration_file"] == str(toy_triples)
+    assert np.all(np.asarray(table["measured_ms"]) > 0) and all(m > 0 for m in table["whole_model_ms"])
+    for argv, needle in ((["--backend", "openvino-int8"], "--calibration_triples goes with --backend openvino-int8"),
+                         (["--backend", "openvino", "--calibration_triples", str(toy_triples)], "--calibration_triples")):
+        with pytest.raises(SystemExit):
+            _script()(["--model", str(tiny_models["bert"]), *argv, "--out", str(tmp_path / "z.json")])
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "z.json").exists()
+    with pytest.raises(ValueError, match="calibration pairs go with the openvino-int8 backend"):
+        latency.measure_table(str(tiny_models["bert"]), None, "openvino-int8", [0, 4], [0, 37], [16], 2, 1, 1)

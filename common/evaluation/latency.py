@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-TABLE_BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino")  # openvino-int8 needs calibration
+TABLE_BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-int8")  # the last: calibration
 FIELDS = ("backend", "host", "batch", "lengths", "heads", "ffn", "num_heads", "ffn_size",
           "layers", "base_ms", "measured_ms")
 
@@ -163,10 +163,12 @@ def cut_model(reference: str, kind: str | None, heads: int | None = None, ffn: i
     return loaded.__class__(loaded.model.eval(), loaded.tokenizer, loaded.state, loaded.masks, loaded.path)
 
 
-def backend_runner(loaded, backend: str, workdir: Path, threads: int, keep_fp32: tuple[str, ...] = ()):
+def backend_runner(loaded, backend: str, workdir: Path, threads: int, keep_fp32: tuple[str, ...] = (),
+                   calibration: tuple[list[str], list[str]] | None = None):
     """A runner of ``backend`` for an in-memory model: torch directly, the ONNX/OpenVINO
     backends through an export into ``workdir`` (checked against torch as every export is);
-    ``keep_fp32``: projections the int8 graph leaves in fp32, as ``04 --int8_keep_fp32`` ships them."""
+    ``keep_fp32``: projections the int8 graph leaves in fp32, as ``04 --int8_keep_fp32`` ships them;
+    ``calibration``: (queries, passages) the openvino-int8 IR is calibrated on (NNCF, as 04 ships it)."""
     from common.layout import export_file
     from common.serving.onnx_export import export_onnx
     from common.serving.runners import TORCH_PRECISION, OnnxRunner, OpenVinoRunner, TorchRunner
@@ -178,16 +180,20 @@ def backend_runner(loaded, backend: str, workdir: Path, threads: int, keep_fp32:
         return OnnxRunner(export_file(workdir, backend), threads)
     from common.serving.openvino_export import export_openvino
 
-    export_openvino(loaded, workdir, max_length=64)
+    if backend == "openvino-int8" and not calibration:
+        raise ValueError("openvino-int8: the int8 IR needs calibration pairs (training-side triples)")
+    export_openvino(loaded, workdir, max_length=64, calibration=calibration if backend == "openvino-int8" else None)
     return OpenVinoRunner(export_file(workdir, backend), threads)
 
 
 def measure_table(reference: str, kind: str | None, backend: str, heads: list[int], ffn: list[int],
                   lengths: list[int], batch: int, rounds: int, threads: int, progress: bool = True,
-                  keep_fp32: tuple[str, ...] = ()) -> dict:
+                  keep_fp32: tuple[str, ...] = (), calibration: tuple[list[str], list[str]] | None = None) -> dict:
     """The latency table of ``backend`` on this host (module docstring): every (heads, ffn)
     point of the grid at every length, and the reference model whole. ``keep_fp32`` (onnx-int8
-    only): the int8 graphs keep those projections in fp32, recorded as ``int8_keep_fp32``."""
+    only): the int8 graphs keep those projections in fp32, recorded as ``int8_keep_fp32``.
+    ``calibration`` (openvino-int8 only, needed): the (queries, passages) every grid point's int8 IR
+    is calibrated on, as 04 calibrates the shipped one (their number is recorded)."""
     import torch
 
     from common.hardware import host_key, machine_description
@@ -198,6 +204,8 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
         raise ValueError(f"backend must be one of {TABLE_BACKENDS}, got {backend!r}")
     if keep_fp32 and backend != "onnx-int8":
         raise ValueError(f"int8_keep_fp32 shapes onnx-int8 graphs; the backend is {backend}")
+    if (backend == "openvino-int8") != bool(calibration):
+        raise ValueError("calibration pairs go with the openvino-int8 backend, and it needs them")
     torch.set_num_threads(threads)
     whole = cut_model(reference, kind)
     names = onnx_inputs(whole)
@@ -212,24 +220,28 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
         for i, h in enumerate(heads):
             for j, f in enumerate(ffn):
                 runner = backend_runner(cut_model(reference, kind, h, f), backend, Path(tmp, f"{h}_{f}"), threads,
-                                        keep_fp32)
+                                        keep_fp32, calibration)
                 for k, n in enumerate(lengths):
                     measured[k][i][j] = time_runner(runner, inputs[n], rounds)
                 if progress:
                     print(f"heads {h:3d} ffn {f:5d}: " + ", ".join(f"{measured[k][i][j]:.1f} ms @ {n}"
                                                                   for k, n in enumerate(lengths)), flush=True)
-        runner = backend_runner(whole, backend, Path(tmp, "whole"), threads, keep_fp32)
+        runner = backend_runner(whole, backend, Path(tmp, "whole"), threads, keep_fp32, calibration)
         whole_ms = [time_runner(runner, inputs[n], rounds) for n in lengths]
     base = [measured[k][0][0] if heads[0] == 0 and ffn[0] == 0 else None for k in range(len(lengths))]
     if base[0] is None:
         raise ValueError("the grid must start at 0 heads and 0 FFN neurons (the base of every layer's cost)")
     table = {"backend": backend, "host": machine_description(), "host_key": host_key(), "threads": threads,
-             "precision": openvino_precision() if backend == "openvino" else backend, "reference": reference,
+             "precision": (openvino_precision() if backend == "openvino" else
+                           f"int8 (NNCF static), the rest {openvino_precision()}" if backend == "openvino-int8" else backend),
+             "reference": reference,
              "kind": whole.kind, "layers": state.num_layers, "num_heads": top_heads, "ffn_size": top_ffn,
              "head_size": state.head_size, "batch": batch, "lengths": lengths, "heads": heads, "ffn": ffn,
              "rounds": rounds, "base_ms": base, "measured_ms": measured, "whole_model_ms": whole_ms}
     if keep_fp32:
         table["int8_keep_fp32"] = list(keep_fp32)
+    if calibration:
+        table["calibration_pairs"] = len(calibration[0])
     table["predicted_whole_model_ms"] = [  # the additive model's check; the gap is residual_ms
         additive_ms(table, [len(h) for h in state.present_heads], [len(f) for f in state.present_ffn], n)
         for n in lengths]

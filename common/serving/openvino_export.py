@@ -115,7 +115,10 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
                              "max_abs_diff_vs_torch": diffs}}
         if calibration is not None:
             queries, passages = calibration
-            items = calibration_items(loaded, queries, passages, max_length)
+            graph_inputs = {name for port in model.inputs for name in port.get_names()}
+            # a graph can take fewer inputs than the model (a layer cut to 0 heads reads no attention mask)
+            items = [{k: v for k, v in item.items() if k in graph_inputs}
+                     for item in calibration_items(loaded, queries, passages, max_length)]
             quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
                                       subset_size=len(items))
             int8_xml = tmp / OPENVINO_FILES["openvino-int8"]
