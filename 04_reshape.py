@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from itertools import islice
 
 from common.kinds import KINDS
 from common.cli import fail, parse_args, positive_int
-from common.data.formats import TriplesStream
-from common.data.triples import DL20_TOPICS, check_text_queries
+from common.data.triples import DL20_TOPICS, calibration_pairs
 from common.pruning.l3prune import (RULES, choose, earlier_layer_losses, layers_to_keep, layerwise_losses,
                                     parse_keep_layers)
 from common.models.loading import QUERY_ENCODER_FIELD, model_depth
@@ -118,14 +116,9 @@ def main(argv=None) -> None:
     try:
         calibration, held_out = None, None  # read before anything is written: a bad file is an error
         if args.calibration_triples:
-            n_calib = (args.calibration_pairs + 1) // 2
-            rows = list(islice(iter(TriplesStream(args.calibration_triples)),
-                               n_calib + (args.held_out_triples if args.openvino else 0)))
-            pairs = [(row[0], p) for row in rows[:n_calib] for p in row[1:]][:args.calibration_pairs]
-            calibration = ([q for q, _ in pairs], [p for _, p in pairs])
-            check_text_queries(calibration[0], f"--calibration_triples {args.calibration_triples}",
-                               args.eval_topics, args.allow_eval_overlap)
-            held_out = [(row[0], row[1], row[2]) for row in rows[n_calib:] if len(row) >= 3]
+            calibration, held_out = calibration_pairs(
+                args.calibration_triples, args.calibration_pairs, args.held_out_triples if args.openvino else 0,
+                args.eval_topics, args.allow_eval_overlap)
         keep, note = args.keep_layers, None
         if keep is not None and keep not in RULES:
             keep = layers_to_keep(keep, model_depth(args.checkpoint_dir))

@@ -66,16 +66,10 @@ def main(argv=None) -> None:
         from common.evaluation.latency import cut_model
 
         calibration = None
-        if args.calibration_triples:
-            from itertools import islice
+        if args.calibration_triples:  # training-side pairs: DL20's queries are refused
+            from common.data.triples import calibration_pairs
 
-            from common.data.formats import TriplesStream
-
-            rows = list(islice(iter(TriplesStream(args.calibration_triples)), (args.calibration_pairs + 1) // 2))
-            pairs = [(row[0], p) for row in rows for p in row[1:]][:args.calibration_pairs]
-            if not pairs:
-                raise ValueError(f"--calibration_triples {args.calibration_triples}: no triples")
-            calibration = ([q for q, _ in pairs], [p for _, p in pairs])
+            calibration, _ = calibration_pairs(args.calibration_triples, args.calibration_pairs)
         first = cut_model(args.model, args.model_kind).state
         heads = args.heads or grid(len(first.present_heads[0]), 4)
         ffn = args.ffn or grid(len(first.present_ffn[0]), 4)

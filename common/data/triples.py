@@ -57,6 +57,24 @@ def check_text_queries(queries: Iterable[str], source: str, eval_topics: Iterabl
                             f"{shared[0]!r}): use training-side text, or pass --allow_eval_overlap")
 
 
+def calibration_pairs(path: Path_, pairs: int, held_out_triples: int = 0,
+                      eval_topics: Iterable[Path_] = (DL20_TOPICS,), allow_eval_overlap: bool = False):
+    """``((queries, passages), held_out)`` from a training-side triples file: the first ``pairs``
+    pairs (a query with each passage of the first triples), checked against the evaluation queries
+    (:func:`check_text_queries`), and up to ``held_out_triples`` (query, positive, negative) triples
+    after them, which the calibration did not see."""
+    from itertools import islice
+
+    n_calib = (pairs + 1) // 2
+    rows = list(islice(iter(data.TriplesStream(path)), n_calib + held_out_triples))
+    chosen = [(row[0], p) for row in rows[:n_calib] for p in row[1:]][:pairs]
+    if not chosen:
+        raise data.DataError(f"{path}: no triples to calibrate on")
+    calibration = ([q for q, _ in chosen], [p for _, p in chosen])
+    check_text_queries(calibration[0], f"--calibration_triples {path}", eval_topics, allow_eval_overlap)
+    return calibration, [(row[0], row[1], row[2]) for row in rows[n_calib:] if len(row) >= 3]
+
+
 def triples_from_qrels(candidates: list[Path_], qrels: Path_, output: Path_, *, seed: int = 42,
                        min_positive_grade: int = 2, negatives_per_positive: int = 4,
                        include_unjudged: bool = False, eval_candidates: Iterable[Path_] = (),
