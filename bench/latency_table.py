@@ -9,8 +9,9 @@ the (0, 0) point is the base every layer's cost is measured over.
   python bench/latency_table.py --model all-MiniLM-L6-v2 --model_kind cross --backend openvino \
       --lengths 64 128 --threads 2 --out results/latency/openvino_epyc.json
 
-openvino-int8 calibrates every grid point's IR (NNCF static, as 04 ships it) on the first
---calibration_pairs pairs of --calibration_triples (training-side triples, never evaluation topics).
+openvino-int8 calibrates every grid point's IR with 04's recipe (NNCF static, transformer preset) on
+the first --calibration_pairs pairs of --calibration_triples (training-side triples; DL20's queries are
+refused), truncated to 64 tokens: the activation ranges depend on them, the timed graph does not.
 """
 from __future__ import annotations
 

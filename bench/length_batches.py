@@ -7,8 +7,10 @@ is padding (the tokenizer on the exact batches a stage would train, over --paddi
 the stage pads them; no model run), then a short stage whose pairs/s come from its metrics.jsonl
 (common.training.resume.training_throughput: the first step and checkpoint writes left out). By
 default a plain 02 stage (Trainer); with --stage SCRIPT the real script runs in-process with
---stage_args (a stage of a recipe: its --config, start model, teacher), the bench adding the
-triples, the pairs, the output dir, --max_length, --threads, --seed and --group_by_length. The
+--stage_args (a stage of a recipe: its --config, start model, teacher), the bench adding
+--train_triples_file, --num_training_samples, --output_dir, --max_length, --seed, --batch_size
+(over a config's: the padding is measured at the bench's), --group_by_length true|false, and
+--threads / --precision where given (so --stage_args may repeat none of them). The
 settings alternate over --rounds, each in its own temporary output dir, so that a machine's drift
 hits all alike. Quality is not measured here.
 
@@ -69,7 +71,7 @@ def one_stage(args, chunk: int, out: Path) -> float:
                     "--seed", str(args.seed), "--batch_size", str(args.batch_size),
                     *(["--threads", str(args.threads)] if args.threads else []),
                     *(["--precision", args.precision] if args.precision else []),
-                    *(["--group_by_length"] if grouped else [])]
+                    "--group_by_length", "true" if grouped else "false"]
             importlib.import_module(Path(args.stage).stem).main(argv)
         else:
             train = TrainArgs(train_triples_file=args.triples, output_dir=str(out), num_training_samples=args.pairs,

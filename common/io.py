@@ -75,8 +75,15 @@ def save_torch(obj, path: str | os.PathLike) -> None:
         torch.save(obj, path)
     except RuntimeError as err:
         first = " ".join(str(err).split())[:200]
+        if not any(marker in first for marker in _WRITER_FAILURES):
+            raise  # not the file writer's (a device error while copying the state): as it is
         raise OSError(f"{path}: the write failed ({first}); {_free_mib(Path(path).parent)} MiB free "
                       "on its filesystem") from None
+
+
+# what torch.save's zip writer says when the write under it fails (a full disk, a vanished dir)
+_WRITER_FAILURES = ("unexpected pos", "iostream", "PytorchStreamWriter", "file_like", "cannot be opened",
+                    "Parent directory", "No space left")
 
 
 def _free_mib(directory: Path) -> str:

@@ -280,7 +280,7 @@ def test_length_chunks_compute_the_whole_batch_with_less_padding(head, tiny_mode
     assert chunked_call(model, batch, 0).logits.shape == whole.logits.shape  # 0: one call
 
 
-def test_length_batches_bench_runs_a_script_stage_per_chunk_size(tiny_models, tmp_path, capsys):
+def test_length_batches_bench_runs_a_script_stage_per_chunk_size(tiny_models, tmp_path, capsys, monkeypatch):
     """bench/length_batches.py --stage: the real 03c stage, file order and one grouped setting per
     --chunks, alternating; padding falls with the chunk size; each setting reports its speed-up."""
     import importlib.util
@@ -290,9 +290,18 @@ def test_length_batches_bench_runs_a_script_stage_per_chunk_size(tiny_models, tm
                                                   / "length_batches.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from common.kinds.base import ModelKind
+
+    chunks = []
+    init = ModelKind.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        chunks.append(self.length_chunk)
+    monkeypatch.setattr(ModelKind, "__init__", spy)
     triples = write_varied_triples(tmp_path / "v.tsv")
     model = str(tiny_models["bert"])
-    bench.main(["--triples", str(triples), "--model", model, "--pairs", "64", "--batch_size", "8",
+    bench.main(["--triples", str(triples), "--model", model, "--pairs", "96", "--batch_size", "16",
                 "--max_length", "64", "--padding_pairs", "64", "--threads", "1", "--chunks", "8", "4",
                 "--stage", "03c_prune_mixed.py", "--stage_args",
                 f"initial --checkpoint_dir {model} --num_prune_cycles 2 --target_heads 9 --target_ffn 25 "
@@ -303,6 +312,7 @@ def test_length_batches_bench_runs_a_script_stage_per_chunk_size(tiny_models, tm
     shares = [float(x.split("padding")[1].split("%")[0]) for x in lines]
     assert shares[0] > shares[1] > shares[2]
     assert all("speed-up" in x for x in lines) and lines[0].endswith("speed-up 1.00x")
+    assert chunks == [0, 8, 4]  # each setting's stage ran its chunk size (batches of 16 sequences: all split)
     from common.training.loop import LENGTH_CHUNK
     assert LENGTH_CHUNK == 16  # the bench put the module's chunk back
 

@@ -168,7 +168,7 @@ def backend_runner(loaded, backend: str, workdir: Path, threads: int, keep_fp32:
     """A runner of ``backend`` for an in-memory model: torch directly, the ONNX/OpenVINO
     backends through an export into ``workdir`` (checked against torch as every export is);
     ``keep_fp32``: projections the int8 graph leaves in fp32, as ``04 --int8_keep_fp32`` ships them;
-    ``calibration``: (queries, passages) the openvino-int8 IR is calibrated on (NNCF, as 04 ships it)."""
+    ``calibration``: (queries, passages) the openvino-int8 IR is calibrated on (04's NNCF recipe)."""
     from common.layout import export_file
     from common.serving.onnx_export import export_onnx
     from common.serving.runners import TORCH_PRECISION, OnnxRunner, OpenVinoRunner, TorchRunner
@@ -193,7 +193,8 @@ def measure_table(reference: str, kind: str | None, backend: str, heads: list[in
     point of the grid at every length, and the reference model whole. ``keep_fp32`` (onnx-int8
     only): the int8 graphs keep those projections in fp32, recorded as ``int8_keep_fp32``.
     ``calibration`` (openvino-int8 only, needed): the (queries, passages) every grid point's int8 IR
-    is calibrated on, as 04 calibrates the shipped one (their number is recorded)."""
+    is calibrated on, with 04's recipe (NNCF static, transformer preset; here truncated to 64 tokens,
+    which the ranges, not the graph, depend on), their number recorded."""
     import torch
 
     from common.hardware import host_key, machine_description

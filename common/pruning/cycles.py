@@ -249,8 +249,9 @@ class PruneCallback(Callback):
         latency = bool(self.plan.latency_events)  # per-layer amounts, known at the event: score both kinds
         window_start = math.floor(self.plan.cycle_steps * (1 - self.prune.score_fraction))
         if within > window_start and self.scorer.needs_data(heads or latency, ffn or latency):
-            # the scores are sums over sequences: under --group_by_length the pass runs in the
-            # training forward's length-sorted chunks too, each padded only to its own longest
+            # the scores are sums over sequences: under --group_by_length the pass runs in
+            # length-sorted chunks, each padded only to its own longest (as a cross-encoder's
+            # training forward does; a bi-encoder's passages alike)
             for _index, part in length_chunks(batch, trainer.training_kind.length_chunk):
                 self.scorer.observe(trainer.model, part)
         if within == self.plan.cycle_steps:
