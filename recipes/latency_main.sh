@@ -10,6 +10,10 @@
 #                                         # runs/latency_main/ratio_0.5_recover_32768: recovered 4x longer;
 #                                         # with PRUNED_FROM=runs/latency_main/ratio_0.5, from that arm's
 #                                         # pruned model (no new pruning stage)
+#   RECOVERY_PAIRS=32768 bash recipes/latency_main.sh depth 3
+#                                         # runs/latency_main/depth_3_recover_32768: the depth arm (Minitron's other
+#                                         # axis): the initial model's first 3 layers (04 --keep_layers), recovered
+#                                         # on PRUNE_PAIRS + RECOVERY_PAIRS pairs (what a width arm trains after 02)
 #   bash recipes/latency_main.sh report   # ships the unpruned and the MAC-target model (the main job's) as the
 #                                         # arms are shipped; one benchmark per backend: every model over the
 #                                         # unpruned one on OpenVINO (against TABLE), on openvino-int8 (against
@@ -19,7 +23,7 @@
 # 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host); DL20 is scored
 # once per model and backend (torch fp32, openvino, openvino-int8) into runs/latency_main/results.md.
 source "$(dirname "$0")/lib.sh"
-ARG=${1:?usage: bash recipes/latency_main.sh RATIO|report}
+ARG=${1:?usage: bash recipes/latency_main.sh RATIO|depth LAYERS|report}
 ROOT=runs/latency_main; DATA=${DATA:-data}; MAX_LENGTH=128
 TABLE=${TABLE:-results/latency/openvino_epyc.json}
 ONNX_TABLE=${ONNX_TABLE:-results/latency/onnx-int8-ffn_out_epyc.json}
@@ -35,9 +39,23 @@ ship() {
     --openvino --calibration_triples "$DATA/distill_fused/triples.tsv" --int8_keep_fp32 ffn_out --max_length "$MAX_LENGTH"
 }
 
+# recover_ship_score RUN START PAIRS: recover START (a reshaped model) on PAIRS pairs distilling the initial model,
+# ship the last checkpoint as RUN/final, score it on DL20 once per backend
+recover_ship_score() {
+  $PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
+    --checkpoint_dir "$2" --distill_from "$INITIAL" --output_dir "$1/recover" \
+    --num_training_samples "$3" --num_checkpoint_samples $(( $3 / 2 )) "${TRAIN[@]}" "${PREC[@]}"
+  ship "$(latest "$1/recover")" "$1/final"
+  local res=(--candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20
+             --results "$ROOT/results.parquet" --table "$ROOT/results.md" --max_length "$MAX_LENGTH" --no_latency)
+  for backend in torch openvino openvino-int8; do
+    $PY 05_eval_trec.py --checkpoint "$1/final" --backend "$backend" "${res[@]}"
+  done
+}
+
 if [ "$ARG" = report ]; then
-  mapfile -t SHIPPED < <(for d in "$ROOT"/ratio_*/final; do [ -d "$d/openvino" ] && echo "$d"; done)
-  [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final" >&2; exit 1; }
+  mapfile -t SHIPPED < <(for d in "$ROOT"/ratio_*/final "$ROOT"/depth_*/final; do [ -d "$d/openvino" ] && echo "$d"; done)
+  [ ${#SHIPPED[@]} -gt 0 ] || { echo "error: no shipped model in $ROOT/ratio_*/final or $ROOT/depth_*/final" >&2; exit 1; }
   ship "$INITIAL" "$ROOT/unpruned"
   ship "$(latest runs/main/recover)" "$ROOT/mac_target"
   OV=(); OV8=(); ONNX=(); ALL=(--candidate "$ROOT/unpruned@openvino" --candidate "$ROOT/unpruned@openvino-int8")
@@ -62,6 +80,17 @@ if [ "$ARG" = report ]; then
   exit 0
 fi
 
+if [ "$ARG" = depth ]; then
+  KEEP=${2:?usage: bash recipes/latency_main.sh depth LAYERS}
+  RUN="$ROOT/depth_$KEEP"; [ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$RECOVERY_PAIRS"
+  guard_run "$RUN"
+  main_train_args "$DATA" "$MAX_LENGTH"
+  $PY 04_reshape.py --checkpoint_dir "$INITIAL" --keep_layers "$KEEP" --output_dir "$RUN/dropped" --max_length "$MAX_LENGTH"
+  recover_ship_score "$RUN" "$RUN/dropped" $(( PRUNE_PAIRS + RECOVERY_PAIRS ))
+  echo "== depth $KEEP done: $RUN/final"
+  exit 0
+fi
+
 RATIO=$ARG
 $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
   { echo "error: the ratio must be a number in (0, 1) or 'report', got $ARG" >&2; exit 1; }
@@ -80,13 +109,5 @@ $PY 03c_prune_mixed.py initial --config recipes/config/latency/prune.toml --late
 fi
 PRUNED=$(latest "$RUN/mixed")
 [ -f "$PRUNED/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED"
-$PY 02_train_initial.py --stage recover --config recipes/config/main/recover.toml \
-  --checkpoint_dir "$PRUNED/reshaped" --distill_from "$INITIAL" --output_dir "$RUN/recover" \
-  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) "${TRAIN[@]}" "${PREC[@]}"
-ship "$(latest "$RUN/recover")" "$RUN/final"
-RES=(--candidates "$DATA/dl20.bm25.candidates.parquet" --qrels "$SHARED/dl20/qrels.txt" --topics dl20
-     --results "$ROOT/results.parquet" --table "$ROOT/results.md" --max_length "$MAX_LENGTH" --no_latency)
-for backend in torch openvino openvino-int8; do
-  $PY 05_eval_trec.py --checkpoint "$RUN/final" --backend "$backend" "${RES[@]}"
-done
+recover_ship_score "$RUN" "$PRUNED/reshaped" "$RECOVERY_PAIRS"
 echo "== ratio $RATIO done: $RUN/final"
