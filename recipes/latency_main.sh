@@ -93,7 +93,7 @@ fi
 
 RATIO=$ARG
 $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
-  { echo "error: the ratio must be a number in (0, 1) or 'report', got $ARG" >&2; exit 1; }
+  { echo "error: the ratio must be a number in (0, 1), or 'depth LAYERS' or 'report', got $ARG" >&2; exit 1; }
 RUN="$ROOT/ratio_$RATIO"; [ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$RECOVERY_PAIRS"
 guard_run "$RUN"
 main_train_args "$DATA" "$MAX_LENGTH"
