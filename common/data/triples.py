@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 
 import pandas as pd
@@ -63,8 +64,6 @@ def calibration_pairs(path: Path_, pairs: int, held_out_triples: int = 0,
     pairs (a query with each passage of the first triples), checked against the evaluation queries
     (:func:`check_text_queries`), and up to ``held_out_triples`` (query, positive, negative) triples
     after them, which the calibration did not see."""
-    from itertools import islice
-
     n_calib = (pairs + 1) // 2
     rows = list(islice(iter(data.TriplesStream(path)), n_calib + held_out_triples))
     chosen = [(row[0], p) for row in rows[:n_calib] for p in row[1:]][:pairs]
