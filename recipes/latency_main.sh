@@ -10,6 +10,9 @@
 #                                         # runs/latency_main/ratio_0.5_recover_32768: recovered 4x longer;
 #                                         # with PRUNED_FROM=runs/latency_main/ratio_0.5, from that arm's
 #                                         # pruned model (no new pruning stage)
+#   PRUNE_PAIRS=40960 PRUNE_CYCLES=8 RECOVERY_PAIRS=65536 bash recipes/latency_main.sh 0.5
+#                                         # runs/latency_main/ratio_0.5_prune_40960x8_recover_65536: gradual
+#                                         # pruning (8 events over 4x the pairs; the config's 4 events otherwise)
 #   RECOVERY_PAIRS=32768 bash recipes/latency_main.sh depth 3
 #                                         # runs/latency_main/depth_3_recover_32768: the depth arm (Minitron's other
 #                                         # axis): the initial model's first 3 layers (04 --keep_layers), recovered
@@ -28,7 +31,7 @@ ROOT=runs/latency_main; DATA=${DATA:-data}; MAX_LENGTH=128
 TABLE=${TABLE:-results/latency/openvino_epyc.json}
 ONNX_TABLE=${ONNX_TABLE:-results/latency/onnx-int8-ffn_out_epyc.json}
 OV_INT8_TABLE=${OV_INT8_TABLE:-results/latency/openvino-int8_epyc.json}
-PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}
+PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}; PRUNE_CYCLES=${PRUNE_CYCLES:-}
 latest() { $PY -m common.layout latest "$1"; }
 INITIAL=$(latest runs/main/initial)
 CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --queries 3 --rounds 10 --threads 2)
@@ -94,7 +97,17 @@ fi
 RATIO=$ARG
 $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
   { echo "error: the ratio must be a number in (0, 1), or 'depth LAYERS' or 'report', got $ARG" >&2; exit 1; }
-RUN="$ROOT/ratio_$RATIO"; [ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$RECOVERY_PAIRS"
+RUN="$ROOT/ratio_$RATIO"
+CYCLES=()
+if [ -n "$PRUNE_CYCLES" ]; then
+  [[ "$PRUNE_CYCLES" =~ ^[1-9][0-9]*$ ]] || { echo "error: PRUNE_CYCLES must be a positive integer, got $PRUNE_CYCLES" >&2; exit 1; }
+  CYCLES=(--num_prune_cycles "$PRUNE_CYCLES")
+fi
+if [ "$PRUNE_PAIRS" != 10240 ] || [ -n "$PRUNE_CYCLES" ]; then  # a pruning stage other than the config's
+  [ -z "${PRUNED_FROM:-}" ] || { echo "error: PRUNE_PAIRS/PRUNE_CYCLES set a pruning stage, PRUNED_FROM reuses one: give one" >&2; exit 1; }
+  RUN="${RUN}_prune_${PRUNE_PAIRS}x${PRUNE_CYCLES:-4}"
+fi
+[ "$RECOVERY_PAIRS" = 8192 ] || RUN="${RUN}_recover_$RECOVERY_PAIRS"
 guard_run "$RUN"
 main_train_args "$DATA" "$MAX_LENGTH"
 if [ -n "${PRUNED_FROM:-}" ]; then  # the pruning stage of another arm at this ratio
@@ -105,7 +118,7 @@ if [ -n "${PRUNED_FROM:-}" ]; then  # the pruning stage of another arm at this r
 else
 $PY 03c_prune_mixed.py initial --config recipes/config/latency/prune.toml --latency_table "$TABLE" \
   --target_latency_ratio "$RATIO" --checkpoint_dir "$INITIAL" --distill_from "$INITIAL" --output_dir "$RUN/mixed" \
-  --num_training_samples "$PRUNE_PAIRS" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${TRAIN[@]}" "${PREC[@]}"
+  --num_training_samples "$PRUNE_PAIRS" --num_checkpoint_samples $(( PRUNE_PAIRS / 4 )) "${CYCLES[@]}" "${TRAIN[@]}" "${PREC[@]}"
 fi
 PRUNED=$(latest "$RUN/mixed")
 [ -f "$PRUNED/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED"
