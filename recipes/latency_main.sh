@@ -23,7 +23,8 @@
 #                                         # OV_INT8_TABLE) and on onnx-int8 (against ONNX_TABLE), each where its
 #                                         # table exists, and over the unpruned one in torch fp32
 #
-# 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host); DL20 is scored
+# 03c reads the table TABLE (default results/latency/openvino_epyc.json: this AMD EPYC host; another table's arms are
+# named after it, e.g. ratio_0.5_openvino-int8_epyc); DL20 is scored
 # once per model and backend (torch fp32, openvino, openvino-int8) into runs/latency_main/results.md.
 source "$(dirname "$0")/lib.sh"
 ARG=${1:?usage: bash recipes/latency_main.sh RATIO|depth LAYERS|report}
@@ -98,6 +99,7 @@ RATIO=$ARG
 $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>/dev/null || \
   { echo "error: the ratio must be a number in (0, 1), or 'depth LAYERS' or 'report', got $ARG" >&2; exit 1; }
 RUN="$ROOT/ratio_$RATIO"
+[ "$TABLE" = results/latency/openvino_epyc.json ] || RUN="${RUN}_$(basename "$TABLE" .json)"  # another table's shape
 CYCLES=()
 if [ -n "$PRUNE_CYCLES" ]; then
   [[ "$PRUNE_CYCLES" =~ ^[1-9][0-9]*$ ]] || { echo "error: PRUNE_CYCLES must be a positive integer, got $PRUNE_CYCLES" >&2; exit 1; }
