@@ -7,8 +7,9 @@
 #                                    # a DL20 candidate; its BM25 and teacher), mixed with the real stream:
 #                                    # data/augment/mix_1x (6,144 real + 6,144 pseudo), mix_3x (+ 18,432);
 #                                    # data/augment/pseudo_big (2,800 pseudo-queries, made alike) for
-#                                    # mix_7x (6,144 real + 43,008 pseudo)
-#   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation   # also aug_3x, aug_7x
+#                                    # mix_7x (6,144 real + 43,008 pseudo); data/augment/pseudo_7k (7,000
+#                                    # pseudo-queries, seed 7) for mix_all (the whole real stream + all of it)
+#   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation   # also aug_3x, aug_7x, aug_all
 #   bash recipes/augment.sh report   # DL20 / DL21 NDCG@10 of the packaged encoder, the 0x point (run 11:
 #                                    # recipes/config/matched_cost/bi_3x_quarter.toml) and each arm
 #
@@ -20,15 +21,18 @@ REAL=6144
 case "$ACTION" in
   data)
     embedded_data "$DATA"
-    for set in pseudo:1300 pseudo_big:2800; do
-      [ -f "$OUT/${set%%:*}/triples.tsv" ] || $PY 01_prefetch_passages.py augment --from_set "$DATA/distill" \
-        --output_dir "$OUT/${set%%:*}" --num_queries "${set#*:}"
+    for set in pseudo:1300:42 pseudo_big:2800:42 pseudo_7k:7000:7; do
+      IFS=: read -r name queries seed <<< "$set"
+      [ -f "$OUT/$name/triples.tsv" ] || $PY 01_prefetch_passages.py augment --from_set "$DATA/distill" \
+        --output_dir "$OUT/$name" --num_queries "$queries" --seed "$seed"
     done
     for mix in 1:pseudo 3:pseudo 7:pseudo_big; do
       times=${mix%%:*}
       [ -f "$OUT/mix_${times}x/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/${mix#*:}" \
         --take "$REAL" $(( times * REAL )) --output_dir "$OUT/mix_${times}x"
-    done ;;
+    done
+    [ -f "$OUT/mix_all/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/pseudo_7k" \
+      --output_dir "$OUT/mix_all" ;;
   report)
     mapfile -t FINALS < <(for f in runs/matched_3x_quarter/bi_activation_3x/final.txt "$ROOT"/aug_*/bi_activation_3x/final.txt; do
       [ -f "$f" ] && cat "$f"; done)
