@@ -33,6 +33,9 @@ TABLE=${TABLE:-results/latency/openvino_epyc.json}
 ONNX_TABLE=${ONNX_TABLE:-results/latency/onnx-int8-ffn_out_epyc.json}
 OV_INT8_TABLE=${OV_INT8_TABLE:-results/latency/openvino-int8_epyc.json}
 PRUNE_PAIRS=${PRUNE_PAIRS:-10240}; RECOVERY_PAIRS=${RECOVERY_PAIRS:-8192}; PRUNE_CYCLES=${PRUNE_CYCLES:-}
+for v in PRUNE_PAIRS RECOVERY_PAIRS ${PRUNE_CYCLES:+PRUNE_CYCLES}; do
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "error: $v must be a positive integer, got ${!v}" >&2; exit 1; }
+done
 latest() { $PY -m common.layout latest "$1"; }
 INITIAL=$(latest runs/main/initial)
 CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --queries 3 --rounds 10 --threads 2)
@@ -101,10 +104,7 @@ $PY -c "import sys; r = float(sys.argv[1]); sys.exit(not 0 < r < 1)" "$RATIO" 2>
 RUN="$ROOT/ratio_$RATIO"
 [ "$TABLE" = results/latency/openvino_epyc.json ] || RUN="${RUN}_$(basename "$TABLE" .json)"  # another table's shape
 CYCLES=()
-if [ -n "$PRUNE_CYCLES" ]; then
-  [[ "$PRUNE_CYCLES" =~ ^[1-9][0-9]*$ ]] || { echo "error: PRUNE_CYCLES must be a positive integer, got $PRUNE_CYCLES" >&2; exit 1; }
-  CYCLES=(--num_prune_cycles "$PRUNE_CYCLES")
-fi
+[ -z "$PRUNE_CYCLES" ] || CYCLES=(--num_prune_cycles "$PRUNE_CYCLES")
 if [ "$PRUNE_PAIRS" != 10240 ] || [ -n "$PRUNE_CYCLES" ]; then  # a pruning stage other than the config's
   [ -z "${PRUNED_FROM:-}" ] || { echo "error: PRUNE_PAIRS/PRUNE_CYCLES set a pruning stage, PRUNED_FROM reuses one: give one" >&2; exit 1; }
   RUN="${RUN}_prune_${PRUNE_PAIRS}x${PRUNE_CYCLES:-4}"
