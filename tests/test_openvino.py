@@ -55,6 +55,11 @@ for precision in ("f32", None):
     config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
     compiled = core.compile_model(model, "CPU", config)
     out[precision or "default"] = compiled(feed)[0].tolist()
+    if precision == "f32":  # what sentence-transformers' CrossEncoder(dir, backend="openvino") reads
+        out["outputs"] = [sorted(o.get_names()) for o in model.outputs]
+        out["logits"] = compiled(feed)["logits"].tolist() if len(model.outputs) > 1 else None
+out["int8_outputs"] = [sorted(o.get_names())
+                       for o in core.read_model(f"{path}/openvino/openvino_model_qint8_quantized.xml").outputs]
 out["default_precision"] = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 print(json.dumps(out))
 """
@@ -98,6 +103,8 @@ def test_openvino_ir_opens_in_stock_runtime_and_matches_torch(family, role, tiny
     ours = Ranker.load(str(out), "torch", kind="bi" if role == "bi" else None)
     expected = ours.encode(PASSAGES) if role == "bi" else ours.score(QUERIES, PASSAGES)
     np.testing.assert_allclose(np.array(stock["f32"]), expected, atol=1e-4)
+    # an embedding graph, a two-label classifier's score: the one output (one-label scorers: the test below)
+    assert stock["outputs"] == stock["int8_outputs"] == [["output"]] and info["logits"] is None
     bound = 1e-4 if stock["default_precision"] == "f32" else 1e-2
     np.testing.assert_allclose(np.array(stock["default"]), expected, atol=bound)
 
@@ -110,6 +117,46 @@ def test_openvino_ir_opens_in_stock_runtime_and_matches_torch(family, role, tiny
     row = rank.describe_backend(out, "openvino")
     assert row["backend_precision"] == stock["default_precision"] and row["backend_host"] == machine_description()
     assert "NNCF" in rank.describe_backend(out, "openvino-int8")["export"]
+
+
+@needs_shared
+def test_one_label_scorer_ir_has_the_logits_sentence_transformers_reads(tmp_path):
+    """A one-label re-ranker's IRs (fp32/bf16 and NNCF int8) carry ``logits`` [batch, 1] beside
+    slimrank's ``output`` [batch]: the output sentence-transformers' CrossEncoder(dir,
+    backend="openvino") reads through optimum-intel (checked by hand with sentence-transformers 6.2,
+    optimum-intel 2.2: results/latency/README.md); slimrank's runner still reads the score."""
+    import openvino
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_config
+    from test_byo import _tokenizer
+
+    config = tiny_config("bert")
+    config.num_labels = 1
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "one")
+    _tokenizer().save_pretrained(tmp_path / "one")
+    out = tmp_path / "shipped"
+    importlib.import_module("04_reshape").main([
+        "--checkpoint_dir", str(tmp_path / "one"), "--output_dir", str(out), "--openvino", "--max_length", "64",
+        "--calibration_triples", str(training_side_triples(tmp_path / "triples.tsv")), "--calibration_pairs", "32",
+        "--held_out_triples", "16"])
+    assert json.loads((out / "openvino" / "export.json").read_text())["logits"]
+    ours = Ranker.load(str(out), "torch", max_length=64)
+    tokens = ours.loaded.tokenizer(QUERIES, PASSAGES, padding=True, truncation="only_second", return_tensors="np")
+    core = openvino.Core()
+    for name, atol in (("openvino_model", 1e-4), ("openvino_model_qint8_quantized", None)):
+        model = core.read_model(str(out / "openvino" / f"{name}.xml"))
+        assert [sorted(o.get_names()) for o in model.outputs] == [["output"], ["logits"]]
+        feed = {i.get_any_name(): tokens[i.get_any_name()].astype(np.int64) for i in model.inputs}
+        got = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)
+        assert got["logits"].shape == (len(QUERIES), 1)
+        np.testing.assert_array_equal(got["logits"][:, 0], got["output"])
+        if atol:
+            np.testing.assert_allclose(got["output"], ours.score(QUERIES, PASSAGES), atol=atol)
+    np.testing.assert_allclose(Ranker.load(str(out), "openvino", max_length=64).score(QUERIES, PASSAGES),
+                               ours.score(QUERIES, PASSAGES), atol=1e-2)
 
 
 def test_openvino_export_refuses_and_keeps_the_previous_one(tiny_models, tmp_path, monkeypatch):

@@ -13,6 +13,10 @@ calibrated once) on training-side pairs, never evaluation topics; its agreement 
 on held-out training-side triples (pairs the calibration did not see) is measured and recorded.
 ``export.json`` records recipes, versions, calibration and measured differences. Everything is
 written to a temporary directory and renamed; on any failure nothing is left.
+
+A pair scorer with one label also gets a second output, ``logits`` (``[batch, 1]``, the same
+score): the name and shape sentence-transformers' ``CrossEncoder(dir, backend="openvino")`` reads
+through optimum-intel's ``OVModelForSequenceClassification``. slimrank's runner reads the first.
 """
 from __future__ import annotations
 
@@ -48,6 +52,19 @@ def calibration_items(loaded: LoadedModel, queries: list[str], passages: list[st
                                 padding=False)
         rows = [{k: features[k][i] for k in names} for i in range(len(queries))]
     return [{k: np.asarray(row[k], dtype=np.int64)[None, :] for k in names} for row in rows]
+
+
+def add_logits_output(model) -> bool:
+    """Give a pair scorer's IR the output ``logits`` (``[batch, 1]``: its first output, the score,
+    unsqueezed), as sequence-classification IRs name it; the first output stays first."""
+    from openvino import opset13 as ops
+
+    score = model.get_results()[0].input_value(0)
+    logits = ops.unsqueeze(score, ops.constant(np.array([1], dtype=np.int64)))
+    logits.output(0).get_tensor().set_names({"logits"})
+    model.add_results([ops.result(logits)])
+    model.validate_nodes_and_infer_types()
+    return True
 
 
 def _ranker(loaded: LoadedModel, runner, max_length: int):
@@ -95,6 +112,9 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
             plain = {n for n in names if not n.startswith("/")}
             if plain and plain != names:
                 port.get_tensor().set_names(plain)
+        # sentence-transformers' CrossEncoder reads a one-label classifier's "logits"
+        logits = (kind_of(loaded.kind).pairs and getattr(loaded.model.config, "num_labels", 1) == 1
+                  and len(model.outputs) == 1 and add_logits_output(model))
         xml = tmp / OPENVINO_FILES["openvino"]
         openvino.save_model(model, str(xml), compress_to_fp16=False)
         precision = openvino_precision()
@@ -108,6 +128,8 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
                                  f"(> {bounds.get(name, MAX_ABS_DIFF_BF16):g}) on the sample inputs: not written")
         info = {"source": f"{ONNX_FILES['onnx']} (onnx/)", "inputs": list(batch),
                 "output": kind_of(loaded.kind).output,
+                "logits": ("[batch, 1] the same score, as sentence-transformers' CrossEncoder(dir, "
+                           "backend=\"openvino\") reads it") if logits else None,
                 "openvino_version": openvino.__version__, "nncf": nncf.__version__, "torch": torch.__version__,
                 "exported_on_default_precision": precision,
                 "openvino": {"file": xml.name, "recipe": "fp32 weights (converted from the ONNX graph), "
