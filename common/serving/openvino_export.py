@@ -54,7 +54,7 @@ def calibration_items(loaded: LoadedModel, queries: list[str], passages: list[st
     return [{k: np.asarray(row[k], dtype=np.int64)[None, :] for k in names} for row in rows]
 
 
-def add_logits_output(model) -> bool:
+def add_logits_output(model) -> None:
     """Give a pair scorer's IR the output ``logits`` (``[batch, 1]``: its first output, the score,
     unsqueezed), as sequence-classification IRs name it; the first output stays first."""
     from openvino import opset13 as ops
@@ -64,7 +64,6 @@ def add_logits_output(model) -> bool:
     logits.output(0).get_tensor().set_names({"logits"})
     model.add_results([ops.result(logits)])
     model.validate_nodes_and_infer_types()
-    return True
 
 
 def _ranker(loaded: LoadedModel, runner, max_length: int):
@@ -114,7 +113,9 @@ def export_openvino(loaded: LoadedModel, directory: str | Path, max_length: int 
                 port.get_tensor().set_names(plain)
         # sentence-transformers' CrossEncoder reads a one-label classifier's "logits"
         logits = (kind_of(loaded.kind).pairs and getattr(loaded.model.config, "num_labels", 1) == 1
-                  and len(model.outputs) == 1 and add_logits_output(model))
+                  and len(model.outputs) == 1)
+        if logits:
+            add_logits_output(model)
         xml = tmp / OPENVINO_FILES["openvino"]
         openvino.save_model(model, str(xml), compress_to_fp16=False)
         precision = openvino_precision()
