@@ -78,7 +78,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="st: where its scores go (JSON)")
     p.add_argument("--st", help="compare: the st half's JSON")
     a = p.parse_args(argv)
-    queries, passages = read_pairs(a.triples, a.pairs)
+    if a.pairs < 1:
+        p.error(f"--pairs must be positive, got {a.pairs}")
+    try:
+        queries, passages = read_pairs(a.triples, a.pairs)
+        stock = json.loads(open(a.st).read()) if a.half == "compare" and a.st else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        sys.exit(f"error: {err}")
     if a.half == "st":
         if not a.out:
             sys.exit("error: --out: the st half writes its scores there")
@@ -87,7 +93,7 @@ def main(argv=None) -> None:
     else:
         if not a.st:
             sys.exit("error: --st: the st half's JSON")
-        compare(a.directory, queries, passages, a.max_length, json.load(open(a.st)))
+        compare(a.directory, queries, passages, a.max_length, stock)
 
 
 if __name__ == "__main__":
