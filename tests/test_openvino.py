@@ -57,7 +57,6 @@ for precision in ("f32", None):
     out[precision or "default"] = compiled(feed)[0].tolist()
     if precision == "f32":  # what sentence-transformers' CrossEncoder(dir, backend="openvino") reads
         out["outputs"] = [sorted(o.get_names()) for o in model.outputs]
-        out["logits"] = compiled(feed)["logits"].tolist() if len(model.outputs) > 1 else None
 out["int8_outputs"] = [sorted(o.get_names())
                        for o in core.read_model(f"{path}/openvino/openvino_model_qint8_quantized.xml").outputs]
 out["default_precision"] = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
