@@ -144,13 +144,32 @@ def run_name(checkpoint: str | Path) -> str:
     return str(checkpoint)
 
 
+def stage_state(run_dir: str | Path, end: int) -> str:
+    """Where a stage writing its checkpoints to ``run_dir`` stands, for a run that goes on: ``done``
+    when its last checkpoint (``end`` pairs seen) is there, else the latest checkpoint (resume from
+    it), else ``start``. A checkpoint past ``end`` is another stage's: an error."""
+    found = checkpoints(run_dir)
+    if any(seen_pairs_of(p) == end for p in found):
+        return "done"
+    if found and seen_pairs_of(found[-1]) > end:
+        raise ValueError(f"{run_dir}: its latest checkpoint {found[-1].name} is past the stage's end "
+                         f"({end} pairs seen): another stage's run dir?")
+    return str(found[-1]) if found else "start"
+
+
+USAGE = "usage: python -m common.layout latest RUN_DIR | state RUN_DIR END_SEEN_PAIRS"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "latest":
-        sys.exit("usage: python -m common.layout latest RUN_DIR")
     try:
-        print(latest(argv[1]))
-    except FileNotFoundError as err:
+        if len(argv) == 2 and argv[0] == "latest":
+            print(latest(argv[1]))
+        elif len(argv) == 3 and argv[0] == "state" and argv[2].isdigit():
+            print(stage_state(argv[1], int(argv[2])))
+        else:
+            sys.exit(USAGE)
+    except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -8,7 +8,9 @@
 #                                    # data/augment/mix_1x (6,144 real + 6,144 pseudo), mix_3x (+ 18,432);
 #                                    # data/augment/pseudo_big (2,800 pseudo-queries, made alike) for
 #                                    # mix_7x (6,144 real + 43,008 pseudo); data/augment/pseudo_7k (7,000
-#                                    # pseudo-queries, seed 7) for mix_all (the whole real stream + all of it)
+#                                    # pseudo-queries, seed 7) for mix_all (the whole real stream + all of
+#                                    # it); with the main job's BM25-fused teacher, pseudo_7k_fused and
+#                                    # mix_all_fused (the cross-encoder's: data/distill_fused + pseudo_7k_fused)
 #   bash recipes/matched_cost.sh recipes/config/augment/aug_1x.toml activation   # also aug_3x, aug_7x, aug_all
 #   bash recipes/augment.sh report   # DL20 / DL21 NDCG@10 of the packaged encoder, the 0x point (run 11:
 #                                    # recipes/config/matched_cost/bi_3x_quarter.toml) and each arm
@@ -32,7 +34,15 @@ case "$ACTION" in
         --take "$REAL" $(( times * REAL )) --output_dir "$OUT/mix_${times}x"
     done
     [ -f "$OUT/mix_all/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill" "$OUT/pseudo_7k" \
-      --output_dir "$OUT/mix_all" ;;
+      --output_dir "$OUT/mix_all"
+    # the cross-encoder's stream (the main job's BM25-fused teacher, recipes/main.sh): the fused real set and the
+    # fused pseudo_7k, shuffled into mix_all_fused (results/latency/plan.md, run latency-6)
+    [ -f "$DATA/distill_fused/teacher_scores.parquet" ] || $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" \
+      --fusion_weight 0.8 --output_dir "$DATA/distill_fused"
+    [ -f "$OUT/pseudo_7k_fused/teacher_scores.parquet" ] || $PY 01_prefetch_passages.py distill \
+      --from_set "$OUT/pseudo_7k" --fusion_weight 0.8 --seed 7 --output_dir "$OUT/pseudo_7k_fused"
+    [ -f "$OUT/mix_all_fused/triples.tsv" ] || $PY 01_prefetch_passages.py mix --sets "$DATA/distill_fused" \
+      "$OUT/pseudo_7k_fused" --output_dir "$OUT/mix_all_fused" ;;
   report)
     mapfile -t FINALS < <(for f in runs/matched_3x_quarter/bi_activation_3x/final.txt "$ROOT"/aug_*/bi_activation_3x/final.txt; do
       [ -f "$f" ] && cat "$f"; done)

@@ -12,6 +12,11 @@ guard_run() {
   if [ -e "$1" ]; then echo "error: $1 exists (OVERWRITE=1 to replace it)" >&2; exit 1; fi
 }
 
+# stage_state DIR END: where a stage writing checkpoints to DIR stands, for a run that goes on (`continue`):
+# "done" when DIR holds its last checkpoint (seen_<END>_...), else DIR's latest checkpoint (resume from it),
+# else "start"
+stage_state() { $PY -m common.layout state "$1" "$2"; }
+
 # embedded_data DATA: the embedded distillation set (DATA/distill, 20 held-out training-side topics) and the DL20 /
 # DL21 BM25 candidates, each made once
 embedded_data() {
@@ -35,12 +40,13 @@ score_bi() {
   cat "$root/results.md"
 }
 
-# main_train_args DATA MAX_LENGTH: the main job's training arrays. TRAIN: the BM25-fused distillation set
-# (DATA/distill_fused), monitored on the 20 held-out training-side topics (GROUP_BY_LENGTH=1: with
-# --group_by_length); PREC: empty, or --precision fp32 where the CPU has no native bf16 (the configs' bf16
-# autocast emulated is tens of times slower; said once)
+# main_train_args DATA MAX_LENGTH [SET]: the main job's training arrays. TRAIN: the distillation set SET (default
+# DATA/distill_fused, the BM25-fused one), monitored on the 20 held-out training-side topics of DATA/distill
+# (GROUP_BY_LENGTH=1: with --group_by_length); PREC: empty, or --precision fp32 where the CPU has no native bf16
+# (the configs' bf16 autocast emulated is tens of times slower; said once)
 main_train_args() {
-  TRAIN=(--train_triples_file "$1/distill_fused/triples.tsv" --distill_scores "$1/distill_fused/teacher_scores.parquet"
+  local set=${3:-$1/distill_fused}
+  TRAIN=(--train_triples_file "$set/triples.tsv" --distill_scores "$set/teacher_scores.parquet"
          --max_length "$2" --eval_candidates_file "$1/distill/holdout.candidates.parquet"
          --eval_qrels_file "$1/distill/holdout.qrels.txt")
   [ "${GROUP_BY_LENGTH:-0}" = 1 ] && TRAIN+=(--group_by_length)

@@ -7,7 +7,8 @@
 #   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml l0          # runs/matched/bi_l0_3x
 #   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml activation  # ... beside it
 #   bash recipes/matched_cost.sh recipes/config/matched_cost/bi_3x.toml report      # tables + one benchmark per arm
-#   bash recipes/matched_cost.sh CONFIG ARM continue   # go on with an arm that stopped (finished stages kept)
+#   bash recipes/matched_cost.sh CONFIG ARM continue   # go on with an arm that stopped (finished stages kept,
+#                                                      # a stopped one resumed exactly from its latest checkpoint)
 #
 # Arms (kind = "bi": the packaged all-MiniLM-L6-v2 encoder; kind = "cross": the main job's initial
 # cross-encoder, initial = <its checkpoint>), at ratio = 2 or 3 (x fewer multiply-adds per
@@ -116,24 +117,27 @@ ARM=$ACTION
 case "$RATIO" in 2|3) ;; *) echo "error: $CONFIG: ratio must be 2 or 3, got $RATIO" >&2; exit 1 ;; esac
 NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_${L3}"
 RUN="$ROOT/$NAME"
-# continue: keep $RUN and skip the stages that finished (a stage's last checkpoint is there)
-# (a stage that starts from BASE begins at BASE's seen pairs: 0 for the packaged encoder)
+# continue: keep $RUN, skip the stages that finished (a stage's last checkpoint is there) and resume a stopped one
+# from its latest checkpoint (a stage that starts from BASE begins at BASE's seen pairs: 0 for the packaged encoder)
 seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
 BASE_SEEN=$(seen_of "$BASE")
-finished() { compgen -G "$1/seen_$(printf %09d $(( BASE_SEEN + $2 )))*" > /dev/null; }
 if [ "$CONTINUE" != 1 ]; then guard_run "$RUN"; fi
 mkdir -p "$RUN"
+# the pruning stage (reference, activation, l0): its start, its resume, or nothing when it finished
+STATE=$(stage_state "$RUN/prune" $(( BASE_SEEN + PAIRS )))
+case "$STATE" in done) FROM=() ;; start) FROM=(initial --checkpoint_dir "$BASE") ;;
+  *) FROM=(continue --checkpoint_dir "$STATE") ;; esac
 HEADS=$(( 72 / RATIO )); FFN=$(( 1536 / RATIO ))
 case "$ARM" in
   reference|activation)
     importance=confidence; [ "$ARM" = activation ] && importance=activation
-    finished "$RUN/prune" "$PAIRS" || $PY 03c_prune_mixed.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+    [ ${#FROM[@]} = 0 ] || $PY 03c_prune_mixed.py "${FROM[@]}" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
       --importance "$importance" --exclude_layers "" --num_prune_cycles 6 --target_heads "$HEADS" --target_ffn "$FFN" \
       --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --learning_rate "$LR" "${COMMON[@]}"
     ;;
   l0)
     ratio=$($PY -c "print(1 / $RATIO)")
-    finished "$RUN/prune" "$PAIRS" || $PY 03d_prune_l0.py initial --checkpoint_dir "$BASE" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
+    [ ${#FROM[@]} = 0 ] || $PY 03d_prune_l0.py "${FROM[@]}" "${KIND_ARGS[@]}" --output_dir "$RUN/prune" \
       --target_macs_ratio "$ratio" --l0_init "$L0_INIT" ${TARGET_RAMP:+--target_ramp "$TARGET_RAMP"} --num_training_samples "$PAIRS" --num_checkpoint_samples $(( PAIRS / 4 )) --learning_rate "$LR" "${COMMON[@]}"
     ;;
   first_n|l3prune)
@@ -154,7 +158,10 @@ PRUNED_CKPT=$(latest "$RUN/prune")
 SEEN=$(seen_of "$PRUNED_CKPT")
 [ -f "$PRUNED_CKPT/reshaped/pruning.json" ] || $PY 04_reshape.py --checkpoint_dir "$PRUNED_CKPT"
 echo "$PRUNED_CKPT/reshaped" > "$RUN/pruned.txt"
-$PY 02_train_initial.py --stage recover --checkpoint_dir "$PRUNED_CKPT/reshaped" --output_dir "$RUN/recover" \
+STATE=$(stage_state "$RUN/recover" $(( SEEN + RECOVERY_PAIRS )))
+FROM=(--checkpoint_dir "$PRUNED_CKPT/reshaped")
+[ "$STATE" = start ] || [ "$STATE" = done ] || FROM=(--checkpoint_dir "$STATE" --resume)
+[ "$STATE" = done ] || $PY 02_train_initial.py --stage recover "${FROM[@]}" --output_dir "$RUN/recover" \
   --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
   --seen_pairs "$SEEN" "${COMMON[@]}" --learning_rate "$RECOVERY_LR"
 latest "$RUN/recover" > "$RUN/final.txt"

@@ -90,3 +90,49 @@ def test_no_recipe_command_gives_an_option_twice(recipe):
         flags = re.findall(r"(?<![\w-])(--[a-z_0-9]+)", words)
         repeated = {f for f in flags if flags.count(f) > 1}
         assert not repeated, (line.strip()[:80], repeated)
+
+
+def make_checkpoint(run_dir: Path, name: str, complete: bool = True) -> Path:
+    path = run_dir / name
+    path.mkdir(parents=True)
+    if complete:
+        (path / "pruning.json").write_text("{}")
+    return path
+
+
+def stage_state_cli(run_dir, end) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common.layout", "state", str(run_dir), str(end)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_a_stage_that_goes_on_starts_resumes_its_latest_checkpoint_or_is_done(tmp_path):
+    run = tmp_path / "recover"
+    assert stage_state_cli(run, 2048 + 4096).stdout.strip() == "start"  # no run dir yet
+    make_checkpoint(run, "seen_000004096_heads_033_ffn_03072")
+    make_checkpoint(run, "seen_000005120_heads_033_ffn_03072", complete=False)  # killed while writing
+    make_checkpoint(run, ".tmp-seen_000006144_heads_033_ffn_03072")
+    out = stage_state_cli(run, 2048 + 4096)
+    assert out.returncode == 0 and out.stdout.strip() == str(run / "seen_000004096_heads_033_ffn_03072")
+    make_checkpoint(run, "seen_000006144_heads_033_ffn_03072")
+    assert stage_state_cli(run, 6144).stdout.strip() == "done"
+    past = stage_state_cli(run, 5000)  # another stage's dir: its checkpoints run past this stage's end
+    assert past.returncode == 1 and past.stdout == "" and past.stderr.count("error:") == 1 and "past the stage's end" in past.stderr
+    bad = stage_state_cli(run, "end")
+    assert bad.returncode == 1 and "usage:" in bad.stderr
+
+
+def run_recipe(args, env_extra) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run(["bash", "recipes/latency_main.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env_extra})
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["0.5", "again"], {}, "may only be 'continue'"),
+    (["0.5"], {"TRAIN_SET": "no/such/set"}, "TRAIN_SET=no/such/set: no triples.tsv there"),
+])
+def test_the_latency_recipe_refuses_a_bad_argument_in_one_line(args, env, message, tmp_path):
+    (tmp_path / "triples.tsv").write_text("q\tp\tn\n")
+    (tmp_path / "teacher_scores.parquet").write_bytes(b"")
+    out = run_recipe(args, {"DATA": str(tmp_path), "TRAIN_SET": str(tmp_path), **env})
+    assert out.returncode == 1 and out.stderr.count("error:") == 1 and message in out.stderr, out.stderr
