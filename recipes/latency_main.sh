@@ -18,7 +18,8 @@
 #                                         # _mix_all_fused); the held-out monitor stays DATA/distill's
 #   bash recipes/latency_main.sh 0.5 continue
 #                                         # go on with a stopped arm (the same variables): a finished stage is
-#                                         # kept, a stopped one resumed exactly from its latest checkpoint
+#                                         # kept, a stopped one resumed exactly from its latest checkpoint (a
+#                                         # killed stage leaves a lock: the error line says what to remove)
 #   RECOVERY_PAIRS=32768 bash recipes/latency_main.sh depth 3
 #                                         # runs/latency_main/depth_3_recover_32768: the depth arm (Minitron's other
 #                                         # axis): the initial model's first 3 layers (04 --keep_layers), recovered
