@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The augmentation curve (results/augment/README.md): DL20 / DL21 NDCG@10 of the 3x bi-encoder
 (activation importance) against the pairs it trained on, real text only (matched-cost runs 11, 6,
-7(a), 9) and real + pseudo-query text (runs aug-1, aug-2), read from the committed result tables.
+7(a), 9) and real + pseudo-query text (runs aug-1, aug-2, aug-3), read from the committed result tables.
 
   python results/augment/curve.py        # -> results/augment/curve.png, and the table printed
 """
@@ -17,7 +17,8 @@ BASE = "all-MiniLM-L6-v2"
 POINTS = [("real", HERE / "aug1.md", 6144), ("real", MATCHED / "bi_3x_bf16.md", 24576),
           ("real", MATCHED / "bi_3x_long.md", 49152), ("real", MATCHED / "bi_3x_all.md", 110592),
           ("real + pseudo", HERE / "aug1.md", 6144), ("real + pseudo", HERE / "aug1.md", 12288),
-          ("real + pseudo", HERE / "aug1.md", 24576), ("real + pseudo", HERE / "aug2.md", 49152)]
+          ("real + pseudo", HERE / "aug1.md", 24576), ("real + pseudo", HERE / "aug2.md", 49152),
+          ("real + pseudo", HERE / "aug3.md", 221184)]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -51,13 +52,15 @@ def main() -> None:
         for k, ax in enumerate(axes):
             ax.plot([p[0] for p in pts], [p[1 + k] for p in pts], marker, label=series)
     for k, (ax, topics) in enumerate(zip(axes, ("DL20", "DL21"))):
-        ax.axhline(0.97 * base[k], color="grey", linestyle=":", label="97 % of the packaged encoder")
+        share = (0.97, 0.95)[k]  # the targets: 97 % of DL20, 95 % of DL21 (issue #37)
+        ax.axhline(share * base[k], color="grey", linestyle=":", label=f"target: {share:.0%} of the packaged encoder")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training pairs (pruning + recovery)")
         ax.set_ylabel(f"{topics} NDCG@10")
         ax.set_title(f"3x bi-encoder, {topics}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "curve.png", dpi=120)
     print(f"wrote {HERE / 'curve.png'}")
