@@ -53,7 +53,6 @@ for v in PRUNE_PAIRS RECOVERY_PAIRS ${PRUNE_CYCLES:+PRUNE_CYCLES}; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "error: $v must be a positive integer, got ${!v}" >&2; exit 1; }
 done
 latest() { $PY -m common.layout latest "$1"; }
-seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
 INITIAL=$(latest runs/main/initial)
 CAND=(--candidates "$DATA/dl20.bm25.candidates.parquet" --max_length "$MAX_LENGTH" --queries 3 --rounds 10 --threads 2)
 # ship SRC DIR: every model of the study shipped alike: ONNX fp32 / int8 (FFN output in fp32) and OpenVINO IR /

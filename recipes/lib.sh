@@ -17,6 +17,10 @@ guard_run() {
 # else "start"
 stage_state() { $PY -m common.layout state "$1" "$2"; }
 
+# seen_of DIR: the pairs of the training stream a checkpoint (or a reshaped model) has seen; 0 for a model without
+# a trainer state (a packaged encoder)
+seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
+
 # embedded_data DATA: the embedded distillation set (DATA/distill, 20 held-out training-side topics) and the DL20 /
 # DL21 BM25 candidates, each made once
 embedded_data() {

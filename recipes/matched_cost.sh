@@ -119,7 +119,6 @@ NAME="${KIND}_${ARM}_${RATIO}x"; [ "$ARM" = l3prune ] && NAME="${KIND}_l3prune_$
 RUN="$ROOT/$NAME"
 # continue: keep $RUN, skip the stages that finished (a stage's last checkpoint is there) and resume a stopped one
 # from its latest checkpoint (a stage that starts from BASE begins at BASE's seen pairs: 0 for the packaged encoder)
-seen_of() { $PY -c "import json, sys, pathlib; p = pathlib.Path(sys.argv[1], 'trainer_state.json'); print(json.loads(p.read_text())['seen_pairs'] if p.is_file() else 0)" "$1"; }
 BASE_SEEN=$(seen_of "$BASE")
 if [ "$CONTINUE" != 1 ]; then guard_run "$RUN"; fi
 mkdir -p "$RUN"
