@@ -43,7 +43,9 @@
 # arm's gates start from activation importance at the target cost, 03d --l0_init), target_ramp (none:
 # the Lagrangian over the first half; F: the l0 arm's target reached over the first F of the stage and held),
 # triples (the training stream, loss embeddings only: default $data/distill/triples.tsv; e.g. a set of
-# `01 mix` with pseudo-queries, recipes/augment.sh).
+# `01 mix` with pseudo-queries, recipes/augment.sh), cache_teacher (false; kind bi: --cache_teacher, the teacher's
+# embeddings of each stage's texts computed once, not at every step), group_by_length (false: --group_by_length),
+# recovery_checkpoints (2: checkpoints over the recovery stage; more for a stage that spans sessions, `continue`).
 # Recovery starts on the stream where the pruning stage stopped (the pruned checkpoint's seen pairs).
 # Outputs: $root/<kind>_<arm>_<ratio>x/ (final.txt names the recovered model), and from `report`
 # $root/results.md (DL20 and DL21), speedup.txt and figures/ (06).
@@ -56,7 +58,7 @@ case "${3:-}" in "") CONTINUE=0 ;; continue) CONTINUE=1 ;;
   *) echo "error: the third argument may only be 'continue', got ${3}" >&2; exit 1 ;; esac
 SETTINGS=$($PY -m common.settings "$CONFIG" kind=bi root= pairs=12288 recovery_pairs=12288 lr=1e-4 recovery_lr= \
   batch=32 max_length=128 threads=1 seed=42 precision=fp32 ratio=3 l3=small data=data initial= loss=embeddings \
-  query_encoder= hidden=0 l0_init=constant target_ramp= triples=)
+  query_encoder= hidden=0 l0_init=constant target_ramp= triples= cache_teacher=0 group_by_length=0 recovery_checkpoints=2)
 eval "$SETTINGS"
 case "$KIND" in bi) ROOT=${ROOT:-runs/matched} ;; cross) ROOT=${ROOT:-runs/matched_cross} ;;
   *) echo "error: $CONFIG: kind must be bi or cross, got $KIND" >&2; exit 1 ;; esac
@@ -78,6 +80,12 @@ case "$LOSS" in
         DISTILL+=(--distill_scores "$DATA/distill_fused/teacher_scores.parquet" --distill_scale 5.4) ;;
   *) echo "error: $CONFIG: loss must be embeddings or main, got $LOSS" >&2; exit 1 ;;
 esac
+for v in CACHE_TEACHER GROUP_BY_LENGTH; do
+  [[ "${!v}" =~ ^[01]$ ]] || { echo "error: $CONFIG: ${v,,} must be true or false, got ${!v}" >&2; exit 1; }
+done
+[ "$CACHE_TEACHER" = 0 ] || [ "$KIND" = bi ] || { echo "error: $CONFIG: cache_teacher is for bi-encoders (kind bi)" >&2; exit 1; }
+[[ "$RECOVERY_CHECKPOINTS" =~ ^[1-9][0-9]*$ ]] && (( RECOVERY_PAIRS % (RECOVERY_CHECKPOINTS * BATCH) == 0 )) || {
+  echo "error: $CONFIG: recovery_checkpoints must be a positive integer dividing recovery_pairs into whole batches, got $RECOVERY_CHECKPOINTS" >&2; exit 1; }
 embedded_data "$DATA"
 if [ "$LOSS" = main ] && [ ! -f "$DATA/distill_fused/teacher_scores.parquet" ]; then
   $PY 01_prefetch_passages.py distill --from_set "$DATA/distill" --fusion_weight 0.8 --output_dir "$DATA/distill_fused"
@@ -87,6 +95,8 @@ COMMON=(--train_triples_file "$TRIPLES" --distill_from "$BASE" "${DISTILL[@]}" -
         --precision "$PRECISION"
         --eval_candidates_file "$DATA/distill/holdout.candidates.parquet" --eval_qrels_file "$DATA/distill/holdout.qrels.txt")
 [ "$HIDDEN" = 0 ] || COMMON+=(--distill_hidden "$HIDDEN")
+[ "$CACHE_TEACHER" = 0 ] || COMMON+=(--cache_teacher)
+[ "$GROUP_BY_LENGTH" = 0 ] || COMMON+=(--group_by_length)
 if [ -n "$QUERY_ENCODER" ]; then
   [ "$KIND" = bi ] || { echo "error: $CONFIG: query_encoder is for bi-encoders (kind bi)" >&2; exit 1; }
   COMMON+=(--query_encoder "$QUERY_ENCODER")
@@ -161,7 +171,7 @@ STATE=$(stage_state "$RUN/recover" $(( SEEN + RECOVERY_PAIRS )))
 FROM=(--checkpoint_dir "$PRUNED_CKPT/reshaped")
 [ "$STATE" = start ] || [ "$STATE" = done ] || FROM=(--checkpoint_dir "$STATE" --resume)
 [ "$STATE" = done ] || $PY 02_train_initial.py --stage recover "${FROM[@]}" --output_dir "$RUN/recover" \
-  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / 2 )) \
+  --num_training_samples "$RECOVERY_PAIRS" --num_checkpoint_samples $(( RECOVERY_PAIRS / RECOVERY_CHECKPOINTS )) \
   --seen_pairs "$SEEN" "${COMMON[@]}" --learning_rate "$RECOVERY_LR"
 latest "$RUN/recover" > "$RUN/final.txt"
 echo "== $NAME done: $(cat "$RUN/final.txt")"

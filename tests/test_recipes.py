@@ -136,3 +136,19 @@ def test_the_latency_recipe_refuses_a_bad_argument_in_one_line(args, env, messag
     (tmp_path / "teacher_scores.parquet").write_bytes(b"")
     out = run_recipe(args, {"DATA": str(tmp_path), "TRAIN_SET": str(tmp_path), **env})
     assert out.returncode == 1 and out.stderr.count("error:") == 1 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("cache_teacher = \"yes\"", "cache_teacher must be true or false, got yes"),
+    ("group_by_length = 2", "group_by_length must be true or false, got 2"),
+    ("recovery_checkpoints = 5", "recovery_checkpoints must be a positive integer dividing recovery_pairs"),
+    ("recovery_checkpoints = 0", "recovery_checkpoints must be a positive integer dividing recovery_pairs"),
+    ("kind = \"cross\"\ninitial = \"x\"\ncache_teacher = true", "cache_teacher is for bi-encoders"),
+])
+def test_the_matched_cost_recipe_refuses_a_bad_setting_in_one_line(setting, message, tmp_path):
+    import os
+    config = tmp_path / "run.toml"  # refused before any data is made (none could be: no shared dir)
+    config.write_text(f"recovery_pairs = 4096\ndata = \"{tmp_path / 'data'}\"\n{setting}\n")
+    out = subprocess.run(["bash", "recipes/matched_cost.sh", str(config), "activation"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "SHARED": str(tmp_path / "none")})
+    assert out.returncode == 1 and out.stderr.count("error:") == 1 and message in out.stderr, out.stderr

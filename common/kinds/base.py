@@ -109,6 +109,7 @@ class ModelKind:
     default_head = None  # the head a results row names when the config names none
     task_key = "task"  # the task loss's key in the logged train events
     distill_beside_scores = True  # with --distill_scores, is --distill_from still trained on?
+    caches_teacher = False  # --cache_teacher: the teacher's outputs are a function of each text alone
 
     # -- scoring and cost (class level; ``ranker``: a common.serving.rank.Ranker)
 
@@ -211,6 +212,13 @@ class ModelKind:
     def teacher_forward(self, teacher: nn.Module, rows: list[tuple[str, ...]], student: Forward) -> dict:
         """The teacher on the same rows (called under ``torch.no_grad``)."""
         raise NotImplementedError
+
+    def cache_teacher(self, teacher: nn.Module, rows, progress: bool = False) -> int:
+        """--cache_teacher: the teacher's outputs for every text of ``rows`` computed once, which
+        ``teacher_forward`` then looks up; the number of texts cached. Kinds whose teacher reads
+        each pair whole have nothing per text to cache."""
+        raise ValueError(f"--cache_teacher: a {self.name} model's teacher reads each pair whole; only a "
+                         "bi-encoder's embeds each text alone")
 
     def distill_inputs(self, student: Forward, teacher: dict, target: str) -> tuple:
         """(student, teacher) arguments of the distillation loss for ``--distill_target``."""

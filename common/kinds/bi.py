@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from common.hardware import time_callable
 from common.kinds.base import Forward, ModelKind, register_kind
@@ -60,7 +61,10 @@ class BiKind(ModelKind):
     output = "normalised embeddings"
     task_key = "contrastive"
     distill_beside_scores = False
+    caches_teacher = True
     query_encoder: nn.Module | None = None
+    # --cache_teacher: role -> (text -> row, the teacher's embeddings), from cache_teacher
+    _teacher_cache: dict[str, tuple[dict[str, int], torch.Tensor]] | None = None
 
     @staticmethod
     def runner_output(model, input_ids, attention_mask, extra):
@@ -276,9 +280,41 @@ class BiKind(ModelKind):
 
     def teacher_forward(self, teacher, rows, student):
         queries, passages = self._texts(rows)
+        if self._teacher_cache is not None:
+            return {"query_embeddings": self._cached("query", queries),
+                    "passage_embeddings": self._cached("passage", passages)}
         tq, _ = self.embed(teacher, queries, "query")
         tp, _ = self.embed(teacher, passages, "passage")
         return {"query_embeddings": tq, "passage_embeddings": tp}
+
+    def cache_teacher(self, teacher, rows, progress=False, batch_size=64):
+        """The teacher's embeddings of every distinct query and passage of ``rows``, each role
+        in batches of texts sorted by (characters, text): the values depend on the rows alone,
+        not on how a stage's batches group them (the same when a stage is resumed). What
+        ``embed`` computes, up to the rounding of other padding."""
+        texts: dict[str, set[str]] = {"query": set(), "passage": set()}
+        for row in rows:
+            texts["query"].add(row[0])
+            texts["passage"].update(row[1:])
+        cache = {}
+        with torch.no_grad():
+            for role, found in texts.items():
+                ordered = sorted(found, key=lambda t: (len(t), t))
+                parts = [self.embed(teacher, ordered[i:i + batch_size], role)[0]
+                         for i in tqdm(range(0, len(ordered), batch_size), desc=f"teacher cache, {role} texts",
+                                       unit="batch", disable=not progress, dynamic_ncols=True)]
+                cache[role] = ({t: i for i, t in enumerate(ordered)},
+                               torch.cat(parts) if parts else torch.empty(0, device=self.device))
+        self._teacher_cache = cache
+        return sum(len(found) for found in texts.values())
+
+    def _cached(self, role: str, texts: list[str]) -> torch.Tensor:
+        index, table = self._teacher_cache[role]
+        missing = [t for t in texts if t not in index]
+        if missing:
+            raise RuntimeError(f"--cache_teacher: {len(missing)} {role} text(s) of this batch were not cached "
+                               f"(first: {missing[0][:60]!r})")
+        return table[torch.as_tensor([index[t] for t in texts], device=table.device)]
 
     def distill_inputs(self, student, teacher, target):
         q, p = student.inputs["query_embeddings"], student.inputs["passage_embeddings"]

@@ -67,6 +67,10 @@ class TrainArgs:
     distill_hidden: float = arg(0.0, group="distillation", bounds=(0, None, False, False),
         help="with --distill_from: weight of a layer-wise MSE between the student's and the "
              "teacher's hidden states (layer i vs layer i, padding excluded; common.training.hidden)")
+    cache_teacher: bool = arg(False, group="distillation",
+        help="bi-encoders: embed every distinct text of the stage's training rows with the frozen "
+             "--distill_from teacher once, before the first step (length-sorted batches), and look the "
+             "embeddings up at each step instead of running the teacher (memory: texts x dim x 4 bytes)")
     distill_scores: Optional[str] = arg(None, group="distillation",
         help="teacher scores parquet (teacher_pos, teacher_neg; row i = triple i): train on "
              "margin-MSE to the teacher's margins instead of cross-entropy on labels")
@@ -158,6 +162,11 @@ class TrainArgs:
             raise ValueError("give --model_tag (fresh start) or --checkpoint_dir")
         if self.distill_hidden and not self.distill_from:
             raise ValueError("--distill_hidden distils the hidden states of --distill_from: give it")
+        if self.cache_teacher and not self.distill_from:
+            raise ValueError("--cache_teacher caches the embeddings of --distill_from: give it")
+        if self.cache_teacher and self.distill_hidden:
+            raise ValueError("--cache_teacher keeps the teacher's embeddings only; --distill_hidden needs its "
+                             "layers at every step: drop one of them")
         if self.query_encoder is not None and not self.query_encoder.strip():
             raise ValueError("--query_encoder must name a model (tag, hub name or path)")
         if self.query_encoder and self.distill_hidden:

@@ -16,6 +16,7 @@ seconds since the process's loop began (``common.training.resume.training_throug
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ from common.training.args import TrainArgs
 from common.training.distributed import all_reduce_sum, barrier, init_distributed, process_group_backend
 from common.training.resume import (check_lora_resumed, check_no_eval_overlap, check_resume_args, check_teacher_rows,
                                     library_versions, lora_base, read_metrics, read_source_state, restore_lora_base)
-from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates,
-                         read_qrels, read_teacher_scores)
+from common.data.formats import (LENGTH_WINDOW_BATCHES, DataError, TrainingBatches, TriplesStream, candidates_to_run,
+                                 read_candidates, read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
@@ -170,6 +171,9 @@ class Trainer:
         chunk = LENGTH_CHUNK if (args.group_by_length and self.world_size == 1 and not args.distill_hidden
                                  and getattr(self.tokenizer, "padding_side", "right") == "right") else 0
         self.training_kind = kind(self.model, self.tokenizer, self.device, args.max_length, args.precision, chunk)
+        if args.cache_teacher and not kind.caches_teacher:
+            raise ValueError(f"--cache_teacher: a {self.kind} model's teacher reads each pair whole; only a "
+                             "bi-encoder's embeds each text alone")
         self._set_query_encoder(args)
         self.loss, self.distill = self._pick_losses()
         self.base_model = (source_state or {}).get("base_model", args.model_tag)
@@ -423,7 +427,10 @@ class Trainer:
         args = self.args
         n = args.group_size
         rows_per_step = args.batch_size // n  # global; rank r trains rows r, r + world, ... of each
-        source = TrainingBatches(args.train_triples_file, start_row=self.seen_pairs // n - self.step * rows_per_step,
+        first_row = self.seen_pairs // n - self.step * rows_per_step  # the stage's, also when resumed
+        if args.cache_teacher:
+            self._cache_teacher(first_row, rows_per_step)
+        source = TrainingBatches(args.train_triples_file, start_row=first_row,
                                  rows_per_batch=rows_per_step, passages=n, group_by_length=args.group_by_length,
                                  seed=args.seed, skip_batches=self.step)
         batches = iter(source)
@@ -511,6 +518,19 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _cache_teacher(self, first_row: int, rows_per_step: int) -> None:
+        """--cache_teacher: the teacher's embeddings of every text of the rows this stage reads
+        (from its first row, its batches rounded up to whole --group_by_length windows), once;
+        a resumed stage caches the same rows."""
+        batches = self.total_steps
+        if self.args.group_by_length:
+            batches = -(-batches // LENGTH_WINDOW_BATCHES) * LENGTH_WINDOW_BATCHES
+        rows = itertools.islice(TriplesStream(self.args.train_triples_file, skip_triples=first_row,
+                                              passages=self.args.group_size), batches * rows_per_step)
+        started = time.perf_counter()
+        texts = self.training_kind.cache_teacher(self.teacher, rows, progress=self.is_main)
+        self.log_event("teacher_cache", texts=texts, seconds=round(time.perf_counter() - started, 2))
 
     # -- logging, evaluation, checkpoints ------------------------------------------------------
     def log_event(self, event: str, **values) -> dict:
