@@ -215,10 +215,9 @@ class ModelKind:
 
     def cache_teacher(self, teacher: nn.Module, rows, progress: bool = False) -> int:
         """--cache_teacher: the teacher's outputs for every text of ``rows`` computed once, which
-        ``teacher_forward`` then looks up; the number of texts cached. Kinds whose teacher reads
-        each pair whole have nothing per text to cache."""
-        raise ValueError(f"--cache_teacher: a {self.name} model's teacher reads each pair whole; only a "
-                         "bi-encoder's embeds each text alone")
+        ``teacher_forward`` then looks up; the number of texts cached. Only kinds with
+        ``caches_teacher`` (the Trainer refuses the flag for the others)."""
+        raise NotImplementedError
 
     def distill_inputs(self, student: Forward, teacher: dict, target: str) -> tuple:
         """(student, teacher) arguments of the distillation loss for ``--distill_target``."""
