@@ -693,6 +693,14 @@ class TrainingBatches:
                 return
             k += 1
 
+    def stage_rows(self, batches: int) -> Iterator[tuple[str, ...]]:
+        """Every row a stage of ``batches`` batches from ``start_row`` reads (with
+        ``group_by_length``: whole windows), in file order; the same for a resumed stage."""
+        if self.group_by_length:
+            batches = -(-batches // LENGTH_WINDOW_BATCHES) * LENGTH_WINDOW_BATCHES
+        return itertools.islice(TriplesStream(self.path, skip_triples=self.start_row, passages=self.passages),
+                                batches * self.rows_per_batch)
+
     def window_batches(self, block: list[tuple[int, tuple[str, ...]]], k: int) -> list[list]:
         """Window ``k``'s batches: by length, in a seeded order; a short last batch (the file
         ended) comes last."""

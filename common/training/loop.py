@@ -16,7 +16,6 @@ seconds since the process's loop began (``common.training.resume.training_throug
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -37,8 +36,8 @@ from common.training.args import TrainArgs
 from common.training.distributed import all_reduce_sum, barrier, init_distributed, process_group_backend
 from common.training.resume import (check_lora_resumed, check_no_eval_overlap, check_resume_args, check_teacher_rows,
                                     library_versions, lora_base, read_metrics, read_source_state, restore_lora_base)
-from common.data.formats import (LENGTH_WINDOW_BATCHES, DataError, TrainingBatches, TriplesStream, candidates_to_run,
-                                 read_candidates, read_qrels, read_teacher_scores)
+from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates,
+                         read_qrels, read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
@@ -427,12 +426,11 @@ class Trainer:
         args = self.args
         n = args.group_size
         rows_per_step = args.batch_size // n  # global; rank r trains rows r, r + world, ... of each
-        first_row = self.seen_pairs // n - self.step * rows_per_step  # the stage's, also when resumed
-        if args.cache_teacher:
-            self._cache_teacher(first_row, rows_per_step)
-        source = TrainingBatches(args.train_triples_file, start_row=first_row,
+        source = TrainingBatches(args.train_triples_file, start_row=self.seen_pairs // n - self.step * rows_per_step,
                                  rows_per_batch=rows_per_step, passages=n, group_by_length=args.group_by_length,
                                  seed=args.seed, skip_batches=self.step)
+        if args.cache_teacher:
+            self._cache_teacher(source)
         batches = iter(source)
         bar = tqdm(total=args.num_training_samples, initial=self.stage_pairs, unit="pairs",
                    desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
@@ -519,15 +517,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _cache_teacher(self, first_row: int, rows_per_step: int) -> None:
+    def _cache_teacher(self, source: TrainingBatches) -> None:
         """--cache_teacher: the teacher's embeddings of every text of the rows this stage reads
-        (from its first row, its batches rounded up to whole --group_by_length windows), once;
-        a resumed stage caches the same rows."""
-        batches = self.total_steps
-        if self.args.group_by_length:
-            batches = -(-batches // LENGTH_WINDOW_BATCHES) * LENGTH_WINDOW_BATCHES
-        rows = itertools.islice(TriplesStream(self.args.train_triples_file, skip_triples=first_row,
-                                              passages=self.args.group_size), batches * rows_per_step)
+        (``TrainingBatches.stage_rows``), once; a resumed stage caches the same rows."""
+        rows = source.stage_rows(self.total_steps)
         started = time.perf_counter()
         texts = self.training_kind.cache_teacher(self.teacher, rows, progress=self.is_main)
         self.log_event("teacher_cache", texts=texts, seconds=round(time.perf_counter() - started, 2))
