@@ -36,8 +36,8 @@ from common.training.args import TrainArgs
 from common.training.distributed import all_reduce_sum, barrier, init_distributed, process_group_backend
 from common.training.resume import (check_lora_resumed, check_no_eval_overlap, check_resume_args, check_teacher_rows,
                                     library_versions, lora_base, read_metrics, read_source_state, restore_lora_base)
-from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates,
-                         read_qrels, read_teacher_scores)
+from common.data.formats import (DataError, TrainingBatches, candidates_to_run, read_candidates, read_qrels,
+                                 read_teacher_scores)
 from common.hardware import cpu_has_native_bf16
 from common.data.trec import evaluate_run
 from common.training.hidden import LayerOutputs, hidden_mse
