@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The augmentation curve (results/augment/README.md): DL20 / DL21 NDCG@10 of the 3x bi-encoder
 (activation importance) against the pairs it trained on, real text only (matched-cost runs 11, 6,
-7(a), 9) and real + pseudo-query text (runs aug-1, aug-2, aug-3), read from the committed result tables.
+7(a), 9) and real + pseudo-query text (runs aug-1 to aug-4), read from the committed result tables.
 
   python results/augment/curve.py        # -> results/augment/curve.png, and the table printed
 """
@@ -18,7 +18,8 @@ POINTS = [("real", HERE / "aug1.md", 6144), ("real", MATCHED / "bi_3x_bf16.md", 
           ("real", MATCHED / "bi_3x_long.md", 49152), ("real", MATCHED / "bi_3x_all.md", 110592),
           ("real + pseudo", HERE / "aug1.md", 6144), ("real + pseudo", HERE / "aug1.md", 12288),
           ("real + pseudo", HERE / "aug1.md", 24576), ("real + pseudo", HERE / "aug2.md", 49152),
-          ("real + pseudo", HERE / "aug3.md", 221184)]
+          ("real + pseudo", HERE / "aug3.md", 221184),
+          ("real + pseudo", HERE / "aug4.md", 442368)]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
